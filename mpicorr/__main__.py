@@ -1,0 +1,86 @@
+"""Command line of mpicorr.
+
+    python -m mpicorr demo                                  # offline tour on a tiny model, CPU, seconds
+    python -m mpicorr run --model DIR --data FILE --out DIR # one run (add mpirun for several ranks)
+    mpirun -hostfile hostfile python -m mpicorr             # no arguments: options from ./mpicorr.toml
+
+Every failure is one line on stderr; user errors exit with status 2 and end all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import traceback
+
+from . import __version__
+from .config import add_run_arguments, build_config
+from .dist import SharedError, world
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line from rank 0 (every rank sees the same argv)."""
+
+    def error(self, message: str):
+        raise SharedError(f"{message} (see '{self.prog} --help')")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser with its subcommands."""
+    p = Parser(prog="python -m mpicorr", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"mpicorr {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    add_run_arguments(sub.add_parser("run", help="count co-firing neurons (the default command)"))
+    demo = sub.add_parser("demo", help="build a tiny model offline and run on it")
+    demo.add_argument("--out", default="mpicorr-demo", help="folder for the demo model and outputs (default: mpicorr-demo)")
+    demo.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
+    return p
+
+
+def dispatch(argv: list[str], comm) -> None:
+    """Parse argv and run the chosen command on this rank."""
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["run", *argv]
+    args = parser().parse_args(argv)
+    command = "python -m mpicorr " + shlex.join(argv)
+    if args.cmd == "demo":
+        from .demo import demo
+        demo(args.out, comm, command)
+    else:
+        from .run import run
+        run(comm.checked(lambda: build_config(args, command)), comm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; errors become one line on stderr and end every rank."""
+    argv = sys.argv[1:] if argv is None else argv
+    comm = world()
+    try:
+        dispatch(argv, comm)
+    except SharedError as exc:  # raised on every rank: rank 0 speaks, all exit cleanly
+        if comm.rank == 0:
+            print(f"mpicorr: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except UserError as exc:  # raised on this rank only: say so and end the others
+        print(f"mpicorr: error: {_tag(comm)}{exc}", file=sys.stderr, flush=True)
+        comm.abort(2)
+    except KeyboardInterrupt:
+        print(f"mpicorr: {_tag(comm)}interrupted", file=sys.stderr, flush=True)
+        comm.abort(130)
+    except Exception as exc:  # a bug or an environment problem: one line, traceback on --debug
+        if "--debug" in argv:
+            traceback.print_exc()
+        print(f"mpicorr: error: {_tag(comm)}{type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr, flush=True)
+        comm.abort(1)
+    return 0
+
+
+def _tag(comm) -> str:
+    return f"rank {comm.rank} ({comm.host}): " if comm.size > 1 else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

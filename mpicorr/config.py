@@ -1,0 +1,136 @@
+"""Run configuration: a frozen dataclass, filled from defaults < ./mpicorr.toml < command line.
+
+    python -m mpicorr run --model DIR_OR_HUB_ID --data wiki.test.raw --out runs/x
+    mpirun -hostfile hostfile python -m mpicorr          # reads ./mpicorr.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run depends on; the same object on every rank."""
+
+    model: str | None = None
+    data: str | None = None
+    out: str = "mpicorr-out"
+    ctx: int = 512
+    chunk_start: int = 0
+    chunks: int | None = None
+    threshold: float = 0.5
+    batch_size: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    hostfile: str | None = None
+    force: bool = False
+    debug: bool = False
+    command: str = field(default="", compare=False)
+
+
+HELP = {
+    "model": "local model folder or Hugging Face hub id (required)",
+    "data": "UTF-8 text file, tokenized whole and cut into --ctx token chunks (required)",
+    "out": "output folder for correlations_block_<L>.zstd and summary.h5 (default: mpicorr-out)",
+    "ctx": "tokens per chunk; each chunk is one sequence (default: 512)",
+    "chunk_start": "first chunk to process (default: 0)",
+    "chunks": "number of chunks to process (default: all from --chunk-start on)",
+    "threshold": "a neuron fires when x >= +T or x <= -T (default: 0.5)",
+    "batch_size": "chunks per forward pass; the work is split in whole batches (default: 1)",
+    "dtype": "model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, bfloat16, float16",
+    "device": "auto (this rank's local GPU when CUDA is there, else cpu), cpu, cuda or cuda:N",
+    "hostfile": "hostfile giving each rank's weight (default: ./hostfile when present; none: equal weights)",
+    "force": "overwrite outputs already in --out",
+    "debug": "print full tracebacks of unexpected errors",
+}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one long option per Config field; defaults are None so that the TOML file can fill gaps."""
+    types = {"ctx": int, "chunk_start": int, "chunks": int, "threshold": float, "batch_size": int}
+    for f in dataclasses.fields(Config):
+        if f.name == "command":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
+        elif f.name == "dtype":
+            parser.add_argument(flag, choices=DTYPES, default=None, help=HELP[f.name])
+        else:
+            parser.add_argument(flag, type=types.get(f.name, str), default=None, help=HELP[f.name])
+    parser.add_argument("--config", default="mpicorr.toml",
+                        help="TOML file with the same keys as the long options (default: ./mpicorr.toml if present)")
+
+
+def read_toml(path: str, required: bool) -> dict:
+    """Read option values from a TOML file; keys may use '-' or '_'."""
+    if not os.path.exists(path):
+        if required:
+            raise UserError(f"{path}: config file not found; create it or leave out --config")
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config file ({exc}); fix the TOML syntax") from None
+    names = {f.name for f in dataclasses.fields(Config)} - {"command"}
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise UserError(f"{path}: unknown key '{key}'; valid keys are the long options of 'mpicorr run'")
+        values[name] = value
+    return values
+
+
+def build_config(args: argparse.Namespace, command: str) -> Config:
+    """Merge defaults, the TOML file and the command line (in rising priority) and validate."""
+    values = read_toml(args.config, required=args.config != "mpicorr.toml")
+    for f in dataclasses.fields(Config):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    if values.get("hostfile") is None and os.path.exists("hostfile"):
+        values["hostfile"] = "hostfile"
+    values["command"] = command
+    try:
+        cfg = Config(**values)
+    except TypeError as exc:
+        raise UserError(f"configuration: {exc}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check values that need no file access; raise UserError naming the option."""
+    if not cfg.model:
+        raise UserError("--model is required: a local model folder or a hub id (or 'model' in mpicorr.toml)")
+    if not cfg.data:
+        raise UserError("--data is required: a UTF-8 text file (or 'data' in mpicorr.toml)")
+    _check_int("--ctx", cfg.ctx, 2)
+    _check_int("--chunk-start", cfg.chunk_start, 0)
+    if cfg.chunks is not None:
+        _check_int("--chunks", cfg.chunks, 1)
+    _check_int("--batch-size", cfg.batch_size, 1)
+    if isinstance(cfg.threshold, bool) or not isinstance(cfg.threshold, (int, float)) \
+            or not math.isfinite(cfg.threshold) or cfg.threshold <= 0:
+        raise UserError(f"--threshold {cfg.threshold!r}: must be a positive number, e.g. 0.5")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise UserError(f"--device {cfg.device!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def _check_int(option: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{option} {value!r}: must be a whole number >= {minimum}")

@@ -1,0 +1,83 @@
+"""Per-layer raw sums: co-firing pair counts and per-neuron statistics.
+
+Every quantity is an integer, so merging ranks, runs or files is plain addition and the result does not
+depend on how the chunks were split. Real-valued sums (act_sum, act_sumsq, log-likelihood) are kept in
+fixed point: each per-token value is rounded to a multiple of 2**-bits and the integers are added.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import triangle
+from .errors import UserError
+
+ACT_SUM_BITS = 24     # act_sum: each x rounded to a multiple of 2**-24
+ACT_SUMSQ_BITS = 16   # act_sumsq: each x*x rounded to a multiple of 2**-16
+NLL_BITS = 24         # log-likelihood: each token's value rounded to a multiple of 2**-24
+# Each rank keeps fixed-point sums below 2**56 so that adding up to 128 ranks cannot overflow int64.
+FIXED_LIMIT = 1 << 56
+
+
+def count_dtype(total_tokens: int) -> torch.dtype:
+    """Narrowest signed width in which no count (each <= total tokens) can overflow, on every rank."""
+    return torch.int32 if total_tokens < (1 << 31) else torch.int64
+
+
+def to_fixed(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round float values to integers in units of 2**-bits (int64)."""
+    return torch.round(values.double() * float(1 << bits)).to(torch.int64)
+
+
+class LayerCounts:
+    """Raw sums for one layer of `width` neurons; `add` takes activations of shape [..., width]."""
+
+    def __init__(self, layer: int, width: int, threshold: float, dtype: torch.dtype, device: str):
+        self.layer, self.width, self.threshold = layer, width, threshold
+        self.pairs = torch.zeros(triangle.packed_size(width), dtype=dtype, device=device)
+        self.fire_count = torch.zeros(width, dtype=torch.int64, device=device)
+        self.active_hist = torch.zeros(width + 1, dtype=torch.int64, device=device)
+        self.act_sum = torch.zeros(width, dtype=torch.int64, device=device)
+        self.act_sumsq = torch.zeros(width, dtype=torch.int64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Count one batch of activations."""
+        x = x.detach().reshape(-1, self.width)
+        if not torch.isfinite(x).all():
+            raise UserError(f"layer {self.layer}: non-finite activations; use --dtype bfloat16 or float32")
+        fired = x.abs() >= self.threshold
+        f = fired.to(torch.float32)
+        triangle.accumulate(self.pairs, f)
+        self.fire_count += fired.sum(0)
+        self.active_hist += torch.bincount(fired.sum(1), minlength=self.width + 1)
+        self.act_sum += to_fixed(x, ACT_SUM_BITS).sum(0)
+        self.act_sumsq += to_fixed(x.double() ** 2, ACT_SUMSQ_BITS).sum(0)
+        self.tokens += x.shape[0]
+        if max(self.act_sum.abs().max().item(), self.act_sumsq.max().item()) >= FIXED_LIMIT:
+            raise UserError(f"layer {self.layer}: activation sums exceed the fixed-point range; "
+                            f"process fewer chunks per run (--chunks) and merge the runs")
+
+    def stats(self) -> np.ndarray:
+        """The per-neuron int64 sums, concatenated, for one reduce: fire_count, active_hist, act_sum, act_sumsq."""
+        return torch.cat([self.fire_count, self.active_hist, self.act_sum, self.act_sumsq]).cpu().numpy()
+
+
+def split_stats(flat: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    """Inverse of LayerCounts.stats()."""
+    n = width
+    return {
+        "fire_count": flat[:n],
+        "active_hist": flat[n : 2 * n + 1],
+        "act_sum": flat[2 * n + 1 : 3 * n + 1],
+        "act_sumsq": flat[3 * n + 1 : 4 * n + 1],
+    }
+
+
+def chunk_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[int, int]:
+    """(fixed-point sum of -log p(token | previous tokens of its chunk), number of predictions)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = input_ids[:, 1:].to(logp.device)
+    nll = -logp.gather(-1, target[..., None])[..., 0]
+    return int(to_fixed(nll, NLL_BITS).sum().item()), target.numel()

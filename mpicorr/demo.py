@@ -1,0 +1,33 @@
+"""`python -m mpicorr demo`: the whole pipeline offline on CPU, on a tiny model the project builds itself.
+
+    python -m mpicorr demo --out mpicorr-demo
+    mpirun -n 2 python -m mpicorr demo        # the same bytes with two ranks
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import tiny
+from .config import Config
+from .dist import Comm
+from .run import run
+
+DEMO_CTX = 64
+
+
+def demo(out: str, comm: Comm, command: str) -> None:
+    """Build (once) a tiny Llama-family model in OUT/model and count its neurons on the sample text."""
+    model_dir = os.path.join(out, "model")
+
+    def build() -> None:
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            print(f"mpicorr demo: building a tiny random-weight model in {model_dir}", flush=True)
+            tiny.build("llama", model_dir)
+
+    comm.checked(build, root_only=True)
+    cfg = Config(model=model_dir, data=tiny.sample_path(), out=out, ctx=DEMO_CTX, device="cpu",
+                 force=True, command=command)
+    run(cfg, comm)
+    if comm.rank == 0:
+        print(f"mpicorr demo: matrices in {out}/correlations_block_*.zstd, statistics in {out}/summary.h5")

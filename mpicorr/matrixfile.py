@@ -1,0 +1,105 @@
+"""The matrix file format of the original tool: `correlations_block_<L>.zstd` (one reader, one writer).
+
+Header, five little-endian uint32:  magic, trials >> 32, trials & 0xFFFFFFFF, block, width N.
+Then one zstd frame holding the N(N+1)/2 packed lower-triangle counts, row-major, little-endian:
+uint32 under magic 0xCA7DCA7D (the original), uint64 under magic 0xCA7DCA64 (mpicorr's variant, used
+only when trials >= 2**32, where a uint32 count could wrap).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from . import triangle
+from .errors import UserError
+from .files import atomic_write
+
+MAGIC32 = 0xCA7DCA7D
+MAGIC64 = 0xCA7DCA64
+HEADER = struct.Struct("<5I")
+ZSTD_LEVEL = 3
+MAX_WIDTH = 1 << 20
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the five header words say."""
+
+    magic: int
+    trials: int
+    block: int
+    width: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype("<u4") if self.magic == MAGIC32 else np.dtype("<u8")
+
+
+def matrix_name(block: int) -> str:
+    """File name of a block's matrix."""
+    return f"correlations_block_{block}.zstd"
+
+
+def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[bytes, bytes]:
+    """(header, zstd frame) for the packed counts; the payload width follows from `trials`."""
+    if packed.shape != (triangle.packed_size(width),):
+        raise ValueError(f"packed counts have shape {packed.shape}, expected ({triangle.packed_size(width)},)")
+    wide = trials >= (1 << 32)
+    payload = np.ascontiguousarray(packed, dtype="<u8" if wide else "<u4")
+    header = HEADER.pack(MAGIC64 if wide else MAGIC32, trials >> 32, trials & 0xFFFFFFFF, block, width)
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True)
+    return header, cctx.compress(memoryview(payload).cast("B"))
+
+
+def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndarray) -> None:
+    """Write one matrix file atomically (temporary name, fsync, rename)."""
+    header, frame = encode(block, width, trials, packed)
+    with atomic_write(path) as fh:
+        fh.write(header)
+        fh.write(frame)
+
+
+def parse_header(data: bytes, path: str) -> Header:
+    """Decode and check the 20-byte header."""
+    if len(data) < HEADER.size:
+        raise UserError(f"{path}: truncated ({len(data)} bytes, the header alone is {HEADER.size})")
+    magic, hi, lo, block, width = HEADER.unpack_from(data)
+    if magic not in (MAGIC32, MAGIC64):
+        raise UserError(f"{path}: wrong magic 0x{magic:08X}; not a correlations matrix file")
+    if not 0 < width <= MAX_WIDTH:
+        raise UserError(f"{path}: width {width} is out of range (1..{MAX_WIDTH}); the file is damaged")
+    return Header(magic, (hi << 32) | lo, block, width)
+
+
+def read_matrix(path: str) -> tuple[Header, np.ndarray]:
+    """Read a matrix file: (header, packed counts as uint32 or uint64). Checks sizes and trailing bytes."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    header = parse_header(data, path)
+    expected = triangle.packed_size(header.width) * header.dtype.itemsize
+    frame = data[HEADER.size :]
+    try:
+        size = zstandard.frame_content_size(frame)
+        if size not in (-1, expected):
+            raise UserError(f"{path}: frame holds {size} bytes but width {header.width} needs {expected}")
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise UserError(f"{path}: bad zstd data ({exc})") from None
+    if len(raw) != expected:
+        raise UserError(f"{path}: holds {len(raw)} bytes of counts but width {header.width} needs {expected}")
+    return header, np.frombuffer(raw, dtype=header.dtype)
+
+
+def exists_any(folder: str) -> list[str]:
+    """Matrix files already in `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.startswith("correlations_block_") and f.endswith(".zstd"))

@@ -1,0 +1,146 @@
+"""Work plan: hostfile weights per rank, and one contiguous chunk range per rank.
+
+Hostfile lines (``#`` starts a comment)::
+
+    gpu01 slots=4 weight=2     # Open MPI syntax; weight applies to each slot (default 1)
+    gpu02 slots=2
+    gpu03 48                   # the original servers.txt form: host weight (one slot)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import UserError
+
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass(frozen=True)
+class HostLine:
+    """One hostfile line: a host with `slots` ranks, each of weight `weight`."""
+
+    host: str
+    slots: int
+    weight: float
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one rank does: chunks [start, stop)."""
+
+    rank: int
+    host: str
+    weight: float
+    start: int
+    stop: int
+
+
+def parse_hostfile(text: str, path: str = "hostfile") -> list[HostLine]:
+    """Parse Open MPI (`host slots=N [weight=W]`) and servers.txt (`host W`) lines."""
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        where = f"{path}:{number}"
+        host, opts = words[0], words[1:]
+        if len(opts) == 1 and "=" not in opts[0]:
+            lines.append(HostLine(host, 1, _positive(opts[0], "weight", where)))
+            continue
+        slots, weight = 1, 1.0
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "slots":
+                slots = int(_positive(value, "slots", where, whole=True))
+            elif key == "weight":
+                weight = _positive(value, "weight", where)
+            elif key not in ("max_slots", "max-slots"):
+                raise UserError(f"{where}: unknown field '{opt}'; write 'host slots=N weight=W' or 'host W'")
+        lines.append(HostLine(host, slots, weight))
+    if not lines:
+        raise UserError(f"{path}: no host lines; add lines like 'gpu01 slots=4' or remove the file")
+    return lines
+
+
+def _positive(value: str, what: str, where: str, whole: bool = False) -> float:
+    pattern = r"[0-9]+" if whole else r"[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?"
+    if not re.fullmatch(pattern, value) or float(value) <= 0:
+        kind = "a whole number" if whole else "a number"
+        raise UserError(f"{where}: {what} '{value}' must be {kind} > 0")
+    return float(value)
+
+
+def short(host: str) -> str:
+    """Short host name, as hostfiles and processor names are compared."""
+    return host if _is_ip(host) else host.split(".", 1)[0].lower()
+
+
+def _is_ip(host: str) -> bool:
+    return bool(re.fullmatch(r"[0-9.]+", host)) or ":" in host
+
+
+def rank_weights(lines: list[HostLine], hosts: list[str], path: str = "hostfile") -> list[float]:
+    """Weight of every rank: ranks on one host take its slots in rank order.
+
+    `hosts[r]` is rank r's processor name; `localhost` lines stand for rank 0's host (where mpirun runs).
+    """
+    slots: dict[str, list[float]] = {}
+    for line in lines:
+        name = short(hosts[0]) if line.host.lower() in LOCAL_NAMES else short(line.host)
+        slots.setdefault(name, []).extend([line.weight] * line.slots)
+    taken: dict[str, int] = {}
+    weights = []
+    for rank, host in enumerate(hosts):
+        name = short(host)
+        if name not in slots:
+            raise UserError(f"{path}: no line for host '{host}' (rank {rank}); add '{name} slots=1'")
+        i = taken.get(name, 0)
+        if i >= len(slots[name]):
+            raise UserError(f"{path}: host '{name}' has {len(slots[name])} slot(s) but more ranks run there; "
+                            f"raise its slots=")
+        taken[name] = i + 1
+        weights.append(slots[name][i])
+    return weights
+
+
+def split(units: int, weights: list[float]) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) unit ranges proportional to weights (largest remainder; ties to lower rank)."""
+    total = sum(weights)
+    quotas = [units * w / total for w in weights]
+    counts = [int(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda r: (-(quotas[r] - counts[r]), r))
+    for r in order[: units - sum(counts)]:
+        counts[r] += 1
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append((start, start + c))
+        start += c
+    return ranges
+
+
+def make_plan(chunk_start: int, chunks: int, batch_size: int, hosts: list[str],
+              weights: list[float]) -> list[Assignment]:
+    """Split chunks [chunk_start, chunk_start + chunks) over ranks in whole batches.
+
+    Splitting in whole batches keeps every chunk in the same forward-pass batch whatever the number of
+    ranks, so activations (and hence counts) are bit-for-bit the same.
+    """
+    units = -(-chunks // batch_size)
+    end = chunk_start + chunks
+    plan = []
+    for rank, (u0, u1) in enumerate(split(units, weights)):
+        start = min(chunk_start + u0 * batch_size, end)
+        stop = min(chunk_start + u1 * batch_size, end)
+        plan.append(Assignment(rank, hosts[rank], weights[rank], start, stop))
+    return plan
+
+
+def format_plan(plan: list[Assignment], devices: list[str]) -> str:
+    """The table rank 0 prints before any work."""
+    rows = [("rank", "host", "device", "weight", "chunks", "count")]
+    for a, dev in zip(plan, devices):
+        rows.append((str(a.rank), a.host, dev, f"{a.weight:g}", f"[{a.start}, {a.stop})", str(a.stop - a.start)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -1,0 +1,118 @@
+"""`summary.h5`: run metadata and per-layer firing statistics (one writer, one reader).
+
+Root attributes describe the run; group `layers/<L>` holds the per-neuron datasets and per-layer
+attributes listed in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from . import triangle
+from .counting import ACT_SUM_BITS, ACT_SUMSQ_BITS
+from .files import atomic_path
+
+SUMMARY = "summary.h5"
+TOP_PARTNERS = 16
+ROW_BLOCK_ELEMENTS = 1 << 22
+
+
+def top_partners(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
+    """For each neuron the k others with the largest C[i, j] > 0 (ties: lower index first), padded -1 / 0."""
+    partners = np.full((width, k), -1, dtype=np.int64)
+    counts = np.zeros((width, k), dtype=np.uint64)
+    step = max(1, ROW_BLOCK_ELEMENTS // width)
+    j = np.arange(width, dtype=np.int64)
+    for r0 in range(0, width, step):
+        r1 = min(r0 + step, width)
+        block = triangle.rows(packed, r0, r1, width).astype(np.int64)
+        # Unique keys make the choice deterministic: larger count first, then lower index.
+        keys = block * width + (width - 1 - j)[None, :]
+        keys[block == 0] = -1
+        keys[np.arange(r1 - r0), np.arange(r0, r1)] = -1
+        take = min(k, width)
+        top = np.argpartition(-keys, take - 1, axis=1)[:, :take] if take < width else np.tile(j, (r1 - r0, 1))
+        order = np.argsort(-np.take_along_axis(keys, top, 1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, 1)
+        valid = np.take_along_axis(keys, top, 1) >= 0
+        partners[r0:r1, :take] = np.where(valid, top, -1)
+        counts[r0:r1, :take] = np.where(valid, np.take_along_axis(block, top, 1), 0)
+    return partners, counts
+
+
+def coverage(fire_count: np.ndarray, share: float) -> float:
+    """Share of all firings made by the most frequent `share` of neurons."""
+    total = int(fire_count.sum())
+    if total == 0:
+        return 0.0
+    top = max(1, int(np.ceil(share * len(fire_count))))
+    return float(np.sort(fire_count)[::-1][:top].sum() / total)
+
+
+def layer_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, width: int, tokens: int):
+    """(datasets, attributes) of one layer group, from reduced raw sums and the packed counts."""
+    fire_count = stats["fire_count"].astype(np.uint64)
+    partners, partner_counts = top_partners(packed, width)
+    data = {
+        "fire_count": fire_count,
+        "fire_freq": fire_count / max(tokens, 1),
+        "active_hist": stats["active_hist"].astype(np.uint64),
+        "act_sum": stats["act_sum"] / float(1 << ACT_SUM_BITS),
+        "act_sumsq": stats["act_sumsq"] / float(1 << ACT_SUMSQ_BITS),
+        "top_partners": partners,
+        "top_partner_counts": partner_counts,
+    }
+    mean_active = float(fire_count.sum()) / max(tokens, 1)
+    attrs = {
+        "tokens": tokens,
+        "width": width,
+        "mean_active": mean_active,
+        "density": mean_active / width,
+        "dead": int((fire_count == 0).sum()),
+        "always_on": int((fire_count == tokens).sum()) if tokens else 0,
+        "coverage_top10": coverage(fire_count, 0.10),
+        "coverage_top20": coverage(fire_count, 0.20),
+    }
+    return data, attrs
+
+
+@contextmanager
+def summary_writer(path: str) -> Iterator[h5py.File]:
+    """An HDF5 file that appears at `path` only when the block ends without error."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            yield h5
+
+
+def write_layer(h5: h5py.File, layer: int, data: dict[str, np.ndarray], attrs: dict) -> None:
+    """Add group layers/<layer>."""
+    group = h5.require_group("layers").create_group(str(layer))
+    for name, value in data.items():
+        group.create_dataset(name, data=value, compression="gzip", compression_opts=4, shuffle=True)
+    group.attrs.update(attrs)
+
+
+def read_summary(path: str) -> tuple[dict, dict[int, dict]]:
+    """(root attributes, {layer: {dataset name: array, "attrs": {...}}})."""
+    with h5py.File(path, "r") as h5:
+        root = {k: _plain(v) for k, v in h5.attrs.items()}
+        layers = {}
+        for name, group in h5.get("layers", {}).items():
+            entry = {k: group[k][()] for k in group}
+            entry["attrs"] = {k: _plain(v) for k, v in group.attrs.items()}
+            layers[int(name)] = entry
+    return root, dict(sorted(layers.items()))
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def exists(folder: str) -> bool:
+    """True when `folder` already holds a summary."""
+    return os.path.exists(os.path.join(folder, SUMMARY))

@@ -1,0 +1,68 @@
+"""Tiny random-weight models and an offline-trained tokenizer, for the demo and the tests (no downloads).
+
+    from mpicorr import tiny
+    tiny.build("llama", "/tmp/tiny-llama")    # a folder that --model accepts
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+# Weights this large make a healthy share of neurons cross |x| >= 0.5 (about 10-30 %), as in real models.
+INIT_RANGE = 0.2
+
+
+def sample_text() -> str:
+    """The project's own sample text (shipped in the package)."""
+    return resources.files("mpicorr").joinpath("demo_text.txt").read_text(encoding="utf-8")
+
+
+def sample_path() -> str:
+    """File path of the sample text."""
+    return str(resources.files("mpicorr").joinpath("demo_text.txt"))
+
+
+def build_tokenizer(text: str, vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on `text`, with <s> as BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def model_config(family: str, vocab_size: int, hidden: int = 32, ffn: int = 96, layers: int = 2):
+    """A transformers config of `family` with tiny shapes."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig"}
+    if family == "gemma":
+        common["head_dim"] = hidden // 4
+    return getattr(transformers, classes[family])(**common)
+
+
+def build(family: str, folder: str, seed: int = 0, text: str | None = None, **shape) -> str:
+    """Write a random-weight causal LM of `family` and its tokenizer to `folder`; return the folder."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    tokenizer = build_tokenizer(text or sample_text())
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(family, len(tokenizer), **shape))
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
