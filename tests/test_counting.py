@@ -1,0 +1,80 @@
+"""The counting kernel and per-layer sums against naive loops."""
+
+import numpy as np
+import pytest
+import torch
+
+from mpicorr import counting, triangle
+
+
+def naive_pairs(fired: np.ndarray) -> np.ndarray:
+    """Packed lower triangle by the original's pair loop."""
+    width = fired.shape[1]
+    packed = np.zeros(triangle.packed_size(width), dtype=np.int64)
+    for row in fired:
+        active = np.flatnonzero(row)
+        for a, i in enumerate(active):
+            for j in active[: a + 1]:
+                packed[triangle.offset(i) + j] += 1
+    return packed
+
+
+@pytest.mark.parametrize("tokens,width,p", [(1, 1, 1.0), (17, 5, 0.5), (64, 33, 0.2), (50, 130, 0.05),
+                                            (9, 12, 0.0), (9, 12, 1.0)])
+def test_accumulate_matches_pair_loop(tokens, width, p, monkeypatch):
+    rng = np.random.default_rng(width)
+    fired = rng.random((tokens, width)) < p
+    packed = torch.zeros(triangle.packed_size(width), dtype=torch.int32)
+    monkeypatch.setattr(triangle, "PANEL_ELEMENTS", 3 * width + 1)  # several uneven panels
+    triangle.accumulate(packed, torch.from_numpy(fired).float())
+    triangle.accumulate(packed, torch.from_numpy(fired[::-1].copy()).float())  # accumulates
+    assert np.array_equal(packed.numpy(), 2 * naive_pairs(fired))
+
+
+def test_panels_cover_rows():
+    for width in (1, 7, 100, 1001):
+        for elements in (1, 50, 10**6):
+            spans = triangle.panels(width, elements)
+            assert spans[0][0] == 0 and spans[-1][1] == width
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_rows_and_diagonal_read_the_symmetric_matrix():
+    width = 11
+    full = np.random.default_rng(1).integers(0, 100, (width, width))
+    full = np.tril(full) + np.tril(full, -1).T
+    packed = full[np.tril_indices(width)]
+    assert np.array_equal(triangle.unpack(packed, width), full)
+    assert np.array_equal(triangle.rows(packed, 3, 8, width), full[3:8])
+    assert np.array_equal(triangle.diagonal(packed, width), np.diag(full))
+
+
+def test_layer_counts_statistics():
+    x = torch.tensor([[0.5, -0.6, 0.1], [0.49, 2.0, -0.5], [0.0, 0.0, 0.0]])
+    lc = counting.LayerCounts(0, 3, 0.5, torch.int32, "cpu")
+    lc.add(x[None])
+    assert lc.tokens == 3
+    assert lc.fire_count.tolist() == [1, 2, 1]
+    assert lc.active_hist.tolist() == [1, 0, 2, 0]
+    assert triangle.unpack(lc.pairs.numpy(), 3).tolist() == [[1, 1, 0], [1, 2, 1], [0, 1, 1]]
+    stats = counting.split_stats(lc.stats(), 3)
+    assert np.allclose(stats["act_sum"] / 2**counting.ACT_SUM_BITS, [0.99, 1.4, -0.4])
+    assert np.allclose(stats["act_sumsq"] / 2**counting.ACT_SUMSQ_BITS, [0.25 + 0.49**2, 4.36, 0.26], atol=1e-4)
+
+
+def test_fixed_point_sums_do_not_depend_on_grouping():
+    x = torch.randn(1000, 4, dtype=torch.float64) * 3
+    whole = counting.to_fixed(x, 24).sum(0)
+    parts = sum(counting.to_fixed(part, 24).sum(0) for part in torch.split(x, [1, 333, 600, 66]))
+    assert torch.equal(whole, parts)
+
+
+def test_non_finite_activations_are_a_clear_error():
+    lc = counting.LayerCounts(4, 2, 0.5, torch.int32, "cpu")
+    with pytest.raises(counting.UserError, match="layer 4: non-finite"):
+        lc.add(torch.tensor([[float("nan"), 1.0]]))
+
+
+def test_count_dtype_cannot_overflow():
+    assert counting.count_dtype(2**31 - 1) == torch.int32
+    assert counting.count_dtype(2**31) == torch.int64

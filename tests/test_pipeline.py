@@ -1,0 +1,123 @@
+"""End to end: the real CLI, serially and under the real mpirun, against the brute-force reference."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from mpicorr import matrixfile, summary, tiny, triangle
+from conftest import run_cli
+from reference import pair_loop, reference_chunks, reference_run
+
+CTX = 64
+
+
+def outputs(folder: str) -> dict[str, bytes]:
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".zstd")}
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_counts_equal_brute_force_reference(tiny_models, sample_path, tmp_path, family):
+    model, out = tiny_models[family], str(tmp_path / "out")
+    ok(run_cli(["run", "--model", model, "--data", sample_path, "--out", out, "--ctx", str(CTX),
+                "--chunk-start", "3", "--chunks", "9", "--batch-size", "2"]))
+    fired, acts, ppl = reference_run(model, sample_path, CTX, 0.5, 3, 9)
+    root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
+    assert sorted(layers) == sorted(fired) and root["tokens"] == 9 * CTX
+    for layer, mask in fired.items():
+        header, packed = matrixfile.read_matrix(os.path.join(out, matrixfile.matrix_name(layer)))
+        assert (header.trials, header.block, header.width) == (9 * CTX, layer, mask.shape[1])
+        assert np.array_equal(packed, pair_loop(mask)), f"{family} layer {layer}"
+        got = layers[layer]
+        assert np.array_equal(got["fire_count"], mask.sum(0))
+        assert np.array_equal(got["active_hist"], np.bincount(mask.sum(1), minlength=mask.shape[1] + 1))
+        assert np.allclose(got["act_sum"], acts[layer].astype(np.float64).sum(0), atol=1e-3)
+        assert np.allclose(got["act_sumsq"], (acts[layer].astype(np.float64) ** 2).sum(0), rtol=1e-5, atol=1e-2)
+    assert root["perplexity"] == pytest.approx(ppl, rel=1e-4)
+
+
+def test_chunks_follow_the_data_convention(llama, sample_path):
+    from mpicorr import data, models
+    tok = models.load_tokenizer(llama)
+    text, _ = data.read_text(sample_path)
+    ours = data.make_chunks(data.tokenize(text, tok), CTX, tok.bos_token_id)
+    assert ours.tolist() == reference_chunks(llama, sample_path, CTX)
+    assert (ours[:, 0] == tok.bos_token_id).all()
+
+
+@pytest.fixture(scope="module")
+def multi_rank_runs(llama, sample_path, tmp_path_factory):
+    """The same job with 1, 2 and 3 ranks (3 with uneven hostfile weights)."""
+    base = tmp_path_factory.mktemp("ranks")
+    hostfile = base / "hostfile"
+    hostfile.write_text(f"localhost slots=2 weight=1\n{os.uname().nodename} slots=1 weight=3\n")
+    args = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--batch-size", "2"]
+    runs = {}
+    for ranks, extra in [(1, []), (2, []), (3, ["--hostfile", str(hostfile)])]:
+        out = str(base / f"r{ranks}")
+        runs[ranks] = (out, ok(run_cli(args + ["--out", out] + extra, ranks=ranks)))
+    return runs
+
+
+def test_ranks_give_identical_bytes(multi_rank_runs):
+    one = outputs(multi_rank_runs[1][0])
+    assert len(one) == 2
+    for ranks in (2, 3):
+        assert outputs(multi_rank_runs[ranks][0]) == one, f"{ranks} ranks differ from 1"
+
+
+def test_ranks_give_identical_summaries(multi_rank_runs):
+    root1, layers1 = summary.read_summary(os.path.join(multi_rank_runs[1][0], "summary.h5"))
+    for ranks in (2, 3):
+        root, layers = summary.read_summary(os.path.join(multi_rank_runs[ranks][0], "summary.h5"))
+        assert root["ranks"] == ranks and root["perplexity"] == root1["perplexity"]
+        for layer, entry in layers1.items():
+            for name, value in entry.items():
+                if name != "attrs":
+                    assert np.array_equal(layers[layer][name], value), (ranks, layer, name)
+            assert layers[layer]["attrs"] == entry["attrs"]
+
+
+def test_plan_is_printed_and_weighted(multi_rank_runs):
+    text = multi_rank_runs[3][1].stdout
+    # 50 chunks in batches of 2 = 25 units, weights 1, 1, 3 -> 5, 5, 15 units
+    assert "[0, 10)" in text and "[10, 20)" in text and "[20, 50)" in text
+    assert "perplexity" in text and "ETA" in text
+
+
+def test_summary_agrees_with_matrices(multi_rank_runs):
+    out = multi_rank_runs[2][0]
+    root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
+    for layer, entry in layers.items():
+        header, packed = matrixfile.read_matrix(os.path.join(out, matrixfile.matrix_name(layer)))
+        width = header.width
+        assert np.array_equal(entry["fire_count"], triangle.diagonal(packed, width))
+        hist = entry["active_hist"]
+        assert int((np.arange(len(hist)) * hist).sum()) == int(entry["fire_count"].sum())
+        assert int(hist.sum()) == root["tokens"] == entry["attrs"]["tokens"]
+        full = triangle.unpack(packed, width).astype(np.int64)
+        np.fill_diagonal(full, 0)
+        for i in (0, width // 2, width - 1):
+            partners = entry["top_partners"][i]
+            counts = entry["top_partner_counts"][i]
+            assert np.array_equal(counts, full[i, partners])
+            assert list(counts) == sorted(full[i], reverse=True)[:16]
+        assert entry["attrs"]["dead"] == int((entry["fire_count"] == 0).sum())
+
+
+def test_config_file_and_overrides(llama, sample_path, tmp_path):
+    (tmp_path / "mpicorr.toml").write_text(
+        f'model = "{llama}"\ndata = "{sample_path}"\nout = "o"\nctx = {CTX}\nchunks = 5\n')
+    ok(run_cli([], cwd=str(tmp_path)))
+    root, _ = summary.read_summary(str(tmp_path / "o" / "summary.h5"))
+    assert (root["chunks"], root["ctx"]) == (5, CTX)
+    ok(run_cli(["--chunks", "2", "--out", "p"], cwd=str(tmp_path)))
+    root, _ = summary.read_summary(str(tmp_path / "p" / "summary.h5"))
+    assert root["chunks"] == 2

@@ -1,0 +1,68 @@
+"""The work plan: hostfile syntax, rank weights and the largest-remainder split."""
+
+import random
+
+import pytest
+
+from mpicorr import plan
+from mpicorr.errors import UserError
+
+
+def test_parse_both_syntaxes():
+    text = "# comment\ngpu01.example.org slots=2 weight=3\n\ngpu02 slots=1  # trailing\nold 48\n"
+    lines = plan.parse_hostfile(text)
+    assert lines == [plan.HostLine("gpu01.example.org", 2, 3.0), plan.HostLine("gpu02", 1, 1.0),
+                     plan.HostLine("old", 1, 48.0)]
+
+
+@pytest.mark.parametrize("text", ["a slots=0", "a weight=-1", "a slots=x", "a bogus=1", "a 0", "# nothing\n"])
+def test_bad_hostfiles(text):
+    with pytest.raises(UserError, match="hostfile"):
+        plan.parse_hostfile(text)
+
+
+def test_rank_weights_by_host_and_slot_order():
+    lines = plan.parse_hostfile("n1 slots=2 weight=2\nn2.cluster slots=1 weight=5\nlocalhost slots=1\n")
+    hosts = ["head", "n1.cluster", "n2", "n1"]
+    assert plan.rank_weights(lines, hosts) == [1.0, 2.0, 5.0, 2.0]
+
+
+def test_rank_weights_errors():
+    lines = plan.parse_hostfile("n1 slots=1\n")
+    with pytest.raises(UserError, match="no line for host 'n2'"):
+        plan.rank_weights(lines, ["n1", "n2"])
+    with pytest.raises(UserError, match="1 slot"):
+        plan.rank_weights(lines, ["n1", "n1"])
+
+
+def test_split_exact_examples():
+    assert plan.split(10, [1, 1, 1]) == [(0, 4), (4, 7), (7, 10)]
+    assert plan.split(7, [3, 1]) == [(0, 5), (5, 7)]
+    assert plan.split(2, [1, 1, 1, 1]) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+
+
+def test_split_covers_every_unit_once_for_awkward_weights():
+    rng = random.Random(7)
+    for _ in range(2000):
+        ranks = rng.randint(1, 40)
+        weights = [rng.choice([1e-3, 0.5, 1, 1, 2, 7.3, 48, 1e6]) for _ in range(ranks)]
+        units = rng.choice([0, 1, 2, ranks - 1, ranks, 641, 642, rng.randint(0, 5000)])
+        ranges = plan.split(units, weights)
+        assert ranges[0][0] == 0 and ranges[-1][1] == units
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        quotas = [units * w / sum(weights) for w in weights]
+        assert all(abs((b - a) - q) < 1 for (a, b), q in zip(ranges, quotas))
+
+
+@pytest.mark.parametrize("chunks,batch,ranks", [(1, 1, 3), (642, 1, 7), (642, 4, 5), (13, 5, 2), (100, 3, 1)])
+def test_make_plan_in_whole_batches(chunks, batch, ranks):
+    work = plan.make_plan(10, chunks, batch, ["h"] * ranks, [1.0 + r for r in range(ranks)])
+    covered = [c for a in work for c in range(a.start, a.stop)]
+    assert covered == list(range(10, 10 + chunks))
+    assert all((a.start - 10) % batch == 0 or a.start == a.stop for a in work)
+
+
+def test_format_plan_lists_every_rank():
+    work = plan.make_plan(0, 5, 1, ["a", "b"], [1, 4])
+    text = plan.format_plan(work, ["cpu", "cuda:0"])
+    assert "[0, 1)" in text and "[1, 5)" in text and "cuda:0" in text
