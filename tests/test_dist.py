@@ -1,0 +1,78 @@
+"""The communicator wrapper, mpi4py-style: one test class on COMM_SELF and COMM_WORLD, under -n 1 and -n 2.
+
+    mpirun -n 2 python -m pytest tests/test_dist.py     # what test_under_mpirun runs
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import MPIRUN, cli_env
+from mpicorr import dist
+from mpicorr.errors import UserError
+
+
+class BaseComm:
+    def comm(self) -> dist.Comm:
+        raise NotImplementedError
+
+    def test_reduce_sum(self):
+        c = self.comm()
+        got = c.reduce_sum(np.arange(5, dtype=np.int32) * (c.rank + 1))
+        if c.rank == 0:
+            assert got.tolist() == (np.arange(5) * sum(range(1, c.size + 1))).tolist()
+            assert got.dtype == np.int32
+        else:
+            assert got is None
+
+    def test_allgather_and_bcast(self):
+        c = self.comm()
+        assert c.allgather(c.rank) == list(range(c.size))
+        assert c.bcast("root" if c.rank == 0 else None) == "root"
+
+    def test_checked_turns_one_rank_error_into_shared_error(self):
+        c = self.comm()
+
+        def fail_on_last():
+            if c.rank == c.size - 1:
+                raise UserError("bad input")
+            return c.rank
+
+        with pytest.raises(dist.SharedError, match="bad input"):
+            c.checked(fail_on_last)
+        assert c.checked(lambda: c.rank) == c.rank
+
+    def test_checked_root_only_broadcasts(self):
+        c = self.comm()
+        assert c.checked(lambda: 42, root_only=True) == 42
+
+
+class TestSelf(BaseComm):
+    def comm(self):
+        return dist.serial()
+
+
+class TestWorld(BaseComm):
+    def comm(self):
+        return dist.world()
+
+
+class TestNoMPI(BaseComm):
+    def comm(self):
+        return dist.Comm(None)
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
+@pytest.mark.skipif("OMPI_COMM_WORLD_SIZE" in os.environ, reason="already under mpirun")
+def test_under_mpirun():
+    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           os.path.abspath(__file__)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("12 passed") == 2, result.stdout

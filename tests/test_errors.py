@@ -1,0 +1,86 @@
+"""User-facing failures: one line on stderr, exit status 2, nothing written, every rank ends."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from conftest import cli_env, run_cli, MPIRUN
+
+CTX = 64
+
+
+def one_error_line(result, *needles: str) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,needles", [
+    ([], ["--model is required"]),
+    (["--model", "MODEL"], ["--data is required"]),
+    (["--model", "/nonexistent/model", "--data", "DATA"], ["/nonexistent/model", "no such folder"]),
+    (["--model", "MODEL", "--data", "/nonexistent.txt"], ["--data /nonexistent.txt", "cannot read"]),
+    (["--model", "MODEL", "--data", "DATA", "--chunks", "100000"], ["--chunks 100000", "has 50 chunks"]),
+    (["--model", "MODEL", "--data", "DATA", "--chunk-start", "50"], ["--chunk-start 50", "only 50 chunks"]),
+    (["--model", "MODEL", "--data", "DATA", "--threshold", "-1"], ["--threshold", "positive"]),
+    (["--model", "MODEL", "--data", "DATA", "--ctx", "100000"], ["too short for one chunk"]),
+    (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE"], ["HOSTFILE", "weight '0'"]),
+    (["--model", "MODEL", "--data", "DATA", "--device", "cuda"], ["CUDA is not available"]),
+    (["--model", "MODEL", "--data", "DATA", "--bogus"], ["unrecognized arguments: --bogus"]),
+])
+def test_bad_input_is_one_line_exit_2(llama, sample_path, tmp_path, args, needles):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1 weight=0\n")
+    subst = {"MODEL": llama, "DATA": sample_path, "HOSTFILE": str(hostfile)}
+    args = [subst.get(a, a) for a in args]
+    out = tmp_path / "out"
+    result = run_cli(["run", *args, "--out", str(out), "--ctx", str(CTX)] if "--ctx" not in args
+                     else ["run", *args, "--out", str(out)], cwd=str(tmp_path))
+    one_error_line(result, *[subst.get(n, n) for n in needles])
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_existing_outputs_are_kept_without_force(llama, sample_path, tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "--model", llama, "--data", sample_path, "--out", str(out), "--ctx", str(CTX), "--chunks", "2"]
+    assert run_cli(args).returncode == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    one_error_line(run_cli(args), "already holds outputs", "--force")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert run_cli(args + ["--force"]).returncode == 0
+
+
+def test_shared_error_under_mpirun_is_reported_once(llama, sample_path, tmp_path):
+    result = run_cli(["run", "--model", llama, "--data", sample_path, "--out", str(tmp_path / "o"),
+                      "--ctx", str(CTX), "--chunks", "999"], ranks=2)
+    one_error_line(result, "--chunks 999")
+
+
+def test_failure_in_one_rank_ends_the_job(llama, sample_path, tmp_path):
+    """An exception in rank 1 only, in the middle of counting: one rank-tagged line, no hang."""
+    script = (
+        "import sys, mpicorr.run as r, mpicorr.__main__ as m\n"
+        "orig = r.count_chunks\n"
+        "def boom(*a, **k):\n"
+        "    from mpicorr.dist import world\n"
+        "    if world().rank == 1: raise RuntimeError('injected failure')\n"
+        "    return orig(*a, **k)\n"
+        "r.count_chunks = boom\n"
+        "sys.exit(m.main(sys.argv[1:]))\n")
+    if MPIRUN is None:
+        pytest.skip("mpirun not found")
+    import subprocess
+    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-c", script, "run", "--model", llama,
+           "--data", sample_path, "--out", str(tmp_path / "o"), "--ctx", str(CTX)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
+    assert len(lines) == 1 and "rank 1" in lines[0] and "injected failure" in lines[0], result.stderr
+    assert not (tmp_path / "o" / "summary.h5").exists()
