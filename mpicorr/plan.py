@@ -3,7 +3,7 @@
 Hostfile lines (``#`` starts a comment)::
 
     gpu01 slots=4 weight=2     # Open MPI syntax; weight applies to each slot (default 1)
-    gpu02 slots=2
+    gpu02 slots=2 # weight=3   # the same, in a comment: mpirun itself rejects 'weight=' in a hostfile
     gpu03 48                   # the original servers.txt form: host weight (one slot)
 """
 
@@ -41,11 +41,15 @@ def parse_hostfile(text: str, path: str = "hostfile") -> list[HostLine]:
     """Parse Open MPI (`host slots=N [weight=W]`) and servers.txt (`host W`) lines."""
     lines = []
     for number, raw in enumerate(text.splitlines(), 1):
-        words = raw.split("#", 1)[0].split()
+        body, _, comment = raw.partition("#")
+        words = body.split()
         if not words:
             continue
         where = f"{path}:{number}"
         host, opts = words[0], words[1:]
+        hidden = re.search(r"\bweight=(\S+)", comment)
+        if hidden and not any(o.startswith("weight=") for o in opts):
+            opts.append(hidden.group(0))
         if len(opts) == 1 and "=" not in opts[0]:
             lines.append(HostLine(host, 1, _positive(opts[0], "weight", where)))
             continue

@@ -9,10 +9,11 @@ from mpicorr.errors import UserError
 
 
 def test_parse_both_syntaxes():
-    text = "# comment\ngpu01.example.org slots=2 weight=3\n\ngpu02 slots=1  # trailing\nold 48\n"
+    text = ("# comment weight=9\ngpu01.example.org slots=2 weight=3\n\ngpu02 slots=1  # trailing\nold 48\n"
+            "gpu03 slots=2 max_slots=4 # weight=2.5 (mpirun ignores comments)\n")
     lines = plan.parse_hostfile(text)
     assert lines == [plan.HostLine("gpu01.example.org", 2, 3.0), plan.HostLine("gpu02", 1, 1.0),
-                     plan.HostLine("old", 1, 48.0)]
+                     plan.HostLine("old", 1, 48.0), plan.HostLine("gpu03", 2, 2.5)]
 
 
 @pytest.mark.parametrize("text", ["a slots=0", "a weight=-1", "a slots=x", "a bogus=1", "a 0", "# nothing\n"])
