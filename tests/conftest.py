@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -27,7 +28,11 @@ def cli_env() -> dict:
 
 def run_cli(args: list[str], ranks: int | None = None, cwd: str | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m mpicorr ARGS`, under `mpirun -n RANKS` when ranks is given."""
+    """`python -m mpicorr ARGS`, under `mpirun -n RANKS` when ranks is given.
+
+    Runs in an empty folder unless `cwd` is given, so that no ./hostfile or ./mpicorr.toml is picked up.
+    """
+    cwd = cwd or tempfile.mkdtemp(prefix="mpicorr-cwd-")
     cmd = [sys.executable, "-m", "mpicorr", *args]
     if ranks is not None:
         if MPIRUN is None:

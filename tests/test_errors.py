@@ -79,7 +79,7 @@ def test_failure_in_one_rank_ends_the_job(llama, sample_path, tmp_path):
     import subprocess
     cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-c", script, "run", "--model", llama,
            "--data", sample_path, "--out", str(tmp_path / "o"), "--ctx", str(CTX)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=120, cwd=str(tmp_path))
     assert result.returncode != 0
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
     assert len(lines) == 1 and "rank 1" in lines[0] and "injected failure" in lines[0], result.stderr
