@@ -36,7 +36,32 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a tiny model offline and run on it")
     demo.add_argument("--out", default="mpicorr-demo", help="folder for the demo model and outputs (default: mpicorr-demo)")
     demo.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
+    info = sub.add_parser("info", help="print the header of matrix files")
+    info.add_argument("files", nargs="+", metavar="FILE", help="correlations_block_<L>.zstd files")
+    verify = sub.add_parser("verify", help="check matrix files fully (sizes, zstd checksum, counts)")
+    verify.add_argument("files", nargs="+", metavar="FILE", help="correlations_block_<L>.zstd files")
+    total = sub.add_parser("sum", help="add matrix files of one block (trials added)")
+    total.add_argument("out", metavar="OUT", help="the summed matrix file to write")
+    total.add_argument("files", nargs="+", metavar="IN", help="matrix files of the same block and width")
+    total.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     return p
+
+
+def file_command(args: argparse.Namespace) -> None:
+    """info / verify / sum: no MPI, no model."""
+    from . import filetools
+
+    if args.cmd == "sum":
+        print(filetools.sum_files(args.out, args.files, args.force))
+        return
+    failed = []
+    for path in args.files:
+        try:
+            print(filetools.info(path) if args.cmd == "info" else (filetools.verify(path) or f"{path}: ok"))
+        except UserError as exc:
+            failed.append(str(exc))
+    if failed:
+        raise UserError("; ".join(failed) if len(failed) == 1 else f"{len(failed)} files failed: " + "; ".join(failed))
 
 
 def dispatch(argv: list[str], comm) -> None:
@@ -45,7 +70,9 @@ def dispatch(argv: list[str], comm) -> None:
         argv = ["run", *argv]
     args = parser().parse_args(argv)
     command = "python -m mpicorr " + shlex.join(argv)
-    if args.cmd == "demo":
+    if args.cmd in ("info", "verify", "sum"):
+        file_command(args)
+    elif args.cmd == "demo":
         from .demo import demo
         demo(args.out, comm, command)
     else:
