@@ -56,10 +56,14 @@ def diagonal(packed: np.ndarray, width: int) -> np.ndarray:
 
 def rows(packed: np.ndarray, r0: int, r1: int, width: int) -> np.ndarray:
     """Full symmetric rows C[r0:r1, 0:width] gathered from the packed triangle."""
-    i = np.arange(r0, r1, dtype=np.int64)[:, None]
-    j = np.arange(width, dtype=np.int64)[None, :]
-    idx = np.where(j <= i, i * (i + 1) // 2 + j, j * (j + 1) // 2 + i)
-    return packed[idx]
+    return rows_at(packed, np.arange(r0, r1), np.arange(width))
+
+
+def rows_at(packed: np.ndarray, rows_idx: np.ndarray, cols_idx: np.ndarray) -> np.ndarray:
+    """C[rows_idx][:, cols_idx] of the symmetric matrix, gathered from the packed triangle."""
+    i = np.asarray(rows_idx, dtype=np.int64)[:, None]
+    j = np.asarray(cols_idx, dtype=np.int64)[None, :]
+    return packed[np.where(j <= i, i * (i + 1) // 2 + j, j * (j + 1) // 2 + i)]
 
 
 def unpack(packed: np.ndarray, width: int) -> np.ndarray:
