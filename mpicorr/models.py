@@ -82,20 +82,19 @@ def check_model(name: str) -> str:
     return family
 
 
-def load_model(name: str, dtype: torch.dtype, device: str):
-    """(model, tokenizer): the model in eval mode on `device`, gradients off."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+def load_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The model in eval mode on `device`, gradients off."""
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    tokenizer = load_tokenizer(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except ValueError:  # not a causal LM: no perplexity, same sites
         model = AutoModel.from_pretrained(name, dtype=dtype)
     model.requires_grad_(False)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def load_tokenizer(name: str):

@@ -105,7 +105,7 @@ def run(cfg: Config, comm: Comm) -> None:
         print(f"mpicorr {__version__}: {len(job.chunks)} chunks [{job.chunk_start}, "
               f"{job.chunk_start + len(job.chunks)}) of {job.available} x {cfg.ctx} tokens on {comm.size} rank(s)")
         print(plan.format_plan(job.plan, devices), flush=True)
-    model, _ = comm.checked(lambda: models.load_model(cfg.model, models.resolve_dtype(cfg.dtype, device), device))
+    model = comm.checked(lambda: models.load_model(cfg.model, models.resolve_dtype(cfg.dtype, device), device))
     sites = models.find_sites(model)
     mine_chunks = job.chunks[mine.start - job.chunk_start : mine.stop - job.chunk_start]
     progress = Progress(len(mine_chunks), cfg.ctx) if comm.rank == 0 else None

@@ -78,3 +78,17 @@ def test_non_finite_activations_are_a_clear_error():
 def test_count_dtype_cannot_overflow():
     assert counting.count_dtype(2**31 - 1) == torch.int32
     assert counting.count_dtype(2**31) == torch.int64
+
+
+def test_top_partners_ties_zeros_and_narrow_layers():
+    from mpicorr.summary import top_partners
+    full = np.array([[9, 3, 3, 0], [3, 8, 5, 1], [3, 5, 7, 0], [0, 1, 0, 2]])
+    packed = full[np.tril_indices(4)]
+    partners, counts = top_partners(packed, 4, k=3)
+    assert partners.tolist() == [[1, 2, -1], [2, 0, 3], [1, 0, -1], [1, -1, -1]]
+    assert counts.tolist() == [[3, 3, 0], [5, 3, 1], [5, 3, 0], [1, 0, 0]]
+    partners, counts = top_partners(packed, 4, k=2)
+    assert partners.tolist() == [[1, 2], [2, 0], [1, 0], [1, -1]]
+    partners, counts = top_partners(packed, 4)  # fewer neurons than the 16 partner slots
+    assert partners.shape == (4, 16) and partners[1, :4].tolist() == [2, 0, 3, -1]
+    assert (partners[:, 4:] == -1).all() and (counts[:, 4:] == 0).all()
