@@ -35,7 +35,7 @@ class LayerCounts:
 
     def __init__(self, layer: int, width: int, threshold: float, dtype: torch.dtype, device: str):
         self.layer, self.width, self.threshold = layer, width, threshold
-        self.pairs = torch.zeros(triangle.packed_size(width), dtype=dtype, device=device)
+        self.pairs = triangle.PanelCounts(width, dtype, device)
         self.fire_count = torch.zeros(width, dtype=torch.int64, device=device)
         self.active_hist = torch.zeros(width + 1, dtype=torch.int64, device=device)
         self.act_sum = torch.zeros(width, dtype=torch.int64, device=device)
@@ -49,7 +49,7 @@ class LayerCounts:
             raise UserError(f"layer {self.layer}: non-finite activations; use --dtype bfloat16 or float32")
         fired = x.abs() >= self.threshold
         f = fired.to(torch.float32)
-        triangle.accumulate(self.pairs, f)
+        self.pairs.add(f)
         self.fire_count += fired.sum(0)
         self.active_hist += torch.bincount(fired.sum(1), minlength=self.width + 1)
         self.act_sum += to_fixed(x, ACT_SUM_BITS).sum(0)

@@ -122,7 +122,7 @@ def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, counts: list[Laye
     path = os.path.join(cfg.out, summary.SUMMARY)
     with summary.summary_writer(path) if comm.rank == 0 else nullcontext() as h5:
         for site, lc in zip(sites, counts):
-            pairs = comm.reduce_sum(lc.pairs.cpu().numpy())
+            pairs = comm.reduce_sum(lc.pairs.packed())
             stats = comm.reduce_sum(lc.stats())
             lc.pairs = None  # free this rank's copy before the next layer
             if comm.rank == 0:

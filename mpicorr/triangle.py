@@ -1,6 +1,5 @@
-"""The packed lower triangle: C[i, j] for j <= i, row-major, row i at offset i(i+1)/2.
-
-This is the layout of the matrix files, so counts are accumulated in it directly: no N x N copy.
+"""The packed lower triangle C[i, j], j <= i, row-major, row i at offset i(i+1)/2 (the matrix files'
+layout), and PanelCounts, which accumulates it exactly without ever holding an N x N matrix.
 """
 
 from __future__ import annotations
@@ -8,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# fp32 holds every integer up to 2**24 exactly, so a product of 0/1 matrices over at most this many
-# tokens is an exact count.
+# fp32 holds every integer up to 2**24 exactly, so fp32 sums of 0/1 products over at most this many
+# tokens are exact counts.
 EXACT_TOKENS = 1 << 24
 # Elements of one fp32 product panel (64 MiB): bounds the scratch memory of a counting step.
 PANEL_ELEMENTS = 1 << 24
@@ -38,14 +37,48 @@ def lower_mask(r0: int, r1: int, device: torch.device | str) -> torch.Tensor:
     return j <= i
 
 
-def accumulate(packed: torch.Tensor, fired: torch.Tensor) -> None:
-    """packed += lower triangle of fired.T @ fired, for a [tokens, width] 0/1 float32 matrix. Exact."""
-    width = fired.shape[1]
-    for t0 in range(0, fired.shape[0], EXACT_TOKENS):
-        part = fired[t0 : t0 + EXACT_TOKENS]
-        for r0, r1 in panels(width):
-            prod = part[:, r0:r1].T @ part[:, :r1]
-            packed[offset(r0) : offset(r1)] += prod[lower_mask(r0, r1, prod.device)].to(packed.dtype)
+class PanelCounts:
+    """Exact lower-triangle counts kept as fp32 row panels, so that each update is one GEMM (addmm).
+
+    Panel k holds rows r0..r1-1 against columns 0..r1-1 (the few entries above the diagonal inside it are
+    ignored). fp32 holds integers up to 2**24 exactly, so after at most EXACT_TOKENS tokens the panels are
+    flushed into integer panels of `dtype` (allocated at the first flush only).
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str,
+                 elements: int | None = None):
+        self.width, self.dtype = width, dtype
+        self.spans = panels(width, elements or PANEL_ELEMENTS)
+        self.acc = [torch.zeros(r1 - r0, r1, dtype=torch.float32, device=device) for r0, r1 in self.spans]
+        self.total: list[torch.Tensor] | None = None
+        self.pending = 0
+
+    def add(self, fired: torch.Tensor) -> None:
+        """Count a [tokens, width] 0/1 float32 matrix: panel += fired[:, rows].T @ fired[:, :r1]."""
+        for t0 in range(0, fired.shape[0], EXACT_TOKENS):
+            part = fired[t0 : t0 + EXACT_TOKENS]
+            if self.pending + part.shape[0] > EXACT_TOKENS:
+                self.flush()
+            for (r0, r1), acc in zip(self.spans, self.acc):
+                acc.addmm_(part[:, r0:r1].T, part[:, :r1])
+            self.pending += part.shape[0]
+
+    def flush(self) -> None:
+        """Move the fp32 counts into the integer panels."""
+        if self.total is None:
+            self.total = [torch.zeros(a.shape, dtype=self.dtype, device=a.device) for a in self.acc]
+        for total, acc in zip(self.total, self.acc):
+            total += acc.to(self.dtype)
+            acc.zero_()
+        self.pending = 0
+
+    def packed(self) -> np.ndarray:
+        """The counts as the packed lower triangle (a new host array)."""
+        parts = []
+        for k, ((r0, r1), acc) in enumerate(zip(self.spans, self.acc)):
+            block = acc.to(self.dtype) if self.total is None else self.total[k] + acc.to(self.dtype)
+            parts.append(block[lower_mask(r0, r1, block.device)].cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def diagonal(packed: np.ndarray, width: int) -> np.ndarray:

@@ -21,14 +21,16 @@ def naive_pairs(fired: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("tokens,width,p", [(1, 1, 1.0), (17, 5, 0.5), (64, 33, 0.2), (50, 130, 0.05),
                                             (9, 12, 0.0), (9, 12, 1.0)])
-def test_accumulate_matches_pair_loop(tokens, width, p, monkeypatch):
+@pytest.mark.parametrize("exact_tokens", [1 << 24, 7])
+def test_panel_counts_match_pair_loop(tokens, width, p, exact_tokens, monkeypatch):
     rng = np.random.default_rng(width)
     fired = rng.random((tokens, width)) < p
-    packed = torch.zeros(triangle.packed_size(width), dtype=torch.int32)
-    monkeypatch.setattr(triangle, "PANEL_ELEMENTS", 3 * width + 1)  # several uneven panels
-    triangle.accumulate(packed, torch.from_numpy(fired).float())
-    triangle.accumulate(packed, torch.from_numpy(fired[::-1].copy()).float())  # accumulates
-    assert np.array_equal(packed.numpy(), 2 * naive_pairs(fired))
+    monkeypatch.setattr(triangle, "EXACT_TOKENS", exact_tokens)  # 7: flushes to integers many times
+    counts = triangle.PanelCounts(width, torch.int32, "cpu", elements=3 * width + 1)  # uneven panels
+    counts.add(torch.from_numpy(fired).float())
+    counts.add(torch.from_numpy(fired[::-1].copy()).float())  # accumulates
+    packed = counts.packed()
+    assert packed.dtype == np.int32 and np.array_equal(packed, 2 * naive_pairs(fired))
 
 
 def test_panels_cover_rows():
@@ -56,7 +58,7 @@ def test_layer_counts_statistics():
     assert lc.tokens == 3
     assert lc.fire_count.tolist() == [1, 2, 1]
     assert lc.active_hist.tolist() == [1, 0, 2, 0]
-    assert triangle.unpack(lc.pairs.numpy(), 3).tolist() == [[1, 1, 0], [1, 2, 1], [0, 1, 1]]
+    assert triangle.unpack(lc.pairs.packed(), 3).tolist() == [[1, 1, 0], [1, 2, 1], [0, 1, 1]]
     stats = counting.split_stats(lc.stats(), 3)
     assert np.allclose(stats["act_sum"] / 2**counting.ACT_SUM_BITS, [0.99, 1.4, -0.4])
     assert np.allclose(stats["act_sumsq"] / 2**counting.ACT_SUMSQ_BITS, [0.25 + 0.49**2, 4.36, 0.26], atol=1e-4)
