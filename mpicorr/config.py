@@ -100,6 +100,9 @@ def build_config(args: argparse.Namespace, command: str) -> Config:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
+    for key in ("model", "data", "out", "hostfile"):  # TOML values get no shell expansion of ~
+        if isinstance(values.get(key), str) and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])
     if values.get("hostfile") is None and os.path.exists("hostfile"):
         values["hostfile"] = "hostfile"
     values["command"] = command

@@ -75,8 +75,9 @@ def check_model(name: str) -> str:
     try:
         family = AutoConfig.from_pretrained(name).model_type
     except (OSError, ValueError) as exc:
-        raise UserError(f"--model {name}: cannot load its config ({_first_line(exc)}); "
-                        f"give a model folder, or fetch the hub id first with 'hf download {name}'") from None
+        hint = ("give a folder written by save_pretrained (with config.json)" if os.path.isdir(name)
+                else f"fetch it first with 'hf download {name}', or give a model folder")
+        raise UserError(f"--model {name}: cannot load its config ({_first_line(exc)}); {hint}") from None
     if family not in SITES:
         raise UserError(f"--model {name}: family '{family}' is not supported; supported: {', '.join(sorted(SITES))}")
     return family
