@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mpicorr {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     add_run_arguments(sub.add_parser("run", help="count co-firing neurons (the default command)"))
+    dry = sub.add_parser("plan", help="print the chunk count and the work split without loading a model")
+    add_run_arguments(dry)
+    dry.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks to plan for (default: 1)")
     demo = sub.add_parser("demo", help="build a tiny model offline and run on it")
     demo.add_argument("--out", default="mpicorr-demo", help="folder for the demo model and outputs (default: mpicorr-demo)")
     demo.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
@@ -72,6 +75,12 @@ def dispatch(argv: list[str], comm) -> None:
     command = "python -m mpicorr " + shlex.join(argv)
     if args.cmd in ("info", "verify", "sum"):
         file_command(args)
+    elif args.cmd == "plan":
+        from .run import dry_plan
+        cfg = comm.checked(lambda: build_config(args, command))
+        if args.ranks < 1:
+            raise SharedError(f"--ranks {args.ranks}: must be a whole number >= 1")
+        print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
     elif args.cmd == "demo":
         from .demo import demo
         demo(args.out, comm, command)

@@ -109,6 +109,17 @@ def rank_weights(lines: list[HostLine], hosts: list[str], path: str = "hostfile"
     return weights
 
 
+def by_slot(lines: list[HostLine], ranks: int, path: str = "hostfile") -> list[tuple[HostLine, int]]:
+    """Open MPI's default placement: ranks fill each host's slots in hostfile order.
+
+    Returns, per rank, its hostfile line and its local index on that host (its GPU with --device auto).
+    """
+    slots = [(line, i) for line in lines for i in range(line.slots)]
+    if ranks > len(slots):
+        raise UserError(f"{path}: {ranks} ranks need {ranks} slots but the hostfile has {len(slots)}")
+    return slots[:ranks]
+
+
 def split(units: int, weights: list[float]) -> list[tuple[int, int]]:
     """Contiguous [start, stop) unit ranges proportional to weights (largest remainder; ties to lower rank)."""
     total = sum(weights)

@@ -37,29 +37,56 @@ class Job:
     plan: list[plan.Assignment]
 
 
-def prepare(cfg: Config, hosts: list[str]) -> Job:
-    """Validate inputs, cut the data into chunks and split them over the ranks (runs on rank 0)."""
+def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
+    """(all chunks of the data file, its sha256, first chunk, chunk count) with the model's tokenizer."""
     models.check_model(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
     text, sha = data.read_text(cfg.data)
     all_chunks = data.make_chunks(data.tokenize(text, tokenizer), cfg.ctx, tokenizer.bos_token_id)
     start, count = data.select(all_chunks, cfg.chunk_start, cfg.chunks, cfg.data, cfg.ctx)
+    return all_chunks, sha, start, count
+
+
+def prepare(cfg: Config, hosts: list[str]) -> Job:
+    """Validate inputs, cut the data into chunks and split them over the ranks (runs on rank 0)."""
+    all_chunks, sha, start, count = load_chunks(cfg)
     weights = hostfile_weights(cfg.hostfile, hosts)
     check_out(cfg.out, cfg.force)
     work = plan.make_plan(start, count, cfg.batch_size, hosts, weights)
     return Job(all_chunks[start : start + count], start, len(all_chunks), sha, work)
 
 
-def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
-    """Per-rank weights from the hostfile, or equal weights without one."""
-    if path is None:
-        return [1.0] * len(hosts)
+def dry_plan(cfg: Config, ranks: int) -> str:
+    """The plan table for `ranks` ranks placed by slot over the hostfile (Open MPI's default), no model loaded."""
+    all_chunks, _, start, count = load_chunks(cfg)
+    if cfg.hostfile is None:
+        hosts, weights, devices = ["-"] * ranks, [1.0] * ranks, ["auto"] * ranks
+    else:
+        slots = plan.by_slot(read_hostfile(cfg.hostfile), ranks, cfg.hostfile)
+        hosts = [line.host for line, _ in slots]
+        weights = [line.weight for line, _ in slots]
+        devices = [f"gpu {local}" for _, local in slots]
+    work = plan.make_plan(start, count, cfg.batch_size, hosts, weights)
+    head = (f"{cfg.data}: {len(all_chunks)} chunks of {cfg.ctx} tokens; processing {count} "
+            f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s)")
+    return head + "\n" + plan.format_plan(work, devices)
+
+
+def read_hostfile(path: str) -> list[plan.HostLine]:
+    """The parsed hostfile."""
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--hostfile {path}: cannot read ({exc}); fix the path or leave it out") from None
-    return plan.rank_weights(plan.parse_hostfile(text, path), hosts, path)
+    return plan.parse_hostfile(text, path)
+
+
+def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
+    """Per-rank weights from the hostfile, or equal weights without one."""
+    if path is None:
+        return [1.0] * len(hosts)
+    return plan.rank_weights(read_hostfile(path), hosts, path)
 
 
 def check_out(out: str, force: bool) -> None:

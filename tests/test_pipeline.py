@@ -121,3 +121,15 @@ def test_config_file_and_overrides(llama, sample_path, tmp_path):
     ok(run_cli(["--chunks", "2", "--out", "p"], cwd=str(tmp_path)))
     root, _ = summary.read_summary(str(tmp_path / "p" / "summary.h5"))
     assert root["chunks"] == 2
+
+
+def test_plan_command_matches_hand_computed_table(llama, sample_path, tmp_path):
+    (tmp_path / "hostfile").write_text("gpu01 slots=2 # weight=2\ngpu02 slots=1\n")
+    result = ok(run_cli(["plan", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "-n", "3"],
+                        cwd=str(tmp_path)))
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    # 50 chunks, weights 2, 2, 1: quotas 20, 20, 10
+    assert rows == [["0", "gpu01", "gpu", "0", "2", "[0,", "20)", "20"],
+                    ["1", "gpu01", "gpu", "1", "2", "[20,", "40)", "20"],
+                    ["2", "gpu02", "gpu", "0", "1", "[40,", "50)", "10"]]
+    assert result.stdout.startswith(f"{sample_path}: 50 chunks of {CTX} tokens")

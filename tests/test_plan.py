@@ -67,3 +67,11 @@ def test_format_plan_lists_every_rank():
     work = plan.make_plan(0, 5, 1, ["a", "b"], [1, 4])
     text = plan.format_plan(work, ["cpu", "cuda:0"])
     assert "[0, 1)" in text and "[1, 5)" in text and "cuda:0" in text
+
+
+def test_by_slot_placement():
+    lines = plan.parse_hostfile("a slots=2 # weight=2\nb slots=1\n")
+    placed = plan.by_slot(lines, 3)
+    assert [(line.host, local, line.weight) for line, local in placed] == [("a", 0, 2.0), ("a", 1, 2.0), ("b", 0, 1.0)]
+    with pytest.raises(UserError, match="4 ranks need 4 slots"):
+        plan.by_slot(lines, 4)
