@@ -25,17 +25,34 @@ class Site:
     width: int
 
 
-def _decoder_down_proj(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Llama-style decoders: model.layers[i].mlp.down_proj."""
-    return [(f"model.layers.{i}.mlp.down_proj", block.mlp.down_proj) for i, block in enumerate(model.model.layers)]
+Found = list[tuple[str, torch.nn.Module]]
 
 
-SITES: dict[str, Callable[[torch.nn.Module], list[tuple[str, torch.nn.Module]]]] = {
-    "llama": _decoder_down_proj,
-    "mistral": _decoder_down_proj,
-    "qwen2": _decoder_down_proj,
-    "gemma": _decoder_down_proj,
+def _blocks(model: torch.nn.Module, path: str, inner: str) -> Found:
+    """`inner` of every block in the ModuleList at `path` of the base model, named as in named_modules()."""
+    prefix = model.base_model_prefix + "." if model.base_model is not model else ""
+    blocks = model.base_model.get_submodule(path)
+    return [(f"{prefix}{path}.{i}.{inner}", block.get_submodule(inner)) for i, block in enumerate(blocks)]
+
+
+SITES: dict[str, Callable[[torch.nn.Module], Found]] = {
+    # Gated MLPs: the input of down_proj is act(gate) * up (Phi-3 computes gate and up in one fused Linear).
+    **{family: (lambda m: _blocks(m, "layers", "mlp.down_proj"))
+       for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+    "gpt2": lambda m: _blocks(m, "h", "mlp.c_proj"),                 # Conv1D: the input is act(c_fc(x))
+    "gpt_neox": lambda m: _blocks(m, "layers", "mlp.dense_4h_to_h"),
+    "opt": lambda m: _blocks(m, "decoder.layers", "fc2"),
+    "falcon": lambda m: _blocks(m, "h", "mlp.dense_4h_to_h"),
+    "bert": lambda m: _blocks(m, "encoder.layer", "output.dense"),   # intermediate -> output.dense
+    "roberta": lambda m: _blocks(m, "encoder.layer", "output.dense"),
 }
+# Encoders are loaded without a language-model head: they predict no next token, so no perplexity.
+ENCODERS = {"bert", "roberta"}
+
+
+def _width(module: torch.nn.Module) -> int:
+    """Input features of a Linear, or of a GPT-2 Conv1D (whose weight is stored as [in, out])."""
+    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
 
 
 def find_sites(model: torch.nn.Module) -> list[Site]:
@@ -43,7 +60,7 @@ def find_sites(model: torch.nn.Module) -> list[Site]:
     family = model.config.model_type
     if family not in SITES:
         raise UserError(f"--model: family '{family}' is not supported; supported: {', '.join(sorted(SITES))}")
-    return [Site(i, name, mod, mod.in_features) for i, (name, mod) in enumerate(SITES[family](model))]
+    return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(SITES[family](model))]
 
 
 def resolve_device(device: str, local_rank: int) -> str:
@@ -85,15 +102,14 @@ def check_model(name: str) -> str:
 
 def load_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """The model in eval mode on `device`, gradients off."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except ValueError:  # not a causal LM: no perplexity, same sites
-        model = AutoModel.from_pretrained(name, dtype=dtype)
+    family = AutoConfig.from_pretrained(name).model_type
+    auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
+    model = auto.from_pretrained(name, dtype=dtype)
     model.requires_grad_(False)
     return model.to(device).eval()
 
@@ -112,7 +128,7 @@ def load_tokenizer(name: str):
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
     """True when the model predicts the next token (so a perplexity can be computed)."""
-    return hasattr(model, "lm_head") or model.__class__.__name__.endswith("ForCausalLM")
+    return model.config.model_type not in ENCODERS and model.get_output_embeddings() is not None
 
 
 def _looks_local(name: str) -> bool:

@@ -11,7 +11,8 @@ from importlib import resources
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt",
+            "falcon", "bert", "roberta")
 # Weights this large make a healthy share of neurons cross |x| >= 0.5 (about 10-30 %), as in real models.
 INIT_RANGE = 0.2
 
@@ -42,26 +43,45 @@ def build_tokenizer(text: str, vocab_size: int = 384):
 
 def model_config(family: str, vocab_size: int, hidden: int = 32, ffn: int = 96, layers: int = 2):
     """A transformers config of `family` with tiny shapes."""
-    import transformers
+    import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig"}
-    if family == "gemma":
-        common["head_dim"] = hidden // 4
-    return getattr(transformers, classes[family])(**common)
+    ids = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    decoder = dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4,
+                   max_position_embeddings=1024, initializer_range=INIT_RANGE, **ids)
+    gqa = dict(decoder, num_key_value_heads=2)
+    make = {
+        "llama": lambda: tf.LlamaConfig(**gqa),
+        "mistral": lambda: tf.MistralConfig(**gqa),
+        "qwen2": lambda: tf.Qwen2Config(**gqa),
+        "qwen3": lambda: tf.Qwen3Config(**gqa, head_dim=hidden // 4),
+        "gemma": lambda: tf.GemmaConfig(**gqa, head_dim=hidden // 4),
+        "gemma2": lambda: tf.Gemma2Config(**gqa, head_dim=hidden // 4),
+        "phi3": lambda: tf.Phi3Config(**gqa),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**decoder),
+        "bert": lambda: tf.BertConfig(**decoder),
+        "roberta": lambda: tf.RobertaConfig(**decoder),
+        "gpt2": lambda: tf.GPT2Config(n_embd=hidden, n_inner=ffn, n_layer=layers, n_head=4, n_positions=1024,
+                                      initializer_range=INIT_RANGE, **ids),
+        "opt": lambda: tf.OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers, num_attention_heads=4,
+                                    word_embed_proj_dim=hidden, max_position_embeddings=1024, init_std=INIT_RANGE, **ids),
+        "falcon": lambda: tf.FalconConfig(hidden_size=hidden, ffn_hidden_size=ffn, num_hidden_layers=layers,
+                                          num_attention_heads=4, initializer_range=INIT_RANGE, **ids),
+    }
+    return make[family]()
 
 
 def build(family: str, folder: str, seed: int = 0, text: str | None = None, **shape) -> str:
-    """Write a random-weight causal LM of `family` and its tokenizer to `folder`; return the folder."""
-    from transformers import AutoModelForCausalLM
+    """Write a random-weight model of `family` (a causal LM, or a bare encoder) and its tokenizer to `folder`."""
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging
+
+    from .models import ENCODERS
 
     logging.disable_progress_bar()
     tokenizer = build_tokenizer(text or sample_text())
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(family, len(tokenizer), **shape))
+    auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
+    model = auto.from_config(model_config(family, len(tokenizer), **shape))
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

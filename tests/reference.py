@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+# Where each family's FFN down projection sits, written out independently of mpicorr's registry.
+DOWN_PROJ = {
+    **{f: "model.layers.{i}.mlp.down_proj" for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+    "gpt2": "transformer.h.{i}.mlp.c_proj",
+    "gpt_neox": "gpt_neox.layers.{i}.mlp.dense_4h_to_h",
+    "opt": "model.decoder.layers.{i}.fc2",
+    "falcon": "transformer.h.{i}.mlp.dense_4h_to_h",
+    "bert": "encoder.layer.{i}.output.dense",
+    "roberta": "encoder.layer.{i}.output.dense",
+}
+ENCODERS = ("bert", "roberta")
 
 
 def reference_chunks(model_dir: str, data_path: str, ctx: int) -> list[list[int]]:
@@ -30,22 +42,25 @@ def pair_loop(fired: np.ndarray) -> np.ndarray:
 
 
 def reference_run(model_dir: str, data_path: str, ctx: int, threshold: float, start: int, count: int):
-    """(per-layer fired masks [tokens, N] and activations, perplexity) by plain transformers."""
+    """(per-layer fired masks [tokens, N] and activations, perplexity or None) by plain transformers."""
     chunks = reference_chunks(model_dir, data_path, ctx)[start : start + count]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    family = AutoModel.from_pretrained(model_dir).config.model_type
+    causal = family not in ENCODERS
+    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(model_dir, dtype=torch.float32).eval()
     seen: dict[int, list[torch.Tensor]] = {}
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(
-        lambda mod, args, i=i: seen.setdefault(i, []).append(args[0][0].clone()))
-        for i, layer in enumerate(model.model.layers)]
+    handles = [model.get_submodule(DOWN_PROJ[family].format(i=i)).register_forward_pre_hook(
+        lambda mod, args, i=i: seen.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).clone()))
+        for i in range(model.config.num_hidden_layers)]
     nll, n = 0.0, 0
     with torch.no_grad():
         for chunk in chunks:
             ids = torch.tensor([chunk])
-            logits = model(input_ids=ids).logits[0, :-1]
-            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-            n += len(chunk) - 1
+            out = model(input_ids=ids)
+            if causal:
+                nll += torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:], reduction="sum").item()
+                n += len(chunk) - 1
     for h in handles:
         h.remove()
     acts = {i: torch.cat(v).numpy() for i, v in seen.items()}
     fired = {i: np.abs(a) >= threshold for i, a in acts.items()}
-    return fired, acts, float(np.exp(nll / n))
+    return fired, acts, float(np.exp(nll / n)) if causal else None
