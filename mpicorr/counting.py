@@ -18,6 +18,8 @@ ACT_SUMSQ_BITS = 16   # act_sumsq: each x*x rounded to a multiple of 2**-16
 NLL_BITS = 24         # log-likelihood: each token's value rounded to a multiple of 2**-24
 # Each rank keeps fixed-point sums below 2**56 so that adding up to 128 ranks cannot overflow int64.
 FIXED_LIMIT = 1 << 56
+# Larger (or non-finite) activations mean a broken model or dtype; they would also overflow x*x in fixed point.
+ACT_LIMIT = float(1 << 20)
 
 
 def count_dtype(total_tokens: int) -> torch.dtype:
@@ -45,8 +47,6 @@ class LayerCounts:
     def add(self, x: torch.Tensor) -> None:
         """Count one batch of activations."""
         x = x.detach().reshape(-1, self.width)
-        if not torch.isfinite(x).all():
-            raise UserError(f"layer {self.layer}: non-finite activations; use --dtype bfloat16 or float32")
         fired = x.abs() >= self.threshold
         f = fired.to(torch.float32)
         self.pairs.add(f)
@@ -55,9 +55,18 @@ class LayerCounts:
         self.act_sum += to_fixed(x, ACT_SUM_BITS).sum(0)
         self.act_sumsq += to_fixed(x.double() ** 2, ACT_SUMSQ_BITS).sum(0)
         self.tokens += x.shape[0]
-        if max(self.act_sum.abs().max().item(), self.act_sumsq.max().item()) >= FIXED_LIMIT:
-            raise UserError(f"layer {self.layer}: activation sums exceed the fixed-point range; "
-                            f"process fewer chunks per run (--chunks) and merge the runs")
+        # One device sync per batch and layer: every check in one flag, the message worked out on failure.
+        sane = ((x.abs() < ACT_LIMIT).all() & (self.act_sum.abs().max() < FIXED_LIMIT)
+                & (self.act_sumsq.max() < FIXED_LIMIT))
+        if not bool(sane):
+            self._explain(x)
+
+    def _explain(self, x: torch.Tensor) -> None:
+        if not bool((x.abs() < ACT_LIMIT).all()):
+            raise UserError(f"layer {self.layer}: non-finite activations or |x| >= 2**20; the model or its dtype "
+                            f"is broken: try --dtype float32 or bfloat16")
+        raise UserError(f"layer {self.layer}: activation sums exceed the fixed-point range; "
+                        f"process fewer chunks per run (--chunks) and merge the runs")
 
     def stats(self) -> np.ndarray:
         """The per-neuron int64 sums, concatenated, for one reduce: fire_count, active_hist, act_sum, act_sumsq."""

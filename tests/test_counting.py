@@ -73,8 +73,9 @@ def test_fixed_point_sums_do_not_depend_on_grouping():
 
 def test_non_finite_activations_are_a_clear_error():
     lc = counting.LayerCounts(4, 2, 0.5, torch.int32, "cpu")
-    with pytest.raises(counting.UserError, match="layer 4: non-finite"):
-        lc.add(torch.tensor([[float("nan"), 1.0]]))
+    for bad in (float("nan"), float("inf"), 2.0**21):
+        with pytest.raises(counting.UserError, match="layer 4: non-finite activations or"):
+            lc.add(torch.tensor([[bad, 1.0]]))
 
 
 def test_count_dtype_cannot_overflow():
