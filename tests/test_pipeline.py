@@ -136,3 +136,13 @@ def test_plan_command_matches_hand_computed_table(llama, sample_path, tmp_path):
                     ["1", "gpu01", "gpu", "1", "2", "[20,", "40)", "20"],
                     ["2", "gpu02", "gpu", "0", "1", "[40,", "50)", "10"]]
     assert result.stdout.startswith(f"{sample_path}: 50 chunks of {CTX} tokens")
+
+
+def test_demo_runs_offline_with_and_without_mpirun(tmp_path):
+    serial = ok(run_cli(["demo", "--out", str(tmp_path / "one")]))
+    assert "building a tiny random-weight model" in serial.stdout and "statistics in" in serial.stdout
+    ok(run_cli(["demo", "--out", str(tmp_path / "two")], ranks=2))
+    assert outputs(str(tmp_path / "one")) == outputs(str(tmp_path / "two"))
+    assert len(outputs(str(tmp_path / "one"))) == 2 and (tmp_path / "two" / "summary.h5").exists()
+    again = ok(run_cli(["demo", "--out", str(tmp_path / "one")]))  # reuses the model, overwrites outputs
+    assert "building" not in again.stdout
