@@ -35,9 +35,7 @@ def verify(path: str) -> None:
     if (diag > header.trials).any():
         i = int(np.argmax(diag > header.trials))
         raise UserError(f"{path}: neuron {i} fired {diag[i]} times in {header.trials} trials")
-    step = max(1, (1 << 22) // header.width)
-    for r0 in range(0, header.width, step):
-        r1 = min(r0 + step, header.width)
+    for r0, r1 in triangle.panels(header.width, 1 << 22):
         rows = triangle.rows(packed, r0, r1, header.width).astype(np.uint64)
         bad = (rows > diag[None, :]) | (rows > diag[r0:r1, None])
         if bad.any():

@@ -50,6 +50,18 @@ SITES: dict[str, Callable[[torch.nn.Module], Found]] = {
 ENCODERS = {"bert", "roberta"}
 
 
+def auto_class(family: str):
+    """The transformers Auto class a family is loaded with: bare encoders, else a causal LM."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModel if family in ENCODERS else AutoModelForCausalLM
+
+
+def _check_family(family: str, where: str) -> None:
+    if family not in SITES:
+        raise UserError(f"{where}: family '{family}' is not supported; supported: {', '.join(sorted(SITES))}")
+
+
 def _width(module: torch.nn.Module) -> int:
     """Input features of a Linear, or of a GPT-2 Conv1D (whose weight is stored as [in, out])."""
     return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
@@ -58,8 +70,7 @@ def _width(module: torch.nn.Module) -> int:
 def find_sites(model: torch.nn.Module) -> list[Site]:
     """The recorded sites of a loaded model, one per block, in block order."""
     family = model.config.model_type
-    if family not in SITES:
-        raise UserError(f"--model: family '{family}' is not supported; supported: {', '.join(sorted(SITES))}")
+    _check_family(family, "--model")
     return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(SITES[family](model))]
 
 
@@ -95,21 +106,18 @@ def check_model(name: str) -> str:
         hint = ("give a folder written by save_pretrained (with config.json)" if os.path.isdir(name)
                 else f"fetch it first with 'hf download {name}', or give a model folder")
         raise UserError(f"--model {name}: cannot load its config ({_first_line(exc)}); {hint}") from None
-    if family not in SITES:
-        raise UserError(f"--model {name}: family '{family}' is not supported; supported: {', '.join(sorted(SITES))}")
+    _check_family(family, f"--model {name}")
     return family
 
 
 def load_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """The model in eval mode on `device`, gradients off."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    family = AutoConfig.from_pretrained(name).model_type
-    auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
-    model = auto.from_pretrained(name, dtype=dtype)
+    model = auto_class(AutoConfig.from_pretrained(name).model_type).from_pretrained(name, dtype=dtype)
     model.requires_grad_(False)
     return model.to(device).eval()
 

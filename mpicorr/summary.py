@@ -26,10 +26,8 @@ def top_partners(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple
     """For each neuron the k others with the largest C[i, j] > 0 (ties: lower index first), padded -1 / 0."""
     partners = np.full((width, k), -1, dtype=np.int64)
     counts = np.zeros((width, k), dtype=np.uint64)
-    step = max(1, ROW_BLOCK_ELEMENTS // width)
     j = np.arange(width, dtype=np.int64)
-    for r0 in range(0, width, step):
-        r1 = min(r0 + step, width)
+    for r0, r1 in triangle.panels(width, ROW_BLOCK_ELEMENTS):
         block = triangle.rows(packed, r0, r1, width).astype(np.int64)
         # Unique keys make the choice deterministic: larger count first, then lower index.
         keys = block * width + (width - 1 - j)[None, :]

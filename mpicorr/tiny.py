@@ -72,16 +72,14 @@ def model_config(family: str, vocab_size: int, hidden: int = 32, ffn: int = 96, 
 
 def build(family: str, folder: str, seed: int = 0, text: str | None = None, **shape) -> str:
     """Write a random-weight model of `family` (a causal LM, or a bare encoder) and its tokenizer to `folder`."""
-    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging
 
-    from .models import ENCODERS
+    from .models import auto_class
 
     logging.disable_progress_bar()
     tokenizer = build_tokenizer(text or sample_text())
     torch.manual_seed(seed)
-    auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
-    model = auto.from_config(model_config(family, len(tokenizer), **shape))
+    model = auto_class(family).from_config(model_config(family, len(tokenizer), **shape))
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -47,7 +47,7 @@ class PanelCounts:
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str,
                  elements: int | None = None):
-        self.width, self.dtype = width, dtype
+        self.dtype = dtype
         self.spans = panels(width, elements or PANEL_ELEMENTS)
         self.acc = [torch.zeros(r1 - r0, r1, dtype=torch.float32, device=device) for r0, r1 in self.spans]
         self.total: list[torch.Tensor] | None = None
@@ -78,7 +78,7 @@ class PanelCounts:
         for k, ((r0, r1), acc) in enumerate(zip(self.spans, self.acc)):
             block = acc.to(self.dtype) if self.total is None else self.total[k] + acc.to(self.dtype)
             parts.append(block[lower_mask(r0, r1, block.device)].cpu().numpy())
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts)
 
 
 def diagonal(packed: np.ndarray, width: int) -> np.ndarray:
