@@ -10,6 +10,7 @@ Every failure is one line on stderr; user errors exit with status 2 and end all 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import traceback
@@ -41,26 +42,35 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
     info = sub.add_parser("info", help="print the header of matrix files")
     info.add_argument("files", nargs="+", metavar="FILE", help="correlations_block_<L>.zstd files")
-    verify = sub.add_parser("verify", help="check matrix files fully (sizes, zstd checksum, counts)")
-    verify.add_argument("files", nargs="+", metavar="FILE", help="correlations_block_<L>.zstd files")
-    total = sub.add_parser("sum", help="add matrix files of one block (trials added)")
-    total.add_argument("out", metavar="OUT", help="the summed matrix file to write")
-    total.add_argument("files", nargs="+", metavar="IN", help="matrix files of the same block and width")
+    verify = sub.add_parser("verify", help="check matrix files or run folders fully (sizes, checksums, counts)")
+    verify.add_argument("files", nargs="+", metavar="FILE",
+                        help="correlations_block_<L>.zstd files, or run folders (also checks summary.h5's SHA-256s)")
+    total = sub.add_parser("sum", help="add matrix files of one block, or merge run folders")
+    total.add_argument("out", metavar="OUT", help="the summed matrix file, or the merged run folder, to write")
+    total.add_argument("files", nargs="+", metavar="IN",
+                       help="matrix files of one block and width, or run folders of disjoint chunk ranges")
     total.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     return p
 
 
-def file_command(args: argparse.Namespace) -> None:
+def file_command(args: argparse.Namespace, command: str) -> None:
     """info / verify / sum: no MPI, no model."""
     from . import filetools
 
     if args.cmd == "sum":
-        print(filetools.sum_files(args.out, args.files, args.force))
+        folders = [os.path.isdir(path) for path in args.files]
+        if any(folders) and not all(folders):
+            raise UserError("sum: give either matrix files or run folders, not both")
+        print(filetools.sum_runs(args.out, args.files, args.force, command) if all(folders)
+              else filetools.sum_files(args.out, args.files, args.force))
         return
     failed = []
     for path in args.files:
         try:
-            print(filetools.info(path) if args.cmd == "info" else (filetools.verify(path) or f"{path}: ok"))
+            if args.cmd == "info":
+                print(filetools.info(path))
+            else:
+                print(filetools.verify_run(path) if os.path.isdir(path) else filetools.verify(path) or f"{path}: ok")
         except UserError as exc:
             failed.append(str(exc))
     if failed:
@@ -74,7 +84,7 @@ def dispatch(argv: list[str], comm) -> None:
     args = parser().parse_args(argv)
     command = "python -m mpicorr " + shlex.join(argv)
     if args.cmd in ("info", "verify", "sum"):
-        file_command(args)
+        file_command(args, command)
     elif args.cmd == "plan":
         from .run import dry_plan
         cfg = comm.checked(lambda: build_config(args, command))

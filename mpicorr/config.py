@@ -34,6 +34,8 @@ class Config:
     device: str = "auto"
     hostfile: str | None = None
     force: bool = False
+    resume: bool = False
+    checkpoint_every: int | None = None
     debug: bool = False
     command: str = field(default="", compare=False)
 
@@ -50,14 +52,19 @@ HELP = {
     "dtype": "model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, bfloat16, float16",
     "device": "auto (this rank's local GPU when CUDA is there, else cpu), cpu, cuda or cuda:N",
     "hostfile": "hostfile giving each rank's weight (default: ./hostfile when present; none: equal weights)",
-    "force": "overwrite outputs already in --out",
+    "force": "overwrite outputs already in --out and delete its checkpoints (start over)",
+    "resume": "continue the run whose checkpoints are in --out; finished chunks are not counted again "
+              "(the number of ranks and the hostfile may differ)",
+    "checkpoint_every": "save each rank's partial counts every K chunks it finishes; 0: never "
+                        "(default: about every 10 minutes)",
     "debug": "print full tracebacks of unexpected errors",
 }
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one long option per Config field; defaults are None so that the TOML file can fill gaps."""
-    types = {"ctx": int, "chunk_start": int, "chunks": int, "threshold": float, "batch_size": int}
+    types = {"ctx": int, "chunk_start": int, "chunks": int, "threshold": float, "batch_size": int,
+             "checkpoint_every": int}
     for f in dataclasses.fields(Config):
         if f.name == "command":
             continue
@@ -125,6 +132,10 @@ def validate(cfg: Config) -> None:
     if cfg.chunks is not None:
         _check_int("--chunks", cfg.chunks, 1)
     _check_int("--batch-size", cfg.batch_size, 1)
+    if cfg.checkpoint_every is not None:
+        _check_int("--checkpoint-every", cfg.checkpoint_every, 0)
+    if cfg.force and cfg.resume:
+        raise UserError("--force starts over and --resume continues: give only one of them")
     if isinstance(cfg.threshold, bool) or not isinstance(cfg.threshold, (int, float)) \
             or not math.isfinite(cfg.threshold) or cfg.threshold <= 0:
         raise UserError(f"--threshold {cfg.threshold!r}: must be a positive number, e.g. 0.5")

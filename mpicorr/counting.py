@@ -68,6 +68,13 @@ class LayerCounts:
         raise UserError(f"layer {self.layer}: activation sums exceed the fixed-point range; "
                         f"process fewer chunks per run (--chunks) and merge the runs")
 
+    def load(self, pairs: np.ndarray, stats: np.ndarray) -> None:
+        """Add raw sums saved earlier (a checkpoint's packed pairs and `stats()`)."""
+        self.pairs.add_packed(pairs)
+        parts = split_stats(np.asarray(stats, dtype=np.int64), self.width)
+        for name, value in parts.items():
+            getattr(self, name).add_(torch.from_numpy(value.copy()).to(self.fire_count.device))
+
     def stats(self) -> np.ndarray:
         """The per-neuron int64 sums, concatenated, for one reduce: fire_count, active_hist, act_sum, act_sumsq."""
         return torch.cat([self.fire_count, self.active_hist, self.act_sum, self.act_sumsq]).cpu().numpy()

@@ -1,8 +1,9 @@
-"""`info`, `verify` and `sum` for matrix files (mpicorr's and the original tool's).
+"""`info`, `verify` and `sum` for matrix files (mpicorr's and the original tool's) and run folders.
 
     python -m mpicorr info runs/a/correlations_block_0.zstd
-    python -m mpicorr verify runs/a/*.zstd
+    python -m mpicorr verify runs/a/*.zstd            # or a run folder: also checks summary.h5's SHA-256s
     python -m mpicorr sum merged.zstd runs/a/correlations_block_0.zstd runs/b/correlations_block_0.zstd
+    python -m mpicorr sum runs/all runs/a runs/b      # run folders: every layer and a merged summary.h5
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import os
 
 import numpy as np
 
-from . import matrixfile, triangle
+from . import __version__, matrixfile, plan, summary, triangle
 from .errors import UserError
+
+# Root attributes that runs must share to be merged, and the option that sets each.
+SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
+            "site": "site", "site_modules": "--model (its layers)"}
 
 
 def info(path: str) -> str:
@@ -61,3 +66,117 @@ def sum_files(out: str, inputs: list[str], force: bool = False) -> str:
         trials += header.trials
     matrixfile.write_matrix(out, first.block, first.width, trials, total)
     return f"{out}: {len(inputs)} files summed, block {first.block}, width {first.width}, trials {trials}"
+
+
+def verify_run(folder: str) -> str:
+    """Verify every matrix file of a run folder and compare it with the SHA-256 recorded in summary.h5."""
+    root, layers = read_run(folder)
+    for layer, entry in layers.items():
+        path = os.path.join(folder, matrixfile.matrix_name(layer))
+        verify(path)
+        recorded = entry["attrs"].get("matrix_sha256")
+        if recorded is not None and matrixfile.sha256(path) != recorded:
+            raise UserError(f"{path}: SHA-256 differs from the one in {folder}/{summary.SUMMARY}; "
+                            f"the file was changed or damaged after the run")
+    return f"{folder}: ok, {len(layers)} layers, {root['chunks']} chunks"
+
+
+def read_run(folder: str) -> tuple[dict, dict[int, dict]]:
+    """summary.h5 of a run folder, as a UserError-clean read."""
+    path = os.path.join(folder, summary.SUMMARY)
+    if not os.path.isfile(path):
+        raise UserError(f"{folder}: no {summary.SUMMARY}; give a run folder written by mpicorr")
+    try:
+        return summary.read_summary(path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc}); the file is damaged") from None
+
+
+def run_ranges(root: dict) -> list[plan.Batch]:
+    """The chunk ranges a run counted."""
+    ranges = root.get("chunk_ranges")
+    if ranges is None:
+        return [(root["chunk_start"], root["chunk_start"] + root["chunks"])]
+    return [(int(a), int(b)) for a, b in np.asarray(ranges).reshape(-1, 2)]
+
+
+def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:
+    """Refuse runs of different experiments or overlapping chunks; return the merged chunk ranges."""
+    for path, root in zip(inputs[1:], roots[1:]):
+        for key, option in SAME_RUN.items():
+            if _norm(root.get(key)) != _norm(roots[0].get(key)):
+                raise UserError(f"{path}: different {option} from {inputs[0]} ({key} {root.get(key)!r} vs "
+                                f"{roots[0].get(key)!r}); only runs of one model, data and threshold add up")
+    seen: list[tuple[plan.Batch, str]] = []
+    for path, root in zip(inputs, roots):
+        if "nll_fixed" not in root:
+            raise UserError(f"{path}: summary.h5 lacks the raw sums (written by an older mpicorr); count it again")
+        for a, b in run_ranges(root):
+            for (c, d), other in seen:
+                if a < d and c < b:
+                    raise UserError(f"{path}: chunks [{max(a, c)}, {min(b, d)}) were also counted in {other}; "
+                                    f"merging would count them twice")
+            seen.append(((a, b), path))
+    return plan.merge_ranges([r for r, _ in seen])
+
+
+def _norm(value):
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "python -m mpicorr sum") -> str:
+    """Merge run folders into `out`: matrices added, summary.h5 recomputed from the summed raw sums."""
+    runs = [read_run(folder) for folder in inputs]
+    roots = [root for root, _ in runs]
+    ranges = check_mergeable(inputs, roots)
+    if (matrixfile.exists_any(out) or summary.exists(out)) and not force:
+        raise UserError(f"{out}: already holds outputs; choose another folder or add --force")
+    os.makedirs(out, exist_ok=True)
+    tokens = sum(int(r["tokens"]) for r in roots)
+    with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5:
+        for layer in runs[0][1]:
+            merge_layer(h5, out, layer, inputs, [layers for _, layers in runs], tokens)
+        h5.attrs.update({**merged_attributes(inputs, roots, ranges, tokens), "command": command})
+    gaps = [(b, c) for (_, b), (c, _) in zip(ranges, ranges[1:])]  # merged ranges: all neighbours have gaps
+    gap_text = "; gap (counted by no input): " + plan.format_ranges(gaps) if gaps else ""
+    return (f"{out}: {len(inputs)} runs merged, chunks {plan.format_ranges(ranges)}, {tokens} tokens, "
+            f"{len(runs[0][1])} layers{gap_text}")
+
+
+def merge_layer(h5, out: str, layer: int, inputs: list[str], layers: list[dict], tokens: int) -> None:
+    """Add one layer's matrix files and raw statistics over the runs and write both."""
+    files = [os.path.join(folder, matrixfile.matrix_name(layer)) for folder in inputs]
+    width = int(layers[0][layer]["attrs"]["width"])
+    total = np.zeros(triangle.packed_size(width), dtype=np.uint64)
+    stats = {"fire_count": 0, "active_hist": 0, "act_sum": 0, "act_sumsq": 0}
+    for path, entry in zip(files, (run.get(layer) for run in layers)):
+        if entry is None or int(entry["attrs"]["width"]) != width:
+            raise UserError(f"{path}: layer {layer} is missing or has another width; runs of one model only")
+        header, packed = matrixfile.read_matrix(path)
+        if header.width != width or header.trials != int(entry["attrs"]["tokens"]):
+            raise UserError(f"{path}: does not match its summary.h5 (width {header.width}, trials "
+                            f"{header.trials}); verify the run folder")
+        total += packed
+        for name, key in (("fire_count", "fire_count"), ("active_hist", "active_hist"),
+                          ("act_sum", "act_sum_fixed"), ("act_sumsq", "act_sumsq_fixed")):
+            stats[name] = stats[name] + entry[key].astype(np.int64)
+    sha = matrixfile.write_matrix(os.path.join(out, matrixfile.matrix_name(layer)), layer, width, tokens, total)
+    data, attrs = summary.layer_datasets(stats, total, width, tokens)
+    summary.write_layer(h5, layer, data, {**attrs, "matrix_sha256": sha})
+
+
+def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Batch], tokens: int) -> dict:
+    """Root attributes of a merged summary: shared ones from the first run, sums and ranges recomputed."""
+    first = roots[0]
+    keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "chunks_available")
+    attrs = {key: first[key] for key in keep if key in first}
+    chunks = sum(b - a for a, b in ranges)
+    attrs.update({
+        "chunk_start": ranges[0][0], "chunks": chunks, "tokens": tokens,
+        "chunk_ranges": np.array(ranges, dtype=np.int64), "merged_from": [os.path.abspath(p) for p in inputs],
+        "ranks": sum(int(r.get("ranks", 0)) for r in roots),
+        "dtype": ",".join(sorted({str(r.get("dtype")) for r in roots})),
+        "mpicorr_version": __version__, "created": summary.now(),
+    })
+    nll = sum(int(r["nll_fixed"]) for r in roots)
+    return {**attrs, **summary.nll_attributes(nll, sum(int(r["predictions"]) for r in roots))}

@@ -8,6 +8,7 @@ only when trials >= 2**32, where a uint32 count could wrap).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ MAGIC64 = 0xCA7DCA64
 HEADER = struct.Struct("<5I")
 ZSTD_LEVEL = 3
 MAX_WIDTH = 1 << 20
+UNSIZED_PIECE = 8192  # input bytes per step when a frame does not state its decompressed size
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,15 @@ def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[byt
     return header, cctx.compress(memoryview(payload).cast("B"))
 
 
-def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndarray) -> None:
-    """Write one matrix file atomically (temporary name, fsync, rename)."""
+def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndarray) -> str:
+    """Write one matrix file atomically (temporary name, fsync, rename); return its SHA-256 (hex)."""
     header, frame = encode(block, width, trials, packed)
     with atomic_write(path) as fh:
         fh.write(header)
         fh.write(frame)
+    digest = hashlib.sha256(header)
+    digest.update(frame)
+    return digest.hexdigest()
 
 
 def parse_header(data: bytes, path: str) -> Header:
@@ -90,12 +95,49 @@ def read_matrix(path: str) -> tuple[Header, np.ndarray]:
         size = zstandard.frame_content_size(frame)
         if size not in (-1, expected):
             raise UserError(f"{path}: frame holds {size} bytes but width {header.width} needs {expected}")
-        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False)
+        if size == expected:
+            raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False)
+        else:
+            raw = _decompress_unsized(frame, expected, path)
     except zstandard.ZstdError as exc:
         raise UserError(f"{path}: bad zstd data ({exc})") from None
+    except MemoryError:
+        raise UserError(f"{path}: width {header.width} needs {expected / 2**30:.1f} GiB of memory to read") from None
     if len(raw) != expected:
         raise UserError(f"{path}: holds {len(raw)} bytes of counts but width {header.width} needs {expected}")
     return header, np.frombuffer(raw, dtype=header.dtype)
+
+
+def _decompress_unsized(frame: bytes, expected: int, path: str) -> bytes:
+    """Decompress a frame whose header gives no content size, never holding more than `expected` bytes.
+
+    The input goes in small pieces: a zstd block expands to at most 128 KiB and takes at least 3 bytes,
+    so one piece cannot produce more than about 350 MiB however the file was crafted.
+    """
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    parts, total, i = [], 0, 0
+    for i in range(0, len(frame), UNSIZED_PIECE):
+        part = dobj.decompress(frame[i : i + UNSIZED_PIECE])
+        total += len(part)
+        if total > expected:
+            raise UserError(f"{path}: holds more than the {expected} bytes of counts its width needs")
+        parts.append(part)
+        if dobj.eof:
+            break
+    if not dobj.eof:
+        raise UserError(f"{path}: truncated zstd frame")
+    if dobj.unused_data or i + UNSIZED_PIECE < len(frame):
+        raise UserError(f"{path}: trailing bytes after the zstd frame")
+    return b"".join(parts)
+
+
+def sha256(path: str) -> str:
+    """SHA-256 (hex) of a file's bytes, as recorded in summary.h5."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def exists_any(folder: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Work plan: hostfile weights per rank, and one contiguous chunk range per rank.
+"""Work plan: hostfile weights per rank, and a run of whole batches per rank.
 
 Hostfile lines (``#`` starts a comment)::
 
@@ -26,15 +26,27 @@ class HostLine:
     weight: float
 
 
+Batch = tuple[int, int]  # chunks [start, stop) forwarded together
+
+
 @dataclass(frozen=True)
 class Assignment:
-    """What one rank does: chunks [start, stop)."""
+    """What one rank does: a run of consecutive batches of the work list (one range on a fresh run)."""
 
     rank: int
     host: str
     weight: float
-    start: int
-    stop: int
+    batches: tuple[Batch, ...]
+
+    @property
+    def chunks(self) -> int:
+        """Number of chunks."""
+        return sum(b - a for a, b in self.batches)
+
+    @property
+    def ranges(self) -> list[Batch]:
+        """The batches merged into maximal contiguous chunk ranges."""
+        return merge_ranges(self.batches)
 
 
 def parse_hostfile(text: str, path: str = "hostfile") -> list[HostLine]:
@@ -135,27 +147,58 @@ def split(units: int, weights: list[float]) -> list[tuple[int, int]]:
     return ranges
 
 
-def make_plan(chunk_start: int, chunks: int, batch_size: int, hosts: list[str],
-              weights: list[float]) -> list[Assignment]:
-    """Split chunks [chunk_start, chunk_start + chunks) over ranks in whole batches.
+def batches(chunk_start: int, chunks: int, batch_size: int) -> list[Batch]:
+    """Chunks [chunk_start, chunk_start + chunks) cut into forward-pass batches (the last may be short).
 
-    Splitting in whole batches keeps every chunk in the same forward-pass batch whatever the number of
-    ranks, so activations (and hence counts) are bit-for-bit the same.
+    The batches are fixed by the chunk range alone, so every chunk is forwarded in the same batch whatever
+    the number of ranks or resumes, and activations (hence counts) are bit-for-bit the same.
     """
-    units = -(-chunks // batch_size)
     end = chunk_start + chunks
-    plan = []
-    for rank, (u0, u1) in enumerate(split(units, weights)):
-        start = min(chunk_start + u0 * batch_size, end)
-        stop = min(chunk_start + u1 * batch_size, end)
-        plan.append(Assignment(rank, hosts[rank], weights[rank], start, stop))
-    return plan
+    return [(b, min(b + batch_size, end)) for b in range(chunk_start, end, batch_size)]
+
+
+def merge_ranges(ranges: list[Batch] | tuple[Batch, ...]) -> list[Batch]:
+    """Sorted, non-empty, maximal [start, stop) ranges covering the same chunks."""
+    merged: list[Batch] = []
+    for a, b in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def make_plan(work: list[Batch], hosts: list[str], weights: list[float]) -> list[Assignment]:
+    """Split the batches over the ranks: consecutive runs of whole batches, sized by weight."""
+    return [Assignment(rank, hosts[rank], weights[rank], tuple(work[u0:u1]))
+            for rank, (u0, u1) in enumerate(split(len(work), weights))]
+
+
+def unfinished(work: list[Batch], finished: list[Batch]) -> list[Batch]:
+    """The batches of `work` that no range of `finished` covers.
+
+    Raises ValueError if a finished range covers part of a batch (it came from a different batching).
+    """
+    done = merge_ranges(finished)
+    left = []
+    for a, b in work:
+        overlap = sum(max(0, min(b, d1) - max(a, d0)) for d0, d1 in done)
+        if 0 < overlap < b - a:
+            raise ValueError(f"chunks [{a}, {b}) are only partly finished")
+        if overlap == 0:
+            left.append((a, b))
+    return left
+
+
+def format_ranges(ranges: list[Batch]) -> str:
+    """'[0, 8)' or '[0, 8) [16, 24)'; '-' for none."""
+    return " ".join(f"[{a}, {b})" for a, b in ranges) or "-"
 
 
 def format_plan(plan: list[Assignment], devices: list[str]) -> str:
     """The table rank 0 prints before any work."""
     rows = [("rank", "host", "device", "weight", "chunks", "count")]
     for a, dev in zip(plan, devices):
-        rows.append((str(a.rank), a.host, dev, f"{a.weight:g}", f"[{a.start}, {a.stop})", str(a.stop - a.start)))
+        rows.append((str(a.rank), a.host, dev, f"{a.weight:g}", format_ranges(a.ranges), str(a.chunks)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

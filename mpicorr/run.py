@@ -5,25 +5,26 @@ This is the one place where ranks take different branches.
 
 from __future__ import annotations
 
-import datetime
-import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import __version__, data, matrixfile, models, plan, summary
+from . import __version__, checkpoint, data, matrixfile, models, plan, summary
 from .config import Config
-from .counting import NLL_BITS, LayerCounts, chunk_nll, count_dtype, split_stats
+from .counting import LayerCounts, chunk_nll, count_dtype, split_stats
 from .dist import Comm
 from .errors import UserError
 from .hooks import recording
 from .progress import Progress
 
 SITE = "ffn"
+CHECKPOINT_SECONDS = 600.0   # default checkpoint interval: a crash loses at most about ten minutes
+FINAL_CHECKPOINT_SECONDS = 60.0  # before the reduce, save unsaved work older than this
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,20 @@ class Job:
     chunk_start: int
     available: int                # chunks the data file holds
     data_sha256: str
-    plan: list[plan.Assignment]
+    plan: list[plan.Assignment]   # the chunks still to count
+    identity: dict                # what a resume must match (checkpoint.IDENTITY)
+    resumed: list[checkpoint.Checkpoint]  # live checkpoints taken over (headers only)
+    generation: int               # run attempt, names this attempt's checkpoint files
+
+
+@dataclass
+class Tally:
+    """This rank's raw sums so far and the chunk ranges they cover."""
+
+    counts: list[LayerCounts]
+    nll: int = 0
+    predictions: int = 0
+    finished: list[plan.Batch] = field(default_factory=list)
 
 
 def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
@@ -51,9 +65,22 @@ def prepare(cfg: Config, hosts: list[str]) -> Job:
     """Validate inputs, cut the data into chunks and split them over the ranks (runs on rank 0)."""
     all_chunks, sha, start, count = load_chunks(cfg)
     weights = hostfile_weights(cfg.hostfile, hosts)
-    check_out(cfg.out, cfg.force)
-    work = plan.make_plan(start, count, cfg.batch_size, hosts, weights)
-    return Job(all_chunks[start : start + count], start, len(all_chunks), sha, work)
+    check_out(cfg.out, cfg.force, cfg.resume)
+    work = plan.batches(start, count, cfg.batch_size)
+    ident = identity(cfg, sha, start, count)
+    resumed, generation = [], 1
+    if cfg.resume:
+        state = checkpoint.resume(cfg.out, ident, work)
+        resumed, generation = state.live, state.generation
+        work = plan.unfinished(work, state.finished)
+    return Job(all_chunks[start : start + count], start, len(all_chunks), sha,
+               plan.make_plan(work, hosts, weights), ident, resumed, generation)
+
+
+def identity(cfg: Config, data_sha256: str, start: int, count: int) -> dict:
+    """The options a checkpoint belongs to (JSON values, as stored in checkpoint headers)."""
+    return {"model": cfg.model, "data_sha256": data_sha256, "ctx": cfg.ctx, "chunk_start": start,
+            "chunks": count, "threshold": float(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype}
 
 
 def dry_plan(cfg: Config, ranks: int) -> str:
@@ -66,7 +93,7 @@ def dry_plan(cfg: Config, ranks: int) -> str:
         hosts = [line.host for line, _ in slots]
         weights = [line.weight for line, _ in slots]
         devices = [f"gpu {local}" for _, local in slots]
-    work = plan.make_plan(start, count, cfg.batch_size, hosts, weights)
+    work = plan.make_plan(plan.batches(start, count, cfg.batch_size), hosts, weights)
     head = (f"{cfg.data}: {len(all_chunks)} chunks of {cfg.ctx} tokens; processing {count} "
             f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s)")
     return head + "\n" + plan.format_plan(work, devices)
@@ -89,9 +116,18 @@ def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
     return plan.rank_weights(read_hostfile(path), hosts, path)
 
 
-def check_out(out: str, force: bool) -> None:
-    """Create the output folder; refuse to overwrite a previous run's outputs unless forced."""
-    if not force and (matrixfile.exists_any(out) or summary.exists(out)):
+def check_out(out: str, force: bool, resume: bool = False) -> None:
+    """Create the output folder; refuse to overwrite another run's outputs or checkpoints unless told to."""
+    done = bool(matrixfile.exists_any(out) or summary.exists(out))
+    unfinished = os.path.isdir(checkpoint.folder(out)) and bool(os.listdir(checkpoint.folder(out)))
+    if force:
+        shutil.rmtree(checkpoint.folder(out), ignore_errors=True)
+    elif resume and done and not unfinished:
+        raise UserError(f"--out {out}: holds a finished run and no checkpoint; nothing to resume")
+    elif not resume and unfinished:
+        raise UserError(f"--out {out}: holds checkpoints of an unfinished run; add --resume to continue it "
+                        f"or --force to start over")
+    elif not resume and done:
         raise UserError(f"--out {out}: already holds outputs of a run; choose another folder or add --force")
     try:
         os.makedirs(out, exist_ok=True)
@@ -101,23 +137,75 @@ def check_out(out: str, force: bool) -> None:
         raise UserError(f"--out {out}: folder is not writable; choose another --out")
 
 
-def count_chunks(model, sites, chunks: np.ndarray, cfg: Config, total_tokens: int, device: str,
-                 progress: Progress | None) -> tuple[list[LayerCounts], int, int]:
-    """Forward `chunks` in batches while counting; returns (counts per layer, fixed-point NLL, predictions)."""
-    dtype = count_dtype(total_tokens)
-    counts = [LayerCounts(s.layer, s.width, cfg.threshold, dtype, device) for s in sites]
+class Saver:
+    """Writes this rank's checkpoint when due: every `every` chunks, or every `seconds` when `every` is None."""
+
+    def __init__(self, path: str, ident: dict, absorbs: list[str], every: int | None,
+                 seconds: float = CHECKPOINT_SECONDS):
+        self.path, self.identity, self.absorbs = path, ident, absorbs
+        self.every, self.seconds = every, seconds
+        self.last, self.pending, self.saved = time.monotonic(), 0, False
+
+    def after_batch(self, tally: Tally, chunks: int) -> None:
+        """Note `chunks` more finished chunks; save if due."""
+        self.pending += chunks
+        if self.every == 0:
+            return
+        due = self.pending >= self.every if self.every else time.monotonic() - self.last >= self.seconds
+        if due:
+            self.save(tally)
+
+    def finish(self, tally: Tally) -> None:
+        """Before the reduce: save work that would be costly to redo if writing the outputs fails."""
+        old = time.monotonic() - self.last >= min(self.seconds, FINAL_CHECKPOINT_SECONDS)
+        if self.pending and (self.every or (self.every is None and old)):
+            self.save(tally)
+
+    def save(self, tally: Tally) -> None:
+        """Write the checkpoint, then delete the older files it supersedes."""
+        layers = [(lc.layer, lc.width) for lc in tally.counts]
+        dtype = np.dtype(str(tally.counts[0].pairs.dtype).replace("torch.", "")).newbyteorder("<").str
+        ck = checkpoint.Checkpoint(self.path, self.identity, plan.merge_ranges(tally.finished), tally.nll,
+                                   tally.predictions, layers, dtype, self.absorbs)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        checkpoint.write(self.path, ck, ((lc.pairs.packed(), lc.stats()) for lc in tally.counts))
+        if not self.saved:
+            for name in self.absorbs:
+                old = os.path.join(os.path.dirname(self.path), name)
+                if os.path.exists(old):
+                    os.remove(old)
+        self.last, self.pending, self.saved = time.monotonic(), 0, True
+
+
+def absorb(tally: Tally, files: list[checkpoint.Checkpoint], sites) -> None:
+    """Add the raw sums of checkpoints taken over by this rank."""
+    layers = [(s.layer, s.width) for s in sites]
+    for ck in files:
+        if ck.layers != layers:
+            raise UserError(f"--resume: {ck.path} holds layers {ck.layers[:3]}... of another model shape than "
+                            f"--model's; rerun with the same model, or start over with --force")
+        for lc, (pairs, stats) in zip(tally.counts, checkpoint.read_layers(ck)):
+            lc.load(pairs, stats)
+        tally.nll += ck.nll
+        tally.predictions += ck.predictions
+        tally.finished += ck.finished
+
+
+def count_chunks(model, sites, job: Job, batches: tuple[plan.Batch, ...], tally: Tally, device: str,
+                 saver: Saver, progress: Progress | None) -> None:
+    """Forward each batch while counting into `tally`, checkpointing as the saver decides."""
     causal = models.is_causal_lm(model)
-    nll, predictions = 0, 0
-    with torch.inference_mode(), recording(sites, counts):
-        for b0 in range(0, len(chunks), cfg.batch_size):
-            ids = torch.from_numpy(chunks[b0 : b0 + cfg.batch_size]).to(device)
+    with torch.inference_mode(), recording(sites, tally.counts):
+        for b0, b1 in batches:
+            ids = torch.from_numpy(job.chunks[b0 - job.chunk_start : b1 - job.chunk_start]).to(device)
             out = model(input_ids=ids, use_cache=False)
             if causal:
                 part, n = chunk_nll(out.logits, ids)
-                nll, predictions = nll + part, predictions + n
+                tally.nll, tally.predictions = tally.nll + part, tally.predictions + n
+            tally.finished.append((b0, b1))
+            saver.after_batch(tally, b1 - b0)
             if progress:
-                progress.update(len(ids))
-    return counts, nll, predictions
+                progress.update(b1 - b0)
 
 
 def run(cfg: Config, comm: Comm) -> None:
@@ -127,47 +215,66 @@ def run(cfg: Config, comm: Comm) -> None:
     devices = comm.allgather(device)
     job = comm.checked(lambda: prepare(cfg, hosts), root_only=True)
     mine = job.plan[comm.rank]
-    total_tokens = len(job.chunks) * cfg.ctx
     if comm.rank == 0:
-        print(f"mpicorr {__version__}: {len(job.chunks)} chunks [{job.chunk_start}, "
-              f"{job.chunk_start + len(job.chunks)}) of {job.available} x {cfg.ctx} tokens on {comm.size} rank(s)")
-        print(plan.format_plan(job.plan, devices), flush=True)
-    model = comm.checked(lambda: models.load_model(cfg.model, models.resolve_dtype(cfg.dtype, device), device))
+        announce(cfg, comm, job, devices)
+    model = comm.checked(lambda: guard_memory(
+        lambda: models.load_model(cfg.model, models.resolve_dtype(cfg.dtype, device), device), cfg, device))
     sites = models.find_sites(model)
-    mine_chunks = job.chunks[mine.start - job.chunk_start : mine.stop - job.chunk_start]
-    progress = Progress(len(mine_chunks), cfg.ctx) if comm.rank == 0 else None
+    dtype = count_dtype(len(job.chunks) * cfg.ctx)
+    tally = Tally([LayerCounts(s.layer, s.width, cfg.threshold, dtype, device) for s in sites])
+    taken = job.resumed[comm.rank :: comm.size]
+    comm.checked(lambda: absorb(tally, taken, sites))
+    path = os.path.join(checkpoint.folder(cfg.out), checkpoint.file_name(job.generation, comm.rank))
+    absorbs = sorted({n for ck in taken for n in [ck.name, *ck.absorbs]})
+    saver = Saver(path, job.identity, absorbs, cfg.checkpoint_every)
+    progress = Progress(mine.chunks, cfg.ctx) if comm.rank == 0 else None
     started = time.monotonic()
-    counts, nll, predictions = count_chunks(model, sites, mine_chunks, cfg, total_tokens, device, progress)
+    guard_memory(lambda: count_chunks(model, sites, job, mine.batches, tally, device, saver, progress), cfg, device)
+    saver.finish(tally)
     del model
-    reduce_and_write(cfg, comm, job, sites, counts, nll, predictions, time.monotonic() - started)
+    reduce_and_write(cfg, comm, job, sites, tally, time.monotonic() - started)
 
 
-def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, counts: list[LayerCounts], nll: int,
-                     predictions: int, seconds: float) -> None:
+def announce(cfg: Config, comm: Comm, job: Job, devices: list[str]) -> None:
+    """Rank 0's opening lines: what is counted, resumed, and the plan."""
+    print(f"mpicorr {__version__}: {len(job.chunks)} chunks [{job.chunk_start}, "
+          f"{job.chunk_start + len(job.chunks)}) of {job.available} x {cfg.ctx} tokens on {comm.size} rank(s)")
+    if cfg.resume:
+        done = sum(b - a for ck in job.resumed for a, b in ck.finished)
+        print(f"mpicorr: resuming from {len(job.resumed)} checkpoint(s) in {checkpoint.folder(cfg.out)}: "
+              f"{done} chunks finished, {len(job.chunks) - done} to count")
+    print(plan.format_plan(job.plan, devices), flush=True)
+
+
+def guard_memory(fn, cfg: Config, device: str):
+    """Call fn; a GPU out-of-memory error becomes a UserError naming the options that help."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory on {device}: lower --batch-size (now {cfg.batch_size}) or --ctx, use "
+                        f"--dtype bfloat16, or run this rank on a GPU with more memory") from None
+
+
+def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float) -> None:
     """Sum every layer onto rank 0, one layer at a time, and write the outputs there."""
     tokens = len(job.chunks) * cfg.ctx
     path = os.path.join(cfg.out, summary.SUMMARY)
     with summary.summary_writer(path) if comm.rank == 0 else nullcontext() as h5:
-        for site, lc in zip(sites, counts):
+        for site, lc in zip(sites, tally.counts):
             pairs = comm.reduce_sum(lc.pairs.packed())
             stats = comm.reduce_sum(lc.stats())
             lc.pairs = None  # free this rank's copy before the next layer
             if comm.rank == 0:
-                matrixfile.write_matrix(os.path.join(cfg.out, matrixfile.matrix_name(site.layer)),
-                                        site.layer, site.width, tokens, pairs)
-                summary.write_layer(h5, site.layer, *summary.layer_datasets(
-                    split_stats(stats, site.width), pairs, site.width, tokens))
-        totals = comm.reduce_sum(np.array([nll, predictions], dtype=np.int64))
+                sha = matrixfile.write_matrix(os.path.join(cfg.out, matrixfile.matrix_name(site.layer)),
+                                              site.layer, site.width, tokens, pairs)
+                data, attrs = summary.layer_datasets(split_stats(stats, site.width), pairs, site.width, tokens)
+                summary.write_layer(h5, site.layer, data, {**attrs, "matrix_sha256": sha})
+        totals = comm.reduce_sum(np.array([tally.nll, tally.predictions], dtype=np.int64))
         if comm.rank == 0:
             h5.attrs.update(root_attributes(cfg, comm, job, sites, totals))
     if comm.rank == 0:
-        report(cfg, perplexity(totals), tokens, len(sites), seconds)
-
-
-def perplexity(totals: np.ndarray) -> float | None:
-    """Perplexity from the summed fixed-point NLL and the number of predictions (None if no LM head)."""
-    nll, predictions = int(totals[0]), int(totals[1])
-    return math.exp(nll / float(1 << NLL_BITS) / predictions) if predictions else None
+        shutil.rmtree(checkpoint.folder(cfg.out), ignore_errors=True)  # the outputs now hold everything
+        report(cfg, summary.perplexity(int(totals[0]), int(totals[1])), tokens, len(sites), seconds)
 
 
 def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray) -> dict:
@@ -178,13 +285,10 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
         "tokens": len(job.chunks) * cfg.ctx, "threshold": cfg.threshold, "site": SITE,
         "site_modules": [s.name for s in sites], "ranks": comm.size, "batch_size": cfg.batch_size,
         "dtype": cfg.dtype, "mpicorr_version": __version__, "command": cfg.command,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "nll_sum": int(totals[0]) / float(1 << NLL_BITS), "predictions": int(totals[1]),
+        "created": summary.now(), "attempts": job.generation,
+        "chunk_ranges": np.array([[job.chunk_start, job.chunk_start + len(job.chunks)]], dtype=np.int64),
     }
-    ppl = perplexity(totals)
-    if ppl is not None:
-        attrs["perplexity"] = ppl
-    return attrs
+    return {**attrs, **summary.nll_attributes(int(totals[0]), int(totals[1]))}
 
 
 def report(cfg: Config, ppl: float | None, tokens: int, layers: int, seconds: float) -> None:

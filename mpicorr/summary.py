@@ -6,6 +6,8 @@ attributes listed in the README.
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -14,7 +16,7 @@ import h5py
 import numpy as np
 
 from . import triangle
-from .counting import ACT_SUM_BITS, ACT_SUMSQ_BITS
+from .counting import ACT_SUM_BITS, ACT_SUMSQ_BITS, NLL_BITS
 from .files import atomic_path
 
 SUMMARY = "summary.h5"
@@ -62,6 +64,8 @@ def layer_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, width: int,
         "active_hist": stats["active_hist"].astype(np.uint64),
         "act_sum": stats["act_sum"] / float(1 << ACT_SUM_BITS),
         "act_sumsq": stats["act_sumsq"] / float(1 << ACT_SUMSQ_BITS),
+        "act_sum_fixed": stats["act_sum"].astype(np.int64),      # raw sums: merging runs is exact addition
+        "act_sumsq_fixed": stats["act_sumsq"].astype(np.int64),
         "top_partners": partners,
         "top_partner_counts": partner_counts,
     }
@@ -77,6 +81,23 @@ def layer_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, width: int,
         "coverage_top20": coverage(fire_count, 0.20),
     }
     return data, attrs
+
+
+def perplexity(nll_fixed: int, predictions: int) -> float | None:
+    """Perplexity from the fixed-point NLL sum and the number of predictions (None without an LM head)."""
+    return math.exp(nll_fixed / float(1 << NLL_BITS) / predictions) if predictions else None
+
+
+def nll_attributes(nll_fixed: int, predictions: int) -> dict:
+    """Root attributes for the log-likelihood: raw fixed-point sum (for merging) and what follows from it."""
+    attrs = {"nll_sum": nll_fixed / float(1 << NLL_BITS), "nll_fixed": nll_fixed, "predictions": predictions}
+    ppl = perplexity(nll_fixed, predictions)
+    return attrs if ppl is None else {**attrs, "perplexity": ppl}
+
+
+def now() -> str:
+    """UTC time stamp for `created`."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @contextmanager

@@ -72,6 +72,15 @@ class PanelCounts:
             acc.zero_()
         self.pending = 0
 
+    def add_packed(self, packed: np.ndarray) -> None:
+        """Add counts given as a packed lower triangle (a checkpoint's) into the integer panels."""
+        if self.total is None:
+            self.flush()
+        for (r0, r1), total in zip(self.spans, self.total):
+            part = torch.from_numpy(np.asarray(packed[offset(r0) : offset(r1)]).astype(np.int64))
+            mask = lower_mask(r0, r1, total.device)
+            total[mask] += part.to(device=total.device, dtype=total.dtype)
+
     def packed(self) -> np.ndarray:
         """The counts as the packed lower triangle (a new host array)."""
         parts = []

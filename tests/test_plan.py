@@ -57,16 +57,29 @@ def test_split_covers_every_unit_once_for_awkward_weights():
 
 @pytest.mark.parametrize("chunks,batch,ranks", [(1, 1, 3), (642, 1, 7), (642, 4, 5), (13, 5, 2), (100, 3, 1)])
 def test_make_plan_in_whole_batches(chunks, batch, ranks):
-    work = plan.make_plan(10, chunks, batch, ["h"] * ranks, [1.0 + r for r in range(ranks)])
-    covered = [c for a in work for c in range(a.start, a.stop)]
+    work = plan.make_plan(plan.batches(10, chunks, batch), ["h"] * ranks, [1.0 + r for r in range(ranks)])
+    covered = [c for a in work for start, stop in a.ranges for c in range(start, stop)]
     assert covered == list(range(10, 10 + chunks))
-    assert all((a.start - 10) % batch == 0 or a.start == a.stop for a in work)
+    assert all((start - 10) % batch == 0 for a in work for start, _ in a.batches)
+    assert all(len(a.ranges) <= 1 for a in work)
 
 
 def test_format_plan_lists_every_rank():
-    work = plan.make_plan(0, 5, 1, ["a", "b"], [1, 4])
-    text = plan.format_plan(work, ["cpu", "cuda:0"])
+    work = plan.make_plan(plan.batches(0, 5, 1), ["a", "b", "c"], [1, 4, 0.01])
+    text = plan.format_plan(work, ["cpu", "cuda:0", "cuda:1"])
     assert "[0, 1)" in text and "[1, 5)" in text and "cuda:0" in text
+    assert text.splitlines()[3].split()[-2:] == ["-", "0"]
+
+
+def test_unfinished_batches_and_replan():
+    work = plan.batches(0, 10, 2)
+    assert plan.unfinished(work, [(2, 4), (6, 10)]) == [(0, 2), (4, 6)]
+    assert plan.unfinished(work, []) == work
+    with pytest.raises(ValueError, match=r"\[2, 4\)"):
+        plan.unfinished(work, [(3, 4)])
+    again = plan.make_plan(plan.unfinished(work, [(2, 4)]), ["a", "b"], [1, 1])
+    assert [a.ranges for a in again] == [[(0, 2), (4, 6)], [(6, 10)]]
+    assert plan.merge_ranges([(4, 6), (0, 2), (2, 3), (5, 5)]) == [(0, 3), (4, 6)]
 
 
 def test_by_slot_placement():

@@ -1,0 +1,172 @@
+"""Checkpoint and resume: a rank SIGKILLed under the real mpirun, then --resume with the same or another
+number of ranks, gives the bytes of an uninterrupted run; a crash while writing leaves no partial file."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from mpicorr import checkpoint, filetools, summary, tiny
+from conftest import MPIRUN, cli_env, run_cli, run_main
+from test_errors import one_error_line
+from test_pipeline import ok, outputs
+
+CTX = 64
+
+
+@pytest.fixture(scope="module")
+def long_text(tmp_path_factory) -> str:
+    """610 chunks of 64 tokens: long enough that a kill lands in the middle of counting."""
+    path = tmp_path_factory.mktemp("data") / "long.txt"
+    path.write_text(open(tiny.sample_path(), encoding="utf-8").read() * 12, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(llama, long_text, tmp_path_factory) -> str:
+    """The uninterrupted run."""
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    ok(run_cli(["run", "--model", llama, "--data", long_text, "--out", out, "--ctx", str(CTX)], ranks=2))
+    return out
+
+
+def args(llama: str, data: str, out: str, *extra: str) -> list[str]:
+    return ["run", "--model", llama, "--data", data, "--out", out, "--ctx", str(CTX), *extra]
+
+
+def same_as_reference(out: str, ref: str) -> None:
+    assert outputs(out) == outputs(ref)
+    root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
+    root_ref, layers_ref = summary.read_summary(os.path.join(ref, "summary.h5"))
+    assert root["nll_fixed"] == root_ref["nll_fixed"] and root["tokens"] == root_ref["tokens"]
+    for layer, entry in layers_ref.items():
+        for name, value in entry.items():
+            if name != "attrs":
+                assert np.array_equal(layers[layer][name], value), (layer, name)
+        assert layers[layer]["attrs"] == entry["attrs"]
+    assert not os.path.exists(checkpoint.folder(out)), "checkpoints are removed once the outputs are written"
+
+
+def rank_pid(tag: str, rank: int) -> int | None:
+    """PID of the rank launched with MPICORR_TEST_TAG=tag (Linux /proc)."""
+    for env_path in glob.glob("/proc/[0-9]*/environ"):
+        try:
+            env = open(env_path, "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"MPICORR_TEST_TAG={tag}".encode() in env and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
+            return int(env_path.split("/")[2])
+    return None
+
+
+def kill_rank_after_checkpoint(cmd_args: list[str], ranks: int, out: str, victim: int, wait_for: str) -> str:
+    """Start mpirun, SIGKILL rank `victim` once checkpoint file `wait_for` exists; return mpirun's stderr."""
+    if MPIRUN is None or not os.path.isdir("/proc"):
+        pytest.skip("needs mpirun and /proc")
+    tag = uuid.uuid4().hex
+    env = {**cli_env(), "MPICORR_TEST_TAG": tag}
+    proc = subprocess.Popen([MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "mpicorr",
+                             *cmd_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(out))  # no ./hostfile there
+    target = os.path.join(checkpoint.folder(out), wait_for)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(target) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = rank_pid(tag, victim)
+    assert proc.poll() is None, "the run ended before the kill: " + proc.communicate()[1]
+    assert pid is not None, "rank process not found"
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "mpirun must fail when a rank is killed"
+    assert time.monotonic() - killed < 30, "mpirun must not wait for the dead rank"
+    assert not os.path.exists(os.path.join(out, "summary.h5"))
+    return stderr
+
+
+def test_sigkill_then_resume_with_same_and_other_rank_counts(llama, long_text, reference, tmp_path):
+    out = str(tmp_path / "out")
+    run = args(llama, long_text, out, "--checkpoint-every", "5")
+    kill_rank_after_checkpoint(run, 2, out, victim=1, wait_for="g1-r1.ckpt")
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+
+    resumed = ok(run_cli(args(llama, long_text, out, "--resume"), ranks=2))
+    assert "resuming from" in resumed.stdout
+    same_as_reference(out, reference)
+
+    # Second life of the copy: 3 ranks, killed again once the new attempt has saved; then 1 rank.
+    kill_rank_after_checkpoint(args(llama, long_text, copy, "--resume", "--checkpoint-every", "5"), 3, copy,
+                               victim=2, wait_for="g2-r2.ckpt")
+    ok(run_cli(args(llama, long_text, copy, "--resume")))
+    same_as_reference(copy, reference)
+
+
+CRASH_WHILE_WRITING = """
+import os, signal, sys
+from contextlib import contextmanager
+import mpicorr.__main__ as m, mpicorr.matrixfile as mf
+orig = mf.atomic_write
+@contextmanager
+def dying(path):
+    with orig(path) as fh:
+        if path.endswith("correlations_block_1.zstd"):
+            fh.write(b"partial")
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield fh
+mf.atomic_write = dying
+sys.exit(m.main(sys.argv[1:]))
+"""
+
+
+def test_kill_while_writing_leaves_no_partial_file_and_resumes(llama, tmp_path):
+    data = tiny.sample_path()
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    ok(run_cli(args(llama, data, ref, "--chunks", "12")))
+    crashed = subprocess.run([sys.executable, "-c", CRASH_WHILE_WRITING, *args(llama, data, out, "--chunks", "12",
+                              "--checkpoint-every", "100")], env=cli_env(), capture_output=True, text=True,
+                             cwd=str(tmp_path))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    finals = sorted(f for f in os.listdir(out) if not f.startswith("."))
+    assert finals == ["checkpoints", "correlations_block_0.zstd"], finals  # block 1 and summary.h5 not there
+    filetools.verify(os.path.join(out, "correlations_block_0.zstd"))
+    one_error_line(run_main(args(llama, data, out, "--chunks", "12")), "--resume", "--force")
+    resumed = ok(run_cli(args(llama, data, out, "--chunks", "12", "--resume")))
+    assert "12 chunks finished, 0 to count" in resumed.stdout
+    same_as_reference(out, ref)
+
+
+def test_resume_refuses_other_options_and_finished_runs(llama, tmp_path):
+    data = tiny.sample_path()
+    out = str(tmp_path / "out")
+    crashed = subprocess.run([sys.executable, "-c", CRASH_WHILE_WRITING, *args(llama, data, out, "--chunks", "6",
+                              "--checkpoint-every", "2")], env=cli_env(), capture_output=True, text=True,
+                             cwd=str(tmp_path))
+    assert crashed.returncode == -signal.SIGKILL
+    one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--threshold", "0.25")),
+                   "--resume", "different --threshold", "0.5 there, 0.25 now")
+    one_error_line(run_main(args(llama, data, out, "--chunks", "7", "--resume")), "different --chunks")
+    one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--force")), "only one")
+    ok(run_main(args(llama, data, out, "--chunks", "6", "--resume")))
+    one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume")), "nothing to resume")
+
+
+def test_damaged_checkpoint_is_named(llama, tmp_path):
+    data = tiny.sample_path()
+    out = str(tmp_path / "out")
+    subprocess.run([sys.executable, "-c", CRASH_WHILE_WRITING, *args(llama, data, out, "--chunks", "4",
+                    "--checkpoint-every", "1")], env=cli_env(), capture_output=True, cwd=str(tmp_path))
+    path = os.path.join(checkpoint.folder(out), "g1-r0.ckpt")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[:-9])
+    one_error_line(run_main(args(llama, data, out, "--chunks", "4", "--resume")), path, "damaged checkpoint")
