@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class Config:
     chunk_start: int = 0
     chunks: int | None = None
     threshold: float = 0.5
+    site_module: str | None = None
     batch_size: int = 1
     dtype: str = "auto"
     device: str = "auto"
@@ -48,6 +50,8 @@ HELP = {
     "chunk_start": "first chunk to process (default: 0)",
     "chunks": "number of chunks to process (default: all from --chunk-start on)",
     "threshold": "a neuron fires when x >= +T or x <= -T (default: 0.5)",
+    "site_module": "record the input of every module whose full name matches this regular expression "
+                   "(default: the FFN down projection from the family registry)",
     "batch_size": "chunks per forward pass; the work is split in whole batches (default: 1)",
     "dtype": "model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, bfloat16, float16",
     "device": "auto (this rank's local GPU when CUDA is there, else cpu), cpu, cuda or cuda:N",
@@ -139,6 +143,11 @@ def validate(cfg: Config) -> None:
     if isinstance(cfg.threshold, bool) or not isinstance(cfg.threshold, (int, float)) \
             or not math.isfinite(cfg.threshold) or cfg.threshold <= 0:
         raise UserError(f"--threshold {cfg.threshold!r}: must be a positive number, e.g. 0.5")
+    if cfg.site_module is not None:
+        try:
+            re.compile(cfg.site_module)
+        except re.error as exc:
+            raise UserError(f"--site-module {cfg.site_module!r}: not a regular expression ({exc})") from None
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):

@@ -7,6 +7,7 @@ the module whose *input* is recorded (the input of the FFN down projection: act(
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,7 +60,8 @@ def auto_class(family: str):
 
 def _check_family(family: str, where: str) -> None:
     if family not in SITES:
-        raise UserError(f"{where}: family '{family}' is not supported; supported: {', '.join(sorted(SITES))}")
+        raise UserError(f"{where}: family '{family}' is not supported (supported: {', '.join(sorted(SITES))}); "
+                        f"name the modules to record with --site-module REGEX, e.g. 'model\\.layers\\.\\d+\\.mlp\\.down_proj'")
 
 
 def _width(module: torch.nn.Module) -> int:
@@ -67,11 +69,27 @@ def _width(module: torch.nn.Module) -> int:
     return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
 
 
-def find_sites(model: torch.nn.Module) -> list[Site]:
-    """The recorded sites of a loaded model, one per block, in block order."""
-    family = model.config.model_type
-    _check_family(family, "--model")
-    return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(SITES[family](model))]
+def find_sites(model: torch.nn.Module, site_module: str | None = None) -> list[Site]:
+    """The recorded sites of a loaded model, one per block, in block order.
+
+    With `site_module`, the modules whose full name matches that regular expression, in module order,
+    replace the registry's choice (for families it lacks, or to record another linear layer's input).
+    """
+    if site_module is None:
+        family = model.config.model_type
+        _check_family(family, "--model")
+        found = SITES[family](model)
+    else:
+        found = [(n, m) for n, m in model.named_modules() if re.fullmatch(site_module, n)]
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        if not found:
+            raise UserError(f"--site-module {site_module}: matches no module; linear layers are named like "
+                            f"{', '.join(linear[:4])}")
+        for name, mod in found:
+            if getattr(mod, "weight", None) is None or mod.weight.dim() != 2:
+                raise UserError(f"--site-module {site_module}: '{name}' is not a linear layer; match the layer "
+                                f"whose input is the FFN activation (the down projection)")
+    return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(found)]
 
 
 def resolve_device(device: str, local_rank: int) -> str:
@@ -94,7 +112,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def check_model(name: str) -> str:
+def check_model(name: str, site_module: str | None = None) -> str:
     """Check a model reference before loading weights; return its family (config.model_type)."""
     from transformers import AutoConfig
 
@@ -106,7 +124,8 @@ def check_model(name: str) -> str:
         hint = ("give a folder written by save_pretrained (with config.json)" if os.path.isdir(name)
                 else f"fetch it first with 'hf download {name}', or give a model folder")
         raise UserError(f"--model {name}: cannot load its config ({_first_line(exc)}); {hint}") from None
-    _check_family(family, f"--model {name}")
+    if site_module is None:
+        _check_family(family, f"--model {name}")
     return family
 
 

@@ -53,7 +53,7 @@ class Tally:
 
 def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
     """(all chunks of the data file, its sha256, first chunk, chunk count) with the model's tokenizer."""
-    models.check_model(cfg.model)
+    models.check_model(cfg.model, cfg.site_module)
     tokenizer = models.load_tokenizer(cfg.model)
     text, sha = data.read_text(cfg.data)
     all_chunks = data.make_chunks(data.tokenize(text, tokenizer), cfg.ctx, tokenizer.bos_token_id)
@@ -80,7 +80,8 @@ def prepare(cfg: Config, hosts: list[str]) -> Job:
 def identity(cfg: Config, data_sha256: str, start: int, count: int) -> dict:
     """The options a checkpoint belongs to (JSON values, as stored in checkpoint headers)."""
     return {"model": cfg.model, "data_sha256": data_sha256, "ctx": cfg.ctx, "chunk_start": start,
-            "chunks": count, "threshold": float(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype}
+            "chunks": count, "threshold": float(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+            "site_module": cfg.site_module}
 
 
 def dry_plan(cfg: Config, ranks: int) -> str:
@@ -219,7 +220,7 @@ def run(cfg: Config, comm: Comm) -> None:
         announce(cfg, comm, job, devices)
     model = comm.checked(lambda: guard_memory(
         lambda: models.load_model(cfg.model, models.resolve_dtype(cfg.dtype, device), device), cfg, device))
-    sites = models.find_sites(model)
+    sites = comm.checked(lambda: models.find_sites(model, cfg.site_module))
     dtype = count_dtype(len(job.chunks) * cfg.ctx)
     tally = Tally([LayerCounts(s.layer, s.width, cfg.threshold, dtype, device) for s in sites])
     taken = job.resumed[comm.rank :: comm.size]
@@ -282,7 +283,8 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
     attrs = {
         "model": cfg.model, "data": cfg.data, "data_sha256": job.data_sha256, "ctx": cfg.ctx,
         "chunk_start": job.chunk_start, "chunks": len(job.chunks), "chunks_available": job.available,
-        "tokens": len(job.chunks) * cfg.ctx, "threshold": cfg.threshold, "site": SITE,
+        "tokens": len(job.chunks) * cfg.ctx, "threshold": cfg.threshold,
+        "site": SITE if cfg.site_module is None else f"module {cfg.site_module}",
         "site_modules": [s.name for s in sites], "ranks": comm.size, "batch_size": cfg.batch_size,
         "dtype": cfg.dtype, "mpicorr_version": __version__, "command": cfg.command,
         "created": summary.now(), "attempts": job.generation,

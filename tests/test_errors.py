@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 
 import pytest
+import torch
 
 from conftest import cli_env, run_cli, run_main, MPIRUN
+from test_pipeline import outputs
 
 CTX = 64
 
@@ -22,29 +26,80 @@ def one_error_line(result, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def bad_files(llama, tmp_path_factory) -> dict[str, str]:
+    """Inputs that are wrong in one way each."""
+    base = tmp_path_factory.mktemp("bad")
+    files = {"HOSTFILE0": "localhost slots=1 weight=0\n", "HOSTFILE_SYNTAX": "localhost slots=1 speed=2\n",
+             "HOSTFILE_OTHER": "elsewhere slots=1\n", "EMPTY": ""}
+    paths = {}
+    for name, text in files.items():
+        (base / name).write_text(text)
+        paths[name] = str(base / name)
+    olmo = base / "olmo"  # a family the registry lacks: the llama weights under another model_type
+    shutil.copytree(llama, olmo)
+    config = json.loads((olmo / "config.json").read_text())
+    config.update(model_type="olmo", architectures=["OlmoForCausalLM"])
+    (olmo / "config.json").write_text(json.dumps(config))
+    paths["OLMO"] = str(olmo)
+    return paths
+
+
 @pytest.mark.parametrize("args,needles", [
     ([], ["--model is required"]),
     (["--model", "MODEL"], ["--data is required"]),
     (["--model", "/nonexistent/model", "--data", "DATA"], ["/nonexistent/model", "no such folder"]),
     (["--model", "MODEL", "--data", "/nonexistent.txt"], ["--data /nonexistent.txt", "cannot read"]),
+    (["--model", "MODEL", "--data", "EMPTY"], ["EMPTY", "the file is empty"]),
     (["--model", "MODEL", "--data", "DATA", "--chunks", "100000"], ["--chunks 100000", "has 50 chunks"]),
     (["--model", "MODEL", "--data", "DATA", "--chunk-start", "50"], ["--chunk-start 50", "only 50 chunks"]),
     (["--model", "MODEL", "--data", "DATA", "--threshold", "-1"], ["--threshold", "positive"]),
+    (["--model", "MODEL", "--data", "DATA", "--threshold", "0"], ["--threshold", "positive"]),
+    (["--model", "MODEL", "--data", "DATA", "--threshold", "abc"], ["--threshold", "invalid float value"]),
     (["--model", "MODEL", "--data", "DATA", "--ctx", "100000"], ["too short for one chunk"]),
-    (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE"], ["HOSTFILE", "weight '0'"]),
+    (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE0"], ["HOSTFILE0:1", "weight '0'"]),
+    (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE_SYNTAX"], ["HOSTFILE_SYNTAX:1", "speed=2"]),
+    (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE_OTHER"], ["HOSTFILE_OTHER", "no line for host"]),
+    (["--model", "MODEL", "--data", "DATA", "--hostfile", "/nonexistent/hosts"], ["/nonexistent/hosts", "cannot read"]),
     (["--model", "MODEL", "--data", "DATA", "--device", "cuda"], ["CUDA is not available"]),
     (["--model", "MODEL", "--data", "DATA", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["--model", "MODEL", "--data", "DATA", "--checkpoint-every", "-1"], ["--checkpoint-every", ">= 0"]),
+    (["--model", "MODEL", "--data", "DATA", "--force", "--resume"], ["--force", "--resume"]),
+    (["--model", "OLMO", "--data", "DATA"], ["family 'olmo' is not supported", "--site-module"]),
+    (["--model", "MODEL", "--data", "DATA", "--site-module", "("], ["--site-module", "not a regular expression"]),
+    (["--model", "MODEL", "--data", "DATA", "--site-module", "nothing"], ["--site-module nothing", "matches no"]),
 ])
-def test_bad_input_is_one_line_exit_2(llama, sample_path, tmp_path, args, needles):
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=1 weight=0\n")
-    subst = {"MODEL": llama, "DATA": sample_path, "HOSTFILE": str(hostfile)}
+def test_bad_input_is_one_line_exit_2(llama, sample_path, bad_files, tmp_path, args, needles):
+    subst = {"MODEL": llama, "DATA": sample_path, **bad_files}
     args = [subst.get(a, a) for a in args]
     out = tmp_path / "out"
     result = run_main(["run", *args, "--out", str(out), "--ctx", str(CTX)] if "--ctx" not in args
                       else ["run", *args, "--out", str(out)], cwd=str(tmp_path))
     one_error_line(result, *[subst.get(n, n) for n in needles])
     assert not out.exists() or not os.listdir(out)
+
+
+def test_site_module_replaces_the_registry(llama, sample_path, bad_files, tmp_path):
+    """The registry's sites named by regex give the same bytes; a family the registry lacks then runs."""
+    common = ["--data", sample_path, "--ctx", str(CTX), "--chunks", "3"]
+    regex = r"model\.layers\.\d+\.mlp\.down_proj"
+    for name, model, extra in [("a", llama, []), ("b", llama, ["--site-module", regex]),
+                               ("c", bad_files["OLMO"], ["--site-module", regex])]:
+        result = run_main(["run", "--model", model, "--out", str(tmp_path / name), *common, *extra])
+        assert result.returncode == 0, result.stderr
+    assert outputs(str(tmp_path / "a")) == outputs(str(tmp_path / "b"))
+    assert sorted(outputs(str(tmp_path / "c"))) == sorted(outputs(str(tmp_path / "a")))
+
+
+def test_gpu_out_of_memory_names_the_options():
+    from mpicorr.config import Config
+    from mpicorr.errors import UserError
+    from mpicorr.run import guard_memory
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(UserError, match=r"out of memory on cuda:1: lower --batch-size \(now 4\)"):
+        guard_memory(oom, Config(model="m", data="d", batch_size=4), "cuda:1")
 
 
 def test_existing_outputs_are_kept_without_force(llama, sample_path, tmp_path):
