@@ -68,8 +68,9 @@ def rank_pid(tag: str, rank: int) -> int | None:
     return None
 
 
-def kill_rank_after_checkpoint(cmd_args: list[str], ranks: int, out: str, victim: int, wait_for: str) -> str:
-    """Start mpirun, SIGKILL rank `victim` once checkpoint file `wait_for` exists; return mpirun's stderr."""
+def kill_rank_after_checkpoint(cmd_args: list[str], ranks: int, out: str, victim: int, wait_for: str,
+                               sig: int = signal.SIGKILL) -> str:
+    """Start mpirun, send `sig` to rank `victim` once checkpoint file `wait_for` exists; return mpirun's stderr."""
     if MPIRUN is None or not os.path.isdir("/proc"):
         pytest.skip("needs mpirun and /proc")
     tag = uuid.uuid4().hex
@@ -84,7 +85,7 @@ def kill_rank_after_checkpoint(cmd_args: list[str], ranks: int, out: str, victim
     pid = rank_pid(tag, victim)
     assert proc.poll() is None, "the run ended before the kill: " + proc.communicate()[1]
     assert pid is not None, "rank process not found"
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, sig)
     killed = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0, "mpirun must fail when a rank is killed"
@@ -104,9 +105,9 @@ def test_sigkill_then_resume_with_same_and_other_rank_counts(llama, long_text, r
     assert "resuming from" in resumed.stdout
     same_as_reference(out, reference)
 
-    # Second life of the copy: 3 ranks, killed again once the new attempt has saved; then 1 rank.
+    # Second life of the copy: 3 ranks, one terminated (SIGTERM) once the new attempt has saved; then 1 rank.
     kill_rank_after_checkpoint(args(llama, long_text, copy, "--resume", "--checkpoint-every", "5"), 3, copy,
-                               victim=2, wait_for="g2-r2.ckpt")
+                               victim=2, wait_for="g2-r2.ckpt", sig=signal.SIGTERM)
     ok(run_cli(args(llama, long_text, copy, "--resume")))
     same_as_reference(copy, reference)
 
