@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from . import __version__
-from .config import add_run_arguments, build_config
+from .config import KERNELS, add_run_arguments, build_config
 from .dist import SharedError, world
 from .errors import UserError
 
@@ -40,6 +40,16 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a tiny model offline and run on it")
     demo.add_argument("--out", default="mpicorr-demo", help="folder for the demo model and outputs (default: mpicorr-demo)")
     demo.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
+    bench = sub.add_parser("bench", help="time a pair-count kernel on synthetic firing (checked exactly), print JSON")
+    bench.add_argument("--neurons", type=int, default=14336, help="layer width N (default: 14336, Mistral-7B)")
+    bench.add_argument("--tokens", type=int, default=512, help="tokens per layer (default: 512, one chunk)")
+    bench.add_argument("--density", type=float, default=0.03, help="mean firing probability P (default: 0.03)")
+    bench.add_argument("--profile", choices=("uniform", "powerlaw"), default="uniform",
+                       help="uniform: every neuron fires with probability P; powerlaw: Zipf-like frequencies, mean P")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    bench.add_argument("--layers", type=int, default=1, help="layers counted, each with the same firing (default: 1)")
+    bench.add_argument("--kernel", choices=KERNELS, default="auto", help="kernel to time (default: auto)")
+    bench.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
     info = sub.add_parser("info", help="print the header of matrix files")
     info.add_argument("files", nargs="+", metavar="FILE", help="correlations_block_<L>.zstd files")
     verify = sub.add_parser("verify", help="check matrix files or run folders fully (sizes, checksums, counts)")
@@ -91,6 +101,9 @@ def dispatch(argv: list[str], comm) -> None:
         if args.ranks < 1:
             raise SharedError(f"--ranks {args.ranks}: must be a whole number >= 1")
         print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
+    elif args.cmd == "bench":
+        from .bench import main as bench_main
+        bench_main(args)
     elif args.cmd == "demo":
         from .demo import demo
         demo(args.out, comm, command)

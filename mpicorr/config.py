@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "gemm", "popcount", "sparse")  # the same tuple as triangle.KERNELS (no torch import here)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Config:
     batch_size: int = 1
     dtype: str = "auto"
     device: str = "auto"
+    kernel: str = "auto"
     hostfile: str | None = None
     force: bool = False
     resume: bool = False
@@ -55,6 +57,8 @@ HELP = {
     "batch_size": "chunks per forward pass; the work is split in whole batches (default: 1)",
     "dtype": "model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, bfloat16, float16",
     "device": "auto (this rank's local GPU when CUDA is there, else cpu), cpu, cuda or cuda:N",
+    "kernel": "pair-count kernel: auto (popcount/sparse per batch on CPU, gemm on GPU), gemm, popcount, sparse; "
+              "all give the same counts",
     "hostfile": "hostfile giving each rank's weight (default: ./hostfile when present; none: equal weights)",
     "force": "overwrite outputs already in --out and delete its checkpoints (start over)",
     "resume": "continue the run whose checkpoints are in --out; finished chunks are not counted again "
@@ -75,8 +79,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
-        elif f.name == "dtype":
-            parser.add_argument(flag, choices=DTYPES, default=None, help=HELP[f.name])
+        elif f.name in ("dtype", "kernel"):
+            parser.add_argument(flag, choices=DTYPES if f.name == "dtype" else KERNELS, default=None,
+                                help=HELP[f.name])
         else:
             parser.add_argument(flag, type=types.get(f.name, str), default=None, help=HELP[f.name])
     parser.add_argument("--config", default="mpicorr.toml",
@@ -152,6 +157,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UserError(f"--device {cfg.device!r}: choose auto, cpu, cuda or cuda:N")
+    if cfg.kernel not in KERNELS:
+        raise UserError(f"--kernel {cfg.kernel!r}: choose one of {', '.join(KERNELS)}")
+    if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):
+        raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only; use --kernel auto or gemm with --device cuda")
 
 
 def _check_int(option: str, value: object, minimum: int) -> None:

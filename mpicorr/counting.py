@@ -35,9 +35,10 @@ def to_fixed(values: torch.Tensor, bits: int) -> torch.Tensor:
 class LayerCounts:
     """Raw sums for one layer of `width` neurons; `add` takes activations of shape [..., width]."""
 
-    def __init__(self, layer: int, width: int, threshold: float, dtype: torch.dtype, device: str):
+    def __init__(self, layer: int, width: int, threshold: float, dtype: torch.dtype, device: str,
+                 kernel: str = "auto"):
         self.layer, self.width, self.threshold = layer, width, threshold
-        self.pairs = triangle.PanelCounts(width, dtype, device)
+        self.pairs = triangle.pair_counter(width, dtype, device, kernel)
         self.fire_count = torch.zeros(width, dtype=torch.int64, device=device)
         self.active_hist = torch.zeros(width + 1, dtype=torch.int64, device=device)
         self.act_sum = torch.zeros(width, dtype=torch.int64, device=device)
@@ -48,8 +49,7 @@ class LayerCounts:
         """Count one batch of activations."""
         x = x.detach().reshape(-1, self.width)
         fired = x.abs() >= self.threshold
-        f = fired.to(torch.float32)
-        self.pairs.add(f)
+        self.pairs.add(fired)
         self.fire_count += fired.sum(0)
         self.active_hist += torch.bincount(fired.sum(1), minlength=self.width + 1)
         self.act_sum += to_fixed(x, ACT_SUM_BITS).sum(0)

@@ -222,7 +222,7 @@ def run(cfg: Config, comm: Comm) -> None:
         lambda: models.load_model(cfg.model, models.resolve_dtype(cfg.dtype, device), device), cfg, device))
     sites = comm.checked(lambda: models.find_sites(model, cfg.site_module))
     dtype = count_dtype(len(job.chunks) * cfg.ctx)
-    tally = Tally([LayerCounts(s.layer, s.width, cfg.threshold, dtype, device) for s in sites])
+    tally = Tally([LayerCounts(s.layer, s.width, cfg.threshold, dtype, device, cfg.kernel) for s in sites])
     taken = job.resumed[comm.rank :: comm.size]
     comm.checked(lambda: absorb(tally, taken, sites))
     path = os.path.join(checkpoint.folder(cfg.out), checkpoint.file_name(job.generation, comm.rank))

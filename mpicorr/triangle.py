@@ -1,11 +1,25 @@
 """The packed lower triangle C[i, j], j <= i, row-major, row i at offset i(i+1)/2 (the matrix files'
-layout), and PanelCounts, which accumulates it exactly without ever holding an N x N matrix.
+layout), and the two exact accumulators behind one interface (add / packed / add_packed):
+
+- PanelCounts: fp32 GEMMs over row panels (BLAS on CPU, tensor cores on GPU); portable, any device.
+- BitCounts: the compiled CPU kernels (mpicorr.kernels), bit-packed popcount for dense batches and
+  per-token pair updates for sparse ones, chosen per batch by estimated cost.
+`pair_counter` picks one; the choice never changes a count.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from . import kernels
+
+# Cost of one sparse pair update relative to one popcount kernel step (a pair times 512 tokens), measured
+# with `python -m mpicorr bench`; only decides speed, never a count.
+SPARSE_COST = 8.0
+# Tokens buffered (as bits) before a popcount call: more tokens per call spread the read-modify-write of
+# the int counts, which costs more than the arithmetic at 512 tokens per call.
+TOKENS_PER_CALL = 4096
 
 # fp32 holds every integer up to 2**24 exactly, so fp32 sums of 0/1 products over at most this many
 # tokens are exact counts.
@@ -54,7 +68,8 @@ class PanelCounts:
         self.pending = 0
 
     def add(self, fired: torch.Tensor) -> None:
-        """Count a [tokens, width] 0/1 float32 matrix: panel += fired[:, rows].T @ fired[:, :r1]."""
+        """Count a [tokens, width] bool matrix: panel += fired[:, rows].T @ fired[:, :r1] in fp32."""
+        fired = fired.to(torch.float32)
         for t0 in range(0, fired.shape[0], EXACT_TOKENS):
             part = fired[t0 : t0 + EXACT_TOKENS]
             if self.pending + part.shape[0] > EXACT_TOKENS:
@@ -88,6 +103,74 @@ class PanelCounts:
             block = acc.to(self.dtype) if self.total is None else self.total[k] + acc.to(self.dtype)
             parts.append(block[lower_mask(r0, r1, block.device)].cpu().numpy())
         return np.concatenate(parts)
+
+
+class BitCounts:
+    """Exact lower-triangle counts in one packed host array, added to by the compiled kernels.
+
+    Dense batches are packed 64 tokens per word and buffered until TOKENS_PER_CALL tokens; sparse ones
+    (few active pairs) go straight to the pair-update kernel. `kernel` forces one of them.
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype, kernel: str = "auto", tokens_per_call: int = TOKENS_PER_CALL):
+        if not kernels.AVAILABLE:
+            raise RuntimeError("the compiled kernels need numba; pip install numba or use the gemm kernel")
+        self.width, self.dtype, self.kernel, self.tokens_per_call = width, dtype, kernel, tokens_per_call
+        self.out = np.zeros(packed_size(width), dtype=np.int32 if dtype == torch.int32 else np.int64)
+        self.out.fill(0)  # touch the pages now, not inside the first kernel call
+        self.words: list[np.ndarray] = []
+        self.buffered = 0
+        self.used = {"popcount": 0, "sparse": 0}  # tokens counted by each kernel (for bench)
+
+    def add(self, fired: torch.Tensor) -> None:
+        """Count a [tokens, width] bool matrix."""
+        f = fired.cpu().numpy()
+        if self._sparse_is_cheaper(f):
+            kernels.sparse_add(*kernels.active_lists(f), self.out, kernels.threads())
+            self.used["sparse"] += f.shape[0]
+            return
+        self.words.append(kernels.pack_bits(f, group=1))
+        self.buffered += f.shape[0]
+        self.used["popcount"] += f.shape[0]
+        if self.buffered >= self.tokens_per_call:
+            self.flush()
+
+    def _sparse_is_cheaper(self, f: np.ndarray) -> bool:
+        if self.kernel in ("sparse", "popcount"):
+            return self.kernel == "sparse"
+        active = f.sum(1, dtype=np.int64)
+        pairs = float((active * (active + 1) // 2).sum())
+        return pairs * SPARSE_COST < len(self.out) * f.shape[0] / 512
+
+    def flush(self) -> None:
+        """Run the popcount kernel on the buffered tokens."""
+        if not self.words:
+            return
+        bits = np.concatenate(self.words)
+        pad = -len(bits) % 8
+        if pad:
+            bits = np.concatenate([bits, np.zeros((pad, self.width), dtype=bits.dtype)])
+        kernels.popcount_add(bits, self.out, kernels.threads())
+        self.words, self.buffered = [], 0
+
+    def packed(self) -> np.ndarray:
+        """The counts as the packed lower triangle (a new array)."""
+        self.flush()
+        return self.out.copy()
+
+    def add_packed(self, packed: np.ndarray) -> None:
+        """Add counts given as a packed lower triangle (a checkpoint's)."""
+        self.out += np.asarray(packed).astype(self.out.dtype)
+
+
+def pair_counter(width: int, dtype: torch.dtype, device: str, kernel: str = "auto"):
+    """The accumulator for `kernel` on `device`: auto is BitCounts on a CPU with numba, else PanelCounts."""
+    cpu = str(device) == "cpu"
+    if kernel in ("popcount", "sparse") or (kernel == "auto" and cpu and kernels.AVAILABLE):
+        if not cpu:
+            raise ValueError(f"the {kernel} kernel runs on the CPU only")
+        return BitCounts(width, dtype, kernel)
+    return PanelCounts(width, dtype, device)
 
 
 def diagonal(packed: np.ndarray, width: int) -> np.ndarray:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpicorr import counting, triangle
+from mpicorr import counting, kernels, triangle
 
 
 def naive_pairs(fired: np.ndarray) -> np.ndarray:
@@ -27,10 +27,49 @@ def test_panel_counts_match_pair_loop(tokens, width, p, exact_tokens, monkeypatc
     fired = rng.random((tokens, width)) < p
     monkeypatch.setattr(triangle, "EXACT_TOKENS", exact_tokens)  # 7: flushes to integers many times
     counts = triangle.PanelCounts(width, torch.int32, "cpu", elements=3 * width + 1)  # uneven panels
-    counts.add(torch.from_numpy(fired).float())
-    counts.add(torch.from_numpy(fired[::-1].copy()).float())  # accumulates
+    counts.add(torch.from_numpy(fired))
+    counts.add(torch.from_numpy(fired[::-1].copy()))  # accumulates
     packed = counts.packed()
     assert packed.dtype == np.int32 and np.array_equal(packed, 2 * naive_pairs(fired))
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("tokens,width,p", [(1, 1, 1.0), (17, 5, 0.5), (64, 33, 0.2), (65, 130, 0.05),
+                                            (9, 12, 0.0), (9, 12, 1.0), (600, 70, 1.0), (1100, 9, 0.3)])
+@pytest.mark.parametrize("kernel", ["popcount", "sparse", "auto"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_compiled_kernels_match_pair_loop(tokens, width, p, kernel, dtype):
+    """Odd sizes, all-zero and all-one inputs, several buffered calls, tokens not a multiple of 64 or 512."""
+    rng = np.random.default_rng(tokens + width)
+    fired = rng.random((tokens, width)) < p
+    counts = triangle.BitCounts(width, dtype, kernel, tokens_per_call=100)
+    for part in np.array_split(fired, 3):
+        counts.add(torch.from_numpy(part.copy()))
+    counts.add_packed(naive_pairs(fired[:5]))
+    packed = counts.packed()
+    assert packed.dtype == (np.int32 if dtype == torch.int32 else np.int64)
+    assert np.array_equal(packed, naive_pairs(fired) + naive_pairs(fired[:5]))
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba not installed")
+def test_auto_picks_sparse_for_rare_firing_and_popcount_for_dense():
+    counts = triangle.BitCounts(2000, torch.int32, "auto")
+    rare = np.zeros((512, 2000), dtype=bool)
+    rare[::7, :3] = True
+    counts.add(torch.from_numpy(rare))
+    dense = np.random.default_rng(0).random((512, 2000)) < 0.2
+    counts.add(torch.from_numpy(dense))
+    assert counts.used == {"popcount": 512, "sparse": 512}
+    both = np.concatenate([rare, dense]).astype(np.float64)  # float64 products of 0/1: exact below 2**53
+    assert np.array_equal(counts.packed(), (both.T @ both)[np.tril_indices(2000)].astype(np.int64))
+
+
+def test_pair_counter_choice():
+    assert isinstance(triangle.pair_counter(8, torch.int32, "cpu", "gemm"), triangle.PanelCounts)
+    want = triangle.BitCounts if kernels.AVAILABLE else triangle.PanelCounts
+    assert isinstance(triangle.pair_counter(8, torch.int32, "cpu", "auto"), want)
+    with pytest.raises(ValueError, match="CPU only"):
+        triangle.pair_counter(8, torch.int32, "cuda:0", "popcount")
 
 
 def test_panels_cover_rows():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mpicorr import matrixfile, summary, tiny, triangle
-from conftest import run_cli
+from conftest import run_cli, run_main
 from reference import pair_loop, reference_chunks, reference_run
 
 CTX = 64
@@ -146,3 +146,12 @@ def test_demo_runs_offline_with_and_without_mpirun(tmp_path):
     assert len(outputs(str(tmp_path / "one"))) == 2 and (tmp_path / "two" / "summary.h5").exists()
     again = ok(run_cli(["demo", "--out", str(tmp_path / "one")]))  # reuses the model, overwrites outputs
     assert "building" not in again.stdout
+
+
+@pytest.mark.parametrize("kernel", ["gemm", "popcount", "sparse"])
+def test_every_kernel_gives_the_same_bytes(llama, sample_path, tmp_path, kernel):
+    common = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "6", "--batch-size", "2"]
+    for name, extra in [("auto", []), (kernel, ["--kernel", kernel])]:
+        result = run_main(common + ["--out", str(tmp_path / name), *extra])
+        assert result.returncode == 0, result.stderr
+    assert outputs(str(tmp_path / kernel)) == outputs(str(tmp_path / "auto"))
