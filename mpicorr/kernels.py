@@ -6,10 +6,11 @@ counting falls back to the portable GEMM path (triangle.PanelCounts).
 
 - popcount: tokens packed 64 per word, C[i, j] += popcount(bits_i & bits_j) summed over words; the cost
   is about N^2/2 * tokens/64 whatever the density (zero words of row i are skipped).
-- sparse: for each token, every pair of its active neurons, as the original recorder did; the cost is
-  the number of active pairs, so it wins only when few neurons fire.
-Both split the work by rows (row i ≡ t mod threads, `threads` = numba.get_num_threads(), passed in so
-that the compiled code can be cached), so no two threads write the same count.
+- sparse: for each token, every pair of its active neurons, as the original recorder did, but in row
+  blocks that fit the cache; the cost is the number of active pairs, so it wins when few neurons fire.
+Both split the work by rows (popcount: row i ≡ t mod threads, `threads` = numba.get_num_threads(),
+passed in so that the compiled code can be cached; sparse: whole row blocks), so no two threads write
+the same count.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
     AVAILABLE = False
 
+CACHE_ENTRIES = 1 << 17  # counts per sparse row block: 512 KiB of int32, within a core's L2 cache
 M1, M2, M4, H01 = (np.uint64(0x5555555555555555), np.uint64(0x3333333333333333),
                    np.uint64(0x0F0F0F0F0F0F0F0F), np.uint64(0x0101010101010101))
 
@@ -31,11 +33,9 @@ def pack_bits(fired: np.ndarray, group: int = 8) -> np.ndarray:
     """[tokens, N] bool -> [W, N] uint64, bit t of word w of neuron i = token 64 w + t; W is a multiple of
     `group` (tokens padded with zeros, which add nothing). popcount_add needs groups of 8 words."""
     tokens, width = fired.shape
-    words = group * -(-tokens // (64 * group))
-    padded = np.zeros((words * 64, width), dtype=bool)
-    padded[:tokens] = fired
-    packed = np.packbits(padded.reshape(words, 64, width), axis=1, bitorder="little")  # [W, 8, N] bytes
-    return np.ascontiguousarray(packed.transpose(0, 2, 1)).view("<u8").reshape(words, width)
+    bits = np.zeros((group * -(-tokens // (64 * group)), width), dtype=np.uint64)
+    _pack(np.ascontiguousarray(fired), bits)
+    return bits
 
 
 def threads() -> int:
@@ -43,12 +43,24 @@ def threads() -> int:
     return numba.get_num_threads()
 
 
-def active_lists(fired: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indptr, indices): the active neurons of each token, ascending (CSR rows)."""
-    tokens, neurons = np.nonzero(fired)
+def row_blocks(width: int, entries: int | None = None) -> np.ndarray:
+    """Row boundaries [0, ..., width] such that each block's packed counts hold about `entries` entries."""
+    entries = entries or CACHE_ENTRIES
+    bounds, r = [0], 0
+    while r < width:
+        r = min(width, max(r + 1, int((2 * (r * (r + 1) // 2 + entries)) ** 0.5)))
+        bounds.append(r)
+    return np.array(bounds, dtype=np.int64)
+
+
+def active_lists(fired: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices): the active neurons of each token, ascending (CSR rows); `counts` if known."""
+    fired = np.ascontiguousarray(fired)
     indptr = np.zeros(fired.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(tokens, minlength=fired.shape[0]), out=indptr[1:])
-    return indptr, neurons.astype(np.int64)
+    np.cumsum(active_counts(fired) if counts is None else counts, out=indptr[1:])
+    indices = np.empty(indptr[-1], dtype=np.int64)
+    _fill_active(fired, indptr, indices)
+    return indptr, indices
 
 
 if AVAILABLE:
@@ -59,6 +71,49 @@ if AVAILABLE:
         x = (x & M2) + ((x >> np.uint64(2)) & M2)
         x = (x + (x >> np.uint64(4))) & M4
         return np.int64((x * H01) >> np.uint64(56))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _pack(fired, bits):  # pragma: no cover - compiled; tested through its results
+        tokens, width = fired.shape
+        for w in prange(-(-tokens // 64)):
+            for t in range(64 * w, min(64 * w + 64, tokens)):
+                shift = np.uint64(t - 64 * w)
+                for i in range(width):
+                    bits[w, i] |= np.uint64(fired[t, i]) << shift
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def active_counts(fired):  # pragma: no cover - compiled; tested through its results
+        """Active neurons per token (int64); reads the bools 8 at a time as one 64-bit word."""
+        tokens, width = fired.shape
+        whole = width // 8 * 8
+        counts = np.zeros(tokens, dtype=np.int64)
+        for t in prange(tokens):
+            words = fired[t, :whole].view(np.uint64)
+            c = 0
+            for w in words:
+                c += np.int64((w * H01) >> np.uint64(56))  # sum of the 8 bytes, each 0 or 1
+            for i in range(whole, width):
+                c += fired[t, i]
+            counts[t] = c
+        return counts
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _fill_active(fired, indptr, indices):  # pragma: no cover - compiled; tested through its results
+        tokens, width = fired.shape
+        whole = width // 8 * 8
+        for t in prange(tokens):
+            words = fired[t, :whole].view(np.uint64)
+            k = indptr[t]
+            for w in range(words.shape[0]):
+                if words[w] != 0:  # most words are zero when firing is sparse: skip 8 neurons at once
+                    for i in range(8 * w, 8 * w + 8):
+                        if fired[t, i]:
+                            indices[k] = i
+                            k += 1
+            for i in range(whole, width):
+                if fired[t, i]:
+                    indices[k] = i
+                    k += 1
 
     @njit(parallel=True, cache=True, nogil=True)
     def popcount_add(bits, out, threads):  # pragma: no cover - compiled; tested through its results
@@ -79,21 +134,34 @@ if AVAILABLE:
                     b0, b1, b2, b3 = bits[g], bits[g + 1], bits[g + 2], bits[g + 3]
                     b4, b5, b6, b7 = bits[g + 4], bits[g + 5], bits[g + 6], bits[g + 7]
                     for j in range(i + 1):
-                        out[base + j] += (_popcount(a0 & b0[j]) + _popcount(a1 & b1[j]) + _popcount(a2 & b2[j])
+                        out[np.uint64(base + j)] += (_popcount(a0 & b0[j]) + _popcount(a1 & b1[j]) + _popcount(a2 & b2[j])
                                           + _popcount(a3 & b3[j]) + _popcount(a4 & b4[j]) + _popcount(a5 & b5[j])
                                           + _popcount(a6 & b6[j]) + _popcount(a7 & b7[j]))
 
     @njit(parallel=True, cache=True, nogil=True)
-    def sparse_add(indptr, indices, out, threads):  # pragma: no cover - compiled; tested through its results
-        """For every token, out[packed(a, b)] += 1 for each pair b <= a of its active neurons."""
-        tokens = indptr.shape[0] - 1
+    def sparse_add(indptr, indices, out, blocks, threads):  # pragma: no cover - compiled; tested via results
+        """For every token, out[packed(a, b)] += 1 for each pair b <= a of its active neurons.
+
+        Rows are taken in blocks [blocks[k], blocks[k + 1]) whose counts fit in the CPU cache, and each
+        block walks all tokens, so the updates hit the cache instead of main memory (the original's land
+        anywhere in a 411 MB triangle). Each thread owns a run of whole blocks, so no count is shared, and
+        keeps one cursor per token into its active list, advanced block by block.
+        """
+        tokens, nblocks = indptr.shape[0] - 1, blocks.shape[0] - 1
         for t in prange(threads):
+            k0, k1 = t * nblocks // threads, (t + 1) * nblocks // threads
+            cursor = np.empty(tokens, dtype=np.int64)
             for tok in range(tokens):
                 lo, hi = indptr[tok], indptr[tok + 1]
-                for x in range(lo, hi):
-                    a = indices[x]
-                    if a % threads != t:
-                        continue
-                    base = a * (a + 1) // 2
-                    for y in range(lo, x + 1):
-                        out[base + indices[y]] += 1
+                cursor[tok] = lo + np.searchsorted(indices[lo:hi], blocks[k0])
+            for k in range(k0, k1):
+                r1 = blocks[k + 1]
+                for tok in range(tokens):
+                    lo, hi, x = indptr[tok], indptr[tok + 1], cursor[tok]
+                    while x < hi and indices[x] < r1:
+                        a = indices[x]
+                        base = a * (a + 1) // 2
+                        for y in range(lo, x + 1):
+                            out[np.uint64(base + indices[y])] += 1  # unsigned: no negative-index test
+                        x += 1
+                    cursor[tok] = x

@@ -16,7 +16,7 @@ from . import kernels
 
 # Cost of one sparse pair update relative to one popcount kernel step (a pair times 512 tokens), measured
 # with `python -m mpicorr bench`; only decides speed, never a count.
-SPARSE_COST = 8.0
+SPARSE_COST = 1.0
 # Tokens buffered (as bits) before a popcount call: more tokens per call spread the read-modify-write of
 # the int counts, which costs more than the arithmetic at 512 tokens per call.
 TOKENS_PER_CALL = 4096
@@ -118,15 +118,17 @@ class BitCounts:
         self.width, self.dtype, self.kernel, self.tokens_per_call = width, dtype, kernel, tokens_per_call
         self.out = np.zeros(packed_size(width), dtype=np.int32 if dtype == torch.int32 else np.int64)
         self.out.fill(0)  # touch the pages now, not inside the first kernel call
+        self.blocks = kernels.row_blocks(width)
         self.words: list[np.ndarray] = []
         self.buffered = 0
         self.used = {"popcount": 0, "sparse": 0}  # tokens counted by each kernel (for bench)
 
     def add(self, fired: torch.Tensor) -> None:
         """Count a [tokens, width] bool matrix."""
-        f = fired.cpu().numpy()
-        if self._sparse_is_cheaper(f):
-            kernels.sparse_add(*kernels.active_lists(f), self.out, kernels.threads())
+        f = np.ascontiguousarray(fired.cpu().numpy())
+        active = None if self.kernel in ("sparse", "popcount") else kernels.active_counts(f)
+        if self.kernel == "sparse" or (active is not None and self._sparse_is_cheaper(active)):
+            kernels.sparse_add(*kernels.active_lists(f, active), self.out, self.blocks, kernels.threads())
             self.used["sparse"] += f.shape[0]
             return
         self.words.append(kernels.pack_bits(f, group=1))
@@ -135,12 +137,10 @@ class BitCounts:
         if self.buffered >= self.tokens_per_call:
             self.flush()
 
-    def _sparse_is_cheaper(self, f: np.ndarray) -> bool:
-        if self.kernel in ("sparse", "popcount"):
-            return self.kernel == "sparse"
-        active = f.sum(1, dtype=np.int64)
+    def _sparse_is_cheaper(self, active: np.ndarray) -> bool:
+        """Estimated cost of the pair updates against the popcount pass, for tokens with `active` neurons."""
         pairs = float((active * (active + 1) // 2).sum())
-        return pairs * SPARSE_COST < len(self.out) * f.shape[0] / 512
+        return pairs * SPARSE_COST < len(self.out) * len(active) / 512
 
     def flush(self) -> None:
         """Run the popcount kernel on the buffered tokens."""

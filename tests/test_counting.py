@@ -38,8 +38,10 @@ def test_panel_counts_match_pair_loop(tokens, width, p, exact_tokens, monkeypatc
                                             (9, 12, 0.0), (9, 12, 1.0), (600, 70, 1.0), (1100, 9, 0.3)])
 @pytest.mark.parametrize("kernel", ["popcount", "sparse", "auto"])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_compiled_kernels_match_pair_loop(tokens, width, p, kernel, dtype):
-    """Odd sizes, all-zero and all-one inputs, several buffered calls, tokens not a multiple of 64 or 512."""
+def test_compiled_kernels_match_pair_loop(tokens, width, p, kernel, dtype, monkeypatch):
+    """Odd sizes, all-zero and all-one inputs, several buffered calls, tokens not a multiple of 64 or 512,
+    and (CACHE_ENTRIES 7) many sparse row blocks."""
+    monkeypatch.setattr(kernels, "CACHE_ENTRIES", 7 if dtype == torch.int32 else kernels.CACHE_ENTRIES)
     rng = np.random.default_rng(tokens + width)
     fired = rng.random((tokens, width)) < p
     counts = triangle.BitCounts(width, dtype, kernel, tokens_per_call=100)
