@@ -251,7 +251,7 @@ def guard_memory(fn, cfg: Config, device: str):
     """Call fn; a GPU out-of-memory error becomes a UserError naming the options that help."""
     try:
         return fn()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError in torch >= 2.5, the same class)
         raise UserError(f"out of memory on {device}: lower --batch-size (now {cfg.batch_size}) or --ctx, use "
                         f"--dtype bfloat16, or run this rank on a GPU with more memory") from None
 

@@ -97,7 +97,7 @@ def test_gpu_out_of_memory_names_the_options():
     from mpicorr.run import guard_memory
 
     def oom():
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(UserError, match=r"out of memory on cuda:1: lower --batch-size \(now 4\)"):
         guard_memory(oom, Config(model="m", data="d", batch_size=4), "cuda:1")
 
