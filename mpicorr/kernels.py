@@ -1,11 +1,11 @@
 """Compiled CPU kernels that add exact pair counts into a packed lower triangle (the only numba user).
 
-numba compiles them for the CPU it runs on at first use (AVX-512 VPOPCNTDQ where there is one, scalar
-POPCNT or plain bit arithmetic elsewhere) and caches the result. Without numba, `AVAILABLE` is False and
+numba compiles them for the CPU it runs on at first use (LLVM picks that CPU's popcount instructions,
+or plain bit arithmetic where there are none) and caches the result. Without numba, `AVAILABLE` is False and
 counting falls back to the portable GEMM path (triangle.PanelCounts).
 
 - popcount: tokens packed 64 per word, C[i, j] += popcount(bits_i & bits_j) summed over words; the cost
-  is about N^2/2 * tokens/64 whatever the density (zero words of row i are skipped).
+  is about N^2/2 * tokens/64 whatever the density (512-token groups where neuron i never fired are skipped).
 - sparse: for each token, every pair of its active neurons, as the original recorder did, but in row
   blocks that fit the cache; the cost is the number of active pairs, so it wins when few neurons fire.
 Both split the work by rows (popcount: row i ≡ t mod threads, `threads` = numba.get_num_threads(),

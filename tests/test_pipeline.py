@@ -26,8 +26,8 @@ def ok(result):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_counts_equal_brute_force_reference(tiny_models, sample_path, tmp_path, family):
     model, out = tiny_models[family], str(tmp_path / "out")
-    ok(run_cli(["run", "--model", model, "--data", sample_path, "--out", out, "--ctx", str(CTX),
-                "--chunk-start", "3", "--chunks", "9", "--batch-size", "2"]))
+    ok(run_main(["run", "--model", model, "--data", sample_path, "--out", out, "--ctx", str(CTX),
+                 "--chunk-start", "3", "--chunks", "9", "--batch-size", "2"]))
     fired, acts, ppl = reference_run(model, sample_path, CTX, 0.5, 3, 9)
     root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
     assert sorted(layers) == sorted(fired) and root["tokens"] == 9 * CTX
