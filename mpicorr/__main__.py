@@ -50,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=int, default=1, help="layers counted, each with the same firing (default: 1)")
     bench.add_argument("--kernel", choices=KERNELS, default="auto", help="kernel to time (default: auto)")
     bench.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
+    inspect = sub.add_parser("inspect", help="list the modules a run would record, and the model's linear layers")
+    inspect.add_argument("--model", required=True, help="local model folder or Hugging Face hub id")
+    inspect.add_argument("--site-module", default=None, help="the regular expression a run would be given")
+    inspect.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
     info = sub.add_parser("info", help="print the header of matrix files")
     info.add_argument("files", nargs="+", metavar="FILE", help="correlations_block_<L>.zstd files")
     verify = sub.add_parser("verify", help="check matrix files or run folders fully (sizes, checksums, counts)")
@@ -101,6 +105,9 @@ def dispatch(argv: list[str], comm) -> None:
         if args.ranks < 1:
             raise SharedError(f"--ranks {args.ranks}: must be a whole number >= 1")
         print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
+    elif args.cmd == "inspect":
+        from .models import describe
+        print(comm.checked(lambda: describe(args.model, args.site_module), root_only=True))
     elif args.cmd == "bench":
         from .bench import main as bench_main
         bench_main(args)

@@ -61,7 +61,8 @@ def auto_class(family: str):
 def _check_family(family: str, where: str) -> None:
     if family not in SITES:
         raise UserError(f"{where}: family '{family}' is not supported (supported: {', '.join(sorted(SITES))}); "
-                        f"name the modules to record with --site-module REGEX, e.g. 'model\\.layers\\.\\d+\\.mlp\\.down_proj'")
+                        f"name the modules to record with --site-module REGEX, e.g. 'model\\.layers\\.\\d+\\.mlp\\.down_proj' "
+                        f"('python -m mpicorr inspect --model ...' lists the model's linear layers)")
 
 
 def _width(module: torch.nn.Module) -> int:
@@ -139,6 +140,23 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     model = auto_class(AutoConfig.from_pretrained(name).model_type).from_pretrained(name, dtype=dtype)
     model.requires_grad_(False)
     return model.to(device).eval()
+
+
+def describe(name: str, site_module: str | None = None) -> str:
+    """What a run would record for a model, built on the meta device (no weights read, no memory used)."""
+    from transformers import AutoConfig
+
+    family = check_model(name, site_module)
+    with torch.device("meta"):
+        model = auto_class(family).from_config(AutoConfig.from_pretrained(name))
+    sites = find_sites(model, site_module)
+    where = "the registry" if site_module is None else f"--site-module {site_module}"
+    lines = [f"{name}: family '{family}', {len(sites)} layers recorded (from {where}):"]
+    lines += [f"  layer {s.layer}: input of {s.name} ({s.width} neurons)" for s in sites]
+    shapes = dict.fromkeys(re.sub(r"\.\d+\.", ".<L>.", n) for n, m in model.named_modules()
+                           if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    lines.append("linear layers (<L> = block number): " + ", ".join(shapes))
+    return "\n".join(lines)
 
 
 def load_tokenizer(name: str):

@@ -139,3 +139,23 @@ def test_failure_in_one_rank_ends_the_job(llama, sample_path, tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
     assert len(lines) == 1 and "rank 1" in lines[0] and "injected failure" in lines[0], result.stderr
     assert not (tmp_path / "o" / "summary.h5").exists()
+
+
+def test_inspect_lists_the_registry_sites_of_every_family(tiny_models):
+    """inspect builds the model on the meta device; its sites are those a run records."""
+    from mpicorr import models
+
+    for family, path in tiny_models.items():
+        result = run_main(["inspect", "--model", path])
+        assert result.returncode == 0, (family, result.stderr)
+        loaded = models.find_sites(models.load_model(path, torch.float32, "cpu"))
+        for site in loaded:
+            assert f"layer {site.layer}: input of {site.name} ({site.width} neurons)" in result.stdout, family
+        assert f"{len(loaded)} layers recorded" in result.stdout
+
+
+def test_inspect_with_site_module(bad_files):
+    one_error_line(run_main(["inspect", "--model", bad_files["OLMO"]]), "not supported", "inspect")
+    result = run_main(["inspect", "--model", bad_files["OLMO"], "--site-module", r"model\.layers\.\d+\.mlp\.up_proj"])
+    assert result.returncode == 0 and "input of model.layers.1.mlp.up_proj" in result.stdout
+    assert "model.layers.<L>.mlp.down_proj" in result.stdout
