@@ -137,10 +137,10 @@ def damaged(path: str, exc: Exception) -> UserError:
 
 @dataclass(frozen=True)
 class Resume:
-    """What a resuming run takes over: the live checkpoints, their finished chunks, the next generation."""
+    """What a resuming run takes over: the live checkpoints, the batches still to count, the next generation."""
 
     live: list[Checkpoint]
-    finished: list[plan.Batch]
+    todo: list[plan.Batch]
     generation: int
 
 
@@ -158,7 +158,7 @@ def scan(out: str) -> tuple[list[Checkpoint], int]:
 
 
 def resume(out: str, identity: dict, work: list[plan.Batch]) -> Resume:
-    """Check the live checkpoints of `out` against this run and collect their finished chunks."""
+    """Check the live checkpoints of `out` against this run; the batches of `work` they have not counted."""
     live, generation = scan(out)
     for ck in live:
         for key, option in IDENTITY.items():
@@ -172,11 +172,11 @@ def resume(out: str, identity: dict, work: list[plan.Batch]) -> Resume:
         raise UserError(f"--resume: checkpoints in {folder(out)} count some chunks twice; delete the folder "
                         f"and start over with --force")
     try:
-        plan.unfinished(work, finished)
+        todo = plan.unfinished(work, merged)
     except ValueError as exc:
         raise UserError(f"--resume: checkpoints in {folder(out)} do not match this run's batches ({exc}); "
                         f"start over with --force") from None
-    return Resume(live, merged, generation)
+    return Resume(live, todo, generation)
 
 
 def _show(value) -> str:

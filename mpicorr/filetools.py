@@ -33,9 +33,10 @@ def info(path: str) -> str:
             f"{os.path.getsize(path)} bytes")
 
 
-def verify(path: str) -> None:
-    """Read the file fully and check its counts are consistent; raise UserError on the first problem."""
-    header, packed = matrixfile.read_matrix(path)
+def verify(path: str, sha256: str | None = None) -> None:
+    """Read the file fully and check its counts are consistent (and its SHA-256 when given); raise
+    UserError on the first problem."""
+    header, packed = matrixfile.read_matrix(path, sha256)
     diag = triangle.diagonal(packed, header.width).astype(np.uint64)
     if (diag > header.trials).any():
         i = int(np.argmax(diag > header.trials))
@@ -72,12 +73,7 @@ def verify_run(folder: str) -> str:
     """Verify every matrix file of a run folder and compare it with the SHA-256 recorded in summary.h5."""
     root, layers = read_run(folder)
     for layer, entry in layers.items():
-        path = os.path.join(folder, matrixfile.matrix_name(layer))
-        verify(path)
-        recorded = entry["attrs"].get("matrix_sha256")
-        if recorded is not None and matrixfile.sha256(path) != recorded:
-            raise UserError(f"{path}: SHA-256 differs from the one in {folder}/{summary.SUMMARY}; "
-                            f"the file was changed or damaged after the run")
+        verify(os.path.join(folder, matrixfile.matrix_name(layer)), entry["attrs"].get("matrix_sha256"))
     return f"{folder}: ok, {len(layers)} layers, {root['chunks']} chunks"
 
 
@@ -152,7 +148,7 @@ def merge_layer(h5, out: str, layer: int, inputs: list[str], layers: list[dict],
     for path, entry in zip(files, (run.get(layer) for run in layers)):
         if entry is None or int(entry["attrs"]["width"]) != width:
             raise UserError(f"{path}: layer {layer} is missing or has another width; runs of one model only")
-        header, packed = matrixfile.read_matrix(path)
+        header, packed = matrixfile.read_matrix(path, entry["attrs"].get("matrix_sha256"))
         if header.width != width or header.trials != int(entry["attrs"]["tokens"]):
             raise UserError(f"{path}: does not match its summary.h5 (width {header.width}, trials "
                             f"{header.trials}); verify the run folder")

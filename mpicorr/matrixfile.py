@@ -81,13 +81,17 @@ def parse_header(data: bytes, path: str) -> Header:
     return Header(magic, (hi << 32) | lo, block, width)
 
 
-def read_matrix(path: str) -> tuple[Header, np.ndarray]:
-    """Read a matrix file: (header, packed counts as uint32 or uint64). Checks sizes and trailing bytes."""
+def read_matrix(path: str, sha256: str | None = None) -> tuple[Header, np.ndarray]:
+    """Read a matrix file: (header, packed counts as uint32 or uint64). Checks sizes and trailing bytes,
+    and the file's SHA-256 when `sha256` (as recorded in summary.h5) is given."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{path}: SHA-256 differs from the one in its run's summary.h5; the file was changed "
+                        f"or damaged after the run")
     header = parse_header(data, path)
     expected = triangle.packed_size(header.width) * header.dtype.itemsize
     frame = data[HEADER.size :]
@@ -129,15 +133,6 @@ def _decompress_unsized(frame: bytes, expected: int, path: str) -> bytes:
     if dobj.unused_data or i + UNSIZED_PIECE < len(frame):
         raise UserError(f"{path}: trailing bytes after the zstd frame")
     return b"".join(parts)
-
-
-def sha256(path: str) -> str:
-    """SHA-256 (hex) of a file's bytes, as recorded in summary.h5."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def exists_any(folder: str) -> list[str]:

@@ -71,8 +71,7 @@ def prepare(cfg: Config, hosts: list[str]) -> Job:
     resumed, generation = [], 1
     if cfg.resume:
         state = checkpoint.resume(cfg.out, ident, work)
-        resumed, generation = state.live, state.generation
-        work = plan.unfinished(work, state.finished)
+        resumed, generation, work = state.live, state.generation, state.todo
     return Job(all_chunks[start : start + count], start, len(all_chunks), sha,
                plan.make_plan(work, hosts, weights), ident, resumed, generation)
 
@@ -165,7 +164,7 @@ class Saver:
     def save(self, tally: Tally) -> None:
         """Write the checkpoint, then delete the older files it supersedes."""
         layers = [(lc.layer, lc.width) for lc in tally.counts]
-        dtype = np.dtype(str(tally.counts[0].pairs.dtype).replace("torch.", "")).newbyteorder("<").str
+        dtype = "<i4" if tally.counts[0].pairs.dtype == torch.int32 else "<i8"  # count_dtype's two widths
         ck = checkpoint.Checkpoint(self.path, self.identity, plan.merge_ranges(tally.finished), tally.nll,
                                    tally.predictions, layers, dtype, self.absorbs)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)

@@ -111,3 +111,5 @@ def test_verify_run_folder_checks_recorded_sha256(llama, sample_path, tmp_path):
     matrixfile.write_matrix(f"{out}/correlations_block_1.zstd", 1, header.width, header.trials, packed * 0)
     result = run_main(["verify", out])
     assert result.returncode == 2 and "SHA-256 differs" in result.stderr
+    result = run_main(["sum", str(tmp_path / "merged"), out])
+    assert result.returncode == 2 and "SHA-256 differs" in result.stderr
