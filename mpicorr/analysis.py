@@ -5,13 +5,18 @@ Used by the scripts in analysis/. Works on folders of the original tool too (mat
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
-from . import matrixfile, summary, triangle
+from . import matrixfile, measures, summary, triangle
+from .progress import fmt_seconds
 from .errors import UserError
 
 MATRIX_RE = re.compile(r"correlations_block_(\d+)\.zstd$")
@@ -36,13 +41,61 @@ def matrix_paths(run_dir: str) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def firing(run_dir: str) -> list[LayerFiring]:
-    """Per-layer firing counts: from summary.h5 when present, else from the matrix diagonals."""
+@dataclass(frozen=True)
+class LayerMatrix:
+    """One layer's counts as read from its matrix file."""
+
+    layer: int
+    width: int
+    trials: int
+    packed: np.ndarray
+
+
+def select(paths: dict[int, str], layers: str | None) -> dict[int, str]:
+    """The layers named by a --layers option ("3", "0,4,8", "0-7"; None = all)."""
+    if layers is None:
+        return paths
+    wanted = set()
+    for part in layers.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            wanted.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise UserError(f"--layers {layers}: give layer numbers like 3, 0,4,8 or 0-7") from None
+    missing = sorted(wanted - set(paths))
+    if missing:
+        raise UserError(f"--layers {layers}: no matrix file for layer {missing[0]} (have {min(paths)}..{max(paths)})")
+    return {l: p for l, p in paths.items() if l in wanted}
+
+
+def read_layers(paths: dict[int, str], what: str = "analysing") -> Iterator[LayerMatrix]:
+    """Read the layers one at a time (bounded memory), with a progress line per layer on stderr."""
+    start = time.monotonic()
+    for n, (layer, path) in enumerate(paths.items()):
+        elapsed = time.monotonic() - start
+        eta = elapsed / n * (len(paths) - n) if n else 0.0
+        print(f"{what} layer {layer} ({n + 1}/{len(paths)}), elapsed {fmt_seconds(elapsed)}"
+              + (f", ETA {fmt_seconds(eta)}" if n else ""), file=sys.stderr, flush=True)
+        header, packed = matrixfile.read_matrix(path)
+        yield LayerMatrix(layer, header.width, header.trials, packed)
+
+
+def metadata(run_dir: str) -> dict:
+    """The run's root attributes from summary.h5 ({} for folders of the original tool)."""
+    if not summary.exists(run_dir):
+        return {}
+    attrs, _ = summary.read_summary(os.path.join(run_dir, summary.SUMMARY))
+    return attrs
+
+
+def firing(run_dir: str, layers: str | None = None) -> list[LayerFiring]:
+    """Per-layer firing counts (--layers selects): from summary.h5 when present, else the matrix diagonals."""
+    paths = select(matrix_paths(run_dir), layers)
     if summary.exists(run_dir):
-        _, layers = summary.read_summary(os.path.join(run_dir, summary.SUMMARY))
-        return [LayerFiring(l, int(e["attrs"]["tokens"]), e["fire_count"]) for l, e in layers.items()]
+        _, found = summary.read_summary(os.path.join(run_dir, summary.SUMMARY))
+        return [LayerFiring(l, int(e["attrs"]["tokens"]), e["fire_count"]) for l, e in found.items() if l in paths]
     out = []
-    for layer, path in matrix_paths(run_dir).items():
+    for layer, path in paths.items():
         header, packed = matrixfile.read_matrix(path)
         out.append(LayerFiring(layer, header.trials, triangle.diagonal(packed, header.width)))
     return out
@@ -67,32 +120,67 @@ def coverage_curve(fire_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def measure(rows: np.ndarray, diag_rows: np.ndarray, diag_cols: np.ndarray, trials: int, kind: str) -> np.ndarray:
-    """A co-firing measure from count rows C[i, :]: count, freq (C/T), cond (P(j|i) = C/C_ii) or lift."""
-    c = rows.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if kind == "count":
-            out = c
-        elif kind == "freq":
-            out = c / max(trials, 1)
-        elif kind == "cond":
-            out = c / diag_rows[:, None]
-        elif kind == "lift":
-            out = c * trials / (diag_rows[:, None] * diag_cols[None, :])
-        else:
-            raise UserError(f"--measure {kind}: choose count, freq, cond or lift")
-    return np.nan_to_num(out, nan=0.0, posinf=0.0)
-
-
 def heatmap(packed: np.ndarray, width: int, trials: int, order: np.ndarray, pixels: int,
             kind: str = "lift") -> np.ndarray:
-    """[p, p] image (p = min(width, pixels)) of a measure, neurons in `order`, averaged over square blocks."""
+    """[p, p] image (p = min(width, pixels)) of a measure, neurons in `order`, averaged over square blocks.
+
+    The diagonal (a neuron with itself: lift 1/P(i), cond 1) is left out of the means, so that it does not
+    drown the pairs (a pixel that holds only the diagonal, at full resolution, is NaN); undefined cells
+    (a neuron that never fires) count as 0."""
     p = min(width, pixels)
     edges = np.linspace(0, width, p + 1).astype(np.int64)
     diag = triangle.diagonal(packed, width).astype(np.float64)[order]
+    cells = np.diff(edges)
     image = np.zeros((p, p))
     for b in range(p):
         rows = triangle.rows_at(packed, order[edges[b] : edges[b + 1]], order)
-        block = measure(rows, diag[edges[b] : edges[b + 1]], diag, trials, kind)
-        image[b] = np.add.reduceat(block.sum(0), edges[:-1]) / np.diff(edges) / block.shape[0]
+        block = np.nan_to_num(measures.pair_measure(rows, diag[edges[b] : edges[b + 1], None], diag[None, :],
+                                                    trials, kind), nan=0.0, posinf=0.0, neginf=0.0)
+        block[np.arange(len(block)), np.arange(edges[b], edges[b + 1])] = 0.0
+        pairs = cells[b] * cells - (np.arange(p) == b) * cells[b]  # off-diagonal cells per block
+        with np.errstate(invalid="ignore", divide="ignore"):
+            image[b] = np.where(pairs > 0, np.add.reduceat(block.sum(0), edges[:-1]) / pairs, np.nan)
     return image
+
+
+def layer_row(layer: int, trials: int, fire_count: np.ndarray) -> dict:
+    """Per-layer firing numbers: density, exponent, top-20 % coverage, dead and always-on neurons."""
+    width = len(fire_count)
+    _, y = coverage_curve(fire_count)
+    return {"layer": layer, "width": width, "trials": trials,
+            "density": float(fire_count.sum() / max(trials, 1) / max(width, 1)),
+            "alpha": powerlaw_exponent(fire_count),
+            "coverage20": float(y[max(0, int(np.ceil(0.2 * width)) - 1)]) if width else 0.0,
+            "dead": int((fire_count == 0).sum()),
+            "always_on": int((fire_count >= trials).sum()) if trials else 0}
+
+
+def script_parser(doc: str, what: str | None = "outputs") -> argparse.ArgumentParser:
+    """The arguments analysis scripts share: RUN_DIR, --layers and (unless what is None) --out."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder with correlations_block_<L>.zstd (and summary.h5)")
+    p.add_argument("--layers", help="layers: 3, 0,4,8 or 0-7 (default: all)")
+    if what is not None:
+        p.add_argument("--out", help=f"folder for the {what} (default: RUN_DIR)")
+    return p
+
+
+def script_layers(args: argparse.Namespace) -> dict[int, str]:
+    """The selected layers' matrix files; creates the output folder."""
+    paths = select(matrix_paths(args.run_dir), args.layers)
+    os.makedirs(args.out or args.run_dir, exist_ok=True)
+    return paths
+
+
+def run_script(name: str, body) -> int:
+    """Run a script's body; a UserError or an unwritable output becomes one line on stderr and exit 2."""
+    try:
+        return body() or 0
+    except (UserError, OSError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def frequency_order(packed: np.ndarray, width: int) -> np.ndarray:
+    """Neurons by firing count, most frequent first (ties by index)."""
+    return np.argsort(-triangle.diagonal(packed, width).astype(np.int64), kind="stable")

@@ -1,5 +1,7 @@
 """Offline analysis on counts with a planted structure, and the scripts on original-format folders."""
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, cli_env
-from mpicorr import analysis, matrixfile, triangle
+from mpicorr import analysis, bundles, clusters, matrixfile, triangle
 
 
 def planted_run(folder, layers=2, width=40, tokens=500, seed=0):
@@ -36,41 +38,90 @@ def test_coverage_curve_hand_values():
     assert y.tolist() == [0.6, 0.9, 1.0, 1.0]
 
 
-def test_measures_hand_values():
-    rows = np.array([[4, 2], [2, 5]])
-    diag = np.array([4.0, 5.0])
-    assert analysis.measure(rows, diag, diag, 10, "freq").tolist() == [[0.4, 0.2], [0.2, 0.5]]
-    assert analysis.measure(rows, diag, diag, 10, "cond").tolist() == [[1.0, 0.5], [0.4, 1.0]]
-    assert analysis.measure(rows, diag, diag, 10, "lift")[0, 1] == pytest.approx(2 * 10 / (4 * 5))
-
-
 def test_heatmap_is_block_mean_of_the_measure(tmp_path):
     planted_run(str(tmp_path), layers=1)
     header, packed = matrixfile.read_matrix(str(tmp_path / matrixfile.matrix_name(0)))
     order = np.random.default_rng(1).permutation(40)
     image = analysis.heatmap(packed, 40, header.trials, order, 8, "freq")
     full = triangle.unpack(packed, 40)[np.ix_(order, order)] / header.trials
+    np.fill_diagonal(full, np.nan)  # a neuron with itself is left out
     assert image.shape == (8, 8)
-    assert np.allclose(image, full.reshape(8, 5, 8, 5).mean(axis=(1, 3)))
+    assert np.allclose(image, np.nanmean(full.reshape(8, 5, 8, 5).transpose(0, 2, 1, 3).reshape(8, 8, 25), axis=2))
     assert analysis.heatmap(packed, 40, header.trials, order, 4096).shape == (40, 40)
+
+
+def script(name, *args):
+    """Run analysis/<name> and return the completed process."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "analysis", name), *map(str, args)],
+                          capture_output=True, text=True, env=cli_env(), timeout=300)
+
+
+def is_png(path):
+    return open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_scripts_run_on_original_format_folder(tmp_path):
     run = planted_run(str(tmp_path))
-    for script, args in (("firing.py", []), ("heatmap.py", ["--layer", "1", "--pixels", "20"])):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", script), run, *args],
-                                capture_output=True, text=True, env=cli_env(), timeout=120)
-        assert result.returncode == 0, result.stderr
-    for name in ("firing_rank_frequency.png", "firing_coverage.png", "firing_depth.png", "heatmap_lift_1.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name, args in (("firing.py", []), ("heatmap.py", ["--layers", "1", "--pixels", "20"]),
+                       ("cofiring.py", ["--top", "7", "--min-support", "5"]), ("clusters.py", ["--clusters", "4"]),
+                       ("bundles.py", ["--q", "0.9", "--min-support", "2"]),
+                       ("heatmap.py", ["--all", "--order", "cluster", "--measure", "phi", "--pixels", "10"]),
+                       ("export.py", ["--powerinfer", tmp_path / "pi", "--metis", tmp_path / "metis",
+                                      "--permutation", tmp_path / "perm.json"])):
+        result = script(name, run, *args)
+        assert result.returncode == 0, (name, result.stderr)
+    for name in ("firing_rank_frequency.png", "firing_coverage.png", "firing_depth.png", "heatmap_lift_1.png",
+                 "cofiring_distributions.png", "cluster_quality.png", "bundle_sizes.png", "heatmap_phi_0.png",
+                 "heatmaps_phi.png"):
+        assert is_png(tmp_path / name), name
     from matplotlib.image import imread
     assert imread(str(tmp_path / "heatmap_lift_1.png")).shape[:2] == (700, 800)
-    lines = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "firing.py"), run],
-                           capture_output=True, text=True, env=cli_env()).stdout.splitlines()
+    lines = script("firing.py", run).stdout.splitlines()
     assert lines[1].split()[:2] == ["0", "40"]
+    rows = list(csv.DictReader(open(tmp_path / "cofiring_top_pairs.csv")))
+    assert len(rows) == 14 and rows[0]["layer"] == "0" and float(rows[0]["lift"]) >= float(rows[1]["lift"])
+    _, found = clusters.read_clusters(str(tmp_path / clusters.CLUSTERS))
+    assert sorted(found) == [0, 1] and found[0].labels.max() == 3
+    # The planted group (neurons 30..34 always fire together) lands in one cluster and one bundle.
+    assert len(set(found[0].labels[30:35].tolist())) == 1
+    _, b = bundles.read_bundles(str(tmp_path / bundles.BUNDLES))
+    assert {30, 31, 32, 34}.issubset(b[0].bundle(33).tolist())
+    assert sorted(os.listdir(tmp_path / "pi")) == ["activation_0.pt", "activation_1.pt"]
+    assert sorted(os.listdir(tmp_path / "metis")) == ["cofiring_0.graph", "cofiring_1.graph"]
+    assert sorted(json.load(open(tmp_path / "perm.json"))["layers"]["1"]["permutation"]) == list(range(40))
+    result = script("report.py", run, "--clusters", "4", "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "matrix files only" in page and page.count("<b>Layer ") == 2
+    assert page.count("data:image/png;base64,") == 8
+    assert {"cofiring_top_pairs.csv", "clusters.h5", "bundles.h5"}.issubset(os.listdir(tmp_path / "report"))
 
 
-def test_script_error_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "heatmap.py"), str(tmp_path)],
-                            capture_output=True, text=True, env=cli_env())
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "no correlations_block" in result.stderr
+def test_report_on_a_run_folder(tmp_path, llama, sample_path):
+    from conftest import run_main
+    out = tmp_path / "run"
+    assert run_main(["--model", llama, "--data", sample_path, "--out", str(out), "--ctx", "32",
+                     "--device", "cpu"]).returncode == 0
+    result = script("report.py", out, "--layers", "1", "--pixels", "16")
+    assert result.returncode == 0, result.stderr
+    page = (out / "report.html").read_text()
+    assert "perplexity" in page and "summary.h5" not in page and page.count("<b>Layer 1.</b>") == 1
+    assert "analysing layer 1 (1/1)" in result.stderr
+
+
+@pytest.mark.parametrize("name,args,message", [
+    ("heatmap.py", [], "no correlations_block"),
+    ("heatmap.py", ["--layers", "7"], "--layers 7: no matrix file for layer 7"),
+    ("heatmap.py", ["--layers", "x"], "--layers x: give layer numbers"),
+    ("heatmap.py", ["--order", "cluster"], "run analysis/clusters.py first"),
+    ("cofiring.py", ["--top", "0"], "--top 0"),
+    ("clusters.py", ["--clusters", "0"], "--clusters 0"),
+    ("bundles.py", ["--q", "1.5"], "--q 1.5"),
+    ("export.py", [], "nothing to export"),
+    ("report.py", ["--min-support", "0"], "--min-support 0"),
+])
+def test_script_errors_are_one_line(tmp_path, name, args, message):
+    run = str(tmp_path) if not args else planted_run(str(tmp_path), layers=1)
+    result = script(name, run, *args)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr

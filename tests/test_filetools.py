@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, run_main
-from mpicorr import filetools, matrixfile, summary, triangle
+from mpicorr import filetools, matrixfile, summary
 from test_pipeline import outputs
 from mpicorr.errors import UserError
 

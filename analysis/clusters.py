@@ -1,0 +1,87 @@
+"""Neuron clusters per layer: K groups that fire together, a spectral ordering, quality against random.
+
+    python analysis/clusters.py RUN_DIR [--clusters 8] [--balanced] [--seed 0] [--layers 0-3]
+
+Writes clusters.h5 (per layer: cluster id and Fiedler value of every neuron, and the permutation that puts
+clusters and co-firing neurons side by side) and cluster_quality.png (to RUN_DIR unless --out), and prints
+per layer the share of co-firing mass inside clusters and the clusters an average token touches (bounds
+from pairwise counts), each next to a random partition with the same sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mpicorr import analysis, clusters, figures
+from mpicorr.errors import UserError
+
+HEADER = "layer  inside  random_inside  touched        random_touched  of K"
+
+
+def quality_row(r: clusters.LayerClusters) -> dict:
+    """One layer's quality numbers, flat."""
+    q, z = r.quality, r.random
+    return {"layer": r.layer, "clusters": int(r.labels.max()) + 1, "inside_share": q.inside_share,
+            "touched_low": q.touched_low, "touched_high": q.touched_high, "random_inside_share": z.inside_share,
+            "random_touched_low": z.touched_low, "random_touched_high": z.touched_high}
+
+
+def format_row(r: dict) -> str:
+    """One printed table line."""
+    return (f"{r['layer']:5d}  {r['inside_share']:6.3f}  {r['random_inside_share']:13.3f}  "
+            f"{r['touched_low']:5.2f}-{r['touched_high']:<5.2f}    {r['random_touched_low']:5.2f}-"
+            f"{r['random_touched_high']:<5.2f}     {r['clusters']}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options shared with report.py."""
+    p.add_argument("--clusters", type=int, default=8, help="clusters K per layer")
+    p.add_argument("--balanced", action="store_true", help="clusters of equal size (sizes differ by at most one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the random baseline")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse option values that cannot work, before any file is read."""
+    if args.clusters < 1:
+        raise UserError(f"--clusters {args.clusters}: must be at least 1")
+
+
+def cluster(lm: analysis.LayerMatrix, args: argparse.Namespace) -> clusters.LayerClusters:
+    """Cluster one layer."""
+    return clusters.cluster_layer(lm.layer, clusters.dense(lm.packed, lm.width), lm.trials, args.clusters,
+                                  args.balanced, args.seed)
+
+
+def file_attributes(args: argparse.Namespace) -> dict:
+    """Root attributes of clusters.h5."""
+    return {"run_dir": os.path.abspath(args.run_dir), "clusters": args.clusters, "balanced": args.balanced,
+            "seed": args.seed, "affinity": "count"}
+
+
+def main() -> int:
+    p = analysis.script_parser(__doc__)
+    add_arguments(p)
+    args = p.parse_args()
+    out = args.out or args.run_dir
+
+    def body() -> None:
+        check_arguments(args)
+        paths = analysis.script_layers(args)
+        results, rows = [], []
+        for lm in analysis.read_layers(paths, "clustering"):
+            results.append(cluster(lm, args))
+            rows.append(quality_row(results[-1]))
+        print(HEADER)
+        for r in rows:
+            print(format_row(r))
+        clusters.write_clusters(os.path.join(out, clusters.CLUSTERS), results, file_attributes(args))
+        figures.cluster_quality(rows, os.path.join(out, "cluster_quality.png"))
+        print(f"outputs in {out}: {clusters.CLUSTERS}, cluster_quality.png")
+
+    return analysis.run_script("clusters.py", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
