@@ -104,6 +104,13 @@ def resolve_device(device: str, local_rank: int) -> str:
     return device
 
 
+def device_identity(device: str) -> str | None:
+    """The physical GPU behind a device (its UUID, the same whatever CUDA_VISIBLE_DEVICES says); None for CPU."""
+    if not device.startswith("cuda"):
+        return None
+    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """'auto' is bfloat16 on GPUs that have it (else float16), float32 on the CPU."""
     if dtype == "auto":

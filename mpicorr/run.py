@@ -208,11 +208,28 @@ def count_chunks(model, sites, job: Job, batches: tuple[plan.Batch, ...], tally:
                 progress.update(b1 - b0)
 
 
+def check_gpu_sharing(option: str, hosts: list[str], devices: list[str], gpus: list[str | None]) -> None:
+    """With --device auto, refuse two ranks on one physical GPU: usually more ranks per node than GPUs."""
+    if option != "auto":
+        return  # an explicit cuda:N is taken as meant
+    seen: dict[tuple[str, str], int] = {}
+    for rank, (host, gpu) in enumerate(zip(hosts, gpus)):
+        if gpu is None:
+            continue
+        if (host, gpu) in seen:
+            raise UserError(f"--device auto: ranks {seen[host, gpu]} and {rank} on {host} would share GPU "
+                            f"{devices[rank]}; start one rank per GPU (mpirun --map-by ppr:G:node, srun "
+                            "--gpus-per-task=1), or pass --device cuda:N to share on purpose or --device cpu")
+        seen[host, gpu] = rank
+
+
 def run(cfg: Config, comm: Comm) -> None:
     """Count, reduce and write one run; every rank calls this."""
     hosts = comm.allgather(comm.host)
     device = comm.checked(lambda: models.resolve_device(cfg.device, comm.local_rank))
     devices = comm.allgather(device)
+    gpus = comm.allgather(models.device_identity(device))
+    comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
     job = comm.checked(lambda: prepare(cfg, hosts), root_only=True)
     mine = job.plan[comm.rank]
     if comm.rank == 0:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import cli_env, run_cli, run_main, MPIRUN
+from mpicorr.errors import UserError
 from test_pipeline import outputs
 
 CTX = 64
@@ -159,3 +160,21 @@ def test_inspect_with_site_module(bad_files):
     result = run_main(["inspect", "--model", bad_files["OLMO"], "--site-module", r"model\.layers\.\d+\.mlp\.up_proj"])
     assert result.returncode == 0 and "input of model.layers.1.mlp.up_proj" in result.stdout
     assert "model.layers.<L>.mlp.down_proj" in result.stdout
+
+
+def test_two_ranks_on_one_gpu_are_refused_with_device_auto():
+    from mpicorr.run import check_gpu_sharing
+    hosts, devices = ["a", "a", "b", "b"], ["cuda:0", "cuda:0", "cuda:0", "cuda:1"]
+    with pytest.raises(UserError, match=r"ranks 0 and 1 on a would share GPU cuda:0; start one rank per GPU"):
+        check_gpu_sharing("auto", hosts, devices, ["U0", "U0", "U0", "U1"])
+    check_gpu_sharing("auto", hosts, devices, ["U0", "U1", "U0", "U1"])  # SLURM binding: each sees one GPU
+    check_gpu_sharing("cuda:0", hosts, devices, ["U0", "U0", "U0", "U0"])  # explicit: on purpose
+    check_gpu_sharing("auto", hosts, ["cpu"] * 4, [None] * 4)
+
+
+def test_device_identity():
+    from mpicorr import models
+    assert models.device_identity("cpu") is None
+    if torch.cuda.is_available():
+        a, b = models.device_identity("cuda:0"), models.device_identity("cuda")
+        assert a == b and len(a) >= 32
