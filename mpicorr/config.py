@@ -30,6 +30,7 @@ class Config:
     ctx: int = 512
     chunk_start: int = 0
     chunks: int | None = None
+    part: str | None = None
     threshold: float = 0.5
     site_module: str | None = None
     batch_size: int = 1
@@ -51,6 +52,8 @@ HELP = {
     "ctx": "tokens per chunk; each chunk is one sequence (default: 512)",
     "chunk_start": "first chunk to process (default: 0)",
     "chunks": "number of chunks to process (default: all from --chunk-start on)",
+    "part": "K/N: process only the K-th (from 0) of N equal shares of the chunks, in whole batches, for "
+            "separate jobs (SLURM arrays) whose outputs 'mpicorr sum' adds up (default: all)",
     "threshold": "a neuron fires when x >= +T or x <= -T (default: 0.5)",
     "site_module": "record the input of every module whose full name matches this regular expression "
                    "(default: the FFN down projection from the family registry)",
@@ -141,6 +144,8 @@ def validate(cfg: Config) -> None:
     if cfg.chunks is not None:
         _check_int("--chunks", cfg.chunks, 1)
     _check_int("--batch-size", cfg.batch_size, 1)
+    if cfg.part is not None:
+        parse_part(cfg.part)
     if cfg.checkpoint_every is not None:
         _check_int("--checkpoint-every", cfg.checkpoint_every, 0)
     if cfg.force and cfg.resume:
@@ -161,6 +166,18 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--kernel {cfg.kernel!r}: choose one of {', '.join(KERNELS)}")
     if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):
         raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only; use --kernel auto or gemm with --device cuda")
+
+
+def parse_part(part: str) -> tuple[int, int]:
+    """(K, N) of a --part K/N value."""
+    k, _, n = str(part).partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise UserError(f"--part {part!r}: give K/N with 0 <= K < N, e.g. 0/4 for the first of four shares")
+    return k, n
 
 
 def _check_int(option: str, value: object, minimum: int) -> None:

@@ -157,6 +157,17 @@ def batches(chunk_start: int, chunks: int, batch_size: int) -> list[Batch]:
     return [(b, min(b + batch_size, end)) for b in range(chunk_start, end, batch_size)]
 
 
+
+def part(start: int, count: int, batch: int, k: int, n: int) -> tuple[int, int]:
+    """(start, count) of the k-th of n shares of chunks [start, start + count), cut at batch boundaries,
+    so each share is forwarded in the same batches as a run over the whole range."""
+    total = -(-count // batch)
+    if n > total:
+        raise UserError(f"--part {k}/{n}: the {count} chunks make only {total} batches; use at most {total} parts")
+    lo, hi = total * k // n, total * (k + 1) // n
+    first = start + lo * batch
+    return first, min(start + count, start + hi * batch) - first
+
 def merge_ranges(ranges: list[Batch] | tuple[Batch, ...]) -> list[Batch]:
     """Sorted, non-empty, maximal [start, stop) ranges covering the same chunks."""
     merged: list[Batch] = []

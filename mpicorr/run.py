@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import __version__, checkpoint, data, matrixfile, models, plan, summary
-from .config import Config
+from .config import Config, parse_part
 from .counting import LayerCounts, chunk_nll, count_dtype, split_stats
 from .dist import Comm
 from .errors import UserError
@@ -58,6 +58,8 @@ def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
     text, sha = data.read_text(cfg.data)
     all_chunks = data.make_chunks(data.tokenize(text, tokenizer), cfg.ctx, tokenizer.bos_token_id)
     start, count = data.select(all_chunks, cfg.chunk_start, cfg.chunks, cfg.data, cfg.ctx)
+    if cfg.part is not None:
+        start, count = plan.part(start, count, cfg.batch_size, *parse_part(cfg.part))
     return all_chunks, sha, start, count
 
 

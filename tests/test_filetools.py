@@ -86,6 +86,17 @@ def test_sum_of_run_folders_equals_one_run(llama, sample_path, tmp_path):
     assert run_main(["verify", merged, whole]).returncode == 0
 
 
+def test_parts_summed_equal_one_run(llama, sample_path, tmp_path):
+    """--part K/N cuts at batch boundaries, so each share is forwarded exactly as in the whole run."""
+    whole = run_folder(llama, sample_path, tmp_path / "whole", 1, 11, "--batch-size", "2")
+    parts = [run_folder(llama, sample_path, tmp_path / f"p{k}", 1, 11, "--batch-size", "2", "--part", f"{k}/3")
+             for k in range(3)]
+    ranges = [summary.read_summary(f"{p}/summary.h5")[0]["chunk_ranges"].tolist() for p in parts]
+    assert ranges == [[[1, 5]], [[5, 9]], [[9, 12]]]
+    assert run_main(["sum", str(tmp_path / "merged"), *parts]).returncode == 0
+    assert outputs(str(tmp_path / "merged")) == outputs(whole)
+
+
 def test_sum_of_run_folders_refuses_overlap_and_reports_gaps(llama, sample_path, tmp_path):
     a = run_folder(llama, sample_path, tmp_path / "a", 0, 4)
     b = run_folder(llama, sample_path, tmp_path / "b", 3, 3)

@@ -88,3 +88,14 @@ def test_by_slot_placement():
     assert [(line.host, local, line.weight) for line, local in placed] == [("a", 0, 2.0), ("a", 1, 2.0), ("b", 0, 1.0)]
     with pytest.raises(UserError, match="4 ranks need 4 slots"):
         plan.by_slot(lines, 4)
+
+
+def test_part_cuts_whole_batches():
+    assert [plan.part(3, 11, 2, k, 3) for k in range(3)] == [(3, 4), (7, 4), (11, 3)]
+    assert [plan.part(0, 10, 1, k, 4) for k in range(4)] == [(0, 2), (2, 3), (5, 2), (7, 3)]
+    shares = [plan.part(5, 100, 7, k, 6) for k in range(6)]
+    assert shares[0][0] == 5 and sum(c for _, c in shares) == 100
+    assert all(a + c == b for (a, c), (b, _) in zip(shares, shares[1:]))
+    assert all((s - 5) % 7 == 0 for s, _ in shares)
+    with pytest.raises(UserError, match="make only 2 batches; use at most 2 parts"):
+        plan.part(0, 3, 2, 0, 3)
