@@ -1,0 +1,90 @@
+"""The SLURM scripts on a real one-node SLURM: outputs byte-identical to a plain mpirun run.
+
+Runs where `sbatch` answers, or anywhere with MPICORR_SLURM_TEST=1, which first runs
+tests/slurm/cluster.sh (installs slurm-wlm and munge with apt-get when missing, as root; CI does this).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, cli_env, run_cli
+from test_pipeline import outputs
+
+WAIT_S = 600
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.environ.get("MPICORR_SLURM_TEST") == "1":
+        subprocess.run(["bash", os.path.join(ROOT, "tests", "slurm", "cluster.sh")], check=True, timeout=900)
+    elif shutil.which("sbatch") is None:
+        pytest.skip("no SLURM here; MPICORR_SLURM_TEST=1 installs and starts a one-node cluster (root, apt)")
+    if subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+        pytest.skip("sbatch is installed but no SLURM controller answers")
+
+
+def submit(args: list[str], cwd: str, **env: str) -> str:
+    """sbatch ARGS from cwd (the job sees the repository's slurm/ through MPICORR_SLURM_DIR); the job id."""
+    job_env = {**cli_env(), "MPICORR_PYTHON": sys.executable, "MPICORR_SLURM_DIR": os.path.join(ROOT, "slurm"),
+               **env}
+    result = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=job_env, cwd=cwd,
+                            check=True)
+    return result.stdout.strip().split(";")[0]
+
+
+def wait_for(cwd: str, *jobs: str) -> None:
+    """Until none of the jobs (or jobs they submitted, like the merge) is queued or running."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout
+        if not any(line.split()[0].split("_")[0] in jobs or "mpicorr" in line for line in queue.splitlines()):
+            return
+        time.sleep(2)
+    logs = "\n".join(open(os.path.join(cwd, f)).read()[-2000:] for f in os.listdir(cwd) if f.endswith(".log"))
+    pytest.fail(f"SLURM jobs {jobs} still queued after {WAIT_S} s\n{logs}")
+
+
+def logs(cwd: str) -> str:
+    return "\n".join(f"--- {f}\n" + open(os.path.join(cwd, f)).read()[-3000:]
+                     for f in sorted(os.listdir(cwd)) if f.endswith(".log"))
+
+
+def test_sbatch_scripts_match_plain_mpirun(cluster, llama, sample_path, tmp_path):
+    run_args = ["--model", llama, "--data", sample_path, "--ctx", "64", "--chunks", "10", "--device", "cpu"]
+    plain = tmp_path / "plain"
+    result = run_cli(["run", *run_args, "--out", str(plain)], ranks=2)
+    assert result.returncode == 0, result.stderr
+    cwd = str(tmp_path)
+    one = submit(["--ntasks=2", os.path.join(ROOT, "slurm", "mpicorr.sbatch"), *run_args, "--out", "one"], cwd)
+    array = submit(["--array=0-2", "--ntasks=1", os.path.join(ROOT, "slurm", "array.sbatch"), *run_args,
+                    "--out", "arr"], cwd, MPICORR_LAUNCH="mpirun")
+    wait_for(cwd, one, array)
+    assert outputs(str(tmp_path / "one")) == outputs(str(plain)), logs(cwd)
+    assert sorted(os.listdir(tmp_path / "arr")) == [".merge-submitted", "merged", "part-0", "part-1", "part-2"]
+    assert outputs(str(tmp_path / "arr" / "merged")) == outputs(str(plain)), logs(cwd)
+    assert os.path.exists(tmp_path / f"mpicorr-{one}.log") and os.path.exists(tmp_path / f"mpicorr-{array}-merge.log")
+    assert "3 runs merged, chunks [0, 10)" in open(tmp_path / f"mpicorr-{array}-merge.log").read()
+
+
+def test_hostfile_helper_expands_tasks_per_node(tmp_path):
+    """slurm/hostfile.sh with a stand-in scontrol: '2(x2),1' gives 2, 2 and 1 slots; weights as comments."""
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\ncpu07\\n'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[01-02],cpu07",
+           "SLURM_TASKS_PER_NODE": "2(x2),1", "SLURM_JOB_ID": "42", "MPICORR_WEIGHTS": "gpu02=3"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "slurm", "hostfile.sh")], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "hostfile.42", result.stderr
+    assert (tmp_path / "hostfile.42").read_text().splitlines() == [
+        "gpu01 slots=2", "gpu02 slots=2  # weight=3", "cpu07 slots=1"]
+    from mpicorr import plan
+    hosts = plan.parse_hostfile((tmp_path / "hostfile.42").read_text())
+    assert [(h.host, h.slots, h.weight) for h in hosts] == [("gpu01", 2, 1.0), ("gpu02", 2, 3.0), ("cpu07", 1, 1.0)]
