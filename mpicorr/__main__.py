@@ -113,10 +113,19 @@ def dispatch(argv: list[str], comm) -> None:
         bench_main(args)
     elif args.cmd == "demo":
         from .demo import demo
-        demo(args.out, comm, command)
+        demo(args.out, comm, command, live_progress())
     else:
         from .run import run
-        run(comm.checked(lambda: build_config(args, command)), comm)
+        run(comm.checked(lambda: build_config(args, command)), comm, live_progress())
+
+
+# Set by mpirun/srun. Their launchers give ranks a pty, so isatty() alone would draw a live bar into log files.
+LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "SLURM_PROCID")
+
+
+def live_progress() -> bool:
+    """A live progress bar only on a terminal of a process started directly (not by mpirun or srun)."""
+    return sys.stdout.isatty() and not any(v in os.environ for v in LAUNCHER_VARIABLES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULES = ("static", "dynamic")
 KERNELS = ("auto", "gemm", "popcount", "sparse")  # the same tuple as triangle.KERNELS (no torch import here)
+
+
+CHOICES = {"dtype": DTYPES, "kernel": KERNELS, "schedule": SCHEDULES}
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Config:
     device: str = "auto"
     kernel: str = "auto"
     hostfile: str | None = None
+    schedule: str = "static"
     force: bool = False
     resume: bool = False
     checkpoint_every: int | None = None
@@ -63,6 +68,8 @@ HELP = {
     "kernel": "pair-count kernel: auto (popcount/sparse per batch on CPU, gemm on GPU), gemm, popcount, sparse; "
               "all give the same counts",
     "hostfile": "hostfile giving each rank's weight (default: ./hostfile when present; none: equal weights)",
+    "schedule": "static: each rank one contiguous share of the batches, by hostfile weight; dynamic: rank 0 "
+                "hands out batches as ranks ask, so faster GPUs do more (same counts either way; default: static)",
     "force": "overwrite outputs already in --out and delete its checkpoints (start over)",
     "resume": "continue the run whose checkpoints are in --out; finished chunks are not counted again "
               "(the number of ranks and the hostfile may differ)",
@@ -82,9 +89,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
-        elif f.name in ("dtype", "kernel"):
-            parser.add_argument(flag, choices=DTYPES if f.name == "dtype" else KERNELS, default=None,
-                                help=HELP[f.name])
+        elif f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], default=None, help=HELP[f.name])
         else:
             parser.add_argument(flag, type=types.get(f.name, str), default=None, help=HELP[f.name])
     parser.add_argument("--config", default="mpicorr.toml",
@@ -162,6 +168,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UserError(f"--device {cfg.device!r}: choose auto, cpu, cuda or cuda:N")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"--schedule {cfg.schedule!r}: choose static or dynamic")
     if cfg.kernel not in KERNELS:
         raise UserError(f"--kernel {cfg.kernel!r}: choose one of {', '.join(KERNELS)}")
     if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):

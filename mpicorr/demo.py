@@ -16,7 +16,7 @@ from .run import run
 DEMO_CTX = 64
 
 
-def demo(out: str, comm: Comm, command: str) -> None:
+def demo(out: str, comm: Comm, command: str, live: bool = False) -> None:
     """Build (once) a tiny Llama-family model in OUT/model and count its neurons on the sample text."""
     model_dir = os.path.join(out, "model")
 
@@ -28,6 +28,6 @@ def demo(out: str, comm: Comm, command: str) -> None:
     comm.checked(build, root_only=True)
     cfg = Config(model=model_dir, data=tiny.sample_path(), out=out, ctx=DEMO_CTX, device="cpu",
                  force=True, command=command)
-    run(cfg, comm)
+    run(cfg, comm, live)
     if comm.rank == 0:
         print(f"mpicorr demo: matrices in {out}/correlations_block_*.zstd, statistics in {out}/summary.h5")

@@ -6,6 +6,8 @@ Library code receives `rank`/`size` or a `Comm`; it never reads the environment 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -76,6 +78,75 @@ class Comm:
         if self.comm is not None and self.size > 1:
             self.comm.Abort(status)
         raise SystemExit(status)
+
+
+ASK, REPLY = 7101, 7102  # message tags of the Service
+POLL_S = 0.002  # the service thread polls (Iprobe + sleep) instead of busy-waiting in a blocking receive
+
+
+class Service:
+    """Rank 0 answers small messages from every rank while it computes too (a background thread).
+
+    `handler(rank, message)` runs on rank 0 under a lock, for rank 0's own calls as well. Between
+    `Service(...)` and `close()` the main threads make no other MPI calls; `close()` on rank 0 returns once
+    every rank has closed. Needs MPI_THREAD_SERIALIZED or more (Open MPI and MPICH give MULTIPLE).
+    """
+
+    def __init__(self, comm: Comm, handler: Callable[[int, Any], Any]):
+        self.comm, self.handler, self.lock = comm, handler, threading.Lock()
+        self.remote = comm.comm is not None and comm.size > 1
+        self.thread = None
+        if self.remote and comm.rank == 0:
+            self.thread = threading.Thread(target=self._serve, name="mpicorr-service", daemon=True)
+            self.thread.start()
+
+    @staticmethod
+    def check(comm: Comm) -> None:
+        """Refuse an MPI without the thread support the service needs (call on every rank, before it)."""
+        if comm.comm is not None and comm.size > 1 and MPI.Query_thread() < MPI.THREAD_SERIALIZED:
+            raise UserError("this MPI library gives no thread support (MPI_THREAD_SERIALIZED), which the job's "
+                            "live progress and --schedule dynamic need; use an MPI built with threads")
+
+    def ask(self, message: Any) -> Any:
+        """Send a message to rank 0 and wait for the handler's answer."""
+        if not self.remote or self.comm.rank == 0:
+            with self.lock:
+                return self.handler(self.comm.rank, message)
+        self.comm.comm.send(("ask", message), dest=0, tag=ASK)
+        return self.comm.comm.recv(source=0, tag=REPLY)
+
+    def tell(self, message: Any) -> None:
+        """Send a message to rank 0's handler without waiting (small messages go out at once)."""
+        if not self.remote or self.comm.rank == 0:
+            with self.lock:
+                self.handler(self.comm.rank, message)
+            return
+        self.comm.comm.send(("tell", message), dest=0, tag=ASK)
+
+    def close(self) -> None:
+        """This rank is done; on rank 0, wait until every rank is."""
+        if not self.remote:
+            return
+        if self.comm.rank != 0:
+            self.comm.comm.send(("close", None), dest=0, tag=ASK)
+        elif self.thread is not None:
+            self.thread.join()
+
+    def _serve(self) -> None:
+        status, open_ranks = MPI.Status(), self.comm.size - 1
+        while open_ranks:
+            if not self.comm.comm.iprobe(source=MPI.ANY_SOURCE, tag=ASK, status=status):
+                time.sleep(POLL_S)
+                continue
+            source = status.Get_source()
+            kind, message = self.comm.comm.recv(source=source, tag=ASK)
+            if kind == "close":
+                open_ranks -= 1
+                continue
+            with self.lock:
+                answer = self.handler(source, message)
+            if kind == "ask":
+                self.comm.comm.send(answer, dest=source, tag=REPLY)
 
 
 def world() -> Comm:

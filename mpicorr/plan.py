@@ -206,10 +206,11 @@ def format_ranges(ranges: list[Batch]) -> str:
     return " ".join(f"[{a}, {b})" for a, b in ranges) or "-"
 
 
-def format_plan(plan: list[Assignment], devices: list[str]) -> str:
-    """The table rank 0 prints before any work."""
-    rows = [("rank", "host", "device", "weight", "chunks", "count")]
+def format_plan(plan: list[Assignment], devices: list[str], dynamic: bool = False) -> str:
+    """The table rank 0 prints before any work (no shares under the dynamic schedule)."""
+    rows = [("rank", "host", "device")] if dynamic else [("rank", "host", "device", "weight", "chunks", "count")]
     for a, dev in zip(plan, devices):
-        rows.append((str(a.rank), a.host, dev, f"{a.weight:g}", format_ranges(a.ranges), str(a.chunks)))
+        full = (str(a.rank), a.host, dev, f"{a.weight:g}", format_ranges(a.ranges), str(a.chunks))
+        rows.append(full[:3] if dynamic else full)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

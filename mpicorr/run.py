@@ -10,17 +10,18 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, data, matrixfile, models, plan, summary
+from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, summary
 from .config import Config, parse_part
 from .counting import LayerCounts, chunk_nll, count_dtype, split_stats
-from .dist import Comm
+from .dist import Comm, Service
 from .errors import UserError
 from .hooks import recording
-from .progress import Progress
+from .progress import JobProgress
 
 SITE = "ffn"
 CHECKPOINT_SECONDS = 600.0   # default checkpoint interval: a crash loses at most about ten minutes
@@ -193,12 +194,15 @@ def absorb(tally: Tally, files: list[checkpoint.Checkpoint], sites) -> None:
         tally.finished += ck.finished
 
 
-def count_chunks(model, sites, job: Job, batches: tuple[plan.Batch, ...], tally: Tally, device: str,
-                 saver: Saver, progress: Progress | None) -> None:
-    """Forward each batch while counting into `tally`, checkpointing as the saver decides."""
+def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: Tally, device: str,
+                 saver: Saver, service: Service) -> tuple[int, float]:
+    """Forward each batch while counting into `tally`, checkpointing as the saver decides and reporting
+    each batch to rank 0; (chunks, seconds busy)."""
     causal = models.is_causal_lm(model)
+    chunks, busy = 0, 0.0
     with torch.inference_mode(), recording(sites, tally.counts):
         for b0, b1 in batches:
+            started = time.monotonic()
             ids = torch.from_numpy(job.chunks[b0 - job.chunk_start : b1 - job.chunk_start]).to(device)
             out = model(input_ids=ids, use_cache=False)
             if causal:
@@ -206,8 +210,16 @@ def count_chunks(model, sites, job: Job, batches: tuple[plan.Batch, ...], tally:
                 tally.nll, tally.predictions = tally.nll + part, tally.predictions + n
             tally.finished.append((b0, b1))
             saver.after_batch(tally, b1 - b0)
-            if progress:
-                progress.update(b1 - b0)
+            spent = time.monotonic() - started
+            chunks, busy = chunks + b1 - b0, busy + spent
+            service.tell(("done", b1 - b0))
+    return chunks, busy
+
+
+def asked(service: Service) -> Iterator[plan.Batch]:
+    """--schedule dynamic: batches from rank 0's queue until it is empty."""
+    while (batch := service.ask(("next",))) is not None:
+        yield batch
 
 
 def check_gpu_sharing(option: str, hosts: list[str], devices: list[str], gpus: list[str | None]) -> None:
@@ -225,15 +237,14 @@ def check_gpu_sharing(option: str, hosts: list[str], devices: list[str], gpus: l
         seen[host, gpu] = rank
 
 
-def run(cfg: Config, comm: Comm) -> None:
-    """Count, reduce and write one run; every rank calls this."""
+def run(cfg: Config, comm: Comm, live: bool = False) -> None:
+    """Count, reduce and write one run; every rank calls this. `live`: redraw rank 0's progress in place."""
     hosts = comm.allgather(comm.host)
     device = comm.checked(lambda: models.resolve_device(cfg.device, comm.local_rank))
     devices = comm.allgather(device)
     gpus = comm.allgather(models.device_identity(device))
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
     job = comm.checked(lambda: prepare(cfg, hosts), root_only=True)
-    mine = job.plan[comm.rank]
     if comm.rank == 0:
         announce(cfg, comm, job, devices)
     model = comm.checked(lambda: guard_memory(
@@ -246,12 +257,36 @@ def run(cfg: Config, comm: Comm) -> None:
     path = os.path.join(checkpoint.folder(cfg.out), checkpoint.file_name(job.generation, comm.rank))
     absorbs = sorted({n for ck in taken for n in [ck.name, *ck.absorbs]})
     saver = Saver(path, job.identity, absorbs, cfg.checkpoint_every)
-    progress = Progress(mine.chunks, cfg.ctx) if comm.rank == 0 else None
     started = time.monotonic()
-    guard_memory(lambda: count_chunks(model, sites, job, mine.batches, tally, device, saver, progress), cfg, device)
+    chunks, busy = count_scheduled(cfg, comm, job, model, sites, tally, device, saver, live)
     saver.finish(tally)
     del model
-    reduce_and_write(cfg, comm, job, sites, tally, time.monotonic() - started)
+    reports = comm.allgather(schedule.RankReport(comm.rank, comm.host, device, chunks, busy))
+    wall = time.monotonic() - started
+    rows = schedule.rank_rows(reports, wall, cfg.ctx)
+    if comm.rank == 0:
+        print(schedule.format_rows(rows), flush=True)
+    reduce_and_write(cfg, comm, job, sites, tally, wall)
+    if comm.rank == 0:
+        schedule.write_run_json(os.path.join(cfg.out, schedule.RUN_JSON), cfg.schedule, wall, rows)
+
+
+def count_scheduled(cfg: Config, comm: Comm, job: Job, model, sites, tally: Tally, device: str,
+                    saver: Saver, live: bool) -> tuple[int, float]:
+    """Count this rank's batches (its share, or asked for one at a time) while rank 0 tracks the job."""
+    comm.checked(lambda: Service.check(comm))
+    todo = [b for a in job.plan for b in a.batches]
+    coordinator = None
+    if comm.rank == 0:
+        queue = schedule.WorkQueue(todo) if cfg.schedule == "dynamic" else None
+        coordinator = schedule.Coordinator(queue, JobProgress(sum(b - a for a, b in todo), cfg.ctx, comm.size,
+                                                                  live=live))
+    service = Service(comm, coordinator)
+    batches = asked(service) if cfg.schedule == "dynamic" else job.plan[comm.rank].batches
+    # On an error no close(): rank 0 would wait for the others; the error ends the job (MPI_Abort) instead.
+    done = guard_memory(lambda: count_chunks(model, sites, job, batches, tally, device, saver, service), cfg, device)
+    service.close()
+    return done
 
 
 def announce(cfg: Config, comm: Comm, job: Job, devices: list[str]) -> None:
@@ -262,7 +297,12 @@ def announce(cfg: Config, comm: Comm, job: Job, devices: list[str]) -> None:
         done = sum(b - a for ck in job.resumed for a, b in ck.finished)
         print(f"mpicorr: resuming from {len(job.resumed)} checkpoint(s) in {checkpoint.folder(cfg.out)}: "
               f"{done} chunks finished, {len(job.chunks) - done} to count")
-    print(plan.format_plan(job.plan, devices), flush=True)
+    if cfg.schedule == "dynamic":
+        batches = sum(len(a.batches) for a in job.plan)
+        print(f"mpicorr: dynamic schedule: {batches} batches of up to {cfg.batch_size} chunk(s), handed out as "
+              f"ranks ask\n{plan.format_plan(job.plan, devices, dynamic=True)}", flush=True)
+    else:
+        print(plan.format_plan(job.plan, devices), flush=True)
 
 
 def guard_memory(fn, cfg: Config, device: str):

@@ -51,6 +51,23 @@ class BaseComm:
         c = self.comm()
         assert c.checked(lambda: 42, root_only=True) == 42
 
+    def test_service_answers_every_rank(self):
+        c = self.comm()
+        counter, told = iter(range(100)), []
+
+        def handler(rank, message):
+            if message == "next":
+                return next(counter)
+            told.append((rank, message))
+
+        service = dist.Service(c, handler if c.rank == 0 else None)
+        got = [service.ask("next") for _ in range(3)]
+        service.tell(("hello", c.rank))
+        service.close()
+        assert sorted(x for g in c.allgather(got) for x in g) == list(range(3 * c.size))
+        if c.rank == 0:
+            assert sorted(told) == [(r, ("hello", r)) for r in range(c.size)]
+
 
 class TestSelf(BaseComm):
     def comm(self):
@@ -75,4 +92,4 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("12 passed") == 2, result.stdout
+    assert result.stdout.count("15 passed") == 2, result.stdout
