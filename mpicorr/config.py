@@ -43,6 +43,7 @@ class Config:
     kernel: str = "auto"
     hostfile: str | None = None
     schedule: str = "static"
+    stage_model: str | None = None
     force: bool = False
     resume: bool = False
     checkpoint_every: int | None = None
@@ -70,6 +71,9 @@ HELP = {
     "hostfile": "hostfile giving each rank's weight (default: ./hostfile when present; none: equal weights)",
     "schedule": "static: each rank one contiguous share of the batches, by hostfile weight; dynamic: rank 0 "
                 "hands out batches as ranks ask, so faster GPUs do more (same counts either way; default: static)",
+    "stage_model": "copy the model folder from rank 0 over MPI into this node-local folder on every node "
+                   "(once: checked by SHA-256, skipped when already there), for clusters without a shared "
+                   "filesystem (default: every rank reads --model itself)",
     "force": "overwrite outputs already in --out and delete its checkpoints (start over)",
     "resume": "continue the run whose checkpoints are in --out; finished chunks are not counted again "
               "(the number of ranks and the hostfile may differ)",

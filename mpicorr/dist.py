@@ -53,6 +53,19 @@ class Comm:
         self.comm.Reduce(array, out, op=MPI.SUM, root=0)
         return out
 
+    def split(self, color: int) -> "Comm":
+        """The ranks that give the same color, as a new communicator (ranks keep their order)."""
+        if self.comm is None:
+            return self
+        return Comm(self.comm.Split(color, self.rank))
+
+    def bcast_array(self, array: np.ndarray | None, size: int) -> np.ndarray:
+        """Rank 0's uint8 array of `size` bytes on every rank (a buffer Bcast, no pickling)."""
+        buf = np.ascontiguousarray(array, dtype=np.uint8) if self.rank == 0 else np.empty(size, dtype=np.uint8)
+        if self.comm is not None and self.size > 1:
+            self.comm.Bcast(buf, root=0)
+        return buf
+
     def checked(self, fn: Callable[[], T], root_only: bool = False) -> T:
         """Run fn on every rank (or on rank 0, broadcasting its result).
 

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, summary
+from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary
 from .config import Config, parse_part
 from .counting import LayerCounts, chunk_nll, count_dtype, split_stats
 from .dist import Comm, Service
@@ -247,8 +247,9 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     job = comm.checked(lambda: prepare(cfg, hosts), root_only=True)
     if comm.rank == 0:
         announce(cfg, comm, job, devices)
+    where = stage.stage_model(cfg.model, cfg.stage_model, comm) if cfg.stage_model else cfg.model
     model = comm.checked(lambda: guard_memory(
-        lambda: models.load_model(cfg.model, models.resolve_dtype(cfg.dtype, device), device), cfg, device))
+        lambda: models.load_model(where, models.resolve_dtype(cfg.dtype, device), device), cfg, device))
     sites = comm.checked(lambda: models.find_sites(model, cfg.site_module))
     dtype = count_dtype(len(job.chunks) * cfg.ctx)
     tally = Tally([LayerCounts(s.layer, s.width, cfg.threshold, dtype, device, cfg.kernel) for s in sites])

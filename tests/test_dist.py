@@ -69,6 +69,28 @@ class BaseComm:
             assert sorted(told) == [(r, ("hello", r)) for r in range(c.size)]
 
 
+    def test_stage_model_broadcasts_files(self, monkeypatch):
+        """Every rank acts as a node's leader with its own folder, so rank 1 receives over MPI."""
+        import tempfile
+        from mpicorr import stage
+        c = self.comm()
+        monkeypatch.setattr(stage, "PIECE", 1000)  # several pieces per file
+        source = None
+        if c.rank == 0:
+            source = os.path.join(tempfile.mkdtemp(), "model")
+            os.makedirs(os.path.join(source, "sub"))
+            rng = np.random.default_rng(0)
+            for name, size in (("config.json", 10), ("empty", 0), ("sub/weights.bin", 4321)):
+                open(os.path.join(source, name), "wb").write(rng.bytes(size))
+        root = tempfile.mkdtemp()
+        got = stage.stage_model(source, root, c, leader=True)
+        assert got == os.path.join(root, "model")
+        files = c.bcast(stage.manifest(source) if c.rank == 0 else None)
+        assert stage.manifest(got) == files and stage.is_staged(got, files)
+        monkeypatch.setattr(stage, "_transfer", lambda *a: pytest.fail("staged twice"))
+        assert stage.stage_model(source, root, c, leader=True) == got  # already there: nothing sent
+
+
 class TestSelf(BaseComm):
     def comm(self):
         return dist.serial()
@@ -92,4 +114,4 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("15 passed") == 2, result.stdout
+    assert result.stdout.count("18 passed") == 2, result.stdout

@@ -66,6 +66,7 @@ def bad_files(llama, tmp_path_factory) -> dict[str, str]:
     (["--model", "MODEL", "--data", "DATA", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["--model", "MODEL", "--data", "DATA", "--checkpoint-every", "-1"], ["--checkpoint-every", ">= 0"]),
     (["--model", "MODEL", "--data", "DATA", "--part", "4/4"], ["--part '4/4'", "0 <= K < N"]),
+    (["--model", "MODEL", "--data", "DATA", "--stage-model", "/proc/mpicorr"], ["--stage-model", "cannot create"]),
     (["--model", "MODEL", "--data", "DATA", "--part", "x"], ["--part 'x'", "e.g. 0/4"]),
     (["--model", "MODEL", "--data", "DATA", "--part", "0/999"], ["--part 0/999", "use at most"]),
     (["--model", "MODEL", "--data", "DATA", "--force", "--resume"], ["--force", "--resume"]),

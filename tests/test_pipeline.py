@@ -63,15 +63,20 @@ def multi_rank_runs(llama, sample_path, tmp_path_factory):
     hostfile.write_text(f"localhost slots=2 weight=1\n{os.uname().nodename} slots=1 weight=3\n")
     args = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--batch-size", "2"]
     runs = {}
-    for ranks, extra in [(1, []), (2, []), (3, ["--hostfile", str(hostfile)])]:
+    # The 2-rank run also stages the model (--stage-model) and loads it from the copy.
+    staged = ["--stage-model", str(base / "node-local")]
+    for ranks, extra in [(1, []), (2, staged), (3, ["--hostfile", str(hostfile)])]:
         out = str(base / f"r{ranks}")
         runs[ranks] = (out, ok(run_cli(args + ["--out", out] + extra, ranks=ranks)))
     return runs
 
 
-def test_ranks_give_identical_bytes(multi_rank_runs):
+def test_ranks_give_identical_bytes(multi_rank_runs, llama):
     one = outputs(multi_rank_runs[1][0])
     assert len(one) == 2
+    staged = os.path.join(os.path.dirname(multi_rank_runs[2][0]), "node-local", os.path.basename(llama))
+    assert os.path.exists(os.path.join(staged, ".mpicorr-staged.json"))
+    assert sorted(os.listdir(staged)) == sorted([".mpicorr-staged.json", *os.listdir(llama)])
     for ranks in (2, 3):
         assert outputs(multi_rank_runs[ranks][0]) == one, f"{ranks} ranks differ from 1"
 

@@ -1,0 +1,143 @@
+"""--stage-model DIR: copy the model folder from rank 0 to a node-local folder on every node, over MPI.
+
+For clusters without a shared filesystem (as in the original, where only the master node held the model).
+Rank 0 lists the folder (path, size, SHA-256 of every file); one rank per node (local rank 0) checks its
+copy against that list and, if it differs, receives the files in pieces broadcast from rank 0, checks each
+file's SHA-256 and renames the finished folder into place. A stamp file records the list, so a later run
+skips nodes that already hold the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+
+from .dist import Comm
+from .errors import UserError
+
+STAMP = ".mpicorr-staged.json"
+PIECE = 64 << 20  # bytes per broadcast
+
+
+def resolve(model: str) -> str:
+    """A local folder for --model: the folder itself, or a hub id's snapshot in the local cache."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not in the cache"
+        raise UserError(f"--stage-model: --model {model} is neither a folder nor in the local hub cache "
+                        f"({type(exc).__name__}); fetch it with 'hf download {model}' on rank 0's node") from None
+
+
+def manifest(folder: str) -> list[dict]:
+    """Every file under `folder` (sorted, relative paths) with its size and SHA-256."""
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(names):
+            if name == STAMP or name.startswith(".mpicorr-"):
+                continue
+            path = os.path.join(root, name)
+            files.append({"path": os.path.relpath(path, folder), "size": os.path.getsize(path),
+                          "sha256": _sha256(path)})
+    return files
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while piece := fh.read(PIECE):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def is_staged(folder: str, files: list[dict]) -> bool:
+    """True when `folder` holds a finished copy of exactly these files."""
+    try:
+        with open(os.path.join(folder, STAMP)) as fh:
+            if json.load(fh) != files:
+                return False
+    except (OSError, ValueError):
+        return False
+    paths = [(os.path.join(folder, f["path"]), f["size"]) for f in files]
+    return all(os.path.isfile(p) and os.path.getsize(p) == size for p, size in paths)
+
+
+def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = None) -> str:
+    """Make rank 0's `model` folder available as root/<name> on every node; return that path.
+
+    `model` matters on rank 0 only; `leader` (default: local rank 0) marks the one rank per node that
+    writes the copy. Every rank must call this."""
+    source = comm.checked(lambda: resolve(model), root_only=True)  # rank 0's path (used by rank 0 only)
+    name, files = comm.bcast((os.path.basename(os.path.normpath(source)), manifest(source))
+                             if comm.rank == 0 else None)
+    target = os.path.join(root, name)
+    leader = comm.local_rank == 0 if leader is None else leader
+    leaders = comm.split(0 if leader or comm.rank == 0 else 1)
+    error = None
+    if leader or comm.rank == 0:
+        need = leader and not is_staged(target, files)
+        needs = leaders.allgather(need)
+        if any(needs):
+            group = leaders.split(0 if need or leaders.rank == 0 else 1)
+            if need or leaders.rank == 0:
+                error = _transfer(source, target, files, group, need)
+    comm.checked(lambda: _raise(error))
+    return target
+
+
+def _raise(error: str | None) -> None:
+    if error is not None:
+        raise UserError(error)
+
+
+def _transfer(source: str | None, target: str, files: list[dict], group: Comm, write: bool) -> str | None:
+    """Broadcast every file from the group's rank 0; writers check and install the copy. An error string
+    (no exception: every member must take part in every broadcast, or the others would wait forever)."""
+    tmp, error = f"{target}.staging", None
+    if write:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as exc:
+            error, write = f"--stage-model: cannot create {tmp} ({exc.strerror}); choose a writable folder", False
+    for f in files:
+        h, out = hashlib.sha256(), None
+        if write:
+            os.makedirs(os.path.dirname(os.path.join(tmp, f["path"])), exist_ok=True)
+            out = open(os.path.join(tmp, f["path"]), "wb")
+        with open(os.path.join(source, f["path"]), "rb") if group.rank == 0 else _nothing() as src:
+            for offset in range(0, max(f["size"], 1), PIECE):
+                size = min(PIECE, f["size"] - offset)
+                piece = group.bcast_array(np.frombuffer(src.read(size), dtype=np.uint8) if src else None, size)
+                if out is not None:
+                    h.update(piece)
+                    try:
+                        out.write(piece.tobytes())
+                    except OSError as exc:
+                        error = error or f"--stage-model: writing {tmp} failed ({exc.strerror}); free space or choose another folder"
+        if out is not None:
+            out.close()
+            if error is None and h.hexdigest() != f["sha256"]:
+                error = f"--stage-model: {f['path']} arrived with a different SHA-256; rerun to copy it again"
+    if write and error is None:
+        with open(os.path.join(tmp, STAMP), "w") as fh:
+            json.dump(files, fh)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return error
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
