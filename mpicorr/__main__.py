@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from . import __version__
-from .config import KERNELS, add_run_arguments, build_config
+from .config import KERNELS, SITES, add_run_arguments, build_config
 from .dist import SharedError, world
 from .errors import UserError
 
@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
     inspect = sub.add_parser("inspect", help="list the modules a run would record, and the model's linear layers")
     inspect.add_argument("--model", required=True, help="local model folder or Hugging Face hub id")
+    inspect.add_argument("--site", default="ffn", choices=SITES, help="what a neuron is (as for run; default: ffn)")
     inspect.add_argument("--site-module", default=None, help="the regular expression a run would be given")
     inspect.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
     info = sub.add_parser("info", help="print the header of matrix files")
@@ -107,7 +108,7 @@ def dispatch(argv: list[str], comm) -> None:
         print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
     elif args.cmd == "inspect":
         from .models import describe
-        print(comm.checked(lambda: describe(args.model, args.site_module), root_only=True))
+        print(comm.checked(lambda: describe(args.model, args.site_module, args.site), root_only=True))
     elif args.cmd == "bench":
         from .bench import main as bench_main
         bench_main(args)

@@ -21,7 +21,8 @@ SCHEDULES = ("static", "dynamic")
 KERNELS = ("auto", "gemm", "popcount", "sparse")  # the same tuple as triangle.KERNELS (no torch import here)
 
 
-CHOICES = {"dtype": DTYPES, "kernel": KERNELS, "schedule": SCHEDULES}
+SITES = ("ffn", "gate", "heads")  # the same tuple as models.SITE_KINDS (no torch import here)
+CHOICES = {"dtype": DTYPES, "kernel": KERNELS, "schedule": SCHEDULES, "site": SITES}
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Config:
     chunks: int | None = None
     part: str | None = None
     threshold: float = 0.5
+    site: str = "ffn"
     site_module: str | None = None
     batch_size: int = 1
     dtype: str = "auto"
@@ -61,6 +63,9 @@ HELP = {
     "part": "K/N: process only the K-th (from 0) of N equal shares of the chunks, in whole batches, for "
             "separate jobs (SLURM arrays) whose outputs 'mpicorr sum' adds up (default: all)",
     "threshold": "a neuron fires when x >= +T or x <= -T (default: 0.5)",
+    "site": "what a neuron is: ffn (the FFN down projection's input), gate (the activation of the gate "
+            "projection, gated MLPs), heads (one per attention head: fires when its output's L2 norm >= T) "
+            "(default: ffn)",
     "site_module": "record the input of every module whose full name matches this regular expression "
                    "(default: the FFN down projection from the family registry)",
     "batch_size": "chunks per forward pass; the work is split in whole batches (default: 1)",
@@ -163,6 +168,11 @@ def validate(cfg: Config) -> None:
     if isinstance(cfg.threshold, bool) or not isinstance(cfg.threshold, (int, float)) \
             or not math.isfinite(cfg.threshold) or cfg.threshold <= 0:
         raise UserError(f"--threshold {cfg.threshold!r}: must be a positive number, e.g. 0.5")
+    if cfg.site not in SITES:
+        raise UserError(f"--site {cfg.site!r}: choose ffn, gate or heads")
+    if cfg.site_module is not None and cfg.site != "ffn":
+        raise UserError(f"--site-module replaces the ffn registry (the input of the modules it names); "
+                        f"leave out --site {cfg.site} or --site-module")
     if cfg.site_module is not None:
         try:
             re.compile(cfg.site_module)

@@ -1,4 +1,4 @@
-"""Forward pre-hooks that feed each site's input to its layer's counts; removed when the block exits.
+"""Hooks that feed each site's tensor to its layer's counts; removed when the block exits.
 
 The sites are chosen before the run (models.find_sites); the hook itself does one call.
 """
@@ -12,19 +12,28 @@ from .counting import LayerCounts
 from .models import Site
 
 
-def _hook(counts: LayerCounts):
+def _input_hook(site: Site, counts: LayerCounts):
     def hook(module, args):
-        counts.add(args[0])
+        counts.add(site.neurons(args[0]))
+    return hook
+
+
+def _output_hook(site: Site, counts: LayerCounts):
+    def hook(module, args, output):
+        counts.add(site.neurons(output))
     return hook
 
 
 @contextmanager
 def recording(sites: list[Site], counts: list[LayerCounts]) -> Iterator[None]:
-    """While inside, every forward pass adds each site's input to the matching LayerCounts."""
+    """While inside, every forward pass adds each site's tensor to the matching LayerCounts."""
     handles = []
     try:
         for site, layer_counts in zip(sites, counts, strict=True):
-            handles.append(site.module.register_forward_pre_hook(_hook(layer_counts)))
+            if site.output:
+                handles.append(site.module.register_forward_hook(_output_hook(site, layer_counts)))
+            else:
+                handles.append(site.module.register_forward_pre_hook(_input_hook(site, layer_counts)))
         yield
     finally:
         for handle in handles:

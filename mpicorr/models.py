@@ -1,7 +1,10 @@
-"""Model loading and the site registry: which module's input is "the FFN neurons" of each block.
+"""Model loading and the site registries: which tensor of each block holds the "neurons" counted.
 
-The registry is keyed by `config.model_type`; each entry is a short function returning, in block order,
-the module whose *input* is recorded (the input of the FFN down projection: act(gate) * up for gated MLPs).
+Three registries keyed by `config.model_type`, one per --site; each entry is a short function returning,
+in block order, the module to hook:
+- ffn (default): the input of the FFN down projection (act(gate) * up for gated MLPs);
+- gate: the output of the activation function applied to the gate projection (gated MLPs only);
+- heads: the input of the attention output projection, one "neuron" per head (its output's L2 norm).
 """
 
 from __future__ import annotations
@@ -16,14 +19,26 @@ import torch
 from .errors import UserError
 
 
+SITE_KINDS = ("ffn", "gate", "heads")
+
+
 @dataclass(frozen=True)
 class Site:
-    """One recorded tensor: the input of `module` (named `name`) in block `layer`, `width` neurons wide."""
+    """One recorded tensor of block `layer`, `width` neurons wide: the input of `module` (named `name`),
+    or its output when `output`; with `heads` > 0, the L2 norm of each of that many equal slices."""
 
     layer: int
     name: str
     module: torch.nn.Module
     width: int
+    output: bool = False
+    heads: int = 0
+
+    def neurons(self, x: torch.Tensor) -> torch.Tensor:
+        """The values thresholded for this site, [..., width]."""
+        if not self.heads:
+            return x
+        return torch.linalg.vector_norm(x.unflatten(-1, (self.heads, -1)).float(), dim=-1)
 
 
 Found = list[tuple[str, torch.nn.Module]]
@@ -46,6 +61,22 @@ SITES: dict[str, Callable[[torch.nn.Module], Found]] = {
     "falcon": lambda m: _blocks(m, "h", "mlp.dense_4h_to_h"),
     "bert": lambda m: _blocks(m, "encoder.layer", "output.dense"),   # intermediate -> output.dense
     "roberta": lambda m: _blocks(m, "encoder.layer", "output.dense"),
+}
+GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+# --site gate: the activation module's output; Phi-3 applies it to the gate half of its fused projection.
+GATES: dict[str, Callable[[torch.nn.Module], Found]] = {
+    **{family: (lambda m: _blocks(m, "layers", "mlp.act_fn")) for family in GATED if family != "phi3"},
+    "phi3": lambda m: _blocks(m, "layers", "mlp.activation_fn"),
+}
+# --site heads: the attention output projection, whose input is the heads' outputs side by side.
+HEADS: dict[str, Callable[[torch.nn.Module], Found]] = {
+    **{family: (lambda m: _blocks(m, "layers", "self_attn.o_proj")) for family in GATED},
+    "gpt2": lambda m: _blocks(m, "h", "attn.c_proj"),
+    "gpt_neox": lambda m: _blocks(m, "layers", "attention.dense"),
+    "opt": lambda m: _blocks(m, "decoder.layers", "self_attn.out_proj"),
+    "falcon": lambda m: _blocks(m, "h", "self_attention.dense"),
+    "bert": lambda m: _blocks(m, "encoder.layer", "attention.output.dense"),
+    "roberta": lambda m: _blocks(m, "encoder.layer", "attention.output.dense"),
 }
 # Encoders are loaded without a language-model head: they predict no next token, so no perplexity.
 ENCODERS = {"bert", "roberta"}
@@ -70,27 +101,53 @@ def _width(module: torch.nn.Module) -> int:
     return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
 
 
-def find_sites(model: torch.nn.Module, site_module: str | None = None) -> list[Site]:
+def find_sites(model: torch.nn.Module, site_module: str | None = None, site: str = "ffn") -> list[Site]:
     """The recorded sites of a loaded model, one per block, in block order.
 
     With `site_module`, the modules whose full name matches that regular expression, in module order,
-    replace the registry's choice (for families it lacks, or to record another linear layer's input).
+    replace the ffn registry's choice (for families it lacks, or to record another linear layer's input).
     """
-    if site_module is None:
-        family = model.config.model_type
-        _check_family(family, "--model")
-        found = SITES[family](model)
-    else:
-        found = [(n, m) for n, m in model.named_modules() if re.fullmatch(site_module, n)]
-        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        if not found:
-            raise UserError(f"--site-module {site_module}: matches no module; linear layers are named like "
-                            f"{', '.join(linear[:4])}")
-        for name, mod in found:
-            if getattr(mod, "weight", None) is None or mod.weight.dim() != 2:
-                raise UserError(f"--site-module {site_module}: '{name}' is not a linear layer; match the layer "
-                                f"whose input is the FFN activation (the down projection)")
-    return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(found)]
+    if site_module is not None:
+        return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(_matching(model, site_module))]
+    family = model.config.model_type
+    _check_family(family, "--model")
+    if site == "ffn":
+        return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(SITES[family](model))]
+    if site == "gate":
+        _check_gated(family)
+        found = GATES[family](model)
+        width = _width(SITES[family](model)[0][1])
+        return _distinct([Site(i, name, mod, width, output=True) for i, (name, mod) in enumerate(found)])
+    heads = model.config.num_attention_heads
+    return [Site(i, name, mod, heads, heads=heads) for i, (name, mod) in enumerate(HEADS[family](model))]
+
+
+def _matching(model: torch.nn.Module, site_module: str) -> Found:
+    """The linear layers whose full names match --site-module."""
+    found = [(n, m) for n, m in model.named_modules() if re.fullmatch(site_module, n)]
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not found:
+        raise UserError(f"--site-module {site_module}: matches no module; linear layers are named like "
+                        f"{', '.join(linear[:4])}")
+    for name, mod in found:
+        if getattr(mod, "weight", None) is None or mod.weight.dim() != 2:
+            raise UserError(f"--site-module {site_module}: '{name}' is not a linear layer; match the layer "
+                            f"whose input is the FFN activation (the down projection)")
+    return found
+
+
+def _check_gated(family: str) -> None:
+    if family not in GATES:
+        raise UserError(f"--site gate: {family} has no gated MLP (its FFN input is act(fc(x)) already); "
+                        f"use --site ffn")
+
+
+def _distinct(sites: list[Site]) -> list[Site]:
+    """Refuse one module shared by several blocks: its hook would count every block's call in each."""
+    if len({id(s.module) for s in sites}) != len(sites):
+        raise UserError(f"--site gate: this model shares one activation module between blocks "
+                        f"({sites[0].name}); use --site ffn")
+    return sites
 
 
 def resolve_device(device: str, local_rank: int) -> str:
@@ -120,7 +177,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def check_model(name: str, site_module: str | None = None) -> str:
+def check_model(name: str, site_module: str | None = None, site: str = "ffn") -> str:
     """Check a model reference before loading weights; return its family (config.model_type)."""
     from transformers import AutoConfig
 
@@ -134,6 +191,8 @@ def check_model(name: str, site_module: str | None = None) -> str:
         raise UserError(f"--model {name}: cannot load its config ({_first_line(exc)}); {hint}") from None
     if site_module is None:
         _check_family(family, f"--model {name}")
+        if site == "gate":
+            _check_gated(family)
     return family
 
 
@@ -149,21 +208,30 @@ def load_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def describe(name: str, site_module: str | None = None) -> str:
+def describe(name: str, site_module: str | None = None, site: str = "ffn") -> str:
     """What a run would record for a model, built on the meta device (no weights read, no memory used)."""
     from transformers import AutoConfig
 
-    family = check_model(name, site_module)
+    family = check_model(name, site_module, site)
     with torch.device("meta"):
         model = auto_class(family).from_config(AutoConfig.from_pretrained(name))
-    sites = find_sites(model, site_module)
-    where = "the registry" if site_module is None else f"--site-module {site_module}"
-    lines = [f"{name}: family '{family}', {len(sites)} layers recorded (from {where}):"]
-    lines += [f"  layer {s.layer}: input of {s.name} ({s.width} neurons)" for s in sites]
+    sites = find_sites(model, site_module, site)
+    where = f"--site {site}" if site_module is None else f"--site-module {site_module}"
+    lines = [f"{name}: family '{family}', {len(sites)} layers recorded ({where}):"]
+    lines += [f"  layer {s.layer}: {_what(s)}" for s in sites]
+    if site_module is None:
+        lines.append("sites: ffn" + (", gate" if family in GATES else "") + ", heads (choose with --site)")
     shapes = dict.fromkeys(re.sub(r"\.\d+\.", ".<L>.", n) for n, m in model.named_modules()
                            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
     lines.append("linear layers (<L> = block number): " + ", ".join(shapes))
     return "\n".join(lines)
+
+
+def _what(s: Site) -> str:
+    """How inspect describes one site."""
+    if s.heads:
+        return f"{s.heads} heads, the L2 norm of each head's slice of the input of {s.name}"
+    return f"{'output' if s.output else 'input'} of {s.name} ({s.width} neurons)"
 
 
 def load_tokenizer(name: str):

@@ -23,7 +23,6 @@ from .errors import UserError
 from .hooks import recording
 from .progress import JobProgress
 
-SITE = "ffn"
 CHECKPOINT_SECONDS = 600.0   # default checkpoint interval: a crash loses at most about ten minutes
 FINAL_CHECKPOINT_SECONDS = 60.0  # before the reduce, save unsaved work older than this
 
@@ -54,7 +53,7 @@ class Tally:
 
 def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
     """(all chunks of the data file, its sha256, first chunk, chunk count) with the model's tokenizer."""
-    models.check_model(cfg.model, cfg.site_module)
+    models.check_model(cfg.model, cfg.site_module, cfg.site)
     tokenizer = models.load_tokenizer(cfg.model)
     text, sha = data.read_text(cfg.data)
     all_chunks = data.make_chunks(data.tokenize(text, tokenizer), cfg.ctx, tokenizer.bos_token_id)
@@ -83,7 +82,7 @@ def identity(cfg: Config, data_sha256: str, start: int, count: int) -> dict:
     """The options a checkpoint belongs to (JSON values, as stored in checkpoint headers)."""
     return {"model": cfg.model, "data_sha256": data_sha256, "ctx": cfg.ctx, "chunk_start": start,
             "chunks": count, "threshold": float(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-            "site_module": cfg.site_module}
+            "site": cfg.site, "site_module": cfg.site_module}
 
 
 def dry_plan(cfg: Config, ranks: int) -> str:
@@ -250,7 +249,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     where = stage.stage_model(cfg.model, cfg.stage_model, comm) if cfg.stage_model else cfg.model
     model = comm.checked(lambda: guard_memory(
         lambda: models.load_model(where, models.resolve_dtype(cfg.dtype, device), device), cfg, device))
-    sites = comm.checked(lambda: models.find_sites(model, cfg.site_module))
+    sites = comm.checked(lambda: models.find_sites(model, cfg.site_module, cfg.site))
     dtype = count_dtype(len(job.chunks) * cfg.ctx)
     tally = Tally([LayerCounts(s.layer, s.width, cfg.threshold, dtype, device, cfg.kernel) for s in sites])
     taken = job.resumed[comm.rank :: comm.size]
@@ -343,7 +342,7 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
         "model": cfg.model, "data": cfg.data, "data_sha256": job.data_sha256, "ctx": cfg.ctx,
         "chunk_start": job.chunk_start, "chunks": len(job.chunks), "chunks_available": job.available,
         "tokens": len(job.chunks) * cfg.ctx, "threshold": cfg.threshold,
-        "site": SITE if cfg.site_module is None else f"module {cfg.site_module}",
+        "site": cfg.site if cfg.site_module is None else f"module {cfg.site_module}",
         "site_modules": [s.name for s in sites], "ranks": comm.size, "batch_size": cfg.batch_size,
         "dtype": cfg.dtype, "mpicorr_version": __version__, "command": cfg.command,
         "created": summary.now(), "attempts": job.generation,

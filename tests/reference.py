@@ -16,6 +16,19 @@ DOWN_PROJ = {
     "bert": "encoder.layer.{i}.output.dense",
     "roberta": "encoder.layer.{i}.output.dense",
 }
+# --site gate: the activation module applied to the gate projection (gated MLPs only).
+GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+GATE = {**{f: "model.layers.{i}.mlp.act_fn" for f in GATED}, "phi3": "model.layers.{i}.mlp.activation_fn"}
+# --site heads: the attention output projection; its input is the heads' outputs side by side.
+HEAD = {
+    **{f: "model.layers.{i}.self_attn.o_proj" for f in GATED},
+    "gpt2": "transformer.h.{i}.attn.c_proj",
+    "gpt_neox": "gpt_neox.layers.{i}.attention.dense",
+    "opt": "model.decoder.layers.{i}.self_attn.out_proj",
+    "falcon": "transformer.h.{i}.self_attention.dense",
+    "bert": "encoder.layer.{i}.attention.output.dense",
+    "roberta": "encoder.layer.{i}.attention.output.dense",
+}
 ENCODERS = ("bert", "roberta")
 
 
@@ -41,16 +54,33 @@ def pair_loop(fired: np.ndarray) -> np.ndarray:
     return packed
 
 
-def reference_run(model_dir: str, data_path: str, ctx: int, threshold: float, start: int, count: int):
+def _capture(model, family: str, site: str, seen: dict):
+    """Hook handles that append each layer's recorded values [tokens, N] to seen[layer]."""
+    heads = model.config.num_attention_heads
+    handles = []
+    for i in range(model.config.num_hidden_layers):
+        def keep(x, i=i):
+            x = x.reshape(-1, x.shape[-1]).clone()
+            if site == "heads":  # one value per head: the L2 norm of its slice
+                x = torch.linalg.vector_norm(x.reshape(x.shape[0], heads, -1).float(), dim=-1)
+            seen.setdefault(i, []).append(x)
+        module = model.get_submodule({"ffn": DOWN_PROJ, "gate": GATE, "heads": HEAD}[site][family].format(i=i))
+        if site == "gate":
+            handles.append(module.register_forward_hook(lambda mod, args, out, keep=keep: keep(out)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda mod, args, keep=keep: keep(args[0])))
+    return handles
+
+
+def reference_run(model_dir: str, data_path: str, ctx: int, threshold: float, start: int, count: int,
+                  site: str = "ffn"):
     """(per-layer fired masks [tokens, N] and activations, perplexity or None) by plain transformers."""
     chunks = reference_chunks(model_dir, data_path, ctx)[start : start + count]
     family = AutoModel.from_pretrained(model_dir).config.model_type
     causal = family not in ENCODERS
     model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(model_dir, dtype=torch.float32).eval()
     seen: dict[int, list[torch.Tensor]] = {}
-    handles = [model.get_submodule(DOWN_PROJ[family].format(i=i)).register_forward_pre_hook(
-        lambda mod, args, i=i: seen.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).clone()))
-        for i in range(model.config.num_hidden_layers)]
+    handles = _capture(model, family, site, seen)
     nll, n = 0.0, 0
     with torch.no_grad():
         for chunk in chunks:

@@ -71,11 +71,14 @@ def bad_files(llama, tmp_path_factory) -> dict[str, str]:
     (["--model", "MODEL", "--data", "DATA", "--part", "0/999"], ["--part 0/999", "use at most"]),
     (["--model", "MODEL", "--data", "DATA", "--force", "--resume"], ["--force", "--resume"]),
     (["--model", "OLMO", "--data", "DATA"], ["family 'olmo' is not supported", "--site-module"]),
+    (["--model", "GPT2", "--data", "DATA", "--site", "gate"], ["--site gate: gpt2 has no gated MLP", "--site ffn"]),
+    (["--model", "MODEL", "--data", "DATA", "--site", "heads", "--site-module", "x"], ["--site-module", "--site heads"]),
+    (["--model", "MODEL", "--data", "DATA", "--site", "neurons"], ["--site", "invalid choice"]),
     (["--model", "MODEL", "--data", "DATA", "--site-module", "("], ["--site-module", "not a regular expression"]),
     (["--model", "MODEL", "--data", "DATA", "--site-module", "nothing"], ["--site-module nothing", "matches no"]),
 ])
-def test_bad_input_is_one_line_exit_2(llama, sample_path, bad_files, tmp_path, args, needles):
-    subst = {"MODEL": llama, "DATA": sample_path, **bad_files}
+def test_bad_input_is_one_line_exit_2(llama, tiny_models, sample_path, bad_files, tmp_path, args, needles):
+    subst = {"MODEL": llama, "GPT2": tiny_models["gpt2"], "DATA": sample_path, **bad_files}
     args = [subst.get(a, a) for a in args]
     out = tmp_path / "out"
     result = run_main(["run", *args, "--out", str(out), "--ctx", str(CTX)] if "--ctx" not in args

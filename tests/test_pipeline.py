@@ -9,7 +9,7 @@ import pytest
 
 from mpicorr import matrixfile, summary, tiny, triangle
 from conftest import run_cli, run_main
-from reference import pair_loop, reference_chunks, reference_run
+from reference import GATED, pair_loop, reference_chunks, reference_run
 
 CTX = 64
 
@@ -23,18 +23,26 @@ def ok(result):
     return result
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_counts_equal_brute_force_reference(tiny_models, sample_path, tmp_path, family):
+FAMILY_SITES = [(f, "ffn") for f in tiny.FAMILIES] + [(f, "gate") for f in GATED] + \
+    [(f, "heads") for f in tiny.FAMILIES]
+
+
+@pytest.mark.parametrize("family,site", FAMILY_SITES)
+def test_counts_equal_brute_force_reference(tiny_models, sample_path, tmp_path, family, site):
     model, out = tiny_models[family], str(tmp_path / "out")
+    # heads: threshold 2.0 on the L2 norms, so that some heads fire and some do not
+    threshold = 2.0 if site == "heads" else 0.5
     ok(run_main(["run", "--model", model, "--data", sample_path, "--out", out, "--ctx", str(CTX),
-                 "--chunk-start", "3", "--chunks", "9", "--batch-size", "2"]))
-    fired, acts, ppl = reference_run(model, sample_path, CTX, 0.5, 3, 9)
+                 "--chunk-start", "3", "--chunks", "9", "--batch-size", "2", "--site", site,
+                 "--threshold", str(threshold)]))
+    fired, acts, ppl = reference_run(model, sample_path, CTX, threshold, 3, 9, site)
     root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
-    assert sorted(layers) == sorted(fired) and root["tokens"] == 9 * CTX
+    assert sorted(layers) == sorted(fired) and root["tokens"] == 9 * CTX and root["site"] == site
     for layer, mask in fired.items():
         header, packed = matrixfile.read_matrix(os.path.join(out, matrixfile.matrix_name(layer)))
         assert (header.trials, header.block, header.width) == (9 * CTX, layer, mask.shape[1])
-        assert np.array_equal(packed, pair_loop(mask)), f"{family} layer {layer}"
+        assert np.array_equal(packed, pair_loop(mask)), f"{family} {site} layer {layer}"
+        assert 0 < mask.mean() < 1, "a site where nothing or everything fires tests little"
         got = layers[layer]
         assert np.array_equal(got["fire_count"], mask.sum(0))
         assert np.array_equal(got["active_hist"], np.bincount(mask.sum(1), minlength=mask.shape[1] + 1))
