@@ -1,6 +1,6 @@
 """Firing statistics of a run folder: rank-frequency power laws, coverage curves, trends across depth.
 
-    python analysis/firing.py RUN_DIR [--layers 0-7] [--out DIR]
+    python analysis/firing.py RUN_DIR [--layers 0-7] [--out DIR] [--thresholds 0.25,0.5,1]
 
 Writes firing_rank_frequency.png, firing_coverage.png and firing_depth.png (to RUN_DIR unless --out) and
 prints one line per layer. Reads only files: summary.h5 when present, else the matrix diagonals (so
@@ -13,6 +13,7 @@ import os
 import sys
 
 from mpicorr import analysis, figures
+from mpicorr.errors import UserError
 
 HEADER = "layer  width  density  alpha  top20%  dead  always_on"
 
@@ -23,8 +24,23 @@ def format_row(r: dict) -> str:
             f"  {r['dead']:4d}  {r['always_on']:9d}")
 
 
+def print_thresholds(run_dir: str, layers: str | None, thresholds: str) -> None:
+    """Per layer, the density (share of neurons firing per token) each threshold would give."""
+    try:
+        values = [float(t) for t in thresholds.split(",")]
+    except ValueError:
+        raise UserError(f"--thresholds {thresholds}: give numbers like 0.25,0.5,1") from None
+    hists = analysis.activation_histograms(run_dir, layers)
+    print("layer  " + "  ".join(f"T={t:<6g}" for t in values))
+    for layer, (hist, edges) in hists.items():
+        print(f"{layer:5d}  " + "  ".join(f"{analysis.threshold_density(hist, edges, t):8.4f}" for t in values))
+
+
 def main() -> int:
-    args = analysis.script_parser(__doc__, "figures").parse_args()
+    p = analysis.script_parser(__doc__, "figures")
+    p.add_argument("--thresholds", help="also print the density each of these thresholds would give, e.g. "
+                                        "0.25,0.5,1 (from summary.h5's act_hist; edges 2^(k/2) only)")
+    args = p.parse_args()
     out = args.out or args.run_dir
 
     def body() -> None:
@@ -34,6 +50,8 @@ def main() -> int:
         print(HEADER)
         for r in rows:
             print(format_row(r))
+        if args.thresholds:
+            print_thresholds(args.run_dir, args.layers, args.thresholds)
         figures.rank_frequency(layers, os.path.join(out, "firing_rank_frequency.png"))
         figures.coverage(layers, os.path.join(out, "firing_coverage.png"))
         figures.depth(rows, os.path.join(out, "firing_depth.png"))

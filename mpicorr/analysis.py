@@ -101,6 +101,17 @@ def firing(run_dir: str, layers: str | None = None) -> list[LayerFiring]:
     return out
 
 
+def activation_histograms(run_dir: str, layers: str | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{layer: (act_hist, act_hist_edges)} from summary.h5 (the original tool's folders have none)."""
+    if not summary.exists(run_dir):
+        raise UserError(f"{run_dir}: no summary.h5, so no activation histograms (the original tool wrote none)")
+    paths = select(matrix_paths(run_dir), layers)
+    _, found = summary.read_summary(os.path.join(run_dir, summary.SUMMARY))
+    if any("act_hist" not in e for e in found.values()):
+        raise UserError(f"{run_dir}: summary.h5 has no act_hist (written by an older mpicorr); rerun to get one")
+    return {l: (e["act_hist"], e["act_hist_edges"]) for l, e in found.items() if l in paths}
+
+
 def powerlaw_exponent(fire_count: np.ndarray) -> float:
     """α of count ∝ rank^-α, a least-squares line through the log-log rank-frequency plot (nonzero counts)."""
     counts = np.sort(fire_count[fire_count > 0].astype(np.float64))[::-1]
@@ -184,3 +195,15 @@ def run_script(name: str, body) -> int:
 def frequency_order(packed: np.ndarray, width: int) -> np.ndarray:
     """Neurons by firing count, most frequent first (ties by index)."""
     return np.argsort(-triangle.diagonal(packed, width).astype(np.int64), kind="stable")
+
+
+def threshold_density(act_hist: np.ndarray, edges: np.ndarray, threshold: float) -> float:
+    """Share of (token, neuron) values with |x| >= threshold, from a run's act_hist; exact when threshold
+    is one of the edges (2**(k/2): 0.25, 0.5, 1, ...), else a UserError naming the nearest edges."""
+    k = int(np.searchsorted(edges, np.float32(threshold)))
+    if k == len(edges) or edges[k] != np.float32(threshold):
+        near = ", ".join(f"{e:g}" for e in edges[max(k - 1, 0) : k + 1])
+        raise UserError(f"--thresholds {threshold:g}: not a histogram edge; the nearest are {near}")
+    middle = (act_hist.shape[1] - 1) // 2  # the |x| < first-edge bin
+    kept = act_hist[:, : middle - k].sum() + act_hist[:, middle + k + 1 :].sum()
+    return float(kept / act_hist.sum()) if act_hist.sum() else 0.0

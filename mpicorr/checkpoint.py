@@ -26,6 +26,7 @@ import numpy as np
 import zstandard
 
 from . import plan, triangle
+from .counting import HIST_BINS
 from .errors import UserError
 from .files import atomic_write
 
@@ -101,6 +102,11 @@ def read_header(path: str) -> Checkpoint:
         raise damaged(path, exc) from None
 
 
+def stats_size(width: int) -> int:
+    """Length of LayerCounts.stats() for a layer of `width` neurons."""
+    return 4 * width + 1 + width * HIST_BINS
+
+
 def read_layers(ck: Checkpoint) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(packed pairs, int64 stats) of each layer of a checkpoint, in order, checked against the header."""
     dctx = zstandard.ZstdDecompressor()
@@ -111,7 +117,7 @@ def read_layers(ck: Checkpoint) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             fh.seek(n, os.SEEK_CUR)
             for _, width in ck.layers:
                 pairs = _frame(fh, dctx, size, np.dtype(ck.count_dtype), triangle.packed_size(width))
-                stats = _frame(fh, dctx, size, np.dtype("<i8"), 4 * width + 1)
+                stats = _frame(fh, dctx, size, np.dtype("<i8"), stats_size(width))
                 yield pairs, stats
             if fh.tell() != size:
                 raise ValueError("trailing bytes")

@@ -20,6 +20,26 @@ NLL_BITS = 24         # log-likelihood: each token's value rounded to a multiple
 FIXED_LIMIT = 1 << 56
 # Larger (or non-finite) activations mean a broken model or dtype; they would also overflow x*x in fixed point.
 ACT_LIMIT = float(1 << 20)
+# Per-neuron histogram of activation values: magnitude classes at half powers of two from 2**-10 to 2**6
+# (0.25, 0.5, 1, 2 ... are edges, so the share any such threshold keeps is exact), mirrored for x < 0.
+HIST_LOW, HIST_HIGH = -20, 12           # edges 2**(j/2) for j in [HIST_LOW, HIST_HIGH]
+HIST_MAGNITUDES = HIST_HIGH - HIST_LOW + 2  # |x| below the first edge, one class per step, >= the last edge
+HIST_BINS = 2 * HIST_MAGNITUDES - 1     # -(>= 64) ... -(first class), near zero, +(first class) ... +(>= 64)
+
+
+def hist_edges() -> np.ndarray:
+    """The magnitude edges 2**(j/2) as float32, the values the bins are cut at."""
+    return (2.0 ** (np.arange(HIST_LOW, HIST_HIGH + 1) / 2.0)).astype(np.float32)
+
+
+def hist_bins(x: torch.Tensor) -> torch.Tensor:
+    """Signed histogram bin of each value (same shape, int64): HIST_MAGNITUDES - 1 is |x| < 2**-10."""
+    mantissa, exponent = torch.frexp(x.abs().float())  # |x| = m * 2**e, 0.5 <= m < 1
+    # floor(2 log2 |x|) = 2e - 2 + (m >= sqrt(1/2)); sqrt(1/2) as float32, like the edges
+    half = (mantissa >= float(np.float32(np.sqrt(0.5)))).to(torch.int64)
+    step = 2 * exponent.to(torch.int64) - 2 + half
+    magnitude = torch.where(x == 0, 0, (step - HIST_LOW + 1).clamp(0, HIST_MAGNITUDES - 1))
+    return HIST_MAGNITUDES - 1 + torch.where(x < 0, -magnitude, magnitude)
 
 
 def count_dtype(total_tokens: int) -> torch.dtype:
@@ -43,6 +63,8 @@ class LayerCounts:
         self.active_hist = torch.zeros(width + 1, dtype=torch.int64, device=device)
         self.act_sum = torch.zeros(width, dtype=torch.int64, device=device)
         self.act_sumsq = torch.zeros(width, dtype=torch.int64, device=device)
+        self.act_hist = torch.zeros(width * HIST_BINS, dtype=torch.int64, device=device)
+        self.hist_base = torch.arange(width, device=device) * HIST_BINS
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -54,6 +76,7 @@ class LayerCounts:
         self.active_hist += torch.bincount(fired.sum(1), minlength=self.width + 1)
         self.act_sum += to_fixed(x, ACT_SUM_BITS).sum(0)
         self.act_sumsq += to_fixed(x.double() ** 2, ACT_SUMSQ_BITS).sum(0)
+        self.act_hist += torch.bincount((hist_bins(x) + self.hist_base).reshape(-1), minlength=len(self.act_hist))
         self.tokens += x.shape[0]
         # One device sync per batch and layer: every check in one flag, the message worked out on failure.
         sane = ((x.abs() < ACT_LIMIT).all() & (self.act_sum.abs().max() < FIXED_LIMIT)
@@ -73,11 +96,13 @@ class LayerCounts:
         self.pairs.add_packed(pairs)
         parts = split_stats(np.asarray(stats, dtype=np.int64), self.width)
         for name, value in parts.items():
-            getattr(self, name).add_(torch.from_numpy(value.copy()).to(self.fire_count.device))
+            getattr(self, name).add_(torch.from_numpy(value.reshape(-1).copy()).to(self.fire_count.device))
 
     def stats(self) -> np.ndarray:
-        """The per-neuron int64 sums, concatenated, for one reduce: fire_count, active_hist, act_sum, act_sumsq."""
-        return torch.cat([self.fire_count, self.active_hist, self.act_sum, self.act_sumsq]).cpu().numpy()
+        """The per-neuron int64 sums, concatenated, for one reduce: fire_count, active_hist, act_sum, act_sumsq,
+        act_hist (flattened [width, HIST_BINS])."""
+        return torch.cat([self.fire_count, self.active_hist, self.act_sum, self.act_sumsq,
+                          self.act_hist]).cpu().numpy()
 
 
 def split_stats(flat: np.ndarray, width: int) -> dict[str, np.ndarray]:
@@ -88,6 +113,7 @@ def split_stats(flat: np.ndarray, width: int) -> dict[str, np.ndarray]:
         "active_hist": flat[n : 2 * n + 1],
         "act_sum": flat[2 * n + 1 : 3 * n + 1],
         "act_sumsq": flat[3 * n + 1 : 4 * n + 1],
+        "act_hist": flat[4 * n + 1 : 4 * n + 1 + n * HIST_BINS],
     }
 
 

@@ -144,7 +144,7 @@ def merge_layer(h5, out: str, layer: int, inputs: list[str], layers: list[dict],
     files = [os.path.join(folder, matrixfile.matrix_name(layer)) for folder in inputs]
     width = int(layers[0][layer]["attrs"]["width"])
     total = np.zeros(triangle.packed_size(width), dtype=np.uint64)
-    stats = {"fire_count": 0, "active_hist": 0, "act_sum": 0, "act_sumsq": 0}
+    stats = {"fire_count": 0, "active_hist": 0, "act_sum": 0, "act_sumsq": 0, "act_hist": 0}
     for path, entry in zip(files, (run.get(layer) for run in layers)):
         if entry is None or int(entry["attrs"]["width"]) != width:
             raise UserError(f"{path}: layer {layer} is missing or has another width; runs of one model only")
@@ -154,7 +154,7 @@ def merge_layer(h5, out: str, layer: int, inputs: list[str], layers: list[dict],
                             f"{header.trials}); verify the run folder")
         total += packed
         for name, key in (("fire_count", "fire_count"), ("active_hist", "active_hist"),
-                          ("act_sum", "act_sum_fixed"), ("act_sumsq", "act_sumsq_fixed")):
+                          ("act_sum", "act_sum_fixed"), ("act_sumsq", "act_sumsq_fixed"), ("act_hist", "act_hist")):
             stats[name] = stats[name] + entry[key].astype(np.int64)
     sha = matrixfile.write_matrix(os.path.join(out, matrixfile.matrix_name(layer)), layer, width, tokens, total)
     data, attrs = summary.layer_datasets(stats, total, width, tokens)

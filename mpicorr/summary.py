@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from . import triangle
-from .counting import ACT_SUM_BITS, ACT_SUMSQ_BITS, NLL_BITS
+from .counting import ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, NLL_BITS, hist_edges
 from .files import atomic_path
 
 SUMMARY = "summary.h5"
@@ -66,6 +66,8 @@ def layer_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, width: int,
         "act_sumsq": stats["act_sumsq"] / float(1 << ACT_SUMSQ_BITS),
         "act_sum_fixed": stats["act_sum"].astype(np.int64),      # raw sums: merging runs is exact addition
         "act_sumsq_fixed": stats["act_sumsq"].astype(np.int64),
+        "act_hist": stats["act_hist"].astype(np.uint64).reshape(width, HIST_BINS),
+        "act_hist_edges": hist_edges(),  # the magnitude edges, the same for every layer and run
         "top_partners": partners,
         "top_partner_counts": partner_counts,
     }

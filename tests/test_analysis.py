@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, cli_env
-from mpicorr import analysis, bundles, clusters, matrixfile, triangle
+from mpicorr import analysis, bundles, clusters, matrixfile, summary, triangle
 
 
 def planted_run(folder, layers=2, width=40, tokens=500, seed=0):
@@ -107,6 +107,17 @@ def test_report_on_a_run_folder(tmp_path, llama, sample_path):
     page = (out / "report.html").read_text()
     assert "perplexity" in page and "summary.h5" not in page and page.count("<b>Layer 1.</b>") == 1
     assert "analysing layer 1 (1/1)" in result.stderr
+    # The histogram predicts the density of any edge threshold; at the run's own (0.5) it is the counted one.
+    _, layers = summary.read_summary(str(out / "summary.h5"))
+    for layer, entry in layers.items():
+        got = analysis.threshold_density(entry["act_hist"], entry["act_hist_edges"], 0.5)
+        assert got == pytest.approx(entry["attrs"]["density"], rel=1e-12)
+        assert analysis.threshold_density(entry["act_hist"], entry["act_hist_edges"], 0.25) > got
+    with pytest.raises(analysis.UserError, match="not a histogram edge; the nearest are 0.25, 0.353553"):
+        analysis.threshold_density(entry["act_hist"], entry["act_hist_edges"], 0.3)
+    lines = script("firing.py", out, "--thresholds", "0.5,1", "--out", tmp_path / "fig").stdout.splitlines()
+    row = lines[lines.index(next(l for l in lines if l.startswith("layer  T=0.5"))) + 1].split()
+    assert float(row[1]) == pytest.approx(layers[int(row[0])]["attrs"]["density"], abs=1e-4)
 
 
 @pytest.mark.parametrize("name,args,message", [

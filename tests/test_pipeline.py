@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mpicorr import matrixfile, summary, tiny, triangle
+from mpicorr import counting, matrixfile, summary, tiny, triangle
 from conftest import run_cli, run_main
 from reference import GATED, pair_loop, reference_chunks, reference_run
 
@@ -47,6 +47,13 @@ def test_counts_equal_brute_force_reference(tiny_models, sample_path, tmp_path, 
         assert np.array_equal(got["fire_count"], mask.sum(0))
         assert np.array_equal(got["active_hist"], np.bincount(mask.sum(1), minlength=mask.shape[1] + 1))
         assert np.allclose(got["act_sum"], acts[layer].astype(np.float64).sum(0), atol=1e-3)
+        # act_hist: signed magnitude classes cut at the float32 edges, as numpy's searchsorted puts them
+        a = acts[layer].astype(np.float32)
+        bins = counting.HIST_MAGNITUDES - 1 + np.sign(a).astype(np.int64) * np.searchsorted(
+            got["act_hist_edges"], np.abs(a), side="right")
+        want = np.stack([np.bincount(bins[:, i], minlength=counting.HIST_BINS) for i in range(a.shape[1])])
+        assert np.array_equal(got["act_hist"], want)
+        assert np.array_equal(got["act_hist"].sum(1), np.full(a.shape[1], 9 * CTX))
         assert np.allclose(got["act_sumsq"], (acts[layer].astype(np.float64) ** 2).sum(0), rtol=1e-5, atol=1e-2)
     if ppl is None:
         assert "perplexity" not in root and root["predictions"] == 0
