@@ -36,6 +36,11 @@ def resolve(model: str) -> str:
                         f"({type(exc).__name__}); fetch it with 'hf download {model}' on rank 0's node") from None
 
 
+def staged_name(model: str) -> str:
+    """The folder name of a staged model: a folder's own name, or the hub id with '/' as '--'."""
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model.replace("/", "--")
+
+
 def manifest(folder: str) -> list[dict]:
     """Every file under `folder` (sorted, relative paths) with its size and SHA-256."""
     files = []
@@ -76,8 +81,7 @@ def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = 
     `model` matters on rank 0 only; `leader` (default: local rank 0) marks the one rank per node that
     writes the copy. Every rank must call this."""
     source = comm.checked(lambda: resolve(model), root_only=True)  # rank 0's path (used by rank 0 only)
-    name, files = comm.bcast((os.path.basename(os.path.normpath(source)), manifest(source))
-                             if comm.rank == 0 else None)
+    name, files = comm.bcast((staged_name(model), manifest(source)) if comm.rank == 0 else None)
     target = os.path.join(root, name)
     leader = comm.local_rank == 0 if leader is None else leader
     leaders = comm.split(0 if leader or comm.rank == 0 else 1)

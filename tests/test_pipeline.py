@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from mpicorr import counting, matrixfile, summary, tiny, triangle
-from conftest import run_cli, run_main
+from conftest import cli_env, run_cli, run_main
 from reference import GATED, pair_loop, reference_chunks, reference_run
 
 CTX = 64
@@ -175,3 +178,32 @@ def test_every_kernel_gives_the_same_bytes(llama, sample_path, tmp_path, kernel)
         result = run_main(common + ["--out", str(tmp_path / name), *extra])
         assert result.returncode == 0, result.stderr
     assert outputs(str(tmp_path / kernel)) == outputs(str(tmp_path / "auto"))
+
+
+def hub_cache(tmp_path, model_dir: str, repo: str) -> str:
+    """A Hugging Face hub cache holding `model_dir` as `repo` (the layout `hf download` leaves)."""
+    cache = tmp_path / "hub"
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, entry / "snapshots" / commit)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    return str(cache)
+
+
+def test_hub_id_runs_offline_from_the_local_cache(llama, sample_path, tmp_path):
+    """HF_HUB_OFFLINE=1: a hub id is read from the cache (and staged by its name); a missing one is one line."""
+    env = {**cli_env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": hub_cache(tmp_path, llama, "mpicorr-test/tiny")}
+    args = ["--data", sample_path, "--ctx", str(CTX), "--chunks", "4", "--device", "cpu"]
+
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "mpicorr", "run", *args, *extra], capture_output=True,
+                              text=True, env=env, cwd=str(tmp_path), timeout=300)
+
+    ok(cli("--model", "mpicorr-test/tiny", "--out", str(tmp_path / "hub"), "--stage-model", str(tmp_path / "local")))
+    ok(cli("--model", llama, "--out", str(tmp_path / "folder")))
+    assert outputs(str(tmp_path / "hub")) == outputs(str(tmp_path / "folder"))
+    assert os.path.exists(tmp_path / "local" / "mpicorr-test--tiny" / "config.json")
+    result = cli("--model", "mpicorr-test/absent", "--out", str(tmp_path / "absent"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--model mpicorr-test/absent" in result.stderr and "hf download mpicorr-test/absent" in result.stderr
