@@ -87,7 +87,8 @@ def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = 
     leaders = comm.split(0 if leader or comm.rank == 0 else 1)
     error = None
     if leader or comm.rank == 0:
-        need = leader and not is_staged(target, files)
+        same = comm.rank == 0 and os.path.realpath(target) == os.path.realpath(source)  # already in place
+        need = leader and not same and not is_staged(target, files)
         needs = leaders.allgather(need)
         if any(needs):
             group = leaders.split(0 if need or leaders.rank == 0 else 1)
