@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from mpicorr import counting, matrixfile, summary, tiny, triangle
-from conftest import cli_env, run_cli, run_main
+from conftest import MPIRUN, cli_env, run_cli, run_main
 from reference import GATED, pair_loop, reference_chunks, reference_run
 
 CTX = 64
@@ -207,3 +208,20 @@ def test_hub_id_runs_offline_from_the_local_cache(llama, sample_path, tmp_path):
     result = cli("--model", "mpicorr-test/absent", "--out", str(tmp_path / "absent"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "--model mpicorr-test/absent" in result.stderr and "hf download mpicorr-test/absent" in result.stderr
+
+
+def test_every_family_and_site_under_mpirun(tiny_models, sample_path, tmp_path):
+    """Each family's runs (every site it has) under the real mpirun -n 2 give the bytes of the in-process
+    1-rank runs that test_counts_equal_brute_force_reference checks against the brute-force reference."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not found")
+    common = ["--data", sample_path, "--ctx", str(CTX), "--chunks", "5", "--device", "cpu"]
+    jobs = [(f, s, ["run", "--model", tiny_models[f], "--site", s, *common]) for f, s in FAMILY_SITES]
+    argvs = [args + ["--out", str(tmp_path / f"{f}-{s}-2")] for f, s, args in jobs]
+    result = subprocess.run([MPIRUN, "--oversubscribe", "-n", "2", sys.executable,
+                             os.path.join(os.path.dirname(__file__), "many_runs.py"), json.dumps(argvs)],
+                            capture_output=True, text=True, env=cli_env(), timeout=600, cwd=str(tmp_path))
+    ok(result)
+    for f, s, args in jobs:
+        ok(run_main(args + ["--out", str(tmp_path / f"{f}-{s}-1")]))
+        assert outputs(str(tmp_path / f"{f}-{s}-2")) == outputs(str(tmp_path / f"{f}-{s}-1")), (f, s)
