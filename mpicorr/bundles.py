@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__, triangle
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, read_layer_groups
 
 BUNDLES = "bundles.h5"
 ROW_BLOCK_ELEMENTS = 1 << 22
@@ -75,12 +75,5 @@ def write_bundles(path: str, results: list[LayerBundles], attrs: dict) -> None:
 
 def read_bundles(path: str) -> tuple[dict, dict[int, LayerBundles]]:
     """(root attributes, {layer: LayerBundles}) of a bundles.h5."""
-    try:
-        with h5py.File(path, "r") as h5:
-            attrs = dict(h5.attrs)
-            if attrs.get("format") != "mpicorr-bundles-1":
-                raise UserError(f"{path}: not a bundles file written by analysis/bundles.py")
-            return attrs, {int(n): LayerBundles(int(n), g["indptr"][()], g["indices"][()])
-                           for n, g in sorted(h5["layers"].items(), key=lambda kv: int(kv[0]))}
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc}); run analysis/bundles.py first") from None
+    return read_layer_groups(path, "mpicorr-bundles-1", "analysis/bundles.py",
+                             lambda layer, g: LayerBundles(layer, g["indptr"][()], g["indices"][()]))

@@ -22,7 +22,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 
 from . import __version__, triangle
 from .errors import UserError
-from .files import atomic_path
+from .files import atomic_path, read_layer_groups
 
 CLUSTERS = "clusters.h5"
 KMEANS_ITERS = 100
@@ -266,19 +266,12 @@ def write_clusters(path: str, results: list[LayerClusters], attrs: dict) -> None
 
 def read_clusters(path: str) -> tuple[dict, dict[int, LayerClusters]]:
     """(root attributes, {layer: LayerClusters}) of a clusters.h5."""
-    try:
-        with h5py.File(path, "r") as h5:
-            attrs = dict(h5.attrs)
-            if attrs.get("format") != "mpicorr-clusters-1":
-                raise UserError(f"{path}: not a clusters file written by analysis/clusters.py")
-            out = {}
-            for name, g in sorted(h5["layers"].items(), key=lambda kv: int(kv[0])):
-                q = [Quality(*(float(g.attrs[f"{pre}{k}"]) for k in ("inside_share", "touched_low", "touched_high")))
-                     for pre in ("", "random_")]
-                out[int(name)] = LayerClusters(int(name), g["labels"][()], g["permutation"][()], g["fiedler"][()], *q)
-            return attrs, out
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc}); run analysis/clusters.py first") from None
+    def build(layer: int, g) -> LayerClusters:
+        q = [Quality(*(float(g.attrs[f"{pre}{k}"]) for k in ("inside_share", "touched_low", "touched_high")))
+             for pre in ("", "random_")]
+        return LayerClusters(layer, g["labels"][()], g["permutation"][()], g["fiedler"][()], *q)
+
+    return read_layer_groups(path, "mpicorr-clusters-1", "analysis/clusters.py", build)
 
 
 def spectral_order(full: np.ndarray, seed: int = 0) -> np.ndarray:
