@@ -17,7 +17,6 @@ from .errors import UserError
 from .files import atomic_path, read_layer_groups
 
 BUNDLES = "bundles.h5"
-ROW_BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,7 @@ def layer_bundles(layer: int, packed: np.ndarray, width: int, q: float, min_supp
         raise UserError(f"--q {q}: must be in (0, 1]")
     diag = triangle.diagonal(packed, width).astype(np.int64)
     sizes, parts = [], []
-    for r0, r1 in triangle.panels(width, ROW_BLOCK_ELEMENTS):
-        block = triangle.rows(packed, r0, r1, width).astype(np.int64)
+    for r0, r1, block in triangle.full_row_blocks(packed, width):
         ci = diag[r0:r1, None]
         # C >= q * C_ii rather than C / C_ii >= q: no division rounding at the boundary (counts < 2^53).
         keep = (block >= max(min_support, 1)) & (block >= q * ci) & (ci > 0)

@@ -28,15 +28,14 @@ CLUSTERS = "clusters.h5"
 KMEANS_ITERS = 100
 KMEANS_RESTARTS = 10
 BALANCED_ITERS = 20
-ROW_BLOCK_ELEMENTS = 1 << 22
 DENSE_SOLVER_WIDTH = 512  # below this a full eigendecomposition is fast and exact
 
 
 def dense(packed: np.ndarray, width: int) -> np.ndarray:
     """The full symmetric count matrix as float32 (exact below 2^24), filled in row blocks."""
     full = np.empty((width, width), dtype=np.float32)
-    for r0, r1 in triangle.panels(width, ROW_BLOCK_ELEMENTS):
-        full[r0:r1] = triangle.rows(packed, r0, r1, width)
+    for r0, r1, block in triangle.full_row_blocks(packed, width):
+        full[r0:r1] = block
     return full
 
 

@@ -11,7 +11,6 @@ import torch
 from . import triangle
 from .files import atomic_path, atomic_write
 
-ROW_BLOCK_ELEMENTS = 1 << 22
 
 
 def powerinfer_name(layer: int) -> str:
@@ -35,8 +34,7 @@ def write_powerinfer(folder: str, fire_counts: dict[int, np.ndarray]) -> list[st
 def metis_edges(packed: np.ndarray, width: int, min_support: int, min_lift: float, trials: int):
     """Yield (i, neighbours, weights) per neuron: j != i with C[i, j] >= min_support and lift >= min_lift."""
     diag = triangle.diagonal(packed, width).astype(np.float64)
-    for r0, r1 in triangle.panels(width, ROW_BLOCK_ELEMENTS):
-        block = triangle.rows(packed, r0, r1, width).astype(np.int64)
+    for r0, r1, block in triangle.full_row_blocks(packed, width):
         keep = block >= max(min_support, 1)
         if min_lift > 0:
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -52,6 +50,8 @@ def write_metis(path: str, packed: np.ndarray, width: int, trials: int, min_supp
     """The co-firing graph in METIS format (fmt 001: integer edge weights = co-firing counts); returns edges.
 
     Line 1: `n m 001`; line 1 + v: `u w u w ...` for v's neighbours u (1-based)."""
+    # Two passes over the rows on purpose: the header needs the edge count, and a first pass that only counts
+    # is cheaper than holding the edge lists (up to N^2) or writing the body twice through a temporary file.
     edges = sum(len(cols) for _, cols, _ in metis_edges(packed, width, min_support, min_lift, trials)) // 2
     with atomic_write(path) as fh:
         fh.write(f"{width} {edges} 001\n".encode())

@@ -37,12 +37,11 @@ def verify(path: str, sha256: str | None = None) -> None:
     """Read the file fully and check its counts are consistent (and its SHA-256 when given); raise
     UserError on the first problem."""
     header, packed = matrixfile.read_matrix(path, sha256)
-    diag = triangle.diagonal(packed, header.width).astype(np.uint64)
+    diag = triangle.diagonal(packed, header.width).astype(np.int64)
     if (diag > header.trials).any():
         i = int(np.argmax(diag > header.trials))
         raise UserError(f"{path}: neuron {i} fired {diag[i]} times in {header.trials} trials")
-    for r0, r1 in triangle.panels(header.width, 1 << 22):
-        rows = triangle.rows(packed, r0, r1, header.width).astype(np.uint64)
+    for r0, r1, rows in triangle.full_row_blocks(packed, header.width):
         bad = (rows > diag[None, :]) | (rows > diag[r0:r1, None])
         if bad.any():
             i, j = np.argwhere(bad)[0]

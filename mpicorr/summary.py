@@ -21,7 +21,6 @@ from .files import atomic_path
 
 SUMMARY = "summary.h5"
 TOP_PARTNERS = 16
-ROW_BLOCK_ELEMENTS = 1 << 22
 
 
 def top_partners(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
@@ -29,8 +28,7 @@ def top_partners(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple
     partners = np.full((width, k), -1, dtype=np.int64)
     counts = np.zeros((width, k), dtype=np.uint64)
     j = np.arange(width, dtype=np.int64)
-    for r0, r1 in triangle.panels(width, ROW_BLOCK_ELEMENTS):
-        block = triangle.rows(packed, r0, r1, width).astype(np.int64)
+    for r0, r1, block in triangle.full_row_blocks(packed, width):
         # Unique keys make the choice deterministic: larger count first, then lower index.
         keys = block * width + (width - 1 - j)[None, :]
         keys[block == 0] = -1

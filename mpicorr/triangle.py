@@ -9,6 +9,8 @@ layout), and the two exact accumulators behind one interface (add / packed / add
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -22,6 +24,8 @@ SPARSE_COST = 1.0
 # bound by POPCNT and 512 or 4096 tokens per call run at the same rate; a faster popcount makes it count.
 TOKENS_PER_CALL = 4096
 
+# Cells per block of whole rows in full_row_blocks: 32 MB as int64.
+ROW_BLOCK_ELEMENTS = 1 << 22
 # fp32 holds every integer up to 2**24 exactly, so fp32 sums of 0/1 products over at most this many
 # tokens are exact counts.
 EXACT_TOKENS = 1 << 24
@@ -172,6 +176,13 @@ def pair_counter(width: int, dtype: torch.dtype, device: str, kernel: str = "aut
             raise ValueError(f"the {kernel} kernel runs on the CPU only")
         return BitCounts(width, dtype, kernel)
     return PanelCounts(width, dtype, device)
+
+
+def full_row_blocks(packed: np.ndarray, width: int, elements: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(r0, r1, C[r0:r1, :] as int64) over blocks of whole rows of about `elements` cells (default
+    ROW_BLOCK_ELEMENTS), so that a pass over a 14336-wide layer never holds the full matrix."""
+    for r0, r1 in panels(width, elements or ROW_BLOCK_ELEMENTS):
+        yield r0, r1, rows(packed, r0, r1, width).astype(np.int64)
 
 
 def diagonal(packed: np.ndarray, width: int) -> np.ndarray:
