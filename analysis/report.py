@@ -44,6 +44,7 @@ def analyse(lm: analysis.LayerMatrix, args: argparse.Namespace) -> dict:
         "pairs": cofiring.layer_pairs(lm, args.rank_by, args.top, args.min_support),
         "hist": measures.histograms(lm.packed, lm.width, lm.trials, args.min_support),
         "clusters": found,
+        "quality": clusters_script.quality_row(found) if found else None,
         "bundles": bundles.layer_bundles(lm.layer, lm.packed, lm.width, args.q, args.min_support),
         "freq_image": analysis.heatmap(lm.packed, lm.width, lm.trials, analysis.frequency_order(lm.packed, lm.width),
                                        pixels, "lift"),
@@ -110,7 +111,7 @@ def draw_figures(layers: dict[int, dict], args: argparse.Namespace, folder: str)
         "bundles": figures.bundle_sizes({l: d["bundles"].sizes() for l, d in layers.items()}, args.q,
                                         path("bundles.png")),
     }
-    quality = [clusters_script.quality_row(d["clusters"]) for d in layers.values() if d["clusters"] is not None]
+    quality = [d["quality"] for d in layers.values() if d["quality"] is not None]
     if quality:
         out["quality"] = figures.cluster_quality(quality, path("quality.png"))
     return {name: embed(p) for name, p in out.items()}
@@ -125,7 +126,7 @@ def render(run_dir: str, meta: dict, layers: dict[int, dict], imgs: dict[str, st
     quality_rows = [[r["layer"], r["clusters"], r["inside_share"], r["random_inside_share"],
                      f"{r['touched_low']:.2f}–{r['touched_high']:.2f}",
                      f"{r['random_touched_low']:.2f}–{r['random_touched_high']:.2f}"]
-                    for r in (clusters_script.quality_row(d["clusters"]) for d in layers.values() if d["clusters"])]
+                    for r in (d["quality"] for d in layers.values() if d["quality"] is not None)]
     bundle_rows = [[l, *bundles.size_stats(d["bundles"]).values()] for l, d in layers.items()]
     pair_rows = [[p["layer"], p["i"], p["j"], p["count"], p["p_j_given_i"], p["p_i_given_j"], p["lift"], p["phi"],
                   p["jaccard"]] for d in layers.values() for p in d["pairs"][:5]]

@@ -21,7 +21,7 @@ SCHEDULES = ("static", "dynamic")
 KERNELS = ("auto", "gemm", "popcount", "sparse")  # the same tuple as triangle.KERNELS (no torch import here)
 
 
-SITES = ("ffn", "gate", "heads")  # the same tuple as models.SITE_KINDS (no torch import here)
+SITES = ("ffn", "gate", "heads")  # --site: models.SITES (ffn), GATES and HEADS
 CHOICES = {"dtype": DTYPES, "kernel": KERNELS, "schedule": SCHEDULES, "site": SITES}
 
 

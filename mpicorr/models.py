@@ -19,9 +19,6 @@ import torch
 from .errors import UserError
 
 
-SITE_KINDS = ("ffn", "gate", "heads")
-
-
 @dataclass(frozen=True)
 class Site:
     """One recorded tensor of block `layer`, `width` neurons wide: the input of `module` (named `name`),

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -118,7 +119,7 @@ def _transfer(source: str | None, target: str, files: list[dict], group: Comm, w
         if write:
             os.makedirs(os.path.dirname(os.path.join(tmp, f["path"])), exist_ok=True)
             out = open(os.path.join(tmp, f["path"]), "wb")
-        with open(os.path.join(source, f["path"]), "rb") if group.rank == 0 else _nothing() as src:
+        with open(os.path.join(source, f["path"]), "rb") if group.rank == 0 else nullcontext() as src:
             for offset in range(0, max(f["size"], 1), PIECE):
                 size = min(PIECE, f["size"] - offset)
                 piece = group.bcast_array(np.frombuffer(src.read(size), dtype=np.uint8) if src else None, size)
@@ -138,11 +139,3 @@ def _transfer(source: str | None, target: str, files: list[dict], group: Comm, w
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return error
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
