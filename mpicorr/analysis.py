@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import matrixfile, measures, summary, triangle
+from .config import threshold_folders
 from .progress import fmt_seconds
 from .errors import UserError
 
@@ -36,6 +37,8 @@ def matrix_paths(run_dir: str) -> dict[int, str]:
     if not os.path.isdir(run_dir):
         raise UserError(f"{run_dir}: not a folder; give a run folder written by mpicorr or the original tool")
     found = {int(m.group(1)): os.path.join(run_dir, f) for f in os.listdir(run_dir) if (m := MATRIX_RE.match(f))}
+    if not found and (parts := threshold_folders(run_dir)):
+        raise UserError(f"{run_dir}: holds one run folder per threshold; give one of them, e.g. {parts[0]}")
     if not found:
         raise UserError(f"{run_dir}: no correlations_block_<L>.zstd files")
     return dict(sorted(found.items()))

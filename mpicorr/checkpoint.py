@@ -4,7 +4,8 @@ One file per rank and run attempt, ``OUT/checkpoints/g<G>-r<R>.ckpt`` (G counts 
 rank), written atomically (temporary name, fsync, rename). Layout::
 
     b"MPICKPT1"  uint32 little-endian n  n bytes of UTF-8 JSON header
-    then per layer: uint64 n, a zstd frame of the packed pair counts (header's "count_dtype");
+    then per layer: per threshold (identity "threshold", in order) uint64 n, a zstd frame of the packed
+                    pair counts (header's "count_dtype");
                     uint64 n, a zstd frame of the int64 statistics (see counting.LayerCounts.stats)
 
 The header holds the run identity (what must match on resume), the finished chunk ranges, this file's
@@ -26,7 +27,7 @@ import numpy as np
 import zstandard
 
 from . import plan, triangle
-from .counting import HIST_BINS
+from .counting import stats_size
 from .errors import UserError
 from .files import atomic_write
 
@@ -70,8 +71,9 @@ def file_name(generation: int, rank: int) -> str:
     return f"g{generation}-r{rank}.ckpt"
 
 
-def write(path: str, ck: Checkpoint, layers: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write a checkpoint atomically; `layers` yields (packed pairs, int64 stats) one layer at a time."""
+def write(path: str, ck: Checkpoint, layers: Iterable[tuple[list[np.ndarray], np.ndarray]]) -> None:
+    """Write a checkpoint atomically; `layers` yields ([packed pairs per threshold], int64 stats) one layer
+    at a time."""
     head = {"identity": ck.identity, "finished": ck.finished, "nll": ck.nll, "predictions": ck.predictions,
             "layers": ck.layers, "count_dtype": ck.count_dtype, "absorbs": ck.absorbs}
     raw = json.dumps(head).encode()
@@ -79,7 +81,7 @@ def write(path: str, ck: Checkpoint, layers: Iterable[tuple[np.ndarray, np.ndarr
     with atomic_write(path) as fh:
         fh.write(MAGIC + LENGTH32.pack(len(raw)) + raw)
         for pairs, stats in layers:
-            for array, dtype in ((pairs, ck.count_dtype), (stats, "<i8")):
+            for array, dtype in [*((p, ck.count_dtype) for p in pairs), (stats, "<i8")]:
                 frame = cctx.compress(memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B"))
                 fh.write(LENGTH64.pack(len(frame)) + frame)
 
@@ -102,13 +104,10 @@ def read_header(path: str) -> Checkpoint:
         raise damaged(path, exc) from None
 
 
-def stats_size(width: int) -> int:
-    """Length of LayerCounts.stats() for a layer of `width` neurons."""
-    return 4 * width + 1 + width * HIST_BINS
-
-
-def read_layers(ck: Checkpoint) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(packed pairs, int64 stats) of each layer of a checkpoint, in order, checked against the header."""
+def read_layers(ck: Checkpoint) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """([packed pairs per threshold], int64 stats) of each layer of a checkpoint, in order, checked against
+    the header."""
+    thresholds = len(ck.identity["threshold"])
     dctx = zstandard.ZstdDecompressor()
     try:
         size = os.path.getsize(ck.path)
@@ -116,8 +115,9 @@ def read_layers(ck: Checkpoint) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             (n,) = LENGTH32.unpack_from(fh.read(len(MAGIC) + LENGTH32.size), len(MAGIC))
             fh.seek(n, os.SEEK_CUR)
             for _, width in ck.layers:
-                pairs = _frame(fh, dctx, size, np.dtype(ck.count_dtype), triangle.packed_size(width))
-                stats = _frame(fh, dctx, size, np.dtype("<i8"), stats_size(width))
+                pairs = [_frame(fh, dctx, size, np.dtype(ck.count_dtype), triangle.packed_size(width))
+                         for _ in range(thresholds)]
+                stats = _frame(fh, dctx, size, np.dtype("<i8"), stats_size(width, thresholds))
                 yield pairs, stats
             if fh.tell() != size:
                 raise ValueError("trailing bytes")

@@ -22,6 +22,7 @@ KERNELS = ("auto", "gemm", "popcount", "sparse")  # the same tuple as triangle.K
 
 
 SITES = ("ffn", "gate", "heads")  # --site: models.SITES (ffn), GATES and HEADS
+THRESHOLD_DIR = "threshold-"  # OUT/threshold-<T>/ per threshold when a run counts several
 CHOICES = {"dtype": DTYPES, "kernel": KERNELS, "schedule": SCHEDULES, "site": SITES}
 
 
@@ -36,7 +37,7 @@ class Config:
     chunk_start: int = 0
     chunks: int | None = None
     part: str | None = None
-    threshold: float = 0.5
+    threshold: tuple[float, ...] = (0.5,)
     site: str = "ffn"
     site_module: str | None = None
     batch_size: int = 1
@@ -62,7 +63,8 @@ HELP = {
     "chunks": "number of chunks to process (default: all from --chunk-start on)",
     "part": "K/N: process only the K-th (from 0) of N equal shares of the chunks, in whole batches, for "
             "separate jobs (SLURM arrays) whose outputs 'mpicorr sum' adds up (default: all)",
-    "threshold": "a neuron fires when x >= +T or x <= -T (default: 0.5)",
+    "threshold": "a neuron fires when x >= +T or x <= -T; several, comma-separated (0.25,0.5,1), are counted "
+                 "in one pass, each into OUT/threshold-<T>/ (default: 0.5)",
     "site": "what a neuron is: ffn (the FFN down projection's input), gate (the activation of the gate "
             "projection, gated MLPs), heads (one per attention head: fires when its output's L2 norm >= T) "
             "(default: ffn)",
@@ -90,7 +92,7 @@ HELP = {
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one long option per Config field; defaults are None so that the TOML file can fill gaps."""
-    types = {"ctx": int, "chunk_start": int, "chunks": int, "threshold": float, "batch_size": int,
+    types = {"ctx": int, "chunk_start": int, "chunks": int, "threshold": str, "batch_size": int,
              "checkpoint_every": int}
     for f in dataclasses.fields(Config):
         if f.name == "command":
@@ -140,6 +142,8 @@ def build_config(args: argparse.Namespace, command: str) -> Config:
     if values.get("hostfile") is None and os.path.exists("hostfile"):
         values["hostfile"] = "hostfile"
     values["command"] = command
+    if "threshold" in values:
+        values["threshold"] = parse_thresholds(values["threshold"])
     try:
         cfg = Config(**values)
     except TypeError as exc:
@@ -165,9 +169,8 @@ def validate(cfg: Config) -> None:
         _check_int("--checkpoint-every", cfg.checkpoint_every, 0)
     if cfg.force and cfg.resume:
         raise UserError("--force starts over and --resume continues: give only one of them")
-    if isinstance(cfg.threshold, bool) or not isinstance(cfg.threshold, (int, float)) \
-            or not math.isfinite(cfg.threshold) or cfg.threshold <= 0:
-        raise UserError(f"--threshold {cfg.threshold!r}: must be a positive number, e.g. 0.5")
+    if not isinstance(cfg.threshold, tuple) or not cfg.threshold:
+        raise UserError(f"--threshold {cfg.threshold!r}: give one or more positive numbers, e.g. 0.5 or 0.25,0.5,1")
     if cfg.site not in SITES:
         raise UserError(f"--site {cfg.site!r}: choose ffn, gate or heads")
     if cfg.site_module is not None and cfg.site != "ffn":
@@ -188,6 +191,47 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--kernel {cfg.kernel!r}: choose one of {', '.join(KERNELS)}")
     if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):
         raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only; use --kernel auto or gemm with --device cuda")
+
+
+def parse_thresholds(value: object) -> tuple[float, ...]:
+    """The sorted thresholds of a --threshold value: a number, "0.25,0.5,1" or (in TOML) a list of numbers."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    thresholds = []
+    for item in items:
+        try:
+            t = float(item.strip() if isinstance(item, str) else item) if not isinstance(item, bool) else -1.0
+        except (TypeError, ValueError):
+            t = -1.0
+        if not math.isfinite(t) or t <= 0:
+            raise UserError(f"--threshold {value!r}: {item!r} is not a positive number; give e.g. 0.5 or 0.25,0.5,1")
+        thresholds.append(t)
+    if not thresholds:
+        raise UserError("--threshold: empty list; give e.g. 0.5 or 0.25,0.5,1")
+    if len(set(thresholds)) != len(thresholds):
+        raise UserError(f"--threshold {value!r}: a threshold is given twice; list each once")
+    return tuple(sorted(thresholds))
+
+
+def output_folders(out: str, thresholds: tuple[float, ...]) -> list[str]:
+    """Where each threshold's matrix files and summary.h5 go: OUT itself for one threshold, else
+    OUT/threshold-<T> (T as Python writes the float, e.g. threshold-0.5, threshold-1.0)."""
+    if len(thresholds) == 1:
+        return [out]
+    return [os.path.join(out, f"{THRESHOLD_DIR}{t!r}") for t in thresholds]
+
+
+def threshold_folders(folder: str) -> list[str]:
+    """The threshold-<T> subfolders of a run folder that counted several thresholds (sorted by T)."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        if name.startswith(THRESHOLD_DIR) and os.path.isdir(os.path.join(folder, name)):
+            try:
+                found.append((float(name[len(THRESHOLD_DIR):]), os.path.join(folder, name)))
+            except ValueError:
+                continue
+    return [path for _, path in sorted(found)]
 
 
 def parse_part(part: str) -> tuple[int, int]:

@@ -55,14 +55,17 @@ def to_fixed(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class LayerCounts:
-    """Raw sums for one layer of `width` neurons; `add` takes activations of shape [..., width]."""
+    """Raw sums for one layer of `width` neurons at one or more thresholds; `add` takes activations of shape
+    [..., width]. Pair counts, fire counts and active-neuron histograms are kept per threshold; the activation
+    sums and histograms do not depend on it and are kept once."""
 
-    def __init__(self, layer: int, width: int, threshold: float, dtype: torch.dtype, device: str,
+    def __init__(self, layer: int, width: int, thresholds: tuple[float, ...], dtype: torch.dtype, device: str,
                  kernel: str = "auto"):
-        self.layer, self.width, self.threshold = layer, width, threshold
-        self.pairs = triangle.pair_counter(width, dtype, device, kernel)
-        self.fire_count = torch.zeros(width, dtype=torch.int64, device=device)
-        self.active_hist = torch.zeros(width + 1, dtype=torch.int64, device=device)
+        self.layer, self.width, self.thresholds = layer, width, tuple(thresholds)
+        m = len(self.thresholds)
+        self.pairs = [triangle.pair_counter(width, dtype, device, kernel) for _ in range(m)]
+        self.fire_count = torch.zeros(m, width, dtype=torch.int64, device=device)
+        self.active_hist = torch.zeros(m, width + 1, dtype=torch.int64, device=device)
         self.act_sum = torch.zeros(width, dtype=torch.int64, device=device)
         self.act_sumsq = torch.zeros(width, dtype=torch.int64, device=device)
         self.act_hist = torch.zeros(width * HIST_BINS, dtype=torch.int64, device=device)
@@ -72,17 +75,19 @@ class LayerCounts:
     def add(self, x: torch.Tensor) -> None:
         """Count one batch of activations."""
         x = x.detach().reshape(-1, self.width)
-        fired = x.abs() >= self.threshold
-        self.pairs.add(fired)
-        self.fire_count += fired.sum(0)
-        self.active_hist += torch.bincount(fired.sum(1), minlength=self.width + 1)
+        magnitude = x.abs()
+        for i, threshold in enumerate(self.thresholds):
+            fired = magnitude >= threshold
+            self.pairs[i].add(fired)
+            self.fire_count[i] += fired.sum(0)
+            self.active_hist[i] += torch.bincount(fired.sum(1), minlength=self.width + 1)
         # x * 2**24 and its rounding are exact in float32, so this equals to_fixed(x, ACT_SUM_BITS), 3x faster
         self.act_sum += torch.round(x.float() * float(1 << ACT_SUM_BITS)).to(torch.int64).sum(0)
         self.act_sumsq += to_fixed(x.double() ** 2, ACT_SUMSQ_BITS).sum(0)
         self.act_hist += torch.bincount((hist_bins(x) + self.hist_base).reshape(-1), minlength=len(self.act_hist))
         self.tokens += x.shape[0]
         # One device sync per batch and layer: every check in one flag, the message worked out on failure.
-        sane = ((x.abs() < ACT_LIMIT).all() & (self.act_sum.abs().max() < FIXED_LIMIT)
+        sane = ((magnitude < ACT_LIMIT).all() & (self.act_sum.abs().max() < FIXED_LIMIT)
                 & (self.act_sumsq.max() < FIXED_LIMIT))
         if not bool(sane):
             self._explain(x)
@@ -94,30 +99,40 @@ class LayerCounts:
         raise UserError(f"layer {self.layer}: activation sums exceed the fixed-point range; "
                         f"process fewer chunks per run (--chunks) and merge the runs")
 
-    def load(self, pairs: np.ndarray, stats: np.ndarray) -> None:
-        """Add raw sums saved earlier (a checkpoint's packed pairs and `stats()`)."""
-        self.pairs.add_packed(pairs)
-        parts = split_stats(np.asarray(stats, dtype=np.int64), self.width)
-        for name, value in parts.items():
-            getattr(self, name).add_(torch.from_numpy(value.reshape(-1).copy()).to(self.fire_count.device))
+    def _sums(self) -> list[torch.Tensor]:
+        return [self.fire_count, self.active_hist, self.act_sum, self.act_sumsq, self.act_hist]
+
+    def packed(self) -> list[np.ndarray]:
+        """The packed pair counts, one array per threshold (in threshold order)."""
+        return [pairs.packed() for pairs in self.pairs]
+
+    def load(self, pairs: list[np.ndarray], stats: np.ndarray) -> None:
+        """Add raw sums saved earlier (a checkpoint's `packed()` and `stats()`)."""
+        for counter, packed in zip(self.pairs, pairs, strict=True):
+            counter.add_packed(packed)
+        flat = torch.from_numpy(np.asarray(stats, dtype=np.int64).copy()).to(self.fire_count.device)
+        for total, part in zip(self._sums(), torch.split(flat, [t.numel() for t in self._sums()]), strict=True):
+            total.add_(part.reshape(total.shape))
 
     def stats(self) -> np.ndarray:
-        """The per-neuron int64 sums, concatenated, for one reduce: fire_count, active_hist, act_sum, act_sumsq,
-        act_hist (flattened [width, HIST_BINS])."""
-        return torch.cat([self.fire_count, self.active_hist, self.act_sum, self.act_sumsq,
-                          self.act_hist]).cpu().numpy()
+        """The per-neuron int64 sums, concatenated, for one reduce: fire_count [m, width], active_hist
+        [m, width + 1], act_sum, act_sumsq, act_hist [width, HIST_BINS] (m thresholds, all flattened)."""
+        return torch.cat([t.reshape(-1) for t in self._sums()]).cpu().numpy()
 
 
-def split_stats(flat: np.ndarray, width: int) -> dict[str, np.ndarray]:
-    """Inverse of LayerCounts.stats()."""
-    n = width
-    return {
-        "fire_count": flat[:n],
-        "active_hist": flat[n : 2 * n + 1],
-        "act_sum": flat[2 * n + 1 : 3 * n + 1],
-        "act_sumsq": flat[3 * n + 1 : 4 * n + 1],
-        "act_hist": flat[4 * n + 1 : 4 * n + 1 + n * HIST_BINS],
-    }
+def stats_size(width: int, thresholds: int = 1) -> int:
+    """Length of LayerCounts.stats() for a layer of `width` neurons and `thresholds` thresholds."""
+    return thresholds * (2 * width + 1) + 2 * width + width * HIST_BINS
+
+
+def split_stats(flat: np.ndarray, width: int, thresholds: int = 1) -> list[dict[str, np.ndarray]]:
+    """Inverse of LayerCounts.stats(): one dict of per-neuron sums per threshold (the threshold-free sums shared)."""
+    n, m = width, thresholds
+    fire_count = flat[: m * n].reshape(m, n)
+    active_hist = flat[m * n : m * (2 * n + 1)].reshape(m, n + 1)
+    rest = flat[m * (2 * n + 1) :]
+    shared = {"act_sum": rest[:n], "act_sumsq": rest[n : 2 * n], "act_hist": rest[2 * n : 2 * n + n * HIST_BINS]}
+    return [{"fire_count": fire_count[i], "active_hist": active_hist[i], **shared} for i in range(m)]
 
 
 def chunk_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[int, int]:

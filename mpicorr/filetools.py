@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from . import __version__, matrixfile, plan, summary, triangle
+from .config import threshold_folders
 from .errors import UserError
 
 # Root attributes that runs must share to be merged, and the option that sets each.
@@ -69,7 +70,11 @@ def sum_files(out: str, inputs: list[str], force: bool = False) -> str:
 
 
 def verify_run(folder: str) -> str:
-    """Verify every matrix file of a run folder and compare it with the SHA-256 recorded in summary.h5."""
+    """Verify every matrix file of a run folder and compare it with the SHA-256 recorded in summary.h5
+    (each threshold-<T> subfolder of a run that counted several thresholds)."""
+    parts = threshold_folders(folder)
+    if parts and not summary.exists(folder):
+        return "\n".join(verify_run(part) for part in parts)
     root, layers = read_run(folder)
     for layer, entry in layers.items():
         verify(os.path.join(folder, matrixfile.matrix_name(layer)), entry["attrs"].get("matrix_sha256"))
@@ -120,7 +125,12 @@ def _norm(value):
 
 
 def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "python -m mpicorr sum") -> str:
-    """Merge run folders into `out`: matrices added, summary.h5 recomputed from the summed raw sums."""
+    """Merge run folders into `out`: matrices added, summary.h5 recomputed from the summed raw sums. Runs that
+    counted several thresholds are merged per threshold, into OUT/threshold-<T>."""
+    names = threshold_names(inputs)
+    if names:
+        return "\n".join(sum_runs(os.path.join(out, name), [os.path.join(f, name) for f in inputs], force, command)
+                         for name in names)
     runs = [read_run(folder) for folder in inputs]
     roots = [root for root, _ in runs]
     ranges = check_mergeable(inputs, roots)
@@ -136,6 +146,16 @@ def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "p
     gap_text = "; gap (counted by no input): " + plan.format_ranges(gaps) if gaps else ""
     return (f"{out}: {len(inputs)} runs merged, chunks {plan.format_ranges(ranges)}, {tokens} tokens, "
             f"{len(runs[0][1])} layers{gap_text}")
+
+
+def threshold_names(inputs: list[str]) -> list[str]:
+    """The threshold-<T> subfolder names shared by run folders of several thresholds ([] for plain runs)."""
+    found = [[os.path.basename(p) for p in threshold_folders(f)] if not summary.exists(f) else [] for f in inputs]
+    for path, names in zip(inputs[1:], found[1:]):
+        if names != found[0]:
+            raise UserError(f"{path}: thresholds {names or 'of a plain run'} differ from {inputs[0]}'s "
+                            f"({found[0] or 'a plain run'}); only runs of the same --threshold add up")
+    return found[0]
 
 
 def merge_layer(h5, out: str, layer: int, inputs: list[str], layers: list[dict], tokens: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary
-from .config import Config, parse_part
+from .config import Config, output_folders, parse_part, threshold_folders
 from .counting import LayerCounts, chunk_nll, count_dtype, split_stats
 from .dist import Comm, Service
 from .errors import UserError
@@ -81,7 +81,7 @@ def prepare(cfg: Config, hosts: list[str]) -> Job:
 def identity(cfg: Config, data_sha256: str, start: int, count: int) -> dict:
     """The options a checkpoint belongs to (JSON values, as stored in checkpoint headers)."""
     return {"model": cfg.model, "data_sha256": data_sha256, "ctx": cfg.ctx, "chunk_start": start,
-            "chunks": count, "threshold": float(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype,
+            "chunks": count, "threshold": list(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype,
             "site": cfg.site, "site_module": cfg.site_module}
 
 
@@ -120,7 +120,7 @@ def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
 
 def check_out(out: str, force: bool, resume: bool = False) -> None:
     """Create the output folder; refuse to overwrite another run's outputs or checkpoints unless told to."""
-    done = bool(matrixfile.exists_any(out) or summary.exists(out))
+    done = any(matrixfile.exists_any(f) or summary.exists(f) for f in [out, *threshold_folders(out)])
     unfinished = os.path.isdir(checkpoint.folder(out)) and bool(os.listdir(checkpoint.folder(out)))
     if force:
         shutil.rmtree(checkpoint.folder(out), ignore_errors=True)
@@ -166,11 +166,11 @@ class Saver:
     def save(self, tally: Tally) -> None:
         """Write the checkpoint, then delete the older files it supersedes."""
         layers = [(lc.layer, lc.width) for lc in tally.counts]
-        dtype = "<i4" if tally.counts[0].pairs.dtype == torch.int32 else "<i8"  # count_dtype's two widths
+        dtype = "<i4" if tally.counts[0].pairs[0].dtype == torch.int32 else "<i8"  # count_dtype's two widths
         ck = checkpoint.Checkpoint(self.path, self.identity, plan.merge_ranges(tally.finished), tally.nll,
                                    tally.predictions, layers, dtype, self.absorbs)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        checkpoint.write(self.path, ck, ((lc.pairs.packed(), lc.stats()) for lc in tally.counts))
+        checkpoint.write(self.path, ck, ((lc.packed(), lc.stats()) for lc in tally.counts))
         if not self.saved:
             for name in self.absorbs:
                 old = os.path.join(os.path.dirname(self.path), name)
@@ -315,33 +315,46 @@ def guard_memory(fn, cfg: Config, device: str):
 
 
 def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float) -> None:
-    """Sum every layer onto rank 0, one layer at a time, and write the outputs there."""
+    """Sum every layer onto rank 0, one layer at a time, and write the outputs there (one folder per threshold)."""
     tokens = len(job.chunks) * cfg.ctx
-    path = os.path.join(cfg.out, summary.SUMMARY)
-    with summary.summary_writer(path) if comm.rank == 0 else nullcontext() as h5:
+    folders = output_folders(cfg.out, cfg.threshold)
+    with summary_writers(folders, comm.rank == 0) as files:
         for site, lc in zip(sites, tally.counts):
-            pairs = comm.reduce_sum(lc.pairs.packed())
             stats = comm.reduce_sum(lc.stats())
-            lc.pairs = None  # free this rank's copy before the next layer
-            if comm.rank == 0:
-                sha = matrixfile.write_matrix(os.path.join(cfg.out, matrixfile.matrix_name(site.layer)),
-                                              site.layer, site.width, tokens, pairs)
-                data, attrs = summary.layer_datasets(split_stats(stats, site.width), pairs, site.width, tokens)
-                summary.write_layer(h5, site.layer, data, {**attrs, "matrix_sha256": sha})
+            stats = split_stats(stats, site.width, len(folders)) if comm.rank == 0 else None
+            for i, folder in enumerate(folders):
+                pairs = comm.reduce_sum(lc.pairs[i].packed())
+                lc.pairs[i] = None  # free this rank's copy before the next one
+                if comm.rank == 0:
+                    sha = matrixfile.write_matrix(os.path.join(folder, matrixfile.matrix_name(site.layer)),
+                                                  site.layer, site.width, tokens, pairs)
+                    data, attrs = summary.layer_datasets(stats[i], pairs, site.width, tokens)
+                    summary.write_layer(files[i], site.layer, data, {**attrs, "matrix_sha256": sha})
         totals = comm.reduce_sum(np.array([tally.nll, tally.predictions], dtype=np.int64))
-        if comm.rank == 0:
-            h5.attrs.update(root_attributes(cfg, comm, job, sites, totals))
+        for threshold, h5 in zip(cfg.threshold, files):
+            h5.attrs.update(root_attributes(cfg, comm, job, sites, totals, threshold))
     if comm.rank == 0:
         shutil.rmtree(checkpoint.folder(cfg.out), ignore_errors=True)  # the outputs now hold everything
         report(cfg, summary.perplexity(int(totals[0]), int(totals[1])), tokens, len(sites), seconds)
 
 
-def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray) -> dict:
-    """Root attributes of summary.h5."""
+@contextmanager
+def summary_writers(folders: list[str], root: bool) -> Iterator[list]:
+    """summary.h5 writers, one per output folder, on rank 0; an empty list elsewhere."""
+    with ExitStack() as stack:
+        if root:
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+        yield [stack.enter_context(summary.summary_writer(os.path.join(f, summary.SUMMARY))) for f in folders] \
+            if root else []
+
+
+def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray, threshold: float) -> dict:
+    """Root attributes of the summary.h5 of one threshold."""
     attrs = {
         "model": cfg.model, "data": cfg.data, "data_sha256": job.data_sha256, "ctx": cfg.ctx,
         "chunk_start": job.chunk_start, "chunks": len(job.chunks), "chunks_available": job.available,
-        "tokens": len(job.chunks) * cfg.ctx, "threshold": cfg.threshold,
+        "tokens": len(job.chunks) * cfg.ctx, "threshold": threshold,
         "site": cfg.site if cfg.site_module is None else f"module {cfg.site_module}",
         "site_modules": [s.name for s in sites], "ranks": comm.size, "batch_size": cfg.batch_size,
         "dtype": cfg.dtype, "mpicorr_version": __version__, "command": cfg.command,
@@ -355,4 +368,8 @@ def report(cfg: Config, ppl: float | None, tokens: int, layers: int, seconds: fl
     """The closing lines on rank 0."""
     if ppl is not None:
         print(f"mpicorr: perplexity {ppl:.4f} over {tokens} tokens")
-    print(f"mpicorr: counted {layers} layers in {seconds:.1f} s; outputs in {os.path.abspath(cfg.out)}", flush=True)
+    where = os.path.abspath(cfg.out)
+    if len(cfg.threshold) > 1:
+        where += " (one folder per threshold: " + ", ".join(os.path.basename(f) for f in
+                                                            output_folders(cfg.out, cfg.threshold)) + ")"
+    print(f"mpicorr: counted {layers} layers in {seconds:.1f} s; outputs in {where}", flush=True)

@@ -94,13 +94,13 @@ def test_rows_and_diagonal_read_the_symmetric_matrix():
 
 def test_layer_counts_statistics():
     x = torch.tensor([[0.5, -0.6, 0.1], [0.49, 2.0, -0.5], [0.0, 0.0, 0.0]])
-    lc = counting.LayerCounts(0, 3, 0.5, torch.int32, "cpu")
+    lc = counting.LayerCounts(0, 3, (0.5,), torch.int32, "cpu")
     lc.add(x[None])
     assert lc.tokens == 3
-    assert lc.fire_count.tolist() == [1, 2, 1]
-    assert lc.active_hist.tolist() == [1, 0, 2, 0]
-    assert triangle.unpack(lc.pairs.packed(), 3).tolist() == [[1, 1, 0], [1, 2, 1], [0, 1, 1]]
-    stats = counting.split_stats(lc.stats(), 3)
+    assert lc.fire_count.tolist() == [[1, 2, 1]]
+    assert lc.active_hist.tolist() == [[1, 0, 2, 0]]
+    assert triangle.unpack(lc.packed()[0], 3).tolist() == [[1, 1, 0], [1, 2, 1], [0, 1, 1]]
+    (stats,) = counting.split_stats(lc.stats(), 3)
     assert np.allclose(stats["act_sum"] / 2**counting.ACT_SUM_BITS, [0.99, 1.4, -0.4])
     assert np.allclose(stats["act_sumsq"] / 2**counting.ACT_SUMSQ_BITS, [0.25 + 0.49**2, 4.36, 0.26], atol=1e-4)
 
@@ -113,7 +113,7 @@ def test_fixed_point_sums_do_not_depend_on_grouping():
 
 
 def test_non_finite_activations_are_a_clear_error():
-    lc = counting.LayerCounts(4, 2, 0.5, torch.int32, "cpu")
+    lc = counting.LayerCounts(4, 2, (0.5,), torch.int32, "cpu")
     for bad in (float("nan"), float("inf"), 2.0**21):
         with pytest.raises(counting.UserError, match="layer 4: non-finite activations or"):
             lc.add(torch.tensor([[bad, 1.0]]))
@@ -136,3 +136,37 @@ def test_top_partners_ties_zeros_and_narrow_layers():
     partners, counts = top_partners(packed, 4)  # fewer neurons than the 16 partner slots
     assert partners.shape == (4, 16) and partners[1, :4].tolist() == [2, 0, 3, -1]
     assert (partners[:, 4:] == -1).all() and (counts[:, 4:] == 0).all()
+
+
+def test_several_thresholds_count_as_separate_runs_would():
+    x = torch.randn(2, 37, 29) * 0.8
+    thresholds = (0.25, 0.5, 1.0)
+    both = counting.LayerCounts(1, 29, thresholds, torch.int32, "cpu")
+    both.add(x)
+    flat = both.stats()
+    assert len(flat) == counting.stats_size(29, 3)
+    for i, t in enumerate(thresholds):
+        one = counting.LayerCounts(1, 29, (t,), torch.int32, "cpu")
+        one.add(x)
+        assert np.array_equal(both.packed()[i], one.packed()[0])
+        (alone,) = counting.split_stats(one.stats(), 29)
+        part = counting.split_stats(flat, 29, 3)[i]
+        assert alone.keys() == part.keys()
+        assert all(np.array_equal(alone[k], part[k]) for k in alone)
+    # load() is the inverse of packed()/stats(): a checkpoint added to fresh counts gives them back
+    again = counting.LayerCounts(1, 29, thresholds, torch.int32, "cpu")
+    again.load(both.packed(), flat)
+    assert np.array_equal(again.stats(), flat)
+    assert all(np.array_equal(a, b) for a, b in zip(again.packed(), both.packed()))
+
+
+def test_threshold_values_from_the_command_line_and_toml():
+    from mpicorr.config import output_folders, parse_thresholds
+    assert parse_thresholds("0.5") == (0.5,)
+    assert parse_thresholds(" 1, 0.25 ,0.5") == (0.25, 0.5, 1.0)
+    assert parse_thresholds([1, 0.5]) == (0.5, 1.0) and parse_thresholds(2) == (2.0,)
+    for bad in ([], [True], "nan", "-0.5", "inf", [0.5, "x"]):
+        with pytest.raises(counting.UserError, match="--threshold"):
+            parse_thresholds(bad)
+    assert output_folders("o", (0.5,)) == ["o"]
+    assert output_folders("o", (0.25, 1.0)) == ["o/threshold-0.25", "o/threshold-1.0"]

@@ -27,6 +27,20 @@ def ok(result):
     return result
 
 
+def same_summaries(folder: str, ref: str) -> None:
+    """Every dataset and layer attribute of two summary.h5 files equal, and the run totals."""
+    root, layers = summary.read_summary(os.path.join(folder, "summary.h5"))
+    root_ref, layers_ref = summary.read_summary(os.path.join(ref, "summary.h5"))
+    for key in ("nll_fixed", "tokens", "threshold", "chunk_ranges"):
+        assert np.array_equal(root[key], root_ref[key]), key
+    assert sorted(layers) == sorted(layers_ref)
+    for layer, entry in layers_ref.items():
+        for name, value in entry.items():
+            if name != "attrs":
+                assert np.array_equal(layers[layer][name], value), (layer, name)
+        assert layers[layer]["attrs"] == entry["attrs"]
+
+
 FAMILY_SITES = [(f, "ffn") for f in tiny.FAMILIES] + [(f, "gate") for f in GATED] + \
     [(f, "heads") for f in tiny.FAMILIES]
 
@@ -225,3 +239,21 @@ def test_every_family_and_site_under_mpirun(tiny_models, sample_path, tmp_path):
     for f, s, args in jobs:
         ok(run_main(args + ["--out", str(tmp_path / f"{f}-{s}-1")]))
         assert outputs(str(tmp_path / f"{f}-{s}-2")) == outputs(str(tmp_path / f"{f}-{s}-1")), (f, s)
+
+
+def test_several_thresholds_in_one_pass_under_mpirun(llama, sample_path, tmp_path):
+    """--threshold 1,0.25,0.5 with 2 ranks writes, per threshold, the bytes of a 1-rank run at that threshold."""
+    base = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "14", "--batch-size", "2"]
+    multi = str(tmp_path / "multi")
+    ok(run_cli(base + ["--out", multi, "--threshold", "1,0.25,0.5"], ranks=2))
+    assert sorted(os.listdir(multi)) == ["run.json", "threshold-0.25", "threshold-0.5", "threshold-1.0"]
+    density = []
+    for t in ("0.25", "0.5", "1.0"):
+        single = str(tmp_path / t)
+        ok(run_main(base + ["--out", single, "--threshold", t]))
+        part = os.path.join(multi, f"threshold-{t}")
+        assert len(outputs(single)) == 2 and outputs(part) == outputs(single), t
+        same_summaries(part, single)
+        density.append(summary.read_summary(os.path.join(part, "summary.h5"))[1][0]["attrs"]["density"])
+    assert density[0] > density[1] > density[2] > 0
+    assert "threshold-0.25" in ok(run_main(["verify", multi])).stdout

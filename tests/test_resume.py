@@ -18,7 +18,7 @@ import pytest
 from mpicorr import checkpoint, filetools, summary, tiny
 from conftest import MPIRUN, cli_env, run_cli, run_main
 from test_errors import one_error_line
-from test_pipeline import ok, outputs
+from test_pipeline import ok, outputs, same_summaries
 
 CTX = 64
 
@@ -45,14 +45,7 @@ def args(llama: str, data: str, out: str, *extra: str) -> list[str]:
 
 def same_as_reference(out: str, ref: str) -> None:
     assert outputs(out) == outputs(ref)
-    root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
-    root_ref, layers_ref = summary.read_summary(os.path.join(ref, "summary.h5"))
-    assert root["nll_fixed"] == root_ref["nll_fixed"] and root["tokens"] == root_ref["tokens"]
-    for layer, entry in layers_ref.items():
-        for name, value in entry.items():
-            if name != "attrs":
-                assert np.array_equal(layers[layer][name], value), (layer, name)
-        assert layers[layer]["attrs"] == entry["attrs"]
+    same_summaries(out, ref)
     assert not os.path.exists(checkpoint.folder(out)), "checkpoints are removed once the outputs are written"
 
 
@@ -147,6 +140,22 @@ def test_kill_while_writing_leaves_no_partial_file_and_resumes(llama, tmp_path):
     same_as_reference(out, ref)
 
 
+def test_several_thresholds_resume_after_a_crash(llama, tmp_path):
+    """Checkpoints hold every threshold's counts: killed while writing, resumed, each folder is a plain run's."""
+    data = tiny.sample_path()
+    out = str(tmp_path / "out")
+    multi = ("--chunks", "8", "--threshold", "0.5,1", "--checkpoint-every", "3")
+    crashed = subprocess.run([sys.executable, "-c", CRASH_WHILE_WRITING, *args(llama, data, out, *multi)],
+                             env=cli_env(), capture_output=True, text=True, cwd=str(tmp_path))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    ok(run_cli(args(llama, data, out, *multi, "--resume"), ranks=2))
+    for t in ("0.5", "1.0"):
+        single = str(tmp_path / t)
+        ok(run_main(args(llama, data, single, "--chunks", "8", "--threshold", t)))
+        same_as_reference(os.path.join(out, f"threshold-{t}"), single)
+    assert not os.path.exists(checkpoint.folder(out))
+
+
 def test_resume_refuses_other_options_and_finished_runs(llama, tmp_path):
     data = tiny.sample_path()
     out = str(tmp_path / "out")
@@ -155,7 +164,7 @@ def test_resume_refuses_other_options_and_finished_runs(llama, tmp_path):
                              cwd=str(tmp_path))
     assert crashed.returncode == -signal.SIGKILL
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--threshold", "0.25")),
-                   "--resume", "different --threshold", "0.5 there, 0.25 now")
+                   "--resume", "different --threshold", "[0.5] there, [0.25] now")
     one_error_line(run_main(args(llama, data, out, "--chunks", "7", "--resume")), "different --chunks")
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--force")), "only one")
     ok(run_main(args(llama, data, out, "--chunks", "6", "--resume")))
