@@ -32,12 +32,12 @@ def main() -> int:
         if not (args.powerinfer or args.metis or args.permutation):
             raise UserError("nothing to export: give --powerinfer DIR, --metis DIR and/or --permutation FILE")
         if args.powerinfer:
-            fire = {lf.layer: lf.fire_count for lf in analysis.firing(args.run_dir, args.layers)}
+            fire = {lf.layer: lf.fire_count for lf in analysis.firing(args.run_dir, args.layers, args.expert)}
             paths = exporters.write_powerinfer(args.powerinfer, fire)
             print(f"{len(paths)} PowerInfer activation files in {args.powerinfer}")
         if args.metis:
             os.makedirs(args.metis, exist_ok=True)
-            for lm in analysis.read_layers(analysis.select(analysis.matrix_paths(args.run_dir), args.layers),
+            for lm in analysis.read_layers(analysis.select(analysis.matrix_paths(args.run_dir, args.expert), args.layers),
                                            "exporting"):
                 path = os.path.join(args.metis, f"cofiring_{lm.layer}.graph")
                 edges = exporters.write_metis(path, lm.packed, lm.width, lm.trials, args.min_support, args.min_lift)

@@ -47,7 +47,7 @@ def main() -> int:
     def body() -> None:
         if args.pixels < 1:
             raise UserError(f"--pixels {args.pixels}: must be at least 1")
-        paths = analysis.matrix_paths(args.run_dir)
+        paths = analysis.matrix_paths(args.run_dir, args.expert)
         # Without --all or --layers, the first layer only.
         paths = analysis.select(paths, None if args.all else args.layers or str(next(iter(paths))))
         perms = {}

@@ -132,7 +132,8 @@ def render(run_dir: str, meta: dict, layers: dict[int, dict], imgs: dict[str, st
                   p["jaccard"]] for d in layers.values() for p in d["pairs"][:5]]
     parts = [
         f"<!doctype html><html><head><meta charset=utf-8><title>mpicorr report: {html.escape(run_dir)}</title>",
-        f"<style>{STYLE}</style></head><body><h1>mpicorr report</h1><p>{html.escape(os.path.abspath(run_dir))}</p>",
+        f"<style>{STYLE}</style></head><body><h1>mpicorr report</h1><p>{html.escape(os.path.abspath(run_dir))}"
+        + (f", expert {args.expert} of each MoE block" if args.expert is not None else "") + "</p>",
         "<h2>Run</h2>", table(["attribute", "value"], meta_rows),
         "<h2>Findings per layer</h2>",
         "".join(f"<p><b>Layer {l}.</b> {html.escape(findings(d, args))}</p>" for l, d in layers.items()),

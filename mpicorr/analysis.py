@@ -21,6 +21,7 @@ from .progress import fmt_seconds
 from .errors import UserError
 
 MATRIX_RE = re.compile(r"correlations_block_(\d+)\.zstd$")
+EXPERT_RE = re.compile(r"correlations_block_(\d+)_expert_(\d+)\.zstd$")
 
 
 @dataclass(frozen=True)
@@ -32,16 +33,29 @@ class LayerFiring:
     fire_count: np.ndarray
 
 
-def matrix_paths(run_dir: str) -> dict[int, str]:
-    """{block: path} of the matrix files in a run folder, in numeric block order."""
+def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
+    """{block: path} of the matrix files in a run folder (of expert E of each MoE block), in block order."""
     if not os.path.isdir(run_dir):
         raise UserError(f"{run_dir}: not a folder; give a run folder written by mpicorr or the original tool")
-    found = {int(m.group(1)): os.path.join(run_dir, f) for f in os.listdir(run_dir) if (m := MATRIX_RE.match(f))}
+    names = os.listdir(run_dir)
+    pattern = MATRIX_RE if expert is None else re.compile(rf"correlations_block_(\d+)_expert_{expert}\.zstd$")
+    found = {int(m.group(1)): os.path.join(run_dir, f) for f in names if (m := pattern.match(f))}
     if not found and (parts := threshold_folders(run_dir)):
         raise UserError(f"{run_dir}: holds one run folder per threshold; give one of them, e.g. {parts[0]}")
+    if not found and expert is None and any(EXPERT_RE.match(f) for f in names):
+        raise UserError(f"{run_dir}: holds only the experts of MoE blocks; choose one with --expert E")
     if not found:
-        raise UserError(f"{run_dir}: no correlations_block_<L>.zstd files")
+        what = "correlations_block_<L>.zstd" if expert is None else f"correlations_block_<L>_expert_{expert}.zstd"
+        raise UserError(f"{run_dir}: no {what} files")
     return dict(sorted(found.items()))
+
+
+def summary_entries(run_dir: str, expert: int | None = None) -> dict[int, dict]:
+    """{block: its summary.h5 entry} (read_summary's layers, or expert E's of each MoE block)."""
+    path = os.path.join(run_dir, summary.SUMMARY)
+    if expert is None:
+        return summary.read_summary(path)[1]
+    return {layer: entry for (layer, e), entry in summary.read_moe(path)[0].items() if e == expert}
 
 
 @dataclass(frozen=True)
@@ -91,11 +105,12 @@ def metadata(run_dir: str) -> dict:
     return attrs
 
 
-def firing(run_dir: str, layers: str | None = None) -> list[LayerFiring]:
-    """Per-layer firing counts (--layers selects): from summary.h5 when present, else the matrix diagonals."""
-    paths = select(matrix_paths(run_dir), layers)
+def firing(run_dir: str, layers: str | None = None, expert: int | None = None) -> list[LayerFiring]:
+    """Per-layer firing counts (--layers selects; --expert E: that expert's): from summary.h5 when present,
+    else the matrix diagonals."""
+    paths = select(matrix_paths(run_dir, expert), layers)
     if summary.exists(run_dir):
-        _, found = summary.read_summary(os.path.join(run_dir, summary.SUMMARY))
+        found = summary_entries(run_dir, expert)
         return [LayerFiring(l, int(e["attrs"]["tokens"]), e["fire_count"]) for l, e in found.items() if l in paths]
     out = []
     for layer, path in paths.items():
@@ -104,12 +119,13 @@ def firing(run_dir: str, layers: str | None = None) -> list[LayerFiring]:
     return out
 
 
-def activation_histograms(run_dir: str, layers: str | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def activation_histograms(run_dir: str, layers: str | None = None,
+                          expert: int | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """{layer: (act_hist, act_hist_edges)} from summary.h5 (the original tool's folders have none)."""
     if not summary.exists(run_dir):
         raise UserError(f"{run_dir}: no summary.h5, so no activation histograms (the original tool wrote none)")
-    paths = select(matrix_paths(run_dir), layers)
-    _, found = summary.read_summary(os.path.join(run_dir, summary.SUMMARY))
+    paths = select(matrix_paths(run_dir, expert), layers)
+    found = summary_entries(run_dir, expert)
     if any("act_hist" not in e for e in found.values()):
         raise UserError(f"{run_dir}: summary.h5 has no act_hist (written by an older mpicorr); rerun to get one")
     return {l: (e["act_hist"], e["act_hist_edges"]) for l, e in found.items() if l in paths}
@@ -174,6 +190,8 @@ def script_parser(doc: str, what: str | None = "outputs") -> argparse.ArgumentPa
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder with correlations_block_<L>.zstd (and summary.h5)")
     p.add_argument("--layers", help="layers: 3, 0,4,8 or 0-7 (default: all)")
+    p.add_argument("--expert", type=int, help="MoE models: analyse expert E of each block, from "
+                                              "correlations_block_<L>_expert_<E>.zstd (default: the dense blocks)")
     if what is not None:
         p.add_argument("--out", help=f"folder for the {what} (default: RUN_DIR)")
     return p
@@ -181,7 +199,7 @@ def script_parser(doc: str, what: str | None = "outputs") -> argparse.ArgumentPa
 
 def script_layers(args: argparse.Namespace) -> dict[int, str]:
     """The selected layers' matrix files; creates the output folder."""
-    paths = select(matrix_paths(args.run_dir), args.layers)
+    paths = select(matrix_paths(args.run_dir, args.expert), args.layers)
     os.makedirs(args.out or args.run_dir, exist_ok=True)
     return paths
 

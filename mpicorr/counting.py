@@ -7,6 +7,8 @@ fixed point: each per-token value is rounded to a multiple of 2**-bits and the i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -54,14 +56,31 @@ def to_fixed(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(values.double() * float(1 << bits)).to(torch.int64)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What one set of counts covers: a block's neurons, one expert of an MoE block (over the tokens routed to
+    it), or an MoE block's router (its experts as neurons: co-selection counts)."""
+
+    layer: int
+    expert: int | None = None
+    router: bool = False
+
+    @property
+    def name(self) -> str:
+        """Stable name, as in checkpoints: block_5, block_5_expert_3, block_5_router."""
+        return f"block_{self.layer}" + (f"_expert_{self.expert}" if self.expert is not None else "") + \
+            ("_router" if self.router else "")
+
+
 class LayerCounts:
-    """Raw sums for one layer of `width` neurons at one or more thresholds; `add` takes activations of shape
+    """Raw sums for one unit of `width` neurons at one or more thresholds; `add` takes activations of shape
     [..., width]. Pair counts, fire counts and active-neuron histograms are kept per threshold; the activation
     sums and histograms do not depend on it and are kept once."""
 
-    def __init__(self, layer: int, width: int, thresholds: tuple[float, ...], dtype: torch.dtype, device: str,
-                 kernel: str = "auto"):
-        self.layer, self.width, self.thresholds = layer, width, tuple(thresholds)
+    def __init__(self, unit: Unit | int, width: int, thresholds: tuple[float, ...], dtype: torch.dtype,
+                 device: str, kernel: str = "auto"):
+        self.unit = unit if isinstance(unit, Unit) else Unit(unit)
+        self.layer, self.width, self.thresholds = self.unit.layer, width, tuple(thresholds)
         m = len(self.thresholds)
         self.pairs = [triangle.pair_counter(width, dtype, device, kernel) for _ in range(m)]
         self.fire_count = torch.zeros(m, width, dtype=torch.int64, device=device)
@@ -118,6 +137,33 @@ class LayerCounts:
         """The per-neuron int64 sums, concatenated, for one reduce: fire_count [m, width], active_hist
         [m, width + 1], act_sum, act_sumsq, act_hist [width, HIST_BINS] (m thresholds, all flattened)."""
         return torch.cat([t.reshape(-1) for t in self._sums()]).cpu().numpy()
+
+
+class MoeCounts:
+    """Counts of one MoE block: one LayerCounts per expert, over the tokens routed to it, and the router's
+    co-selection counts (a LayerCounts whose neurons are the experts and whose values are 1.0 when selected, so
+    every threshold slot holds the same counts). `add` takes models.Routed."""
+
+    def __init__(self, layer: int, experts: int, width: int, thresholds: tuple[float, ...], dtype: torch.dtype,
+                 device: str, kernel: str = "auto"):
+        self.layer = layer
+        self.experts = [LayerCounts(Unit(layer, e), width, thresholds, dtype, device, kernel) for e in range(experts)]
+        self.router = LayerCounts(Unit(layer, router=True), experts, (0.5,) * len(thresholds), dtype, device,
+                                  "auto")
+
+    def add(self, routed) -> None:
+        """Count one batch: each expert's activations on its tokens, and which experts each token chose."""
+        self.router.add(routed.selected)
+        for expert, x in routed.activations:
+            self.experts[expert].add(x)
+
+    def units(self) -> list[LayerCounts]:
+        return [*self.experts, self.router]
+
+
+def units(counts: list) -> list[LayerCounts]:
+    """Every LayerCounts of a run, in a fixed order: per site, an MoE block's experts then its router."""
+    return [u for c in counts for u in (c.units() if isinstance(c, MoeCounts) else [c])]
 
 
 def stats_size(width: int, thresholds: int = 1) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__, matrixfile, plan, summary, triangle
 from .config import threshold_folders
+from .counting import Unit
 from .errors import UserError
 
 # Root attributes that runs must share to be merged, and the option that sets each.
@@ -76,9 +77,11 @@ def verify_run(folder: str) -> str:
     if parts and not summary.exists(folder):
         return "\n".join(verify_run(part) for part in parts)
     root, layers = read_run(folder)
-    for layer, entry in layers.items():
-        verify(os.path.join(folder, matrixfile.matrix_name(layer)), entry["attrs"].get("matrix_sha256"))
-    return f"{folder}: ok, {len(layers)} layers, {root['chunks']} chunks"
+    experts, _ = summary.read_moe(os.path.join(folder, summary.SUMMARY))
+    for unit, entry in [*((Unit(k), e) for k, e in layers.items()), *((Unit(*k), e) for k, e in experts.items())]:
+        verify(os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)), entry["attrs"].get("matrix_sha256"))
+    moe = f", {len(experts)} experts" if experts else ""
+    return f"{folder}: ok, {len(layers)} layers{moe}, {root['chunks']} chunks"
 
 
 def read_run(folder: str) -> tuple[dict, dict[int, dict]]:
@@ -138,9 +141,14 @@ def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "p
         raise UserError(f"{out}: already holds outputs; choose another folder or add --force")
     os.makedirs(out, exist_ok=True)
     tokens = sum(int(r["tokens"]) for r in roots)
+    moe = [summary.read_moe(os.path.join(folder, summary.SUMMARY)) for folder in inputs]
     with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5:
         for layer in runs[0][1]:
-            merge_layer(h5, out, layer, inputs, [layers for _, layers in runs], tokens)
+            merge_unit(h5, out, Unit(layer), inputs, [layers.get(layer) for _, layers in runs])
+        for layer, expert in moe[0][0]:
+            merge_unit(h5, out, Unit(layer, expert), inputs, [experts.get((layer, expert)) for experts, _ in moe])
+        for layer in moe[0][1]:
+            merge_router(h5, Unit(layer, router=True), inputs, [routers.get(layer) for _, routers in moe])
         h5.attrs.update({**merged_attributes(inputs, roots, ranges, tokens), "command": command})
     gaps = [(b, c) for (_, b), (c, _) in zip(ranges, ranges[1:])]  # merged ranges: all neighbours have gaps
     gap_text = "; gap (counted by no input): " + plan.format_ranges(gaps) if gaps else ""
@@ -158,26 +166,42 @@ def threshold_names(inputs: list[str]) -> list[str]:
     return found[0]
 
 
-def merge_layer(h5, out: str, layer: int, inputs: list[str], layers: list[dict], tokens: int) -> None:
-    """Add one layer's matrix files and raw statistics over the runs and write both."""
-    files = [os.path.join(folder, matrixfile.matrix_name(layer)) for folder in inputs]
-    width = int(layers[0][layer]["attrs"]["width"])
+def merge_unit(h5, out: str, unit: Unit, inputs: list[str], entries: list[dict | None]) -> None:
+    """Add one layer's (or expert's) matrix files and raw statistics over the runs and write both."""
+    files = [os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)) for folder in inputs]
+    width = int(entries[0]["attrs"]["width"])
     total = np.zeros(triangle.packed_size(width), dtype=np.uint64)
     stats = {"fire_count": 0, "active_hist": 0, "act_sum": 0, "act_sumsq": 0, "act_hist": 0}
-    for path, entry in zip(files, (run.get(layer) for run in layers)):
+    trials = 0
+    for path, entry in zip(files, entries):
         if entry is None or int(entry["attrs"]["width"]) != width:
-            raise UserError(f"{path}: layer {layer} is missing or has another width; runs of one model only")
+            raise UserError(f"{path}: {unit.name} is missing or has another width; runs of one model only")
         header, packed = matrixfile.read_matrix(path, entry["attrs"].get("matrix_sha256"))
         if header.width != width or header.trials != int(entry["attrs"]["tokens"]):
             raise UserError(f"{path}: does not match its summary.h5 (width {header.width}, trials "
                             f"{header.trials}); verify the run folder")
         total += packed
+        trials += header.trials
         for name, key in (("fire_count", "fire_count"), ("active_hist", "active_hist"),
                           ("act_sum", "act_sum_fixed"), ("act_sumsq", "act_sumsq_fixed"), ("act_hist", "act_hist")):
             stats[name] = stats[name] + entry[key].astype(np.int64)
-    sha = matrixfile.write_matrix(os.path.join(out, matrixfile.matrix_name(layer)), layer, width, tokens, total)
-    data, attrs = summary.layer_datasets(stats, total, width, tokens)
-    summary.write_layer(h5, layer, data, {**attrs, "matrix_sha256": sha})
+    sha = matrixfile.write_matrix(os.path.join(out, matrixfile.matrix_name(unit.layer, unit.expert)), unit.layer,
+                                  width, trials, total)
+    data, attrs = summary.layer_datasets(stats, total, width, trials)
+    summary.write_group(h5, summary.group_path(unit), data, {**attrs, "matrix_sha256": sha})
+
+
+def merge_router(h5, unit: Unit, inputs: list[str], entries: list[dict | None]) -> None:
+    """Add one MoE block's router co-selection counts over the runs."""
+    if any(entry is None for entry in entries):
+        missing = inputs[[entry is None for entry in entries].index(True)]
+        raise UserError(f"{missing}: has no router counts for layer {unit.layer}; runs of one model only")
+    experts = int(entries[0]["attrs"]["experts"])
+    coselect = sum(entry["coselect"].astype(np.uint64) for entry in entries)
+    stats = {"fire_count": np.diagonal(coselect).astype(np.int64)}
+    tokens = sum(int(entry["attrs"]["tokens"]) for entry in entries)
+    packed = coselect[np.tril_indices(experts)]
+    summary.write_group(h5, summary.group_path(unit), *summary.router_datasets(stats, packed, experts, tokens))
 
 
 def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Batch], tokens: int) -> dict:

@@ -8,13 +8,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from .counting import LayerCounts
+from .counting import LayerCounts, MoeCounts
 from .models import Site
 
 
-def _input_hook(site: Site, counts: LayerCounts):
-    def hook(module, args):
-        counts.add(site.neurons(args[0]))
+def _input_hook(site: Site, counts: LayerCounts | MoeCounts):
+    def hook(module, args, kwargs):
+        counts.add(site.neurons(*args, **kwargs))
     return hook
 
 
@@ -25,15 +25,16 @@ def _output_hook(site: Site, counts: LayerCounts):
 
 
 @contextmanager
-def recording(sites: list[Site], counts: list[LayerCounts]) -> Iterator[None]:
-    """While inside, every forward pass adds each site's tensor to the matching LayerCounts."""
+def recording(sites: list[Site], counts: list[LayerCounts | MoeCounts]) -> Iterator[None]:
+    """While inside, every forward pass adds each site's tensor to the matching counts."""
     handles = []
     try:
         for site, layer_counts in zip(sites, counts, strict=True):
             if site.output:
                 handles.append(site.module.register_forward_hook(_output_hook(site, layer_counts)))
             else:
-                handles.append(site.module.register_forward_pre_hook(_input_hook(site, layer_counts)))
+                handles.append(site.module.register_forward_pre_hook(_input_hook(site, layer_counts),
+                                                                     with_kwargs=True))
         yield
     finally:
         for handle in handles:

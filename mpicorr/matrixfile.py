@@ -42,9 +42,9 @@ class Header:
         return np.dtype("<u4") if self.magic == MAGIC32 else np.dtype("<u8")
 
 
-def matrix_name(block: int) -> str:
-    """File name of a block's matrix."""
-    return f"correlations_block_{block}.zstd"
+def matrix_name(block: int, expert: int | None = None) -> str:
+    """File name of a block's matrix, or of one expert's of an MoE block."""
+    return f"correlations_block_{block}.zstd" if expert is None else f"correlations_block_{block}_expert_{expert}.zstd"
 
 
 def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[bytes, bytes]:

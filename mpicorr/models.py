@@ -20,9 +20,18 @@ from .errors import UserError
 
 
 @dataclass(frozen=True)
+class Routed:
+    """One MoE forward: which experts each token chose, and each chosen expert's neurons on its tokens."""
+
+    selected: torch.Tensor                          # [tokens, experts], 1.0 where chosen
+    activations: list[tuple[int, torch.Tensor]]     # (expert, [its tokens, width]) for experts with tokens
+
+
+@dataclass(frozen=True)
 class Site:
     """One recorded tensor of block `layer`, `width` neurons wide: the input of `module` (named `name`),
-    or its output when `output`; with `heads` > 0, the L2 norm of each of that many equal slices."""
+    or its output when `output`; with `heads` > 0, the L2 norm of each of that many equal slices; with
+    `experts` > 0, `module` is an MoE block's experts and each expert has `width` neurons."""
 
     layer: int
     name: str
@@ -30,12 +39,34 @@ class Site:
     width: int
     output: bool = False
     heads: int = 0
+    experts: int = 0
 
-    def neurons(self, x: torch.Tensor) -> torch.Tensor:
-        """The values thresholded for this site, [..., width]."""
+    def neurons(self, x: torch.Tensor, *rest, **named):
+        """The values thresholded for this site, [..., width] (a Routed for experts); the arguments are the
+        module's inputs (or its output)."""
+        if self.experts:
+            return routed(self.module, x, named.get("top_k_index", rest[0] if rest else None))
         if not self.heads:
             return x
         return torch.linalg.vector_norm(x.unflatten(-1, (self.heads, -1)).float(), dim=-1)
+
+
+def routed(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> Routed:
+    """Each chosen expert's down-projection input act(gate) * up on the tokens routed to it, recomputed from
+    the experts' stored weights as transformers' eager experts compute it (whatever kernel the model ran)."""
+    count = experts.num_experts
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    index = top_k_index.reshape(hidden.shape[0], -1).long()
+    # Index `count` is transformers' placeholder for a slot no local expert fills: dropped.
+    chosen = torch.zeros(hidden.shape[0], count + 1, device=hidden.device).scatter_(1, index.clamp(0, count), 1.0)
+    selected = chosen[:, :count]
+    activations = []
+    for expert in torch.nonzero(selected.any(0)).flatten().tolist():
+        rows = hidden[torch.nonzero(selected[:, expert]).flatten()]
+        weight = experts.gate_up_proj[expert]
+        gate_up = rows @ weight if getattr(experts, "is_transposed", False) else torch.nn.functional.linear(rows, weight)
+        activations.append((expert, experts._apply_gate(gate_up)))
+    return Routed(selected, activations)
 
 
 Found = list[tuple[str, torch.nn.Module]]
@@ -59,6 +90,11 @@ SITES: dict[str, Callable[[torch.nn.Module], Found]] = {
     "bert": lambda m: _blocks(m, "encoder.layer", "output.dense"),   # intermediate -> output.dense
     "roberta": lambda m: _blocks(m, "encoder.layer", "output.dense"),
 }
+# Mixture-of-experts blocks: the experts module (3-D stacked weights, chosen per token by the router); a
+# shared expert (Qwen2-MoE) and the dense blocks some models interleave are recorded as ordinary blocks.
+MOE: dict[str, Callable[[torch.nn.Module], Found]] = {
+    family: (lambda m: _blocks(m, "layers", "mlp")) for family in ("mixtral", "qwen2_moe", "qwen3_moe")}
+SITES.update({family: (lambda m: _blocks(m, "layers", "mlp")) for family in MOE})
 GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 # --site gate: the activation module's output; Phi-3 applies it to the gate half of its fused projection.
 GATES: dict[str, Callable[[torch.nn.Module], Found]] = {
@@ -67,7 +103,7 @@ GATES: dict[str, Callable[[torch.nn.Module], Found]] = {
 }
 # --site heads: the attention output projection, whose input is the heads' outputs side by side.
 HEADS: dict[str, Callable[[torch.nn.Module], Found]] = {
-    **{family: (lambda m: _blocks(m, "layers", "self_attn.o_proj")) for family in GATED},
+    **{family: (lambda m: _blocks(m, "layers", "self_attn.o_proj")) for family in (*GATED, *MOE)},
     "gpt2": lambda m: _blocks(m, "h", "attn.c_proj"),
     "gpt_neox": lambda m: _blocks(m, "layers", "attention.dense"),
     "opt": lambda m: _blocks(m, "decoder.layers", "self_attn.out_proj"),
@@ -108,6 +144,8 @@ def find_sites(model: torch.nn.Module, site_module: str | None = None, site: str
         return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(_matching(model, site_module))]
     family = model.config.model_type
     _check_family(family, "--model")
+    if site == "ffn" and family in MOE:
+        return [s for i, (name, mlp) in enumerate(MOE[family](model)) for s in _moe_sites(i, name, mlp)]
     if site == "ffn":
         return [Site(i, name, mod, _width(mod)) for i, (name, mod) in enumerate(SITES[family](model))]
     if site == "gate":
@@ -117,6 +155,17 @@ def find_sites(model: torch.nn.Module, site_module: str | None = None, site: str
         return _distinct([Site(i, name, mod, width, output=True) for i, (name, mod) in enumerate(found)])
     heads = model.config.num_attention_heads
     return [Site(i, name, mod, heads, heads=heads) for i, (name, mod) in enumerate(HEADS[family](model))]
+
+
+def _moe_sites(layer: int, name: str, mlp: torch.nn.Module) -> list[Site]:
+    """An MoE block's sites: its shared expert's down projection (if any), then its experts; a dense block's
+    down projection."""
+    if not hasattr(mlp, "experts"):
+        return [Site(layer, f"{name}.down_proj", mlp.down_proj, _width(mlp.down_proj))]
+    shared = getattr(mlp, "shared_expert", None)
+    sites = [Site(layer, f"{name}.shared_expert.down_proj", shared.down_proj, _width(shared.down_proj))] if shared else []
+    experts = mlp.experts
+    return sites + [Site(layer, f"{name}.experts", experts, experts.intermediate_dim, experts=experts.num_experts)]
 
 
 def _matching(model: torch.nn.Module, site_module: str) -> Found:
@@ -134,6 +183,9 @@ def _matching(model: torch.nn.Module, site_module: str) -> Found:
 
 
 def _check_gated(family: str) -> None:
+    if family in MOE:
+        raise UserError(f"--site gate: not available for the experts of {family}; use --site ffn (every "
+                        f"expert's down-projection input) or --site heads")
     if family not in GATES:
         raise UserError(f"--site gate: {family} has no gated MLP (its FFN input is act(fc(x)) already); "
                         f"use --site ffn")
@@ -214,7 +266,7 @@ def describe(name: str, site_module: str | None = None, site: str = "ffn") -> st
         model = auto_class(family).from_config(AutoConfig.from_pretrained(name))
     sites = find_sites(model, site_module, site)
     where = f"--site {site}" if site_module is None else f"--site-module {site_module}"
-    lines = [f"{name}: family '{family}', {len(sites)} layers recorded ({where}):"]
+    lines = [f"{name}: family '{family}', {len({s.layer for s in sites})} layers recorded ({where}):"]
     lines += [f"  layer {s.layer}: {_what(s)}" for s in sites]
     if site_module is None:
         lines.append("sites: ffn" + (", gate" if family in GATES else "") + ", heads (choose with --site)")
@@ -228,6 +280,9 @@ def _what(s: Site) -> str:
     """How inspect describes one site."""
     if s.heads:
         return f"{s.heads} heads, the L2 norm of each head's slice of the input of {s.name}"
+    if s.experts:
+        return (f"{s.experts} experts of {s.width} neurons, each expert's down-projection input in {s.name} "
+                f"on the tokens routed to it, and the router's co-selection of the {s.experts} experts")
     return f"{'output' if s.output else 'input'} of {s.name} ({s.width} neurons)"
 
 

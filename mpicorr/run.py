@@ -17,7 +17,7 @@ import torch
 
 from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary
 from .config import Config, output_folders, parse_part, threshold_folders
-from .counting import LayerCounts, chunk_nll, count_dtype, split_stats
+from .counting import LayerCounts, MoeCounts, chunk_nll, count_dtype, split_stats, units
 from .dist import Comm, Service
 from .errors import UserError
 from .hooks import recording
@@ -45,7 +45,7 @@ class Job:
 class Tally:
     """This rank's raw sums so far and the chunk ranges they cover."""
 
-    counts: list[LayerCounts]
+    counts: list[LayerCounts | MoeCounts]   # one per site (hooks feed these)
     nll: int = 0
     predictions: int = 0
     finished: list[plan.Batch] = field(default_factory=list)
@@ -165,12 +165,12 @@ class Saver:
 
     def save(self, tally: Tally) -> None:
         """Write the checkpoint, then delete the older files it supersedes."""
-        layers = [(lc.layer, lc.width) for lc in tally.counts]
-        dtype = "<i4" if tally.counts[0].pairs[0].dtype == torch.int32 else "<i8"  # count_dtype's two widths
+        layers = [(lc.unit.name, lc.width) for lc in units(tally.counts)]
+        dtype = "<i4" if units(tally.counts)[0].pairs[0].dtype == torch.int32 else "<i8"  # count_dtype's widths
         ck = checkpoint.Checkpoint(self.path, self.identity, plan.merge_ranges(tally.finished), tally.nll,
                                    tally.predictions, layers, dtype, self.absorbs)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        checkpoint.write(self.path, ck, ((lc.packed(), lc.stats()) for lc in tally.counts))
+        checkpoint.write(self.path, ck, ((lc.packed(), lc.stats()) for lc in units(tally.counts)))
         if not self.saved:
             for name in self.absorbs:
                 old = os.path.join(os.path.dirname(self.path), name)
@@ -179,18 +179,25 @@ class Saver:
         self.last, self.pending, self.saved = time.monotonic(), 0, True
 
 
-def absorb(tally: Tally, files: list[checkpoint.Checkpoint], sites) -> None:
+def absorb(tally: Tally, files: list[checkpoint.Checkpoint]) -> None:
     """Add the raw sums of checkpoints taken over by this rank."""
-    layers = [(s.layer, s.width) for s in sites]
+    layers = [(lc.unit.name, lc.width) for lc in units(tally.counts)]
     for ck in files:
         if ck.layers != layers:
             raise UserError(f"--resume: {ck.path} holds layers {ck.layers[:3]}... of another model shape than "
                             f"--model's; rerun with the same model, or start over with --force")
-        for lc, (pairs, stats) in zip(tally.counts, checkpoint.read_layers(ck)):
+        for lc, (pairs, stats) in zip(units(tally.counts), checkpoint.read_layers(ck)):
             lc.load(pairs, stats)
         tally.nll += ck.nll
         tally.predictions += ck.predictions
         tally.finished += ck.finished
+
+
+def new_counts(site: models.Site, cfg: Config, dtype: torch.dtype, device: str) -> LayerCounts | MoeCounts:
+    """Empty counts for one site."""
+    if site.experts:
+        return MoeCounts(site.layer, site.experts, site.width, cfg.threshold, dtype, device, cfg.kernel)
+    return LayerCounts(site.layer, site.width, cfg.threshold, dtype, device, cfg.kernel)
 
 
 def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: Tally, device: str,
@@ -251,9 +258,9 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
         lambda: models.load_model(where, models.resolve_dtype(cfg.dtype, device), device), cfg, device))
     sites = comm.checked(lambda: models.find_sites(model, cfg.site_module, cfg.site))
     dtype = count_dtype(len(job.chunks) * cfg.ctx)
-    tally = Tally([LayerCounts(s.layer, s.width, cfg.threshold, dtype, device, cfg.kernel) for s in sites])
+    tally = Tally([new_counts(s, cfg, dtype, device) for s in sites])
     taken = job.resumed[comm.rank :: comm.size]
-    comm.checked(lambda: absorb(tally, taken, sites))
+    comm.checked(lambda: absorb(tally, taken))
     path = os.path.join(checkpoint.folder(cfg.out), checkpoint.file_name(job.generation, comm.rank))
     absorbs = sorted({n for ck in taken for n in [ck.name, *ck.absorbs]})
     saver = Saver(path, job.identity, absorbs, cfg.checkpoint_every)
@@ -315,27 +322,38 @@ def guard_memory(fn, cfg: Config, device: str):
 
 
 def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float) -> None:
-    """Sum every layer onto rank 0, one layer at a time, and write the outputs there (one folder per threshold)."""
+    """Sum every unit (layer, expert, router) onto rank 0, one at a time, and write the outputs there (one
+    folder per threshold)."""
     tokens = len(job.chunks) * cfg.ctx
     folders = output_folders(cfg.out, cfg.threshold)
     with summary_writers(folders, comm.rank == 0) as files:
-        for site, lc in zip(sites, tally.counts):
+        for lc in units(tally.counts):
             stats = comm.reduce_sum(lc.stats())
-            stats = split_stats(stats, site.width, len(folders)) if comm.rank == 0 else None
+            stats = split_stats(stats, lc.width, len(folders)) if comm.rank == 0 else None
             for i, folder in enumerate(folders):
                 pairs = comm.reduce_sum(lc.pairs[i].packed())
                 lc.pairs[i] = None  # free this rank's copy before the next one
                 if comm.rank == 0:
-                    sha = matrixfile.write_matrix(os.path.join(folder, matrixfile.matrix_name(site.layer)),
-                                                  site.layer, site.width, tokens, pairs)
-                    data, attrs = summary.layer_datasets(stats[i], pairs, site.width, tokens)
-                    summary.write_layer(files[i], site.layer, data, {**attrs, "matrix_sha256": sha})
+                    write_unit(files[i], folder, lc.unit, lc.width, stats[i], pairs)
         totals = comm.reduce_sum(np.array([tally.nll, tally.predictions], dtype=np.int64))
         for threshold, h5 in zip(cfg.threshold, files):
             h5.attrs.update(root_attributes(cfg, comm, job, sites, totals, threshold))
     if comm.rank == 0:
         shutil.rmtree(checkpoint.folder(cfg.out), ignore_errors=True)  # the outputs now hold everything
-        report(cfg, summary.perplexity(int(totals[0]), int(totals[1])), tokens, len(sites), seconds)
+        report(cfg, summary.perplexity(int(totals[0]), int(totals[1])), tokens, sites, seconds)
+
+
+def write_unit(h5, folder: str, unit, width: int, stats: dict, pairs: np.ndarray) -> None:
+    """Rank 0: one unit's matrix file (not for routers) and summary group. Its trials are the tokens it
+    counted (an expert: those routed to it), which the active-neuron histogram sums to."""
+    trials = int(stats["active_hist"].sum())
+    if unit.router:
+        summary.write_group(h5, summary.group_path(unit), *summary.router_datasets(stats, pairs, width, trials))
+        return
+    sha = matrixfile.write_matrix(os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)),
+                                  unit.layer, width, trials, pairs)
+    data, attrs = summary.layer_datasets(stats, pairs, width, trials)
+    summary.write_group(h5, summary.group_path(unit), data, {**attrs, "matrix_sha256": sha})
 
 
 @contextmanager
@@ -356,7 +374,7 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
         "chunk_start": job.chunk_start, "chunks": len(job.chunks), "chunks_available": job.available,
         "tokens": len(job.chunks) * cfg.ctx, "threshold": threshold,
         "site": cfg.site if cfg.site_module is None else f"module {cfg.site_module}",
-        "site_modules": [s.name for s in sites], "ranks": comm.size, "batch_size": cfg.batch_size,
+        "site_modules": [s.name for s in sites], "moe_layers": [s.layer for s in sites if s.experts], "ranks": comm.size, "batch_size": cfg.batch_size,
         "dtype": cfg.dtype, "mpicorr_version": __version__, "command": cfg.command,
         "created": summary.now(), "attempts": job.generation,
         "chunk_ranges": np.array([[job.chunk_start, job.chunk_start + len(job.chunks)]], dtype=np.int64),
@@ -364,7 +382,7 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
     return {**attrs, **summary.nll_attributes(int(totals[0]), int(totals[1]))}
 
 
-def report(cfg: Config, ppl: float | None, tokens: int, layers: int, seconds: float) -> None:
+def report(cfg: Config, ppl: float | None, tokens: int, sites, seconds: float) -> None:
     """The closing lines on rank 0."""
     if ppl is not None:
         print(f"mpicorr: perplexity {ppl:.4f} over {tokens} tokens")
@@ -372,4 +390,6 @@ def report(cfg: Config, ppl: float | None, tokens: int, layers: int, seconds: fl
     if len(cfg.threshold) > 1:
         where += " (one folder per threshold: " + ", ".join(os.path.basename(f) for f in
                                                             output_folders(cfg.out, cfg.threshold)) + ")"
-    print(f"mpicorr: counted {layers} layers in {seconds:.1f} s; outputs in {where}", flush=True)
+    experts = sum(s.experts for s in sites)
+    layers = f"{len({s.layer for s in sites})} layers" + (f" ({experts} experts)" if experts else "")
+    print(f"mpicorr: counted {layers} in {seconds:.1f} s; outputs in {where}", flush=True)

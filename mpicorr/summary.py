@@ -108,9 +108,26 @@ def summary_writer(path: str) -> Iterator[h5py.File]:
             yield h5
 
 
-def write_layer(h5: h5py.File, layer: int, data: dict[str, np.ndarray], attrs: dict) -> None:
-    """Add group layers/<layer>."""
-    group = h5.require_group("layers").create_group(str(layer))
+def router_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, experts: int, tokens: int):
+    """(datasets, attributes) of an MoE block's router group, from its reduced sums and packed co-selection."""
+    coselect = triangle.unpack(packed, experts).astype(np.uint64)
+    load = stats["fire_count"].astype(np.uint64)
+    return {"coselect": coselect, "load": load}, {
+        "tokens": tokens, "experts": experts,
+        "selected_per_token": float(load.sum()) / max(tokens, 1),
+    }
+
+
+def group_path(unit) -> str:
+    """Where a counting.Unit's group lives: layers/<L>, experts/<L>/<E> or routers/<L>."""
+    if unit.router:
+        return f"routers/{unit.layer}"
+    return f"layers/{unit.layer}" if unit.expert is None else f"experts/{unit.layer}/{unit.expert}"
+
+
+def write_group(h5: h5py.File, path: str, data: dict[str, np.ndarray], attrs: dict) -> None:
+    """Add the group at `path` (group_path) with its datasets and attributes."""
+    group = h5.create_group(path)
     for name, value in data.items():
         group.create_dataset(name, data=value, compression="gzip", compression_opts=4, shuffle=True)
     group.attrs.update(attrs)
@@ -126,6 +143,21 @@ def read_summary(path: str) -> tuple[dict, dict[int, dict]]:
             entry["attrs"] = {k: _plain(v) for k, v in group.attrs.items()}
             layers[int(name)] = entry
     return root, dict(sorted(layers.items()))
+
+
+def read_moe(path: str) -> tuple[dict[tuple[int, int], dict], dict[int, dict]]:
+    """({(layer, expert): entry}, {layer: router entry}) of a summary.h5, entries as read_summary's; empty
+    for models without experts."""
+    def entries(group) -> dict:
+        found = {k: group[k][()] for k in group}
+        found["attrs"] = {k: _plain(v) for k, v in group.attrs.items()}
+        return found
+
+    with h5py.File(path, "r") as h5:
+        experts = {(int(layer), int(e)): entries(g) for layer, block in h5.get("experts", {}).items()
+                   for e, g in block.items()}
+        routers = {int(layer): entries(g) for layer, g in h5.get("routers", {}).items()}
+    return dict(sorted(experts.items())), dict(sorted(routers.items()))
 
 
 def _plain(value):

@@ -12,7 +12,8 @@ from importlib import resources
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt",
-            "falcon", "bert", "roberta")
+            "falcon", "bert", "roberta", "mixtral", "qwen2_moe", "qwen3_moe")
+EXPERTS, TOP_K = 4, 2  # the tiny mixture-of-experts models: each token chooses 2 of 4 experts
 # Weights this large make a healthy share of neurons cross |x| >= 0.5 (about 10-30 %), as in real models.
 INIT_RANGE = 0.2
 
@@ -49,6 +50,7 @@ def model_config(family: str, vocab_size: int, hidden: int = 32, ffn: int = 96, 
     decoder = dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4,
                    max_position_embeddings=1024, initializer_range=INIT_RANGE, **ids)
     gqa = dict(decoder, num_key_value_heads=2)
+    moe = dict(gqa, num_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=ffn // 2)
     make = {
         "llama": lambda: tf.LlamaConfig(**gqa),
         "mistral": lambda: tf.MistralConfig(**gqa),
@@ -57,6 +59,10 @@ def model_config(family: str, vocab_size: int, hidden: int = 32, ffn: int = 96, 
         "gemma": lambda: tf.GemmaConfig(**gqa, head_dim=hidden // 4),
         "gemma2": lambda: tf.Gemma2Config(**gqa, head_dim=hidden // 4),
         "phi3": lambda: tf.Phi3Config(**gqa),
+        "mixtral": lambda: tf.MixtralConfig(**gqa, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K),
+        # Qwen2-MoE: a shared expert beside the routed ones, and block 1 dense (mlp_only_layers)
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**moe, shared_expert_intermediate_size=ffn, mlp_only_layers=[1]),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**moe, head_dim=hidden // 4),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**decoder),
         "bert": lambda: tf.BertConfig(**decoder),
         "roberta": lambda: tf.RobertaConfig(**decoder),

@@ -13,7 +13,7 @@ import pytest
 
 from mpicorr import counting, matrixfile, summary, tiny, triangle
 from conftest import MPIRUN, cli_env, run_cli, run_main
-from reference import GATED, pair_loop, reference_chunks, reference_run
+from reference import GATED, MOE, pair_loop, reference_chunks, reference_run
 
 CTX = 64
 
@@ -53,7 +53,7 @@ def test_counts_equal_brute_force_reference(tiny_models, sample_path, tmp_path, 
     ok(run_main(["run", "--model", model, "--data", sample_path, "--out", out, "--ctx", str(CTX),
                  "--chunk-start", "3", "--chunks", "9", "--batch-size", "2", "--site", site,
                  "--threshold", str(threshold)]))
-    fired, acts, ppl = reference_run(model, sample_path, CTX, threshold, 3, 9, site)
+    fired, acts, ppl, (experts, routers) = reference_run(model, sample_path, CTX, threshold, 3, 9, site)
     root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
     assert sorted(layers) == sorted(fired) and root["tokens"] == 9 * CTX and root["site"] == site
     for layer, mask in fired.items():
@@ -77,6 +77,30 @@ def test_counts_equal_brute_force_reference(tiny_models, sample_path, tmp_path, 
         assert "perplexity" not in root and root["predictions"] == 0
     else:
         assert root["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    check_experts(out, family, site, experts, routers)
+
+
+def check_experts(out: str, family: str, site: str, experts: dict, routers: dict) -> None:
+    """MoE: each expert's matrix over the tokens routed to it, and the routers' co-selection, as the reference."""
+    got_experts, got_routers = summary.read_moe(os.path.join(out, "summary.h5"))
+    if family not in MOE or site != "ffn":
+        assert not got_experts and not got_routers and not experts
+        return
+    assert sorted(routers) == sorted(got_routers) and routers
+    assert sorted(got_experts) == [(i, e) for i in sorted(routers) for e in range(tiny.EXPERTS)]
+    for (layer, expert), entry in got_experts.items():
+        acts = experts.get((layer, expert), np.zeros((0, entry["attrs"]["width"]), np.float32))
+        mask = np.abs(acts) >= 0.5
+        header, packed = matrixfile.read_matrix(os.path.join(out, matrixfile.matrix_name(layer, expert)))
+        assert header.trials == len(acts) == routers[layer][:, expert].sum() == entry["attrs"]["tokens"]
+        assert np.array_equal(packed, pair_loop(mask)), (family, layer, expert)
+        assert np.array_equal(entry["fire_count"], mask.sum(0))
+        assert np.allclose(entry["act_sum"], acts.astype(np.float64).sum(0), atol=1e-3)
+    for layer, mask in routers.items():
+        got = got_routers[layer]
+        assert (mask.sum(1) == tiny.TOP_K).all() and got["attrs"]["tokens"] == len(mask)
+        assert np.array_equal(got["coselect"], mask.T.astype(np.int64) @ mask.astype(np.int64))
+        assert np.array_equal(got["load"], mask.sum(0))
 
 
 def test_chunks_follow_the_data_convention(llama, sample_path):
