@@ -9,9 +9,9 @@ rank), written atomically (temporary name, fsync, rename). Layout::
                     uint64 n, a zstd frame of the int64 statistics (see counting.LayerCounts.stats)
 
 The header holds the run identity (what must match on resume), the finished chunk ranges, this file's
-fixed-point log-likelihood sum and prediction count, the layers, and `absorbs`: the older checkpoint files
-whose counts this one already contains. Those are superseded, so no chunk is ever counted twice even when
-a run dies between writing a new checkpoint and deleting the old ones.
+fixed-point log-likelihood sum and prediction count, the counted units (layers, experts, routers), and
+`absorbs`: the older checkpoint files whose counts this one already contains. Those are superseded, so no
+chunk is ever counted twice even when a run dies between writing a new checkpoint and deleting the old ones.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Checkpoint:
     finished: list[plan.Batch]
     nll: int
     predictions: int
-    layers: list[tuple[int, int]]     # (layer, width)
+    layers: list[tuple[str, int]]     # (counting.Unit name, width): block_5, block_5_expert_3, block_5_router
     count_dtype: str                  # numpy dtype of the pair counts, e.g. "<i4"
     absorbs: list[str]
 

@@ -43,6 +43,7 @@ class Config:
     batch_size: int = 1
     dtype: str = "auto"
     device: str = "auto"
+    gpus_per_rank: int = 1
     kernel: str = "auto"
     hostfile: str | None = None
     schedule: str = "static"
@@ -73,6 +74,8 @@ HELP = {
     "batch_size": "chunks per forward pass; the work is split in whole batches (default: 1)",
     "dtype": "model dtype: auto (bfloat16/float16 on GPU, float32 on CPU), float32, bfloat16, float16",
     "device": "auto (this rank's local GPU when CUDA is there, else cpu), cpu, cuda or cuda:N",
+    "gpus_per_rank": "GPUs each rank owns: the model is split across them with accelerate's device map and each "
+                     "layer's counts stay on the GPU that holds it; start one rank per that many GPUs (default: 1)",
     "kernel": "pair-count kernel: auto (popcount/sparse per batch on CPU, gemm on GPU), gemm, popcount, sparse; "
               "all give the same counts",
     "hostfile": "hostfile giving each rank's weight (default: ./hostfile when present; none: equal weights)",
@@ -93,7 +96,7 @@ HELP = {
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one long option per Config field; defaults are None so that the TOML file can fill gaps."""
     types = {"ctx": int, "chunk_start": int, "chunks": int, "threshold": str, "batch_size": int,
-             "checkpoint_every": int}
+             "checkpoint_every": int, "gpus_per_rank": int}
     for f in dataclasses.fields(Config):
         if f.name == "command":
             continue
@@ -189,6 +192,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--schedule {cfg.schedule!r}: choose static or dynamic")
     if cfg.kernel not in KERNELS:
         raise UserError(f"--kernel {cfg.kernel!r}: choose one of {', '.join(KERNELS)}")
+    _check_int("--gpus-per-rank", cfg.gpus_per_rank, 1)
+    if cfg.gpus_per_rank > 1 and cfg.device not in ("auto", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UserError(f"--gpus-per-rank {cfg.gpus_per_rank}: needs GPUs; leave out --device {cfg.device} or use 1")
     if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):
         raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only; use --kernel auto or gemm with --device cuda")
 

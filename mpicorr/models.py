@@ -210,6 +210,43 @@ def resolve_device(device: str, local_rank: int) -> str:
     return device
 
 
+def resolve_devices(device: str, local_rank: int, per_rank: int = 1) -> list[str]:
+    """This rank's devices: resolve_device's one, or with `per_rank` > 1 that many local GPUs, the
+    local_rank-th group of them (from N on with --device cuda:N)."""
+    if per_rank == 1:
+        return [resolve_device(device, local_rank)]
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpus-per-rank {per_rank}: CUDA is not available on this node; use 1 (the default)")
+    count = torch.cuda.device_count()
+    first = int(device.partition(":")[2]) if device.startswith("cuda:") else local_rank * per_rank
+    if first + per_rank > count:
+        raise UserError(f"--gpus-per-rank {per_rank}: local rank {local_rank} would need GPUs {first}..."
+                        f"{first + per_rank - 1}, but this node has {count}; start one rank per {per_rank} GPUs "
+                        f"(mpirun --map-by ppr:{max(count // per_rank, 1)}:node)")
+    return [f"cuda:{first + i}" for i in range(per_rank)]
+
+
+def device_label(devices: list[str]) -> str:
+    """How the plan and the rank table show a rank's devices: cuda:0, or cuda:0,1,2,3."""
+    return devices[0] if len(devices) == 1 else "cuda:" + ",".join(d.partition(":")[2] for d in devices)
+
+
+def site_device(model: torch.nn.Module, name: str, default: str) -> str:
+    """The device of the module `name` under accelerate's device map (the longest mapped prefix of its
+    name), or `default` for a model on one device: where that site's counts are kept."""
+    mapped = getattr(model, "hf_device_map", None) or {}
+    keys = [k for k in mapped if k == "" or name == k or name.startswith(k + ".")]
+    if not keys:
+        return default
+    where = mapped[max(keys, key=len)]
+    return f"cuda:{where}" if isinstance(where, int) else str(where)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the token ids go: the device of the input embeddings (the first GPU of a split model)."""
+    return model.get_input_embeddings().weight.device
+
+
 def device_identity(device: str) -> str | None:
     """The physical GPU behind a device (its UUID, the same whatever CUDA_VISIBLE_DEVICES says); None for CPU."""
     if not device.startswith("cuda"):
@@ -245,16 +282,27 @@ def check_model(name: str, site_module: str | None = None, site: str = "ffn") ->
     return family
 
 
-def load_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The model in eval mode on `device`, gradients off."""
+def load_model(name: str, dtype: torch.dtype, devices: list[str]) -> torch.nn.Module:
+    """The model in eval mode, gradients off: on devices[0], or split over several GPUs by accelerate
+    ("balanced": about the same share of the weights on each, leaving room for the counts)."""
     from transformers import AutoConfig
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    model = auto_class(AutoConfig.from_pretrained(name).model_type).from_pretrained(name, dtype=dtype)
+    cls = auto_class(AutoConfig.from_pretrained(name).model_type)
+    if len(devices) == 1:
+        model = cls.from_pretrained(name, dtype=dtype).to(devices[0])
+    else:
+        try:
+            import accelerate  # noqa: F401  (transformers' device_map needs it)
+        except ImportError:
+            raise UserError("--gpus-per-rank: needs the accelerate package: pip install accelerate") from None
+        gpus = [int(d.partition(":")[2]) for d in devices]
+        memory = {i: torch.cuda.mem_get_info(i)[0] for i in gpus}
+        model = cls.from_pretrained(name, dtype=dtype, device_map="balanced", max_memory=memory)
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return model.eval()
 
 
 def describe(name: str, site_module: str | None = None, site: str = "ffn") -> str:

@@ -94,7 +94,8 @@ def dry_plan(cfg: Config, ranks: int) -> str:
         slots = plan.by_slot(read_hostfile(cfg.hostfile), ranks, cfg.hostfile)
         hosts = [line.host for line, _ in slots]
         weights = [line.weight for line, _ in slots]
-        devices = [f"gpu {local}" for _, local in slots]
+        g = cfg.gpus_per_rank
+        devices = [f"gpu {local}" if g == 1 else f"gpu {local * g}-{local * g + g - 1}" for _, local in slots]
     work = plan.make_plan(plan.batches(start, count, cfg.batch_size), hosts, weights)
     head = (f"{cfg.data}: {len(all_chunks)} chunks of {cfg.ctx} tokens; processing {count} "
             f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s)")
@@ -205,11 +206,12 @@ def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: T
     """Forward each batch while counting into `tally`, checkpointing as the saver decides and reporting
     each batch to rank 0; (chunks, seconds busy)."""
     causal = models.is_causal_lm(model)
+    first = models.input_device(model)
     chunks, busy = 0, 0.0
     with torch.inference_mode(), recording(sites, tally.counts):
         for b0, b1 in batches:
             started = time.monotonic()
-            ids = torch.from_numpy(job.chunks[b0 - job.chunk_start : b1 - job.chunk_start]).to(device)
+            ids = torch.from_numpy(job.chunks[b0 - job.chunk_start : b1 - job.chunk_start]).to(first)
             out = model(input_ids=ids, use_cache=False)
             if causal:
                 part, n = chunk_nll(out.logits, ids)
@@ -228,15 +230,16 @@ def asked(service: Service) -> Iterator[plan.Batch]:
         yield batch
 
 
-def check_gpu_sharing(option: str, hosts: list[str], devices: list[str], gpus: list[str | None]) -> None:
-    """With --device auto, refuse two ranks on one physical GPU: usually more ranks per node than GPUs."""
+def check_gpu_sharing(option: str, hosts: list[str], devices: list[str], gpus: list[list[str | None]]) -> None:
+    """With --device auto, refuse two ranks on one physical GPU (`gpus`: each rank's GPU UUIDs): usually
+    more ranks per node than GPUs."""
     if option != "auto":
         return  # an explicit cuda:N is taken as meant
     seen: dict[tuple[str, str], int] = {}
-    for rank, (host, gpu) in enumerate(zip(hosts, gpus)):
+    for rank, host, gpu in ((r, h, g) for r, (h, owned) in enumerate(zip(hosts, gpus)) for g in owned):
         if gpu is None:
             continue
-        if (host, gpu) in seen:
+        if (host, gpu) in seen and seen[host, gpu] != rank:
             raise UserError(f"--device auto: ranks {seen[host, gpu]} and {rank} on {host} would share GPU "
                             f"{devices[rank]}; start one rank per GPU (mpirun --map-by ppr:G:node, srun "
                             "--gpus-per-task=1), or pass --device cuda:N to share on purpose or --device cpu")
@@ -246,19 +249,21 @@ def check_gpu_sharing(option: str, hosts: list[str], devices: list[str], gpus: l
 def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     """Count, reduce and write one run; every rank calls this. `live`: redraw rank 0's progress in place."""
     hosts = comm.allgather(comm.host)
-    device = comm.checked(lambda: models.resolve_device(cfg.device, comm.local_rank))
-    devices = comm.allgather(device)
-    gpus = comm.allgather(models.device_identity(device))
+    mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))
+    device = mine[0]  # the dtype, the token ids and any counts outside a device map go here
+    devices = comm.allgather(models.device_label(mine))
+    gpus = comm.allgather([models.device_identity(d) for d in mine])
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
     job = comm.checked(lambda: prepare(cfg, hosts), root_only=True)
     if comm.rank == 0:
         announce(cfg, comm, job, devices)
     where = stage.stage_model(cfg.model, cfg.stage_model, comm) if cfg.stage_model else cfg.model
     model = comm.checked(lambda: guard_memory(
-        lambda: models.load_model(where, models.resolve_dtype(cfg.dtype, device), device), cfg, device))
+        lambda: models.load_model(where, models.resolve_dtype(cfg.dtype, device), mine), cfg, device))
     sites = comm.checked(lambda: models.find_sites(model, cfg.site_module, cfg.site))
     dtype = count_dtype(len(job.chunks) * cfg.ctx)
-    tally = Tally([new_counts(s, cfg, dtype, device) for s in sites])
+    # Each site's counts live where its module is: with --gpus-per-rank, on the GPU that holds the layer.
+    tally = Tally([new_counts(s, cfg, dtype, models.site_device(model, s.name, device)) for s in sites])
     taken = job.resumed[comm.rank :: comm.size]
     comm.checked(lambda: absorb(tally, taken))
     path = os.path.join(checkpoint.folder(cfg.out), checkpoint.file_name(job.generation, comm.rank))
@@ -268,7 +273,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     chunks, busy = count_scheduled(cfg, comm, job, model, sites, tally, device, saver, live)
     saver.finish(tally)
     del model
-    reports = comm.allgather(schedule.RankReport(comm.rank, comm.host, device, chunks, busy))
+    reports = comm.allgather(schedule.RankReport(comm.rank, comm.host, devices[comm.rank], chunks, busy))
     wall = time.monotonic() - started
     rows = schedule.rank_rows(reports, wall, cfg.ctx)
     if comm.rank == 0:

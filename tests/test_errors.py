@@ -59,6 +59,8 @@ def bad_files(llama, tmp_path_factory) -> dict[str, str]:
     (["--model", "MODEL", "--data", "DATA", "--threshold", "abc"], ["--threshold", "not a positive number"]),
     (["--model", "MODEL", "--data", "DATA", "--threshold", "0.5,,1"], ["--threshold", "'' is not a positive"]),
     (["--model", "MODEL", "--data", "DATA", "--threshold", "0.5,1,0.50"], ["--threshold", "given twice"]),
+    (["--model", "MODEL", "--data", "DATA", "--gpus-per-rank", "0"], ["--gpus-per-rank 0", ">= 1"]),
+    (["--model", "MODEL", "--data", "DATA", "--gpus-per-rank", "2", "--device", "cpu"], ["--gpus-per-rank 2", "needs GPUs"]),
     (["--model", "MODEL", "--data", "DATA", "--ctx", "100000"], ["too short for one chunk"]),
     (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE0"], ["HOSTFILE0:1", "weight '0'"]),
     (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE_SYNTAX"], ["HOSTFILE_SYNTAX:1", "speed=2"]),
@@ -158,10 +160,12 @@ def test_inspect_lists_the_registry_sites_of_every_family(tiny_models):
     for family, path in tiny_models.items():
         result = run_main(["inspect", "--model", path])
         assert result.returncode == 0, (family, result.stderr)
-        loaded = models.find_sites(models.load_model(path, torch.float32, "cpu"))
+        loaded = models.find_sites(models.load_model(path, torch.float32, ["cpu"]))
         for site in loaded:
-            assert f"layer {site.layer}: input of {site.name} ({site.width} neurons)" in result.stdout, family
-        assert f"{len(loaded)} layers recorded" in result.stdout
+            what = (f"{site.experts} experts of {site.width} neurons, each expert's down-projection input in "
+                    f"{site.name}" if site.experts else f"input of {site.name} ({site.width} neurons)")
+            assert f"layer {site.layer}: {what}" in result.stdout, family
+        assert f"{len({s.layer for s in loaded})} layers recorded" in result.stdout
 
 
 def test_inspect_with_site_module(bad_files):
@@ -175,10 +179,38 @@ def test_two_ranks_on_one_gpu_are_refused_with_device_auto():
     from mpicorr.run import check_gpu_sharing
     hosts, devices = ["a", "a", "b", "b"], ["cuda:0", "cuda:0", "cuda:0", "cuda:1"]
     with pytest.raises(UserError, match=r"ranks 0 and 1 on a would share GPU cuda:0; start one rank per GPU"):
-        check_gpu_sharing("auto", hosts, devices, ["U0", "U0", "U0", "U1"])
-    check_gpu_sharing("auto", hosts, devices, ["U0", "U1", "U0", "U1"])  # SLURM binding: each sees one GPU
-    check_gpu_sharing("cuda:0", hosts, devices, ["U0", "U0", "U0", "U0"])  # explicit: on purpose
-    check_gpu_sharing("auto", hosts, ["cpu"] * 4, [None] * 4)
+        check_gpu_sharing("auto", hosts, devices, [["U0"], ["U0"], ["U0"], ["U1"]])
+    check_gpu_sharing("auto", hosts, devices, [["U0"], ["U1"], ["U0"], ["U1"]])  # SLURM binding: one GPU each
+    check_gpu_sharing("cuda:0", hosts, devices, [["U0"], ["U0"], ["U0"], ["U0"]])  # explicit: on purpose
+    check_gpu_sharing("auto", hosts, ["cpu"] * 4, [[None]] * 4)
+    # --gpus-per-rank 2: groups may not overlap
+    check_gpu_sharing("auto", ["a", "a"], ["cuda:0,1", "cuda:2,3"], [["U0", "U1"], ["U2", "U3"]])
+    with pytest.raises(UserError, match="ranks 0 and 1 on a would share GPU"):
+        check_gpu_sharing("auto", ["a", "a"], ["cuda:0,1", "cuda:1,2"], [["U0", "U1"], ["U1", "U2"]])
+
+
+def test_gpus_per_rank_devices_and_device_map(monkeypatch):
+    from mpicorr import models
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--gpus-per-rank 2: CUDA is not available"):
+        models.resolve_devices("auto", 0, 2)
+    assert models.resolve_devices("cpu", 3, 1) == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert models.resolve_devices("auto", 1, 4) == ["cuda:4", "cuda:5", "cuda:6", "cuda:7"]
+    assert models.resolve_devices("cuda:2", 0, 2) == ["cuda:2", "cuda:3"]
+    with pytest.raises(UserError, match=r"local rank 2 would need GPUs 6\.\.\.8, but this node has 8; .*ppr:2:node"):
+        models.resolve_devices("auto", 2, 3)
+    assert models.device_label(["cuda:4", "cuda:5"]) == "cuda:4,5" and models.device_label(["cpu"]) == "cpu"
+    # each site's counts go to the device that accelerate's map gives its module (longest prefix)
+    model = torch.nn.Module()
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
+    assert models.site_device(model, "model.layers.1.mlp.down_proj", "cuda:0") == "cuda:1"
+    assert models.site_device(model, "model.layers.0.mlp.experts", "cuda:9") == "cuda:0"
+    assert models.site_device(model, "model.layers.10.mlp", "cuda:9") == "cuda:9"  # not "model.layers.1"
+    model.hf_device_map = {"": "cuda:3"}
+    assert models.site_device(model, "anything", "cpu") == "cuda:3"
+    assert models.site_device(torch.nn.Linear(2, 2), "x", "cpu") == "cpu"
 
 
 def test_device_identity():

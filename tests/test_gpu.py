@@ -1,0 +1,52 @@
+"""GPU checks (skipped without CUDA): the gemm kernel on the device against a plain CPU product, the same
+counts from CUDA and CPU for the same activations, and a model split over two GPUs (--gpus-per-rank 2)
+against the same model on one."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mpicorr import counting, summary, tiny, triangle
+from conftest import run_cli
+from test_pipeline import ok, outputs, same_summaries
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("width,tokens,p", [(1, 5, 0.5), (33, 700, 0.0), (33, 700, 1.0), (1001, 1500, 0.07)])
+def test_gemm_on_cuda_is_exact(width, tokens, p):
+    fired = np.random.default_rng(width).random((tokens, width)) < p
+    counts = triangle.pair_counter(width, torch.int32, "cuda:0", "auto")
+    for part in np.array_split(fired, 3):
+        counts.add(torch.from_numpy(part).cuda())
+    exact = fired.astype(np.float64)  # float64 products of 0/1: exact below 2**53
+    assert np.array_equal(counts.packed(), (exact.T @ exact)[np.tril_indices(width)].astype(np.int64))
+
+
+def test_cuda_and_cpu_count_the_same_activations():
+    x = torch.randn(3, 200, 77) * 0.7
+    on = {d: counting.LayerCounts(0, 77, (0.25, 0.5), torch.int32, d) for d in ("cpu", "cuda:0")}
+    on["cpu"].add(x)
+    on["cuda:0"].add(x.cuda())
+    assert np.array_equal(on["cpu"].stats(), on["cuda:0"].stats())
+    assert all(np.array_equal(a, b) for a, b in zip(on["cpu"].packed(), on["cuda:0"].packed()))
+
+
+@pytest.mark.skipif(CUDA and torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_model_split_over_two_gpus_counts_as_on_one(family, tmp_path):
+    model = tiny.build(family, str(tmp_path / family), layers=4)
+    common = ["run", "--model", model, "--data", tiny.sample_path(), "--ctx", "64", "--chunks", "20",
+              "--dtype", "float32", "--device", "cuda:0"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ok(run_cli([*common, "--out", one]))
+    result = ok(run_cli([*common, "--out", two, "--gpus-per-rank", "2"]))
+    assert "cuda:0,1" in result.stdout
+    assert outputs(one) == outputs(two) and outputs(one)
+    same_summaries(two, one)
+    assert summary.read_summary(os.path.join(two, "summary.h5"))[0]["tokens"] == 20 * 64
