@@ -37,8 +37,8 @@ def main() -> int:
             print(f"{len(paths)} PowerInfer activation files in {args.powerinfer}")
         if args.metis:
             os.makedirs(args.metis, exist_ok=True)
-            for lm in analysis.read_layers(analysis.select(analysis.matrix_paths(args.run_dir, args.expert), args.layers),
-                                           "exporting"):
+            paths = analysis.select(analysis.matrix_paths(args.run_dir, args.expert), args.layers)
+            for lm in analysis.read_layers(paths, "exporting"):
                 path = os.path.join(args.metis, f"cofiring_{lm.layer}.graph")
                 edges = exporters.write_metis(path, lm.packed, lm.width, lm.trials, args.min_support, args.min_lift)
                 print(f"{path}: {lm.width} vertices, {edges} edges")

@@ -79,7 +79,8 @@ def verify_run(folder: str) -> str:
     root, layers = read_run(folder)
     experts, _ = summary.read_moe(os.path.join(folder, summary.SUMMARY))
     for unit, entry in [*((Unit(k), e) for k, e in layers.items()), *((Unit(*k), e) for k, e in experts.items())]:
-        verify(os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)), entry["attrs"].get("matrix_sha256"))
+        path = os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert))
+        verify(path, entry["attrs"].get("matrix_sha256"))
     moe = f", {len(experts)} experts" if experts else ""
     return f"{folder}: ok, {len(layers)} layers{moe}, {root['chunks']} chunks"
 
@@ -207,7 +208,8 @@ def merge_router(h5, unit: Unit, inputs: list[str], entries: list[dict | None]) 
 def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Batch], tokens: int) -> dict:
     """Root attributes of a merged summary: shared ones from the first run, sums and ranges recomputed."""
     first = roots[0]
-    keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "chunks_available")
+    keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
+            "chunks_available")
     attrs = {key: first[key] for key in keep if key in first}
     chunks = sum(b - a for a, b in ranges)
     attrs.update({

@@ -64,7 +64,8 @@ def routed(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Te
     for expert in torch.nonzero(selected.any(0)).flatten().tolist():
         rows = hidden[torch.nonzero(selected[:, expert]).flatten()]
         weight = experts.gate_up_proj[expert]
-        gate_up = rows @ weight if getattr(experts, "is_transposed", False) else torch.nn.functional.linear(rows, weight)
+        transposed = getattr(experts, "is_transposed", False)
+        gate_up = rows @ weight if transposed else torch.nn.functional.linear(rows, weight)
         activations.append((expert, experts._apply_gate(gate_up)))
     return Routed(selected, activations)
 
@@ -163,7 +164,8 @@ def _moe_sites(layer: int, name: str, mlp: torch.nn.Module) -> list[Site]:
     if not hasattr(mlp, "experts"):
         return [Site(layer, f"{name}.down_proj", mlp.down_proj, _width(mlp.down_proj))]
     shared = getattr(mlp, "shared_expert", None)
-    sites = [Site(layer, f"{name}.shared_expert.down_proj", shared.down_proj, _width(shared.down_proj))] if shared else []
+    sites = [Site(layer, f"{name}.shared_expert.down_proj", shared.down_proj, _width(shared.down_proj))
+             ] if shared else []
     experts = mlp.experts
     return sites + [Site(layer, f"{name}.experts", experts, experts.intermediate_dim, experts=experts.num_experts)]
 
