@@ -66,6 +66,30 @@ def test_auto_picks_sparse_for_rare_firing_and_popcount_for_dense():
     assert np.array_equal(counts.packed(), (both.T @ both)[np.tril_indices(2000)].astype(np.int64))
 
 
+@pytest.mark.parametrize("tokens,width,p", [(1, 1, 1.0), (17, 5, 0.5), (64, 33, 0.2), (9, 12, 0.0), (9, 12, 1.0)])
+@pytest.mark.parametrize("limit", [triangle.NarrowCounts.LIMIT, 7, 1])
+def test_narrow_counts_match_pair_loop(tokens, width, p, limit):
+    """The GPU accumulator, run on the CPU: int16 panels flushed to the host every `limit` tokens or fewer."""
+    fired = np.random.default_rng(width).random((tokens, width)) < p
+    counts = triangle.NarrowCounts(width, torch.int32, "cpu", elements=3 * width + 1, limit=limit)
+    counts.add(torch.from_numpy(fired))
+    counts.add(torch.from_numpy(fired[::-1].copy()))
+    packed = counts.packed()
+    assert packed.dtype == np.int32 and np.array_equal(packed, 2 * naive_pairs(fired))
+    counts.add_packed(packed)
+    assert np.array_equal(counts.packed(), 4 * naive_pairs(fired))
+
+
+def test_narrow_counts_pass_the_int16_range():
+    """Counts far beyond 2**15 stay exact: the device panels are flushed before they could overflow."""
+    counts = triangle.NarrowCounts(3, torch.int64, "cpu")
+    ones = torch.ones(50_000, 3, dtype=torch.bool)
+    counts.add(ones)
+    counts.add(ones[:20_000])
+    packed = counts.packed()
+    assert packed.dtype == np.int64 and packed.tolist() == [70_000] * 6
+
+
 def test_pair_counter_choice():
     assert isinstance(triangle.pair_counter(8, torch.int32, "cpu", "gemm"), triangle.PanelCounts)
     want = triangle.BitCounts if kernels.AVAILABLE else triangle.PanelCounts
