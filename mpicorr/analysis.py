@@ -131,6 +131,38 @@ def activation_histograms(run_dir: str, layers: str | None = None,
     return {l: (e["act_hist"], e["act_hist_edges"]) for l, e in found.items() if l in paths}
 
 
+@dataclass(frozen=True)
+class Router:
+    """One MoE block's routing: tokens, per-expert load and co-selection counts (summary.h5 routers/<L>)."""
+
+    layer: int
+    tokens: int
+    load: np.ndarray       # [E] tokens that chose each expert
+    coselect: np.ndarray   # [E, E] tokens that chose both
+
+    def lift(self) -> np.ndarray:
+        """P(i and j chosen) / (P(i) P(j)): 1 = independent choices, > 1 chosen together; NaN on the diagonal
+        and for unused experts."""
+        load = self.load.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift = self.coselect.astype(np.float64) * self.tokens / np.outer(load, load)
+        lift[~np.isfinite(lift)] = np.nan
+        np.fill_diagonal(lift, np.nan)
+        return lift
+
+
+def routers(run_dir: str, layers: str | None = None) -> list[Router]:
+    """The routing of each MoE block (--layers selects) from summary.h5."""
+    if not summary.exists(run_dir):
+        raise UserError(f"{run_dir}: no summary.h5; router counts are only in runs written by mpicorr")
+    _, found = summary.read_moe(os.path.join(run_dir, summary.SUMMARY))
+    if not found:
+        raise UserError(f"{run_dir}: no router counts; the run's model has no mixture-of-experts blocks")
+    chosen = select({layer: "" for layer in found}, layers)
+    return [Router(l, int(e["attrs"]["tokens"]), e["load"].astype(np.int64), e["coselect"].astype(np.int64))
+            for l, e in found.items() if l in chosen]
+
+
 def powerlaw_exponent(fire_count: np.ndarray) -> float:
     """α of count ∝ rank^-α, a least-squares line through the log-log rank-frequency plot (nonzero counts)."""
     counts = np.sort(fire_count[fire_count > 0].astype(np.float64))[::-1]

@@ -157,3 +157,28 @@ def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str) -> str:
     if len(sizes) <= 8:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def routers(found, path: str) -> str:
+    """Per MoE block, the lift of each expert pair's co-selection (log colour scale) and each expert's load."""
+    cols = min(len(found), 4)
+    rows = -(-len(found) // cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(3.4 * cols + 1, 5.2 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1] * rows}, layout="constrained")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")  # grey: the diagonal and unused experts
+    for k, router in enumerate(found):
+        top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
+        with np.errstate(divide="ignore"):
+            image = top.imshow(np.log2(router.lift()), cmap=cmap, vmin=-2, vmax=2)
+        top.set(title=f"block {router.layer}: log2 lift", xlabel="expert", ylabel="expert")
+        for axis in (top.xaxis, top.yaxis, bottom.xaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
+        bottom.bar(np.arange(len(router.load)), router.load / max(router.tokens, 1), color="grey")
+        bottom.set(xlabel="expert", ylabel="share of tokens")
+    for k in range(len(found), rows * cols):
+        axes[2 * (k // cols), k % cols].axis("off")
+        axes[2 * (k // cols) + 1, k % cols].axis("off")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="log2 lift (0: chosen independently)")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

@@ -124,3 +124,27 @@ def test_analysis_scripts_take_an_expert(known_routing, tmp_path):
     ok(script("heatmap.py", run, "--expert", "3", "--layers", "1", "--pixels", "16", "--out", tmp_path / "fig"))
     missing = script("heatmap.py", run, "--expert", "7")
     assert missing.returncode == 2 and "correlations_block_<L>_expert_7.zstd" in missing.stderr
+
+
+def test_routers_script_shows_the_known_routing(known_routing, tmp_path):
+    from test_analysis import is_png, script
+
+    run = str(tmp_path / "run")
+    ok(run_main(args(known_routing, run)))
+    lines = ok(script("routers.py", run, "--out", tmp_path / "fig")).stdout.splitlines()
+    assert lines[0].split()[:3] == ["layer", "experts", "tokens"] and is_png(tmp_path / "fig" / "routers.png")
+    _, routers = summary.read_moe(os.path.join(run, "summary.h5"))
+    for line, (layer, router) in zip(lines[1:3], routers.items()):
+        load = router["load"].astype(np.int64)
+        tokens = 12 * CTX
+        # experts 0 and 1 (or 2 and 3) always go together: the most over-represented pair is one of them
+        # with lift tokens / load, against 0 for the pairs across the halves
+        best = max(tokens / load[0], tokens / load[2])
+        cols = line.split()
+        assert int(cols[0]) == layer and int(cols[2]) == tokens and cols[5] in ("0-1", "2-3")
+        assert float(cols[6]) == pytest.approx(best, abs=0.006)
+    dense = str(tmp_path / "dense")
+    ok(run_main(["run", "--model", tiny.build("llama", str(tmp_path / "llama")), "--data", tiny.sample_path(),
+                 "--out", dense, "--ctx", str(CTX), "--chunks", "2"]))
+    refused = script("routers.py", dense)
+    assert refused.returncode == 2 and "no mixture-of-experts blocks" in refused.stderr
