@@ -95,7 +95,7 @@ SITES: dict[str, Callable[[torch.nn.Module], Found]] = {
 # shared expert (Qwen2-MoE) and the dense blocks some models interleave are recorded as ordinary blocks.
 MOE: dict[str, Callable[[torch.nn.Module], Found]] = {
     family: (lambda m: _blocks(m, "layers", "mlp")) for family in ("mixtral", "qwen2_moe", "qwen3_moe")}
-SITES.update({family: (lambda m: _blocks(m, "layers", "mlp")) for family in MOE})
+SITES.update(MOE)  # supported for ffn; find_sites splits each block into its experts (and dense parts)
 GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 # --site gate: the activation module's output; Phi-3 applies it to the gate half of its fused projection.
 GATES: dict[str, Callable[[torch.nn.Module], Found]] = {
