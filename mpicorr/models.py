@@ -61,10 +61,10 @@ def routed(experts: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Te
     chosen = torch.zeros(hidden.shape[0], count + 1, device=hidden.device).scatter_(1, index.clamp(0, count), 1.0)
     selected = chosen[:, :count]
     activations = []
+    transposed = getattr(experts, "is_transposed", False)
     for expert in torch.nonzero(selected.any(0)).flatten().tolist():
         rows = hidden[torch.nonzero(selected[:, expert]).flatten()]
         weight = experts.gate_up_proj[expert]
-        transposed = getattr(experts, "is_transposed", False)
         gate_up = rows @ weight if transposed else torch.nn.functional.linear(rows, weight)
         activations.append((expert, experts._apply_gate(gate_up)))
     return Routed(selected, activations)

@@ -157,7 +157,6 @@ def batches(chunk_start: int, chunks: int, batch_size: int) -> list[Batch]:
     return [(b, min(b + batch_size, end)) for b in range(chunk_start, end, batch_size)]
 
 
-
 def part(start: int, count: int, batch: int, k: int, n: int) -> tuple[int, int]:
     """(start, count) of the k-th of n shares of chunks [start, start + count), cut at batch boundaries,
     so each share is forwarded in the same batches as a run over the whole range."""
@@ -167,6 +166,7 @@ def part(start: int, count: int, batch: int, k: int, n: int) -> tuple[int, int]:
     lo, hi = total * k // n, total * (k + 1) // n
     first = start + lo * batch
     return first, min(start + count, start + hi * batch) - first
+
 
 def merge_ranges(ranges: list[Batch] | tuple[Batch, ...]) -> list[Batch]:
     """Sorted, non-empty, maximal [start, stop) ranges covering the same chunks."""
@@ -212,5 +212,10 @@ def format_plan(plan: list[Assignment], devices: list[str], dynamic: bool = Fals
     for a, dev in zip(plan, devices):
         full = (str(a.rank), a.host, dev, f"{a.weight:g}", format_ranges(a.ranges), str(a.chunks))
         rows.append(full[:3] if dynamic else full)
+    return format_table(rows)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of strings as left-aligned columns two spaces apart (the first row is the header)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

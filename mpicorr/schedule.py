@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 from .files import atomic_write
-from .plan import Batch
+from .plan import Batch, format_table
 from .progress import JobProgress
 
 RUN_JSON = "run.json"
@@ -70,8 +70,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         table.append((str(r["rank"]), r["host"], r["device"], str(r["chunks"]), f"{r['tokens_per_s']:,.0f}",
                       f"{r['busy_percent']:.0f}%"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    return format_table(table)
 
 
 def write_run_json(path: str, schedule: str, wall_s: float, rows: list[dict]) -> None:

@@ -137,27 +137,25 @@ def read_summary(path: str) -> tuple[dict, dict[int, dict]]:
     """(root attributes, {layer: {dataset name: array, "attrs": {...}}})."""
     with h5py.File(path, "r") as h5:
         root = {k: _plain(v) for k, v in h5.attrs.items()}
-        layers = {}
-        for name, group in h5.get("layers", {}).items():
-            entry = {k: group[k][()] for k in group}
-            entry["attrs"] = {k: _plain(v) for k, v in group.attrs.items()}
-            layers[int(name)] = entry
+        layers = {int(name): _entry(group) for name, group in h5.get("layers", {}).items()}
     return root, dict(sorted(layers.items()))
 
 
 def read_moe(path: str) -> tuple[dict[tuple[int, int], dict], dict[int, dict]]:
     """({(layer, expert): entry}, {layer: router entry}) of a summary.h5, entries as read_summary's; empty
     for models without experts."""
-    def entries(group) -> dict:
-        found = {k: group[k][()] for k in group}
-        found["attrs"] = {k: _plain(v) for k, v in group.attrs.items()}
-        return found
-
     with h5py.File(path, "r") as h5:
-        experts = {(int(layer), int(e)): entries(g) for layer, block in h5.get("experts", {}).items()
+        experts = {(int(layer), int(e)): _entry(g) for layer, block in h5.get("experts", {}).items()
                    for e, g in block.items()}
-        routers = {int(layer): entries(g) for layer, g in h5.get("routers", {}).items()}
+        routers = {int(layer): _entry(g) for layer, g in h5.get("routers", {}).items()}
     return dict(sorted(experts.items())), dict(sorted(routers.items()))
+
+
+def _entry(group) -> dict:
+    """One group's datasets by name, and its attributes under "attrs"."""
+    entry = {k: group[k][()] for k in group}
+    entry["attrs"] = {k: _plain(v) for k, v in group.attrs.items()}
+    return entry
 
 
 def _plain(value):

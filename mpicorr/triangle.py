@@ -111,7 +111,28 @@ class PanelCounts:
         return np.concatenate(parts)
 
 
-class NarrowCounts:
+class HostCounts:
+    """Counts kept as one packed int32/int64 triangle in host memory; subclasses add to `out` and `flush`
+    whatever they still hold elsewhere."""
+
+    def __init__(self, width: int, dtype: torch.dtype):
+        self.dtype = dtype
+        self.out = np.zeros(packed_size(width), dtype=np.int32 if dtype == torch.int32 else np.int64)
+
+    def flush(self) -> None:
+        """Move buffered or device-held counts into `out`."""
+
+    def add_packed(self, packed: np.ndarray) -> None:
+        """Add counts given as a packed lower triangle (a checkpoint's)."""
+        self.out += np.asarray(packed).astype(self.out.dtype)
+
+    def packed(self) -> np.ndarray:
+        """The counts as the packed lower triangle (a new host array)."""
+        self.flush()
+        return self.out.copy()
+
+
+class NarrowCounts(HostCounts):
     """Exact lower-triangle counts for GPUs: int16 row panels on the device, flushed into a packed int32/int64
     triangle in host memory before any count could pass 2**15 - 1.
 
@@ -124,10 +145,10 @@ class NarrowCounts:
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str,
                  elements: int | None = None, limit: int = LIMIT):
-        self.dtype, self.limit = dtype, min(limit, self.LIMIT)
+        super().__init__(width, dtype)
+        self.limit = min(limit, self.LIMIT)
         self.spans = panels(width, elements or PANEL_ELEMENTS)
         self.acc = [torch.zeros(r1 - r0, r1, dtype=torch.int16, device=device) for r0, r1 in self.spans]
-        self.out = np.zeros(packed_size(width), dtype=np.int32 if dtype == torch.int32 else np.int64)
         self.pending = 0
 
     def add(self, fired: torch.Tensor) -> None:
@@ -149,18 +170,9 @@ class NarrowCounts:
             acc.zero_()
         self.pending = 0
 
-    def add_packed(self, packed: np.ndarray) -> None:
-        """Add counts given as a packed lower triangle (a checkpoint's)."""
-        self.out += np.asarray(packed).astype(self.out.dtype)
 
-    def packed(self) -> np.ndarray:
-        """The counts as the packed lower triangle (a new host array)."""
-        self.flush()
-        return self.out.copy()
-
-
-class BitCounts:
-    """Exact lower-triangle counts in one packed host array, added to by the compiled kernels.
+class BitCounts(HostCounts):
+    """Exact lower-triangle counts in the packed host array, added to by the compiled kernels.
 
     Dense batches are packed 64 tokens per word and buffered until TOKENS_PER_CALL tokens; sparse ones
     (few active pairs) go straight to the pair-update kernel. `kernel` forces one of them.
@@ -169,8 +181,8 @@ class BitCounts:
     def __init__(self, width: int, dtype: torch.dtype, kernel: str = "auto", tokens_per_call: int = TOKENS_PER_CALL):
         if not kernels.AVAILABLE:
             raise RuntimeError("the compiled kernels need numba; pip install numba or use the gemm kernel")
-        self.width, self.dtype, self.kernel, self.tokens_per_call = width, dtype, kernel, tokens_per_call
-        self.out = np.zeros(packed_size(width), dtype=np.int32 if dtype == torch.int32 else np.int64)
+        super().__init__(width, dtype)
+        self.width, self.kernel, self.tokens_per_call = width, kernel, tokens_per_call
         self.out.fill(0)  # touch the pages now, not inside the first kernel call
         self.blocks = kernels.row_blocks(width)
         self.words: list[np.ndarray] = []
@@ -206,15 +218,6 @@ class BitCounts:
             bits = np.concatenate([bits, np.zeros((pad, self.width), dtype=bits.dtype)])
         kernels.popcount_add(bits, self.out, kernels.threads())
         self.words, self.buffered = [], 0
-
-    def packed(self) -> np.ndarray:
-        """The counts as the packed lower triangle (a new array)."""
-        self.flush()
-        return self.out.copy()
-
-    def add_packed(self, packed: np.ndarray) -> None:
-        """Add counts given as a packed lower triangle (a checkpoint's)."""
-        self.out += np.asarray(packed).astype(self.out.dtype)
 
 
 def pair_counter(width: int, dtype: torch.dtype, device: str, kernel: str = "auto"):
