@@ -78,11 +78,11 @@ class LayerCounts:
     sums and histograms do not depend on it and are kept once."""
 
     def __init__(self, unit: Unit | int, width: int, thresholds: tuple[float, ...], dtype: torch.dtype,
-                 device: str, kernel: str = "auto"):
+                 device: str, kernel: str = "auto", panel: torch.dtype | None = None):
         self.unit = unit if isinstance(unit, Unit) else Unit(unit)
         self.layer, self.width, self.thresholds = self.unit.layer, width, tuple(thresholds)
         m = len(self.thresholds)
-        self.pairs = [triangle.pair_counter(width, dtype, device, kernel) for _ in range(m)]
+        self.pairs = [triangle.pair_counter(width, dtype, device, kernel, panel) for _ in range(m)]
         self.fire_count = torch.zeros(m, width, dtype=torch.int64, device=device)
         self.active_hist = torch.zeros(m, width + 1, dtype=torch.int64, device=device)
         self.act_sum = torch.zeros(width, dtype=torch.int64, device=device)
@@ -100,10 +100,14 @@ class LayerCounts:
             self.pairs[i].add(fired)
             self.fire_count[i] += fired.sum(0)
             self.active_hist[i] += torch.bincount(fired.sum(1), minlength=self.width + 1)
+        xf = x.float()
         # x * 2**24 and its rounding are exact in float32, so this equals to_fixed(x, ACT_SUM_BITS), 3x faster
-        self.act_sum += torch.round(x.float() * float(1 << ACT_SUM_BITS)).to(torch.int64).sum(0)
-        self.act_sumsq += to_fixed(x.double() ** 2, ACT_SUMSQ_BITS).sum(0)
-        self.act_hist += torch.bincount((hist_bins(x) + self.hist_base).reshape(-1), minlength=len(self.act_hist))
+        self.act_sum += torch.round(xf * float(1 << ACT_SUM_BITS)).to(torch.int64).sum(0)
+        # bfloat16 and float16 squares have at most 22 significant bits, exact in float32 (as is the scaling and
+        # rounding), so they give to_fixed(x.double() ** 2, ACT_SUMSQ_BITS) at half the memory traffic
+        square = xf**2 if x.dtype in (torch.bfloat16, torch.float16) else x.double() ** 2
+        self.act_sumsq += torch.round(square * float(1 << ACT_SUMSQ_BITS)).to(torch.int64).sum(0)
+        self.act_hist += torch.bincount((hist_bins(xf) + self.hist_base).reshape(-1), minlength=len(self.act_hist))
         self.tokens += x.shape[0]
         # One device sync per batch and layer: every check in one flag, the message worked out on failure.
         sane = ((magnitude < ACT_LIMIT).all() & (self.act_sum.abs().max() < FIXED_LIMIT)
@@ -145,9 +149,10 @@ class MoeCounts:
     every threshold slot holds the same counts). `add` takes models.Routed."""
 
     def __init__(self, layer: int, experts: int, width: int, thresholds: tuple[float, ...], dtype: torch.dtype,
-                 device: str, kernel: str = "auto"):
+                 device: str, kernel: str = "auto", panel: torch.dtype | None = None):
         self.layer = layer
-        self.experts = [LayerCounts(Unit(layer, e), width, thresholds, dtype, device, kernel) for e in range(experts)]
+        self.experts = [LayerCounts(Unit(layer, e), width, thresholds, dtype, device, kernel, panel)
+                        for e in range(experts)]
         self.router = LayerCounts(Unit(layer, router=True), experts, (0.5,) * len(thresholds), dtype, device,
                                   "auto")
 

@@ -45,10 +45,11 @@ class Comm:
         return [obj] if self.comm is None else self.comm.allgather(obj)
 
     def reduce_sum(self, array: np.ndarray) -> np.ndarray | None:
-        """Element-wise sum of every rank's array on rank 0 (None elsewhere)."""
+        """Element-wise sum of every rank's array on rank 0 (None elsewhere); on one rank, `array` itself (a
+        14336-wide layer's counts are 411 MB: no copy)."""
         array = np.ascontiguousarray(array)
-        if self.comm is None:
-            return array.copy()
+        if self.comm is None or self.size == 1:
+            return array
         out = np.empty_like(array) if self.rank == 0 else None
         self.comm.Reduce(array, out, op=MPI.SUM, root=0)
         return out

@@ -165,3 +165,27 @@ if AVAILABLE:
                             out[np.uint64(base + indices[y])] += 1  # unsigned: no negative-index test
                         x += 1
                     cursor[tok] = x
+
+    @njit(cache=True, nogil=True)
+    def top_partner_keys(packed, width, k):  # pragma: no cover - compiled; tested against summary's numpy path
+        """[width, k] int64, per neuron the k largest keys count * width + (width - 1 - j) over partners
+        j != i with C[i, j] > 0, descending, padded with -1: one pass over the packed triangle in file order,
+        each count offered to both of its rows (keys are unique within a row, so the order is irrelevant)."""
+        keys = np.full((width, k), -1, dtype=np.int64)
+        for i in range(width):
+            base = i * (i + 1) // 2
+            for j in range(i):
+                c = np.int64(packed[base + j])
+                if c > 0:
+                    _offer(keys, i, c * width + (width - 1 - j), k)
+                    _offer(keys, j, c * width + (width - 1 - i), k)
+        return keys
+
+    @njit(inline="always")
+    def _offer(keys, row, key, k):  # pragma: no cover - compiled
+        if key > keys[row, k - 1]:
+            p = k - 1
+            while p > 0 and keys[row, p - 1] < key:
+                keys[row, p] = keys[row, p - 1]
+                p -= 1
+            keys[row, p] = key

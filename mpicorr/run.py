@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -15,7 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary
+from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary, triangle
 from .config import Config, output_folders, parse_part, threshold_folders
 from .counting import LayerCounts, MoeCounts, chunk_nll, count_dtype, split_stats, units
 from .dist import Comm, Service
@@ -25,6 +27,7 @@ from .progress import JobProgress
 
 CHECKPOINT_SECONDS = 600.0   # default checkpoint interval: a crash loses at most about ten minutes
 FINAL_CHECKPOINT_SECONDS = 60.0  # before the reduce, save unsaved work older than this
+WRITE_THREADS = 8  # rank 0's output writers (each holds one unit's counts while it works)
 
 
 @dataclass(frozen=True)
@@ -194,11 +197,16 @@ def absorb(tally: Tally, files: list[checkpoint.Checkpoint]) -> None:
         tally.finished += ck.finished
 
 
-def new_counts(site: models.Site, cfg: Config, dtype: torch.dtype, device: str) -> LayerCounts | MoeCounts:
-    """Empty counts for one site."""
-    if site.experts:
-        return MoeCounts(site.layer, site.experts, site.width, cfg.threshold, dtype, device, cfg.kernel)
-    return LayerCounts(site.layer, site.width, cfg.threshold, dtype, device, cfg.kernel)
+def new_counts(sites: list[models.Site], places: list[str], cfg: Config, dtype: torch.dtype) -> list:
+    """Empty counts for each site, on its device. On a GPU, float32 count panels if all of that GPU's fit
+    beside the model with room for the forward pass, else int16 (half the memory, flushed to the host)."""
+    cells: dict[str, int] = defaultdict(int)
+    for site, place in zip(sites, places):
+        cells[place] += (site.experts or 1) * len(cfg.threshold) * triangle.panel_cells(site.width)
+    panel = {p: triangle.device_panel(c, p) for p, c in cells.items() if p != "cpu"}
+    return [MoeCounts(s.layer, s.experts, s.width, cfg.threshold, dtype, p, cfg.kernel, panel.get(p)) if s.experts
+            else LayerCounts(s.layer, s.width, cfg.threshold, dtype, p, cfg.kernel, panel.get(p))
+            for s, p in zip(sites, places)]
 
 
 def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: Tally, device: str,
@@ -263,7 +271,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     sites = comm.checked(lambda: models.find_sites(model, cfg.site_module, cfg.site))
     dtype = count_dtype(len(job.chunks) * cfg.ctx)
     # Each site's counts live where its module is: with --gpus-per-rank, on the GPU that holds the layer.
-    tally = Tally([new_counts(s, cfg, dtype, models.site_device(model, s.name, device)) for s in sites])
+    tally = Tally(new_counts(sites, [models.site_device(model, s.name, device) for s in sites], cfg, dtype))
     taken = job.resumed[comm.rank :: comm.size]
     comm.checked(lambda: absorb(tally, taken))
     path = os.path.join(checkpoint.folder(cfg.out), checkpoint.file_name(job.generation, comm.rank))
@@ -331,34 +339,67 @@ def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, sec
     folder per threshold)."""
     tokens = len(job.chunks) * cfg.ctx
     folders = output_folders(cfg.out, cfg.threshold)
-    with summary_writers(folders, comm.rank == 0) as files:
+    started = time.monotonic()
+    with summary_writers(folders, comm.rank == 0) as files, UnitWriter() as writer:
         for lc in units(tally.counts):
             stats = comm.reduce_sum(lc.stats())
             stats = split_stats(stats, lc.width, len(folders)) if comm.rank == 0 else None
             for i, folder in enumerate(folders):
-                pairs = comm.reduce_sum(lc.pairs[i].packed())
-                lc.pairs[i] = None  # free this rank's copy before the next one
+                pairs = comm.reduce_sum(lc.pairs[i].take())
+                lc.pairs[i] = None  # free this rank's counts before the next unit's
                 if comm.rank == 0:
-                    write_unit(files[i], folder, lc.unit, lc.width, stats[i], pairs)
+                    writer.submit(files[i], folder, lc.unit, lc.width, stats[i], pairs)
         totals = comm.reduce_sum(np.array([tally.nll, tally.predictions], dtype=np.int64))
         for threshold, h5 in zip(cfg.threshold, files):
             h5.attrs.update(root_attributes(cfg, comm, job, sites, totals, threshold))
     if comm.rank == 0:
         shutil.rmtree(checkpoint.folder(cfg.out), ignore_errors=True)  # the outputs now hold everything
-        report(cfg, summary.perplexity(int(totals[0]), int(totals[1])), tokens, sites, seconds)
+        report(cfg, summary.perplexity(int(totals[0]), int(totals[1])), tokens, sites, seconds,
+               time.monotonic() - started)
 
 
-def write_unit(h5, folder: str, unit, width: int, stats: dict, pairs: np.ndarray) -> None:
-    """Rank 0: one unit's matrix file (not for routers) and summary group. Its trials are the tokens it
-    counted (an expert: those routed to it), which the active-neuron histogram sums to."""
+def unit_outputs(folder: str, unit, width: int, stats: dict, pairs: np.ndarray) -> tuple[str, dict, dict]:
+    """Rank 0: write one unit's matrix file (not for routers); return its summary group (path, datasets,
+    attributes). Its trials are the tokens it counted (an expert: those routed to it), which the active-neuron
+    histogram sums to."""
     trials = int(stats["active_hist"].sum())
     if unit.router:
-        summary.write_group(h5, summary.group_path(unit), *summary.router_datasets(stats, pairs, width, trials))
-        return
+        return summary.group_path(unit), *summary.router_datasets(stats, pairs, width, trials)
     sha = matrixfile.write_matrix(os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)),
                                   unit.layer, width, trials, pairs)
     data, attrs = summary.layer_datasets(stats, pairs, width, trials)
-    summary.write_group(h5, summary.group_path(unit), data, {**attrs, "matrix_sha256": sha})
+    return summary.group_path(unit), data, {**attrs, "matrix_sha256": sha}
+
+
+class UnitWriter:
+    """Rank 0's writes of reduced units on a few threads (zstd compression and the top-partner search release
+    the GIL: a 14336-wide layer takes seconds of each), stored into the summary files in unit order (h5py
+    is not thread-safe) with at most `threads` units in flight, since each holds its counts."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or max(1, min(WRITE_THREADS, len(os.sched_getaffinity(0))))
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mpicorr-write")
+        self.pending: deque = deque()
+
+    def submit(self, h5, folder: str, unit, width: int, stats: dict, pairs: np.ndarray) -> None:
+        """Queue one unit's outputs; store finished ones while too many are in flight."""
+        self.pending.append((h5, self.pool.submit(unit_outputs, folder, unit, width, stats, pairs)))
+        while len(self.pending) > self.threads:
+            self._store()
+
+    def _store(self) -> None:
+        h5, future = self.pending.popleft()
+        summary.write_group(h5, *future.result())
+
+    def __enter__(self) -> "UnitWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        try:
+            while kind is None and self.pending:
+                self._store()
+        finally:
+            self.pool.shutdown(cancel_futures=True)
 
 
 @contextmanager
@@ -388,7 +429,7 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
     return {**attrs, **summary.nll_attributes(int(totals[0]), int(totals[1]))}
 
 
-def report(cfg: Config, ppl: float | None, tokens: int, sites, seconds: float) -> None:
+def report(cfg: Config, ppl: float | None, tokens: int, sites, seconds: float, writing: float) -> None:
     """The closing lines on rank 0."""
     if ppl is not None:
         print(f"mpicorr: perplexity {ppl:.4f} over {tokens} tokens")
@@ -398,4 +439,5 @@ def report(cfg: Config, ppl: float | None, tokens: int, sites, seconds: float) -
                                                             output_folders(cfg.out, cfg.threshold)) + ")"
     experts = sum(s.experts for s in sites)
     layers = f"{len({s.layer for s in sites})} layers" + (f" ({experts} experts)" if experts else "")
-    print(f"mpicorr: counted {layers} in {seconds:.1f} s; outputs in {where}", flush=True)
+    print(f"mpicorr: counted {layers} in {seconds:.1f} s, reduced and wrote them in {writing:.1f} s; outputs in "
+          f"{where}", flush=True)

@@ -15,7 +15,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from . import triangle
+from . import kernels, triangle
 from .counting import ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, NLL_BITS, hist_edges
 from .files import atomic_path
 
@@ -24,7 +24,17 @@ TOP_PARTNERS = 16
 
 
 def top_partners(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
-    """For each neuron the k others with the largest C[i, j] > 0 (ties: lower index first), padded -1 / 0."""
+    """For each neuron the k others with the largest C[i, j] > 0 (ties: lower index first), padded -1 / 0.
+    Compiled: one pass over the triangle (a 14336-wide layer: about 0.5 s instead of 5)."""
+    if not kernels.AVAILABLE:
+        return top_partners_numpy(packed, width, k)
+    keys = kernels.top_partner_keys(packed, width, k)
+    valid = keys >= 0
+    return np.where(valid, width - 1 - keys % width, -1), np.where(valid, keys // width, 0).astype(np.uint64)
+
+
+def top_partners_numpy(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
+    """top_partners without numba, over blocks of full rows."""
     partners = np.full((width, k), -1, dtype=np.int64)
     counts = np.zeros((width, k), dtype=np.uint64)
     j = np.arange(width, dtype=np.int64)

@@ -2,7 +2,8 @@
 layout), and the two exact accumulators behind one interface (add / packed / add_packed):
 
 - PanelCounts: fp32 GEMMs over row panels (BLAS); portable, any device.
-- NarrowCounts: the same GEMMs added into int16 panels on a GPU, flushed into wide host counts.
+- DeviceCounts: bfloat16 tensor-core GEMMs into float32 or int16 panels on a GPU, flushed into wide host
+  counts.
 - BitCounts: the compiled CPU kernels (mpicorr.kernels), bit-packed popcount for dense batches and
   per-token pair updates for sparse ones, chosen per batch by estimated cost.
 `pair_counter` picks one; the choice never changes a count.
@@ -10,6 +11,9 @@ layout), and the two exact accumulators behind one interface (add / packed / add
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -32,6 +36,11 @@ ROW_BLOCK_ELEMENTS = 1 << 22
 EXACT_TOKENS = 1 << 24
 # Elements of one fp32 product panel (64 MiB): bounds the scratch memory of a counting step.
 PANEL_ELEMENTS = 1 << 24
+ALIGN_ROWS = 64
+# Threads adding flushed device counts into the host triangle.
+HOST_THREADS = 8
+# Share of a GPU's memory that float32 count panels must leave free (for activations); else int16 panels.
+DEVICE_RESERVE = 0.25
 
 
 def packed_size(width: int) -> int:
@@ -45,8 +54,11 @@ def offset(row: int) -> int:
 
 
 def panels(width: int, elements: int = PANEL_ELEMENTS) -> list[tuple[int, int]]:
-    """Row ranges [r0, r1) whose panel (r1 - r0) x r1 holds at most about `elements` entries."""
+    """Row ranges [r0, r1) whose panel (r1 - r0) x r1 holds at most about `elements` entries. Panels start at
+    multiples of ALIGN_ROWS where they are that tall: a GEMM operand starting at column r0 of the firing matrix
+    is then 128-byte aligned (on an H100, misaligned bfloat16 operands ran the products 4x slower)."""
     rows = max(1, elements // max(width, 1))
+    rows = rows - rows % ALIGN_ROWS if rows >= ALIGN_ROWS else rows
     return [(r0, min(r0 + rows, width)) for r0 in range(0, width, rows)]
 
 
@@ -110,6 +122,8 @@ class PanelCounts:
             parts.append(block[lower_mask(r0, r1, block.device)].cpu().numpy())
         return np.concatenate(parts)
 
+    take = packed  # packed() already builds a new array
+
 
 class HostCounts:
     """Counts kept as one packed int32/int64 triangle in host memory; subclasses add to `out` and `flush`
@@ -131,44 +145,144 @@ class HostCounts:
         self.flush()
         return self.out.copy()
 
+    def take(self) -> np.ndarray:
+        """The counts as the packed lower triangle, handed over without a copy; the counter is spent."""
+        self.flush()
+        out, self.out = self.out, None
+        return out
 
-class NarrowCounts(HostCounts):
-    """Exact lower-triangle counts for GPUs: int16 row panels on the device, flushed into a packed int32/int64
-    triangle in host memory before any count could pass 2**15 - 1.
 
-    Each batch's fp32 product panel (exact: 0/1 products summed over at most EXACT_TOKENS tokens) is added
-    into the int16 panels, which take half the device memory of PanelCounts' fp32 panels (Mistral-7B: about
-    7 GB for 32 layers instead of 14); the host holds the wide counts.
+class DeviceCounts(HostCounts):
+    """Exact lower-triangle counts for GPUs: row panels on the device, one tensor-core product per panel and
+    batch, flushed into a packed int32/int64 triangle in host memory before a count could leave the panel
+    type's exact range.
+
+    The product of the 0/1 matrices runs in bfloat16 (0 and 1 are exact) with float32 accumulation, so every
+    sum is an exact integer below 2**24. `panel` float32: the product accumulates into the panels in place
+    (least memory traffic, flushed every 2**24 tokens); int16: each product is added into int16 panels (half
+    the device memory, flushed every 32767 tokens). On a CPU (the tests) the product is float32.
     """
 
-    LIMIT = (1 << 15) - 1  # int16: tokens that can be added before a count could overflow
+    LIMITS = {torch.float32: EXACT_TOKENS, torch.int16: (1 << 15) - 1}
 
-    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str,
-                 elements: int | None = None, limit: int = LIMIT):
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, panel: torch.dtype = torch.int16,
+                 elements: int | None = None, limit: int | None = None):
         super().__init__(width, dtype)
-        self.limit = min(limit, self.LIMIT)
+        self.panel = panel
+        self.limit = min(limit or self.LIMITS[panel], self.LIMITS[panel])
         self.spans = panels(width, elements or PANEL_ELEMENTS)
-        self.acc = [torch.zeros(r1 - r0, r1, dtype=torch.int16, device=device) for r0, r1 in self.spans]
+        self.acc = [torch.zeros(r1 - r0, r1, dtype=panel, device=device) for r0, r1 in self.spans]
         self.pending = 0
+        self.flushed = False  # until the first flush, `out` is all zero
 
     def add(self, fired: torch.Tensor) -> None:
         """Count a [tokens, width] bool matrix, in parts of at most `limit` tokens."""
-        fired = fired.to(torch.float32)
+        fired = fired.to(product_dtype(fired.device))
         for t0 in range(0, fired.shape[0], self.limit):
             part = fired[t0 : t0 + self.limit]
             if self.pending + part.shape[0] > self.limit:
                 self.flush()
             for (r0, r1), acc in zip(self.spans, self.acc):
-                acc += torch.mm(part[:, r0:r1].T, part[:, :r1]).to(torch.int16)
+                accumulate(acc, part[:, r0:r1].T, part[:, :r1])
             self.pending += part.shape[0]
 
     def flush(self) -> None:
         """Add the device panels into the host triangle and clear them."""
-        for (r0, r1), acc in zip(self.spans, self.acc):
-            # the mask is made per flush (rare): kept, masks would take half as much memory as the panels
-            self.out[offset(r0) : offset(r1)] += acc[lower_mask(r0, r1, acc.device)].cpu().numpy()
+        part = self._gather()
+        if part is None:
+            return
+        if self.flushed:
+            host_add(self.out, part)
+        else:  # the first flush (the only one of most float32 runs): the counts so far are the panels
+            self.out = part.astype(self.out.dtype, copy=False)
+        self.flushed, self.pending = True, 0
+
+    def _gather(self) -> np.ndarray | None:
+        """The device panels' lower triangles as one host array (int16, or the host width), panels zeroed."""
+        if self.pending == 0 and self.flushed:
+            return None
+        wide = torch.int16 if self.panel == torch.int16 else self.dtype
+        # the masks are made per flush (rare): kept, they would take half as much memory as the panels
+        parts = [acc[lower_mask(r0, r1, acc.device)].to(wide) for (r0, r1), acc in zip(self.spans, self.acc)]
+        host = torch.cat(parts).cpu().numpy()
+        for acc in self.acc:
             acc.zero_()
-        self.pending = 0
+        return host
+
+    def add_packed(self, packed: np.ndarray) -> None:
+        """Add counts given as a packed lower triangle (a checkpoint's), after the device's (so that `out` is
+        no longer taken to be zero)."""
+        self.flush()
+        super().add_packed(packed)
+
+
+def host_add(out: np.ndarray, part: np.ndarray) -> None:
+    """out += part, on several threads (numpy releases the GIL; one thread adds about 1 GB/s)."""
+    threads = max(1, min(HOST_THREADS, len(os.sched_getaffinity(0)), len(out) // (1 << 20)))
+    bounds = np.linspace(0, len(out), threads + 1).astype(np.int64)
+
+    def add(k: int) -> None:
+        out[bounds[k] : bounds[k + 1]] += part[bounds[k] : bounds[k + 1]]
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(add, range(threads)))
+
+
+def product_dtype(device: torch.device) -> torch.dtype:
+    """Input type of the 0/1 products: bfloat16 on a GPU that can accumulate it in float32, else float32."""
+    return torch.bfloat16 if device.type == "cuda" and cuda_products() != "float32" else torch.float32
+
+
+def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for 0/1 matrices a, b (of product_dtype), exactly: in place where acc is float32."""
+    if a.dtype == torch.float32:
+        if acc.dtype == torch.float32:
+            acc.addmm_(a, b)
+        else:
+            acc += torch.mm(a, b).to(acc.dtype)
+    elif acc.dtype == torch.float32 and cuda_products() == "addmm":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += torch.mm(a, b, out_dtype=torch.float32).to(acc.dtype)
+
+
+@functools.cache
+def cuda_products() -> str:
+    """What this torch can do on CUDA, checked once on a small case: 'addmm' (bfloat16 inputs accumulated
+    in place into float32), 'mm' (bfloat16 product to float32, then added) or 'float32' (torch < 2.8)."""
+    ones = torch.ones(3000, 24, dtype=torch.bfloat16, device="cuda")  # 3000 > 256: a bfloat16 sum would round
+    acc = torch.ones(24, 24, dtype=torch.float32, device="cuda")
+    try:
+        torch.addmm(acc, ones.T, ones, out_dtype=torch.float32, out=acc)
+        if bool((acc == 3001).all()):
+            return "addmm"
+    except (TypeError, RuntimeError):
+        pass
+    try:
+        if bool((torch.mm(ones.T, ones, out_dtype=torch.float32) == 3000).all()):
+            return "mm"
+    except (TypeError, RuntimeError):
+        pass
+    return "float32"
+
+
+def panel_cells(width: int) -> int:
+    """Cells of a width's row panels (the lower triangle and the few cells above it inside the panels)."""
+    return sum((r1 - r0) * r1 for r0, r1 in panels(width))
+
+
+def device_panel(cells: int, device: torch.device | str) -> torch.dtype:
+    """float32 panels if `cells` of them (every layer counted on this device) leave DEVICE_RESERVE of the
+    device's memory for the forward pass, else int16. Decided after the model is loaded, before counting."""
+    device = torch.device(device)
+    device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated  # cached by torch's allocator: ours to use
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    budget = fraction * total
+    free = min(free, budget - allocated)
+    return torch.float32 if free - 4 * cells >= DEVICE_RESERVE * budget else torch.int16
 
 
 class BitCounts(HostCounts):
@@ -220,15 +334,18 @@ class BitCounts(HostCounts):
         self.words, self.buffered = [], 0
 
 
-def pair_counter(width: int, dtype: torch.dtype, device: str, kernel: str = "auto"):
+def pair_counter(width: int, dtype: torch.dtype, device: str, kernel: str = "auto", panel: torch.dtype | None = None):
     """The accumulator for `kernel` on `device`: on a CPU, auto is BitCounts (with numba) and gemm is
-    PanelCounts; on a GPU, gemm products into NarrowCounts (int16 on the device, wide counts on the host)."""
+    PanelCounts; on a GPU, gemm products into DeviceCounts with `panel` panels (None: float32 if this layer's
+    fit, see device_panel)."""
     cpu = str(device) == "cpu"
     if kernel in ("popcount", "sparse") or (kernel == "auto" and cpu and kernels.AVAILABLE):
         if not cpu:
             raise ValueError(f"the {kernel} kernel runs on the CPU only")
         return BitCounts(width, dtype, kernel)
-    return PanelCounts(width, dtype, device) if cpu else NarrowCounts(width, dtype, device)
+    if cpu:
+        return PanelCounts(width, dtype, device)
+    return DeviceCounts(width, dtype, device, panel or device_panel(panel_cells(width), device))
 
 
 def full_row_blocks(packed: np.ndarray, width: int, elements: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpicorr import counting, kernels, triangle
+from mpicorr import counting, kernels, summary, triangle
 
 
 def naive_pairs(fired: np.ndarray) -> np.ndarray:
@@ -67,11 +67,13 @@ def test_auto_picks_sparse_for_rare_firing_and_popcount_for_dense():
 
 
 @pytest.mark.parametrize("tokens,width,p", [(1, 1, 1.0), (17, 5, 0.5), (64, 33, 0.2), (9, 12, 0.0), (9, 12, 1.0)])
-@pytest.mark.parametrize("limit", [triangle.NarrowCounts.LIMIT, 7, 1])
-def test_narrow_counts_match_pair_loop(tokens, width, p, limit):
-    """The GPU accumulator, run on the CPU: int16 panels flushed to the host every `limit` tokens or fewer."""
+@pytest.mark.parametrize("limit", [None, 7, 1])
+@pytest.mark.parametrize("panel", [torch.int16, torch.float32])
+def test_device_counts_match_pair_loop(tokens, width, p, limit, panel):
+    """The GPU accumulator, run on the CPU: int16 or float32 panels flushed to the host every `limit` tokens or
+    fewer (None: the panel type's own limit)."""
     fired = np.random.default_rng(width).random((tokens, width)) < p
-    counts = triangle.NarrowCounts(width, torch.int32, "cpu", elements=3 * width + 1, limit=limit)
+    counts = triangle.DeviceCounts(width, torch.int32, "cpu", panel, elements=3 * width + 1, limit=limit)
     counts.add(torch.from_numpy(fired))
     counts.add(torch.from_numpy(fired[::-1].copy()))
     packed = counts.packed()
@@ -80,14 +82,30 @@ def test_narrow_counts_match_pair_loop(tokens, width, p, limit):
     assert np.array_equal(counts.packed(), 4 * naive_pairs(fired))
 
 
-def test_narrow_counts_pass_the_int16_range():
-    """Counts far beyond 2**15 stay exact: the device panels are flushed before they could overflow."""
-    counts = triangle.NarrowCounts(3, torch.int64, "cpu")
+def test_device_counts_pass_the_int16_range():
+    """Counts far beyond 2**15 stay exact: the int16 device panels are flushed before they could overflow."""
+    counts = triangle.DeviceCounts(3, torch.int64, "cpu", torch.int16)
     ones = torch.ones(50_000, 3, dtype=torch.bool)
     counts.add(ones)
     counts.add(ones[:20_000])
     packed = counts.packed()
     assert packed.dtype == np.int64 and packed.tolist() == [70_000] * 6
+
+
+def test_host_add_on_several_threads():
+    out = np.arange(5_000_003, dtype=np.int64)
+    triangle.host_add(out, np.full(len(out), 7, dtype=np.int16))
+    assert np.array_equal(out, np.arange(5_000_003) + 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_squares_are_summed_exactly(dtype):
+    """The float32 shortcut for bfloat16/float16 activations gives the float64 fixed-point sums, extremes too."""
+    x = (torch.randn(300, 40) * 30).to(dtype)
+    x[0, :4] = torch.tensor([2.0**-14, 1000.0, -3.0e-3, 0.0])
+    counts = counting.LayerCounts(0, 40, (0.5,), torch.int32, "cpu")
+    counts.add(x)
+    assert torch.equal(counts.act_sumsq, counting.to_fixed(x.double() ** 2, counting.ACT_SUMSQ_BITS).sum(0))
 
 
 def test_pair_counter_choice():
@@ -148,8 +166,8 @@ def test_count_dtype_cannot_overflow():
     assert counting.count_dtype(2**31) == torch.int64
 
 
-def test_top_partners_ties_zeros_and_narrow_layers():
-    from mpicorr.summary import top_partners
+@pytest.mark.parametrize("top_partners", [summary.top_partners, summary.top_partners_numpy])
+def test_top_partners_ties_zeros_and_narrow_layers(top_partners):
     full = np.array([[9, 3, 3, 0], [3, 8, 5, 1], [3, 5, 7, 0], [0, 1, 0, 2]])
     packed = full[np.tril_indices(4)]
     partners, counts = top_partners(packed, 4, k=3)
@@ -160,6 +178,17 @@ def test_top_partners_ties_zeros_and_narrow_layers():
     partners, counts = top_partners(packed, 4)  # fewer neurons than the 16 partner slots
     assert partners.shape == (4, 16) and partners[1, :4].tolist() == [2, 0, 3, -1]
     assert (partners[:, 4:] == -1).all() and (counts[:, 4:] == 0).all()
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("width,high", [(1, 3), (2, 2), (57, 3), (300, 1000)])
+def test_compiled_top_partners_equal_the_numpy_path(width, high, monkeypatch):
+    """Many ties (counts in 0..2) and wide ranges, with row blocks of 7 rows in the numpy path."""
+    monkeypatch.setattr(triangle, "ROW_BLOCK_ELEMENTS", 7 * width)
+    packed = np.random.default_rng(width).integers(0, high, triangle.packed_size(width)).astype(np.uint32)
+    want = summary.top_partners_numpy(packed, width)
+    got = summary.top_partners(packed, width)
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
 
 
 def test_several_thresholds_count_as_separate_runs_would():

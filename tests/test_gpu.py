@@ -28,6 +28,25 @@ def test_gemm_on_cuda_is_exact(width, tokens, p):
     assert np.array_equal(counts.packed(), (exact.T @ exact)[np.tril_indices(width)].astype(np.int64))
 
 
+@pytest.mark.parametrize("panel", [torch.float32, torch.int16])
+def test_device_counts_on_cuda_pass_bfloat16_and_int16_ranges(panel):
+    """40000 all-one tokens: past what a bfloat16 sum (256) or an int16 panel (32767) could hold, with odd
+    panels and a part that forces a flush."""
+    counts = triangle.DeviceCounts(45, torch.int32, "cuda:0", panel, elements=7 * 45 + 3)
+    ones = torch.ones(30_000, 45, dtype=torch.bool, device="cuda:0")
+    counts.add(ones)
+    counts.add(ones[:10_000])
+    assert counts.packed().tolist() == [40_000] * triangle.packed_size(45)
+
+
+def test_cuda_uses_tensor_core_products_and_float32_panels_where_they_fit():
+    """On torch >= 2.8 the products run in bfloat16; a small layer on an empty GPU gets float32 panels, a huge
+    one int16."""
+    assert triangle.cuda_products() in ("addmm", "mm")
+    assert triangle.device_panel(triangle.panel_cells(1000), "cuda") == torch.float32
+    assert triangle.device_panel(10**12, "cuda:0") == torch.int16  # 4 TB of float32 panels
+
+
 def test_cuda_and_cpu_count_the_same_activations():
     x = torch.randn(3, 200, 77) * 0.7
     on = {d: counting.LayerCounts(0, 77, (0.25, 0.5), torch.int32, d) for d in ("cpu", "cuda:0")}
