@@ -60,9 +60,13 @@ def timed(fn, reps: int) -> float:
 def products(args) -> None:
     """One JSON line per (tokens per call, panel type, panel size)."""
     n = args.neurons
-    a = torch.randint(0, 2, (8192, 8192), device="cuda").to(torch.bfloat16)
-    seconds = timed(lambda: torch.mm(a, a, out_dtype=torch.float32), 10)
-    print(json.dumps({"what": "square bf16 mm, fp32 out, 8192^3", "tflops": round(2 * 8192**3 / seconds / 1e12, 1),
+    if triangle.cuda_products() == "float32":  # torch < 2.8: no bfloat16 product with a float32 result
+        a = torch.randint(0, 2, (8192, 8192), device="cuda").float()
+        seconds = timed(lambda: torch.mm(a, a), 10)
+    else:
+        a = torch.randint(0, 2, (8192, 8192), device="cuda").to(torch.bfloat16)
+        seconds = timed(lambda: torch.mm(a, a, out_dtype=torch.float32), 10)
+    print(json.dumps({"what": f"square {a.dtype} mm, fp32 out, 8192^3", "tflops": round(2 * 8192**3 / seconds / 1e12, 1),
                       "peak_tflops": peak() and peak() / 1e12, "device": torch.cuda.get_device_name(),
                       "torch": torch.__version__, "products": triangle.cuda_products()}), flush=True)
     for tokens in args.tokens:

@@ -372,8 +372,8 @@ def unit_outputs(folder: str, unit, width: int, stats: dict, pairs: np.ndarray) 
 
 
 class UnitWriter:
-    """Rank 0's writes of reduced units on a few threads (zstd compression and the top-partner search release
-    the GIL: a 14336-wide layer takes seconds of each), stored into the summary files in unit order (h5py
+    """Rank 0's writes of reduced units on a few threads (zstd compression, seconds for a 14336-wide layer,
+    and the compiled top-partner search release the GIL), stored into the summary files in unit order (h5py
     is not thread-safe) with at most `threads` units in flight, since each holds its counts."""
 
     def __init__(self, threads: int | None = None):

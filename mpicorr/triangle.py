@@ -36,6 +36,7 @@ ROW_BLOCK_ELEMENTS = 1 << 22
 EXACT_TOKENS = 1 << 24
 # Elements of one fp32 product panel (64 MiB): bounds the scratch memory of a counting step.
 PANEL_ELEMENTS = 1 << 24
+# Row panels start at multiples of this many rows (see panels).
 ALIGN_ROWS = 64
 # Threads adding flushed device counts into the host triangle.
 HOST_THREADS = 8

@@ -80,6 +80,8 @@ def test_device_counts_match_pair_loop(tokens, width, p, limit, panel):
     assert packed.dtype == np.int32 and np.array_equal(packed, 2 * naive_pairs(fired))
     counts.add_packed(packed)
     assert np.array_equal(counts.packed(), 4 * naive_pairs(fired))
+    counts.add(torch.from_numpy(fired))
+    assert np.array_equal(counts.take(), 5 * naive_pairs(fired))
 
 
 def test_device_counts_pass_the_int16_range():
