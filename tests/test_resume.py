@@ -131,9 +131,12 @@ def test_kill_while_writing_leaves_no_partial_file_and_resumes(llama, tmp_path):
                               "--checkpoint-every", "100")], env=cli_env(), capture_output=True, text=True,
                              cwd=str(tmp_path))
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    finals = sorted(f for f in os.listdir(out) if not f.startswith("."))
-    assert finals == ["checkpoints", "correlations_block_0.zstd"], finals  # block 1 and summary.h5 not there
-    filetools.verify(os.path.join(out, "correlations_block_0.zstd"))
+    # Rank 0 writes layers on several threads, so block 0 may or may not be complete when block 1's write dies;
+    # block 1 and summary.h5 must not be there, and whatever file is there must be whole.
+    finals = set(f for f in os.listdir(out) if not f.startswith("."))
+    assert "checkpoints" in finals and finals <= {"checkpoints", "correlations_block_0.zstd"}, finals
+    if "correlations_block_0.zstd" in finals:
+        filetools.verify(os.path.join(out, "correlations_block_0.zstd"))
     one_error_line(run_main(args(llama, data, out, "--chunks", "12")), "--resume", "--force")
     resumed = ok(run_cli(args(llama, data, out, "--chunks", "12", "--resume")))
     assert "12 chunks finished, 0 to count" in resumed.stdout
