@@ -66,16 +66,17 @@ def products(args) -> None:
     else:
         a = torch.randint(0, 2, (8192, 8192), device="cuda").to(torch.bfloat16)
         seconds = timed(lambda: torch.mm(a, a, out_dtype=torch.float32), 10)
-    print(json.dumps({"what": f"square {a.dtype} mm, fp32 out, 8192^3", "tflops": round(2 * 8192**3 / seconds / 1e12, 1),
-                      "peak_tflops": peak() and peak() / 1e12, "device": torch.cuda.get_device_name(),
-                      "torch": torch.__version__, "products": triangle.cuda_products()}), flush=True)
+    print(json.dumps({"what": f"square {a.dtype} mm, fp32 out, 8192^3",
+                      "tflops": round(2 * 8192**3 / seconds / 1e12, 1), "peak_tflops": peak() and peak() / 1e12,
+                      "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "products": triangle.cuda_products()}), flush=True)
     for tokens in args.tokens:
         fired = torch.rand(tokens, n, device="cuda") < args.density
         for panel in (torch.float32, torch.int16):
             for elements in args.elements:
                 counts = triangle.DeviceCounts(n, torch.int32, "cuda", panel, elements=elements)
                 seconds = timed(lambda: counts.add(fired), max(2, args.call_tokens // tokens))
-                cells = sum((r1 - r0) * r1 for r0, r1 in counts.spans)
+                cells = triangle.panel_cells(n, elements)
                 rate = 2 * tokens * cells / seconds
                 print(json.dumps({
                     "tokens": tokens, "panel": str(panel).removeprefix("torch."), "panel_elements": elements,
@@ -151,7 +152,8 @@ def model(args) -> None:
     print(json.dumps({
         "status": status, "chunks": args.chunks, "ctx": args.ctx, "batch_size": args.batch_size,
         "memory_cap_gib": args.memory_gib, "load_s": round(loaded[0] - started, 1),
-        "after_load_s": round(done - loaded[0], 1), "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "after_load_s": round(done - loaded[0], 1),
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "device": torch.cuda.get_device_name() if cuda else args.device}), flush=True)
 

@@ -267,9 +267,9 @@ def cuda_products() -> str:
     return "float32"
 
 
-def panel_cells(width: int) -> int:
+def panel_cells(width: int, elements: int = PANEL_ELEMENTS) -> int:
     """Cells of a width's row panels (the lower triangle and the few cells above it inside the panels)."""
-    return sum((r1 - r0) * r1 for r0, r1 in panels(width))
+    return sum((r1 - r0) * r1 for r0, r1 in panels(width, elements))
 
 
 def device_panel(cells: int, device: torch.device | str) -> torch.dtype:
