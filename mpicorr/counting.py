@@ -7,12 +7,13 @@ fixed point: each per-token value is rounded to a multiple of 2**-bits and the i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import triangle
+from . import fused, triangle
 from .errors import UserError
 
 ACT_SUM_BITS = 24     # act_sum: each x rounded to a multiple of 2**-24
@@ -72,13 +73,44 @@ class Unit:
             ("_router" if self.router else "")
 
 
+def count_into(total: torch.Tensor, index: torch.Tensor) -> None:
+    """total[i] += how often i occurs in index (a bincount that, on a GPU, does not wait for the device)."""
+    if total.device.type == "cpu":
+        total += torch.bincount(index.reshape(-1), minlength=len(total))
+    else:
+        total.index_add_(0, index.reshape(-1), torch.ones(index.numel(), dtype=total.dtype, device=total.device))
+
+
+def exact_threshold(threshold: float, dtype: torch.dtype) -> float:
+    """The smallest value of `dtype` that is >= threshold: for x of that dtype, |x| >= threshold (as real
+    numbers) exactly when |x| >= this value, so the comparison can run in x's own type without rounding the
+    threshold down (0.2995 is 0.298828125 in bfloat16, which would let that value fire)."""
+    value = torch.tensor(threshold, dtype=torch.float64).to(dtype)
+    if float(value) < threshold:
+        value = torch.nextafter(value, torch.tensor(math.inf, dtype=dtype))
+    return float(value)
+
+
+def fired(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which values fire: |x| >= threshold, compared exactly (bool, the shape of x)."""
+    return x.abs() >= exact_threshold(threshold, x.dtype)
+
+
+STATS_PATHS = ("auto", "torch", "fused")
+
+
 class LayerCounts:
     """Raw sums for one unit of `width` neurons at one or more thresholds; `add` takes activations of shape
     [..., width]. Pair counts, fire counts and active-neuron histograms are kept per threshold; the activation
-    sums and histograms do not depend on it and are kept once."""
+    sums and histograms do not depend on it and are kept once.
+
+    `stats`: how a batch is read. fused: one Triton kernel on a GPU (mpicorr.fused) that reads x once and
+    writes the products' operand directly; torch: separate torch operations (portable; the reference the
+    tests hold the fused path to); auto: fused where it applies. Both give the same integers. Nothing here
+    waits for the device: bad values raise a flag that `check` reads (once per batch for all layers)."""
 
     def __init__(self, unit: Unit | int, width: int, thresholds: tuple[float, ...], dtype: torch.dtype,
-                 device: str, kernel: str = "auto", panel: torch.dtype | None = None):
+                 device: str, kernel: str = "auto", panel: torch.dtype | None = None, stats: str = "auto"):
         self.unit = unit if isinstance(unit, Unit) else Unit(unit)
         self.layer, self.width, self.thresholds = self.unit.layer, width, tuple(thresholds)
         m = len(self.thresholds)
@@ -89,17 +121,37 @@ class LayerCounts:
         self.act_sumsq = torch.zeros(width, dtype=torch.int64, device=device)
         self.act_hist = torch.zeros(width * HIST_BINS, dtype=torch.int64, device=device)
         self.hist_base = torch.arange(width, dtype=torch.int32, device=device) * HIST_BINS
+        self.flag = torch.zeros(2, dtype=torch.int32, device=device)  # [bad values, fixed-point range]
         self.tokens = 0
+        self.fused = self._fused(stats, device)
+        self._limits: dict[torch.dtype, torch.Tensor] = {}
+
+    def _fused(self, stats: str, device: str) -> bool:
+        if stats not in STATS_PATHS:
+            raise ValueError(f"stats must be one of {STATS_PATHS}")
+        usable = fused.AVAILABLE and all(isinstance(p, triangle.DeviceCounts) for p in self.pairs)
+        if stats == "fused" and not usable:
+            raise ValueError("the fused statistics need Triton and device (gemm) pair counts")
+        return stats == "fused" or (stats == "auto" and usable and torch.device(device).type == "cuda")
 
     def add(self, x: torch.Tensor) -> None:
         """Count one batch of activations."""
         x = x.detach().reshape(-1, self.width)
+        if self.fused:
+            self._add_fused(x)
+        else:
+            self._add_torch(x)
+        over = (self.act_sum.abs().amax() >= FIXED_LIMIT) | (self.act_sumsq.amax() >= FIXED_LIMIT)
+        self.flag[1] = torch.maximum(self.flag[1], over.to(torch.int32))
+        self.tokens += x.shape[0]
+
+    def _add_torch(self, x: torch.Tensor) -> None:
         magnitude = x.abs()
         for i, threshold in enumerate(self.thresholds):
-            fired = magnitude >= threshold
-            self.pairs[i].add(fired)
-            self.fire_count[i] += fired.sum(0)
-            self.active_hist[i] += torch.bincount(fired.sum(1), minlength=self.width + 1)
+            on = magnitude >= exact_threshold(threshold, x.dtype)
+            self.pairs[i].add(on)
+            self.fire_count[i] += on.sum(0)
+            count_into(self.active_hist[i], on.sum(1))
         xf = x.float()
         # x * 2**24 and its rounding are exact in float32, so this equals to_fixed(x, ACT_SUM_BITS), 3x faster
         self.act_sum += torch.round(xf * float(1 << ACT_SUM_BITS)).to(torch.int64).sum(0)
@@ -107,20 +159,37 @@ class LayerCounts:
         # rounding), so they give to_fixed(x.double() ** 2, ACT_SUMSQ_BITS) at half the memory traffic
         square = xf**2 if x.dtype in (torch.bfloat16, torch.float16) else x.double() ** 2
         self.act_sumsq += torch.round(square * float(1 << ACT_SUMSQ_BITS)).to(torch.int64).sum(0)
-        self.act_hist += torch.bincount((hist_bins(xf) + self.hist_base).reshape(-1), minlength=len(self.act_hist))
-        self.tokens += x.shape[0]
-        # One device sync per batch and layer: every check in one flag, the message worked out on failure.
-        sane = ((magnitude < ACT_LIMIT).all() & (self.act_sum.abs().max() < FIXED_LIMIT)
-                & (self.act_sumsq.max() < FIXED_LIMIT))
-        if not bool(sane):
-            self._explain(x)
+        count_into(self.act_hist, (hist_bins(xf) + self.hist_base).reshape(-1))
+        bad = ~(magnitude < ACT_LIMIT).all()
+        self.flag[0] = torch.maximum(self.flag[0], bad.to(torch.int32))
 
-    def _explain(self, x: torch.Tensor) -> None:
-        if not bool((x.abs() < ACT_LIMIT).all()):
-            raise UserError(f"layer {self.layer}: non-finite activations or |x| >= 2**20; the model or its dtype "
-                            f"is broken: try --dtype float32 or bfloat16")
-        raise UserError(f"layer {self.layer}: activation sums exceed the fixed-point range; "
-                        f"process fewer chunks per run (--chunks) and merge the runs")
+    def _add_fused(self, x: torch.Tensor) -> None:
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            x = x.float()
+        x = x.contiguous()
+        tokens, m = x.shape[0], len(self.thresholds)
+        operand, one = self.pairs[0].operand(m, tokens)
+        active = torch.zeros(m, tokens, dtype=torch.int32, device=x.device)
+        words = torch.empty(fused.tile_count(tokens), fused.HIST_WORDS, self.width, dtype=torch.int32,
+                            device=x.device)
+        fused.stats(x, self.limits(x.dtype), operand, one, self.fire_count, active, self.act_sum,
+                    self.act_sumsq, words, self.flag)
+        fused.hist_words_add(self.act_hist, words, self.width, HIST_BINS)
+        self.active_hist.scatter_add_(1, active.long(), torch.ones_like(active, dtype=torch.int64))
+        for pairs, op in zip(self.pairs, operand):
+            pairs.add_transposed(op)
+
+    def limits(self, dtype: torch.dtype) -> torch.Tensor:
+        """The thresholds as exact values of `dtype` (see exact_threshold), float32, on the counts' device."""
+        if dtype not in self._limits:
+            values = [exact_threshold(t, dtype) for t in self.thresholds]
+            self._limits[dtype] = torch.tensor(values, dtype=torch.float32, device=self.act_sum.device)
+        return self._limits[dtype]
+
+    def check(self) -> None:
+        """Raise a UserError if a batch had a bad value or a sum left the fixed-point range (waits for the
+        device: call once per batch, or use check_all)."""
+        explain(self.layer, self.flag.tolist())
 
     def _sums(self) -> list[torch.Tensor]:
         return [self.fire_count, self.active_hist, self.act_sum, self.act_sumsq, self.act_hist]
@@ -169,6 +238,26 @@ class MoeCounts:
 def units(counts: list) -> list[LayerCounts]:
     """Every LayerCounts of a run, in a fixed order: per site, an MoE block's experts then its router."""
     return [u for c in counts for u in (c.units() if isinstance(c, MoeCounts) else [c])]
+
+
+def explain(layer: int, flag: list[int]) -> None:
+    """Raise the UserError that a LayerCounts flag [bad values, fixed-point range] stands for, if any."""
+    if flag[0]:
+        raise UserError(f"layer {layer}: non-finite activations or |x| >= 2**20; the model or its dtype "
+                        f"is broken: try --dtype float32 or bfloat16")
+    if flag[1]:
+        raise UserError(f"layer {layer}: activation sums exceed the fixed-point range; "
+                        f"process fewer chunks per run (--chunks) and merge the runs")
+
+
+def check_all(counts: list) -> None:
+    """LayerCounts.check for every unit of a run, with one wait per device instead of one per unit."""
+    by_device: dict[torch.device, list[LayerCounts]] = {}
+    for lc in units(counts):
+        by_device.setdefault(lc.flag.device, []).append(lc)
+    for group in by_device.values():
+        for lc, flag in zip(group, torch.stack([lc.flag for lc in group]).tolist()):
+            explain(lc.layer, flag)
 
 
 def stats_size(width: int, thresholds: int = 1) -> int:

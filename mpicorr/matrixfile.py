@@ -9,6 +9,7 @@ only when trials >= 2**32, where a uint32 count could wrap).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ MAGIC64 = 0xCA7DCA64
 HEADER = struct.Struct("<5I")
 ZSTD_LEVEL = 3
 MAX_WIDTH = 1 << 20
-UNSIZED_PIECE = 8192  # input bytes per step when a frame does not state its decompressed size
+UNSIZED_PIECE = 8192
+WRITE_PIECE = 1 << 24  # input bytes per compression step (zstd's workers take jobs of a few MB)  # input bytes per step when a frame does not state its decompressed size
 
 
 @dataclass(frozen=True)
@@ -47,26 +49,67 @@ def matrix_name(block: int, expert: int | None = None) -> str:
     return f"correlations_block_{block}.zstd" if expert is None else f"correlations_block_{block}_expert_{expert}.zstd"
 
 
+def payload(trials: int, packed: np.ndarray) -> np.ndarray:
+    """The counts as the file stores them, little-endian uint32 (uint64 from 2**32 trials on); a view of
+    `packed` when it already has that width (counts are never negative, so int32 bytes are uint32 bytes)."""
+    want = np.dtype("<u8" if trials >= (1 << 32) else "<u4")
+    arr = np.asarray(packed)
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize == want.itemsize and arr.dtype.byteorder in "=<|" \
+            and arr.flags.c_contiguous:
+        return arr.view(want)
+    return np.ascontiguousarray(arr, dtype=want)
+
+
+class _Sink:
+    """A file that hashes what is written to it."""
+
+    def __init__(self, fh):
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+
+def _compress(data: np.ndarray, sink, threads: int) -> None:
+    """One zstd frame of `data` (with its size and a checksum) written to `sink`, in pieces. zstd's
+    multi-threaded mode, with at least one worker, gives the same bytes for any number of workers, so files
+    do not depend on the machine (its single-threaded mode gives other bytes)."""
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=max(1, threads), write_checksum=True,
+                                    write_content_size=True)
+    view = memoryview(data).cast("B")
+    with cctx.stream_writer(sink, size=len(view), closefd=False) as writer:
+        for start in range(0, len(view), WRITE_PIECE):
+            writer.write(view[start : start + WRITE_PIECE])
+
+
+def header_bytes(block: int, width: int, trials: int) -> bytes:
+    """The 20-byte header (the count width follows from `trials`)."""
+    return HEADER.pack(MAGIC64 if trials >= (1 << 32) else MAGIC32, trials >> 32, trials & 0xFFFFFFFF, block, width)
+
+
+def _check_shape(packed: np.ndarray, width: int) -> None:
+    if np.shape(packed) != (triangle.packed_size(width),):
+        raise ValueError(f"packed counts have shape {np.shape(packed)}, expected ({triangle.packed_size(width)},)")
+
+
 def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[bytes, bytes]:
-    """(header, zstd frame) for the packed counts; the payload width follows from `trials`."""
-    if packed.shape != (triangle.packed_size(width),):
-        raise ValueError(f"packed counts have shape {packed.shape}, expected ({triangle.packed_size(width)},)")
-    wide = trials >= (1 << 32)
-    payload = np.ascontiguousarray(packed, dtype="<u8" if wide else "<u4")
-    header = HEADER.pack(MAGIC64 if wide else MAGIC32, trials >> 32, trials & 0xFFFFFFFF, block, width)
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True)
-    return header, cctx.compress(memoryview(payload).cast("B"))
+    """(header, zstd frame) for the packed counts: the bytes write_matrix writes."""
+    _check_shape(packed, width)
+    frame = io.BytesIO()
+    _compress(payload(trials, packed), frame, 1)
+    return header_bytes(block, width, trials), frame.getvalue()
 
 
-def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndarray) -> str:
-    """Write one matrix file atomically (temporary name, fsync, rename); return its SHA-256 (hex)."""
-    header, frame = encode(block, width, trials, packed)
+def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndarray, threads: int = 1) -> str:
+    """Write one matrix file atomically (temporary name, fsync, rename), compressing on `threads` threads
+    (the bytes do not depend on it) with no copy of int32 counts; return its SHA-256 (hex)."""
+    _check_shape(packed, width)
     with atomic_write(path) as fh:
-        fh.write(header)
-        fh.write(frame)
-    digest = hashlib.sha256(header)
-    digest.update(frame)
-    return digest.hexdigest()
+        sink = _Sink(fh)
+        sink.write(header_bytes(block, width, trials))
+        _compress(payload(trials, packed), sink, threads)
+    return sink.sha.hexdigest()
 
 
 def parse_header(data: bytes, path: str) -> Header:

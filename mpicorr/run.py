@@ -19,7 +19,7 @@ import torch
 
 from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary, triangle
 from .config import Config, output_folders, parse_part, threshold_folders
-from .counting import LayerCounts, MoeCounts, chunk_nll, count_dtype, split_stats, units
+from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
 from .dist import Comm, Service
 from .errors import UserError
 from .hooks import recording
@@ -221,6 +221,7 @@ def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: T
             started = time.monotonic()
             ids = torch.from_numpy(job.chunks[b0 - job.chunk_start : b1 - job.chunk_start]).to(first)
             out = model(input_ids=ids, use_cache=False)
+            check_all(tally.counts)  # the one wait for the device per batch: bad values end the run here
             if causal:
                 part, n = chunk_nll(out.logits, ids)
                 tally.nll, tally.predictions = tally.nll + part, tally.predictions + n

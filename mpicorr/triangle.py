@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import kernels
+from . import fused, kernels
 
 # Cost of one sparse pair update relative to one popcount kernel step (a pair times 512 tokens), measured
 # with `python -m mpicorr bench`; only decides speed, never a count.
@@ -158,34 +158,54 @@ class DeviceCounts(HostCounts):
     batch, flushed into a packed int32/int64 triangle in host memory before a count could leave the panel
     type's exact range.
 
-    The product of the 0/1 matrices runs in bfloat16 (0 and 1 are exact) with float32 accumulation, so every
-    sum is an exact integer below 2**24. `panel` float32: the product accumulates into the panels in place
-    (least memory traffic, flushed every 2**24 tokens); int16: each product is added into int16 panels (half
-    the device memory, flushed every 32767 tokens). On a CPU (the tests) the product is float32.
+    The 0/1 operand is the firing matrix transposed, F' [N', T'] (neurons x tokens, zero-padded to multiples
+    of PAD), in the element type of the fastest exact product this device offers (`product_kind`, measured):
+    panel rows r0..r1 get F'[r0:r1] @ F'[:r1]^T, a row-major times a column-major view of one tensor, which is
+    the layout the fp8 and int8 tensor-core GEMMs want. Every product sum is an integer below 2**24 (at most
+    the tokens of one call), exact in each product's output type. `panel` float32 means wide panels (float32,
+    or int32 for int8 products; flushed every 2**24 tokens, in practice only at the end); int16 means narrow
+    panels (half the memory; flushed every 32767 tokens). On a CPU (the tests) the product is float32.
     """
 
-    LIMITS = {torch.float32: EXACT_TOKENS, torch.int16: (1 << 15) - 1}
+    LIMITS = {torch.float32: EXACT_TOKENS, torch.int32: (1 << 31) - 1, torch.int16: (1 << 15) - 1}
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, panel: torch.dtype = torch.int16,
-                 elements: int | None = None, limit: int | None = None):
+                 elements: int | None = None, limit: int | None = None, product: str | None = None):
         super().__init__(width, dtype)
-        self.panel = panel
-        self.limit = min(limit or self.LIMITS[panel], self.LIMITS[panel])
-        self.spans = panels(width, elements or PANEL_ELEMENTS)
-        self.acc = [torch.zeros(r1 - r0, r1, dtype=panel, device=device) for r0, r1 in self.spans]
+        self.width, self.device = width, torch.device(device)
+        self.product = product or product_kind(self.device)
+        self.panel = ACCUMULATORS[self.product] if panel == torch.float32 else panel
+        self.limit = min(limit or self.LIMITS[self.panel], self.LIMITS[self.panel])
+        self.padded = round_up(width, PAD)
+        self.spans = panels(self.padded, elements or PANEL_ELEMENTS)
+        self.acc = [torch.zeros(r1 - r0, r1, dtype=self.panel, device=device) for r0, r1 in self.spans]
         self.pending = 0
         self.flushed = False  # until the first flush, `out` is all zero
 
+    def operand(self, thresholds: int, tokens: int) -> tuple[torch.Tensor, int]:
+        """(an uninitialised [thresholds, N', T'] buffer of the operand's storage type, the bits of a 1 in it):
+        what fused.stats fills; add_transposed takes one [N', T'] slice of it."""
+        storage, one, _ = OPERANDS[self.product]
+        return torch.empty(thresholds, self.padded, round_up(tokens, PAD), dtype=storage, device=self.device), one
+
     def add(self, fired: torch.Tensor) -> None:
-        """Count a [tokens, width] bool matrix, in parts of at most `limit` tokens."""
-        fired = fired.to(product_dtype(fired.device))
-        for t0 in range(0, fired.shape[0], self.limit):
-            part = fired[t0 : t0 + self.limit]
-            if self.pending + part.shape[0] > self.limit:
+        """Count a [tokens, width] bool matrix."""
+        tokens = fired.shape[0]
+        storage, one, kind = OPERANDS[self.product]
+        op = torch.zeros(self.padded, round_up(tokens, PAD), dtype=kind, device=self.device)
+        op[: self.width, :tokens] = fired.T
+        self.add_transposed(op)
+
+    def add_transposed(self, op: torch.Tensor) -> None:
+        """Count the tokens of F' [N', T'] (padding columns are zero), in parts of at most `limit` tokens."""
+        op = op.view(OPERANDS[self.product][2])
+        for t0 in range(0, op.shape[1], self.limit):
+            part = op[:, t0 : t0 + self.limit]
+            if self.pending + part.shape[1] > self.limit:
                 self.flush()
             for (r0, r1), acc in zip(self.spans, self.acc):
-                accumulate(acc, part[:, r0:r1].T, part[:, :r1])
-            self.pending += part.shape[0]
+                accumulate(acc, self.product, part[r0:r1], part[:r1].T)
+            self.pending += part.shape[1]
 
     def flush(self) -> None:
         """Add the device panels into the host triangle and clear them."""
@@ -194,7 +214,7 @@ class DeviceCounts(HostCounts):
             return
         if self.flushed:
             host_add(self.out, part)
-        else:  # the first flush (the only one of most float32 runs): the counts so far are the panels
+        else:  # the first flush (the only one of most wide-panel runs): the counts so far are the panels
             self.out = part.astype(self.out.dtype, copy=False)
         self.flushed, self.pending = True, 0
 
@@ -203,9 +223,11 @@ class DeviceCounts(HostCounts):
         if self.pending == 0 and self.flushed:
             return None
         wide = torch.int16 if self.panel == torch.int16 else self.dtype
-        # the masks are made per flush (rare): kept, they would take half as much memory as the panels
-        parts = [acc[lower_mask(r0, r1, acc.device)].to(wide) for (r0, r1), acc in zip(self.spans, self.acc)]
-        host = torch.cat(parts).cpu().numpy()
+        packed = torch.empty(packed_size(self.width), dtype=wide, device=self.device)
+        for (r0, r1), acc in zip(self.spans, self.acc):
+            if r0 < self.width:
+                pack_panel(acc, r0, self.width, packed)
+        host = to_host(packed)
         for acc in self.acc:
             acc.zero_()
         return host
@@ -215,6 +237,29 @@ class DeviceCounts(HostCounts):
         no longer taken to be zero)."""
         self.flush()
         super().add_packed(packed)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pack_panel(acc: torch.Tensor, r0: int, width: int, packed: torch.Tensor) -> None:
+    """packed[offset(r0) ...] <- the lower triangle of panel `acc` (rows r0.., below `width`), converted."""
+    if fused.AVAILABLE and acc.device.type == "cuda":
+        fused.pack_rows(acc, r0, width, packed)
+        return
+    r1 = min(r0 + acc.shape[0], width)
+    rows = acc[: r1 - r0, :r1]
+    packed[offset(r0) : offset(r1)] = rows[lower_mask(r0, r1, acc.device)].to(packed.dtype)
+
+
+def to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A device tensor as a host numpy array, copied through pinned memory (about twice as fast)."""
+    if tensor.device.type != "cuda":
+        return tensor.numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor)
+    return host.numpy()
 
 
 def host_add(out: np.ndarray, part: np.ndarray) -> None:
@@ -229,47 +274,111 @@ def host_add(out: np.ndarray, part: np.ndarray) -> None:
         list(pool.map(add, range(threads)))
 
 
-def product_dtype(device: torch.device) -> torch.dtype:
-    """Input type of the 0/1 products: bfloat16 on a GPU that can accumulate it in float32, else float32."""
-    return torch.bfloat16 if device.type == "cuda" and cuda_products() != "float32" else torch.float32
+# Pair-count products and their operands: (storage type, bits of a 1 in it, the type the GEMM reads).
+OPERANDS = {"fp8": (torch.uint8, 0x38, torch.float8_e4m3fn), "int8": (torch.int8, 1, torch.int8),
+            "bf16": (torch.int16, 0x3F80, torch.bfloat16), "fp32": (torch.float32, 1, torch.float32)}
+# The wide panel type each product accumulates into (int8 products are int32: no 2**24 limit).
+ACCUMULATORS = {"fp8": torch.float32, "int8": torch.int32, "bf16": torch.float32, "fp32": torch.float32}
+# Operand rows and token columns are padded to multiples of this: fp8 GEMMs need 16, torch._int_mm more
+# than 16 rows, and aligned operands keep the tensor cores at full rate.
+PAD = 32
 
 
-def accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b for 0/1 matrices a, b (of product_dtype), exactly: in place where acc is float32."""
-    if a.dtype == torch.float32:
-        if acc.dtype == torch.float32:
-            acc.addmm_(a, b)
-        else:
-            acc += torch.mm(a, b).to(acc.dtype)
-    elif acc.dtype == torch.float32 and cuda_products() == "addmm":
+def product(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 0/1 operands of `kind` (a row-major, b column-major): float32, or int32 for int8."""
+    if kind == "fp8":
+        one = _unit_scale(a.device)
+        return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32)
+    if kind == "int8":
+        return torch._int_mm(a, b)
+    if kind == "bf16":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b)
+
+
+def accumulate(acc: torch.Tensor, kind: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b exactly: in the GEMM itself where the types allow (float32 panels of bf16 or float32
+    products), else through the product's float32/int32 result."""
+    if acc.dtype == torch.float32 and kind == "fp32":
+        acc.addmm_(a, b)
+    elif acc.dtype == torch.float32 and kind == "bf16" and bf16_addmm(acc.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc += torch.mm(a, b, out_dtype=torch.float32).to(acc.dtype)
+        part = product(kind, a, b)
+        if part.dtype == acc.dtype:
+            acc += part
+        elif fused.AVAILABLE and acc.device.type == "cuda":
+            fused.add_into(acc, part)  # int16 panels: no converted copy of the product
+        else:
+            acc += part.to(acc.dtype)
 
 
 @functools.cache
-def cuda_products() -> str:
-    """What this torch can do on CUDA, checked once on a small case: 'addmm' (bfloat16 inputs accumulated
-    in place into float32), 'mm' (bfloat16 product to float32, then added) or 'float32' (torch < 2.8)."""
-    ones = torch.ones(3000, 24, dtype=torch.bfloat16, device="cuda")  # 3000 > 256: a bfloat16 sum would round
-    acc = torch.ones(24, 24, dtype=torch.float32, device="cuda")
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=torch.float32, device=device)
+
+
+@functools.cache
+def bf16_addmm(device: torch.device) -> bool:
+    """Whether this torch adds a bfloat16 product into a float32 tensor in place (torch >= 2.8)."""
+    ones = torch.ones(3000, 24, dtype=torch.bfloat16, device=device)  # 3000 > 256: a bfloat16 sum would round
+    acc = torch.ones(24, 24, dtype=torch.float32, device=device)
     try:
         torch.addmm(acc, ones.T, ones, out_dtype=torch.float32, out=acc)
-        if bool((acc == 3001).all()):
-            return "addmm"
+        return bool((acc == 3001).all())
     except (TypeError, RuntimeError):
-        pass
-    try:
-        if bool((torch.mm(ones.T, ones, out_dtype=torch.float32) == 3000).all()):
-            return "mm"
-    except (TypeError, RuntimeError):
-        pass
-    return "float32"
+        return False
 
 
-def panel_cells(width: int, elements: int = PANEL_ELEMENTS) -> int:
-    """Cells of a width's row panels (the lower triangle and the few cells above it inside the panels)."""
-    return sum((r1 - r0) * r1 for r0, r1 in panels(width, elements))
+_KINDS: dict[str, str] = {}
+
+
+def product_kind(device: torch.device | str) -> str:
+    """The fastest exact 0/1 product on this device, measured once per process: fp8 (torch._scaled_mm, compute
+    capability >= 8.9), int8 (torch._int_mm), bf16 (float32 output, torch >= 2.8) or float32. Each candidate
+    must reproduce an exact reference product first; the choice changes speed only, never a count."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if str(device) not in _KINDS:
+        _KINDS[str(device)] = min(exact_products(device), key=lambda kind: _time_product(kind, device))
+    return _KINDS[str(device)]
+
+
+def exact_products(device: torch.device) -> list[str]:
+    """The product kinds that run on this device and give the exact counts of a random 0/1 case."""
+    fired = torch.rand(PAD * 40, 2 * PAD * 20, device=device) < 0.3  # [neurons, tokens]: sums up to 1280
+    want = fired.double() @ fired.double().T
+    kinds = []
+    for kind in ("fp8", "int8", "bf16", "fp32"):
+        try:
+            op = fired.to(OPERANDS[kind][2])
+            if torch.equal(product(kind, op, op.T).double(), want):
+                kinds.append(kind)
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+            continue  # not supported by this torch or GPU
+    return kinds
+
+
+def _time_product(kind: str, device: torch.device) -> float:
+    """Seconds for one panel product of a representative size (1024 x 4096 by 4096 tokens)."""
+    op = (torch.rand(4096, 4096, device=device) < 0.1).to(OPERANDS[kind][2])
+    a, b = op[:1024], op.T
+    product(kind, a, b)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        product(kind, a, b)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def panel_cells(width: int, elements: int = PANEL_ELEMENTS, pad: int = PAD) -> int:
+    """Cells of a width's device row panels (the lower triangle and the few cells above it inside the panels,
+    the width padded as DeviceCounts pads it)."""
+    return sum((r1 - r0) * r1 for r0, r1 in panels(round_up(width, pad), elements))
 
 
 def device_panel(cells: int, device: torch.device | str) -> torch.dtype:
@@ -344,7 +453,7 @@ def pair_counter(width: int, dtype: torch.dtype, device: str, kernel: str = "aut
         if not cpu:
             raise ValueError(f"the {kernel} kernel runs on the CPU only")
         return BitCounts(width, dtype, kernel)
-    if cpu:
+    if cpu and panel is None:
         return PanelCounts(width, dtype, device)
     return DeviceCounts(width, dtype, device, panel or device_panel(panel_cells(width), device))
 

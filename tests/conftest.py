@@ -13,6 +13,12 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach for the hub
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels (mpicorr.fused) run in Triton's interpreter on CPU tensors; it is chosen
+    # when the kernels are defined, so before mpicorr is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mpicorr import tiny  # noqa: E402
 

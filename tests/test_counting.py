@@ -157,10 +157,15 @@ def test_fixed_point_sums_do_not_depend_on_grouping():
 
 
 def test_non_finite_activations_are_a_clear_error():
-    lc = counting.LayerCounts(4, 2, (0.5,), torch.int32, "cpu")
     for bad in (float("nan"), float("inf"), 2.0**21):
+        lc = counting.LayerCounts(4, 2, (0.5,), torch.int32, "cpu")
+        lc.add(torch.tensor([[0.5, 1.0]]))
+        lc.check()  # nothing wrong yet
+        lc.add(torch.tensor([[bad, 1.0]]))
         with pytest.raises(counting.UserError, match="layer 4: non-finite activations or"):
-            lc.add(torch.tensor([[bad, 1.0]]))
+            lc.check()
+        with pytest.raises(counting.UserError, match="layer 4: non-finite activations or"):
+            counting.check_all([counting.LayerCounts(3, 2, (0.5,), torch.int32, "cpu"), lc])
 
 
 def test_count_dtype_cannot_overflow():

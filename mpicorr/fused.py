@@ -1,0 +1,165 @@
+"""One pass over a batch of activations on the GPU (Triton): everything a layer counts, in one kernel.
+
+For x of shape [tokens, N] the kernel `_stats` reads each value once and produces
+- the 0/1 firing matrix of each threshold, transposed ([N', T'] neurons x tokens, zero-padded to the
+  product's alignment) and already in the element type of the pair-count product (fp8, int8, bf16 or
+  fp32 ones), so the tensor cores read it without a conversion (triangle.DeviceCounts.add_transposed);
+- per-neuron fire counts and per-token active counts for each threshold;
+- the fixed-point act_sum and act_sumsq (x rounded to 2**-24, x*x to 2**-16, half to even, as torch.round);
+- the act_hist bins, as per-tile byte counters (below), summed by `hist_words_add`;
+- a flag for values with |x| >= 2**20 or not finite.
+The integers are exactly those of counting.LayerCounts' torch path (the reference in the tests).
+
+Histogram: a neuron's 67 bins need one counter each; per tile of BT <= 255 tokens the counters are bytes,
+four to an int32 word (bin b in byte b % 4 of word b // 4), so one tile costs 17 selects per value instead
+of 67 comparisons, and each word is stored as it is made (few live registers).
+
+Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) runs the same kernel source on
+CPU tensors: that is how the tests check it on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    AVAILABLE = True
+except ImportError:  # no Triton (CPU-only torch without it): counting uses the torch reference path
+    AVAILABLE = False
+
+ACT_LIMIT = float(1 << 20)  # counting.ACT_LIMIT (kept here so that counting can import this module)
+HIST_WORDS = 17             # ceil(67 bins / 4 bytes)
+BT = 128                    # tokens per tile (a byte counter holds <= 255)
+BN = 64                     # neurons per tile
+TILES = 8                   # tiles per program: per-neuron sums are added to memory once per 1024 tokens
+
+
+def tile_count(tokens: int) -> int:
+    """Token tiles of a batch (rows of the histogram scratch)."""
+    return -(-tokens // BT)
+
+
+if AVAILABLE:
+    @triton.jit
+    def _rint32(v):
+        # Round half to even in float32 arithmetic, exact for any |v|: values >= 2**23 are integers already.
+        a = tl.abs(v)
+        a = tl.where(a < 8388608.0, (a + 8388608.0) - 8388608.0, a)
+        return tl.where(v < 0, -a, a)
+
+    @triton.jit
+    def _rint64(v):
+        a = tl.abs(v)
+        a = tl.where(a < 4503599627370496.0, (a + 4503599627370496.0) - 4503599627370496.0, a)
+        return tl.where(v < 0, -a, a)
+
+    @triton.jit
+    def _stats(x_ptr, x_stride, T, N, thr_ptr, ft_ptr, ft_stride_m, ft_stride_n, T_pad, N_pad,
+               fire_ptr, active_ptr, sum_ptr, sumsq_ptr, words_ptr, flag_ptr,
+               M: tl.constexpr, MP: tl.constexpr, ONE: tl.constexpr, WIDE: tl.constexpr,
+               BT: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr):
+        pid_t = tl.program_id(0)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_in = n < N
+        rows = tl.arange(0, MP)
+        fire_acc = tl.zeros([MP, BN], dtype=tl.int32)
+        sum_acc = tl.zeros([BN], dtype=tl.int64)
+        sq_acc = tl.zeros([BN], dtype=tl.int64)
+        bad = tl.zeros([BN], dtype=tl.int32)
+        for k in range(TILES):
+            tile = pid_t * TILES + k
+            t = tile * BT + tl.arange(0, BT)
+            valid = (t < T)[:, None] & n_in[None, :]
+            x = tl.load(x_ptr + t[:, None].to(tl.int64) * x_stride + n[None, :], mask=valid, other=0.0)
+            xf = x.to(tl.float32)
+            ax = tl.abs(xf)
+            bad = tl.maximum(bad, tl.max(tl.where(valid & ~(ax < 1048576.0), 1, 0), axis=0))
+            # Fired matrices, stored transposed in the product's element type; padding gets zeros.
+            store = (t < T_pad)[:, None] & (n < N_pad)[None, :]
+            for m in tl.static_range(M):
+                fired = valid & (ax >= tl.load(thr_ptr + m))
+                ones = tl.where(fired, 1, 0)
+                out = ft_ptr + m * ft_stride_m + n[None, :].to(tl.int64) * ft_stride_n + t[:, None]
+                tl.store(out, tl.where(fired, ONE, 0).to(ft_ptr.dtype.element_ty), mask=store)
+                fire_acc += tl.where(rows[:, None] == m, tl.sum(ones, axis=0)[None, :], 0)
+                tl.atomic_add(active_ptr + m * T + t, tl.sum(ones, axis=1), mask=t < T)
+            # Fixed-point sums: x * 2**24 is exact in float32, as are bf16/fp16 squares; float32 squares in fp64.
+            sum_acc += tl.sum(tl.where(valid, _rint32(xf * 16777216.0).to(tl.int64), 0), axis=0)
+            if WIDE:
+                xd = xf.to(tl.float64)
+                sq = _rint64(xd * xd * 65536.0).to(tl.int64)
+            else:
+                sq = _rint32(xf * xf * 65536.0).to(tl.int64)
+            sq_acc += tl.sum(tl.where(valid, sq, 0), axis=0)
+            # act_hist bin from the float32 bits (counting.hist_bins): 2 log2|x| classes, mirrored for x < 0.
+            bits = xf.to(tl.int32, bitcast=True)
+            step = ((bits >> 23) & 0xFF) * 2 + tl.where((bits & 0x7FFFFF) >= 0x3504F3, 1, 0)
+            magnitude = tl.minimum(tl.maximum(step - 233, 0), 33)
+            b = tl.where(bits < 0, 33 - magnitude, 33 + magnitude)
+            inc = tl.where(valid, 1 << ((b & 3) * 8), 0)
+            word = b >> 2
+            base = words_ptr + tile.to(tl.int64) * (17 * N) + n
+            keep = n_in & (n * 0 + tile * BT < T)  # tiles past the batch have no scratch row
+            for w in tl.static_range(17):
+                tl.store(base + w * N, tl.sum(tl.where(word == w, inc, 0), axis=0), mask=keep)
+        for m in tl.static_range(M):
+            part = tl.sum(tl.where(rows[:, None] == m, fire_acc, 0), axis=0)
+            tl.atomic_add(fire_ptr + m * N + n, part.to(tl.int64), mask=n_in)
+        tl.atomic_add(sum_ptr + n, sum_acc, mask=n_in)
+        tl.atomic_add(sumsq_ptr + n, sq_acc, mask=n_in)
+        tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
+
+    @triton.jit
+    def _pack_rows(acc_ptr, acc_stride, r0, N, out_ptr, BC: tl.constexpr):
+        """Row i = r0 + program of a panel -> its run in the packed triangle, out[i(i+1)/2 ...] (columns 0..i)."""
+        i = r0 + tl.program_id(0)
+        j = tl.program_id(1) * BC + tl.arange(0, BC)
+        keep = (j <= i) & (j * 0 + i < N)
+        value = tl.load(acc_ptr + tl.program_id(0).to(tl.int64) * acc_stride + j, mask=keep, other=0)
+        tl.store(out_ptr + i.to(tl.int64) * (i + 1) // 2 + j, value.to(out_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _add_into(acc_ptr, part_ptr, count, BLOCK: tl.constexpr):
+        """acc += part, elementwise, in acc's type (int16 panels += float32 or int32 products)."""
+        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        keep = k < count
+        total = tl.load(acc_ptr + k, mask=keep) + tl.load(part_ptr + k, mask=keep).to(acc_ptr.dtype.element_ty)
+        tl.store(acc_ptr + k, total, mask=keep)
+
+
+def stats(x: torch.Tensor, thresholds: torch.Tensor, ft: torch.Tensor, one: int, fire_count: torch.Tensor,
+          active: torch.Tensor, act_sum: torch.Tensor, act_sumsq: torch.Tensor, words: torch.Tensor,
+          flag: torch.Tensor) -> None:
+    """Run `_stats` on x [T, N] (rows contiguous). Adds into fire_count [M, N], active [M, T] (int32, zeroed by
+    the caller), act_sum, act_sumsq (int64 [N]), writes ft [M, N', T'] and words [tile_count(T), 17, N], and
+    raises flag[0] to 1 on a value with |x| >= 2**20 or not finite. `thresholds`: float32 [M], each exactly
+    representable in x's dtype (counting.exact_thresholds)."""
+    tokens, width = x.shape
+    m = thresholds.numel()
+    grid = (-(-tile_count(tokens) // TILES), -(-max(width, ft.shape[1]) // BN))
+    _stats[grid](x, x.stride(0), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1), ft.shape[2],
+                 ft.shape[1], fire_count, active, act_sum, act_sumsq, words, flag, M=m,
+                 MP=triton.next_power_of_2(m), ONE=one, WIDE=x.dtype == torch.float32, BT=BT, BN=BN, TILES=TILES)
+
+
+def hist_words_add(act_hist: torch.Tensor, words: torch.Tensor, width: int, bins: int) -> None:
+    """act_hist [width * bins] += the byte counters of `words` [tiles, 17, width] summed over tiles."""
+    counts = words.view(torch.uint8).view(words.shape[0], HIST_WORDS, width, 4).sum(0, dtype=torch.int64)
+    act_hist.view(width, bins).add_(counts.permute(1, 0, 2).reshape(width, 4 * HIST_WORDS)[:, :bins])
+
+
+def pack_rows(acc: torch.Tensor, r0: int, width: int, out: torch.Tensor) -> None:
+    """out[offset(r0) ...] <- the lower triangle of panel `acc` (rows r0.., columns 0..), rows < width."""
+    rows = min(acc.shape[0], width - r0)
+    if rows <= 0:
+        return
+    block = 1024
+    _pack_rows[(rows, -(-min(acc.shape[1], width) // block))](acc, acc.stride(0), r0, width, out, BC=block)
+
+
+def add_into(acc: torch.Tensor, part: torch.Tensor) -> None:
+    """acc += part for contiguous tensors of one shape, converting part to acc's type (exact for counts)."""
+    block = 4096
+    _add_into[(-(-acc.numel() // block),)](acc, part, acc.numel(), BLOCK=block)

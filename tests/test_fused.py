@@ -1,0 +1,137 @@
+"""The fused one-pass statistics kernel (mpicorr.fused, Triton) against the torch reference path of
+counting.LayerCounts, and the exact threshold comparison. On a machine without a GPU the same kernel source runs
+in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1); with CUDA it runs on the GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mpicorr import counting, fused, summary, triangle
+
+pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="triton not installed")
+DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"
+HALF_POWERS = 2.0 ** (np.arange(-21, 14) / 2.0)  # every act_hist edge, and one past each end
+
+
+def edge_values(dtype: torch.dtype, thresholds: tuple[float, ...]) -> torch.Tensor:
+    """Values at and next to every histogram edge and threshold (in `dtype`), both signs, zeros and -0.0."""
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    points = torch.tensor([*HALF_POWERS, *thresholds, 1e-30, 2.0**-10], dtype=torch.float64).to(dtype)
+    near = torch.cat([points, torch.nextafter(points, inf), torch.nextafter(points, -inf)])
+    return torch.cat([near, -near, torch.tensor([0.0, -0.0, 64.0, 1000.0], dtype=dtype)])
+
+
+def pair(width: int, thresholds: tuple[float, ...], dtype=torch.int32):
+    """A torch-path and a fused-path LayerCounts over the same device panels."""
+    made = [counting.LayerCounts(0, width, thresholds, dtype, DEVICE, "gemm", torch.float32, stats=s)
+            for s in ("torch", "fused")]
+    return made
+
+
+def assert_same(a: counting.LayerCounts, b: counting.LayerCounts) -> None:
+    for name in ("fire_count", "active_hist", "act_sum", "act_sumsq", "act_hist", "flag"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert all(np.array_equal(x, y) for x, y in zip(a.packed(), b.packed()))
+    assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width,tokens", [(1, 3), (77, 300), (130, 129)])
+def test_fused_statistics_equal_the_torch_reference(dtype, width, tokens):
+    thresholds = (0.25, 0.2995, 1.0)
+    gen = torch.Generator().manual_seed(width + tokens)
+    x = torch.randn(tokens, width, generator=gen) * torch.logspace(-4, 2.5, width)
+    edges = edge_values(dtype, thresholds).float()
+    x.view(-1)[: min(len(edges), x.numel())] = edges[: x.numel()]
+    x = x.to(dtype).to(DEVICE)
+    ref, new = pair(width, thresholds)
+    for part in (x[: tokens // 3], x[tokens // 3 :]):  # two batches, one may be empty of tokens
+        if len(part):
+            ref.add(part)
+            new.add(part)
+    assert_same(ref, new)
+
+
+def test_all_zero_and_all_firing_batches():
+    ref, new = pair(45, (0.5,))
+    for x in (torch.zeros(200, 45), torch.full((70, 45), -3.0), torch.full((10, 45), 0.5)):
+        ref.add(x.to(DEVICE))
+        new.add(x.to(DEVICE))
+    assert_same(ref, new)
+    assert new.fire_count.tolist() == [[80] * 45] and new.active_hist[0, 45] == 80
+
+
+@pytest.mark.parametrize("stats", ["torch", "fused"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 2.0**20])
+def test_non_finite_input_raises_the_same_error(stats, bad):
+    lc = counting.LayerCounts(6, 70, (0.5,), torch.int32, DEVICE, "gemm", torch.float32, stats=stats)
+    x = torch.randn(40, 70)
+    lc.add(x.to(DEVICE))
+    lc.check()
+    x[17, 66] = bad
+    lc.add(x.to(DEVICE))
+    with pytest.raises(counting.UserError, match="layer 6: non-finite activations"):
+        lc.check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_thresholds_compare_as_real_numbers(dtype):
+    """|x| >= T for the real numbers x and T, at the values next to T in x's dtype, for both paths: 0.2995 is
+    0.298828125 in bfloat16, which must not fire; a tiny threshold does not make zeros fire."""
+    for threshold in (0.2995, 0.5, 1e-30 if dtype != torch.float32 else 1e-44):
+        x = edge_values(dtype, (threshold,)).reshape(1, -1)
+        want = x.double().abs() >= threshold
+        assert torch.equal(counting.fired(x, threshold), want)
+        ref, new = pair(x.shape[1], (threshold,))
+        ref.add(x.to(DEVICE))
+        new.add(x.to(DEVICE))
+        assert torch.equal(ref.fire_count.cpu()[0], want[0].long()), threshold
+        assert torch.equal(new.fire_count.cpu()[0], want[0].long()), threshold
+    assert counting.exact_threshold(0.2995, torch.bfloat16) == 0.30078125
+    assert counting.exact_threshold(1e-320, torch.float32) > 0
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8", "bf16", "fp32"])
+def test_operand_holds_the_products_ones_transposed_and_padded(kind):
+    """The fused kernel writes F' in each product's storage type: the bits of that type's 1.0 (or 1), zeros in
+    the padding, so the GEMM reads it directly."""
+    width, tokens = 70, 45
+    x = torch.randn(tokens, width).to(DEVICE)
+    storage, one, view = triangle.OPERANDS[kind]
+    op = torch.full((2, triangle.round_up(width, 32), triangle.round_up(tokens, 32)), 7, dtype=storage,
+                    device=DEVICE)  # garbage: every cell must be written
+    lc = counting.LayerCounts(0, width, (0.5, 1.0), torch.int32, DEVICE, "gemm", torch.float32, stats="torch")
+    fused.stats(x, lc.limits(x.dtype), op, one, lc.fire_count, torch.zeros(2, tokens, dtype=torch.int32,
+                device=DEVICE), lc.act_sum, lc.act_sumsq, torch.empty(fused.tile_count(tokens), 17, width,
+                dtype=torch.int32, device=DEVICE), lc.flag)
+    for i, t in enumerate((0.5, 1.0)):
+        want = torch.zeros(op.shape[1:], dtype=torch.float32, device=DEVICE)
+        want[:width, :tokens] = (x.abs() >= t).T.float()
+        assert torch.equal(op[i].cpu().view(view).float(), want.cpu())
+
+
+def test_pack_rows_and_add_into_kernels():
+    """The device-side helpers of DeviceCounts: a panel's lower triangle into the packed layout, and adding a
+    float32 product into int16 panels."""
+    width, r0 = 83, 32
+    acc = torch.randint(0, 30000, (40, 80), dtype=torch.int32).float().to(DEVICE)  # rows 32..71, cols 0..79
+    packed = torch.full((triangle.packed_size(width),), -1, dtype=torch.int32, device=DEVICE)
+    fused.pack_rows(acc, r0, width, packed)
+    want = acc.cpu()[:, :72][triangle.lower_mask(r0, 72, "cpu")].int()
+    assert torch.equal(packed.cpu()[triangle.offset(32) : triangle.offset(72)], want)
+    assert (packed.cpu()[: triangle.offset(32)] == -1).all() and (packed.cpu()[triangle.offset(72) :] == -1).all()
+    panel = torch.randint(-100, 100, (37, 61), dtype=torch.int16, device=DEVICE)
+    part = torch.randint(0, 5000, (37, 61), device=DEVICE).float()
+    want = panel.cpu() + part.cpu().to(torch.int16)
+    fused.add_into(panel, part)
+    assert torch.equal(panel.cpu(), want)
+
+
+@pytest.mark.parametrize("width,high", [(1, 3), (2, 2), (57, 3), (300, 1000)])
+def test_device_top_partners_equal_the_compiled_ones(width, high):
+    packed = np.random.default_rng(width).integers(0, high, triangle.packed_size(width)).astype(np.int32)
+    want = summary.top_partners_numpy(packed, width)
+    got = summary.top_partners_torch(torch.from_numpy(packed).to(DEVICE), width, rows=7)
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
