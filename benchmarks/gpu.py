@@ -1,21 +1,24 @@
-"""Reproduce the README's GPU figures (needs CUDA): the counting products against the tensor-core peak, and a
-random-weight model with Mistral-7B's shapes counted end to end by the real `mpicorr run`.
+"""Reproduce the README's GPU figures (needs CUDA): the counting products of every exact product kind against
+the tensor-core peak, one layer's counting step, and a random-weight model with Mistral-7B's shapes counted end
+to end by the real `mpicorr run`, timed against its own bare forward passes.
 
     python benchmarks/gpu.py products                 # N = 14336, 10 % firing, 4096..16384 tokens per call
     python benchmarks/gpu.py layer                    # where one layer's counting step spends its time
     python benchmarks/gpu.py model --data wiki.test.raw --chunks 642 --batch-size 16
-    python benchmarks/gpu.py model --data wiki.test.raw --chunks 642 --batch-size 4 --memory-gib 23  # a 24 GB card
+    python benchmarks/gpu.py model --data wiki.test.raw --chunks 642 --batch-size 16 --memory-gib 23  # 24 GB card
 
-products: triangle.DeviceCounts.add, as a run calls it once per layer and batch, timed over several calls
-after a warm-up (int16 panels: their flushes to the host included). The rate counts the multiply-adds of the
-row panels (2 x tokens x panel cells), which is what the tensor cores execute; `triangle` is the share of
-them inside the lower triangle. One bfloat16 square product (float32 out) gives what cuBLAS reaches here.
+products: triangle.DeviceCounts.add_transposed, as a run calls it once per layer and batch with the operand the
+fused kernel writes, timed over several calls after a warm-up (int16 panels: their flushes to the host
+included), for each product kind that is exact on this GPU (fp8, int8, bf16). The rate counts the multiply-adds
+of the row panels (2 x tokens x panel cells), which is what the tensor cores execute; `triangle` is the share of
+them inside the lower triangle. One bfloat16 square product gives what cuBLAS reaches here.
 
-model: the model is built on the GPU in bfloat16 with random weights (no weights file: `models.load_model` is
-replaced for this process only) next to a config.json and a BPE tokenizer trained on --data; then
-`mpicorr run` counts every layer. --memory-gib caps torch's allocator (set_per_process_memory_fraction) to
-show the run fits a smaller card. Prints one JSON line: seconds to load, seconds after loading (counting,
-reduce, writing every file), peak device and host memory.
+model: the model is built on the GPU in bfloat16 with random weights (no weights file) next to a config.json and
+a BPE tokenizer trained on --data, then measured as benchmarks/overhead.py measures any model: its bare forward
+passes over the run's batches, then `mpicorr run` on the same model object in this process (models.load_model
+replaced). --memory-gib caps torch's allocator (set_per_process_memory_fraction) to show the run fits a smaller
+card. Prints one JSON line: bare forward seconds, the run's seconds after loading, their ratio, the counting
+and writing phases, peak device and host memory.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mpicorr import __main__ as cli, counting, models, tiny, triangle  # noqa: E402
 
 # Dense bfloat16 tensor-core peaks (no sparsity), from NVIDIA's data sheets; matched against the device name.
@@ -58,34 +61,36 @@ def timed(fn, reps: int) -> float:
 
 
 def products(args) -> None:
-    """One JSON line per (tokens per call, panel type, panel size)."""
+    """One JSON line per (product kind, tokens per call, panel type, panel size), after a square bfloat16
+    product for reference."""
     n = args.neurons
-    if triangle.cuda_products() == "float32":  # torch < 2.8: no bfloat16 product with a float32 result
-        a = torch.randint(0, 2, (8192, 8192), device="cuda").float()
-        seconds = timed(lambda: torch.mm(a, a), 10)
-    else:
-        a = torch.randint(0, 2, (8192, 8192), device="cuda").to(torch.bfloat16)
-        seconds = timed(lambda: torch.mm(a, a, out_dtype=torch.float32), 10)
-    print(json.dumps({"what": f"square {a.dtype} mm, fp32 out, 8192^3",
-                      "tflops": round(2 * 8192**3 / seconds / 1e12, 1), "peak_tflops": peak() and peak() / 1e12,
-                      "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "products": triangle.cuda_products()}), flush=True)
-    for tokens in args.tokens:
-        fired = torch.rand(tokens, n, device="cuda") < args.density
-        for panel in (torch.float32, torch.int16):
-            for elements in args.elements:
-                counts = triangle.DeviceCounts(n, torch.int32, "cuda", panel, elements=elements)
-                seconds = timed(lambda: counts.add(fired), max(2, args.call_tokens // tokens))
-                cells = triangle.panel_cells(n, elements)
-                rate = 2 * tokens * cells / seconds
-                print(json.dumps({
-                    "tokens": tokens, "panel": str(panel).removeprefix("torch."), "panel_elements": elements,
-                    "seconds_per_call": round(seconds, 5), "tflops": round(rate / 1e12, 1),
-                    "share_of_peak": peak() and round(rate / peak(), 3),
-                    "triangle": round(triangle.packed_size(n) / cells, 3),
-                    "layer_tokens_per_s": round(tokens / seconds)}), flush=True)
-                del counts
-                torch.cuda.empty_cache()
+    a = torch.randint(0, 2, (8192, 8192), device="cuda").to(torch.bfloat16)
+    seconds = timed(lambda: torch.mm(a, a), 10)
+    print(json.dumps({"what": "square bfloat16 mm, 8192^3", "tflops": round(2 * 8192**3 / seconds / 1e12, 1),
+                      "peak_tflops": peak() and peak() / 1e12, "device": torch.cuda.get_device_name(),
+                      "torch": torch.__version__, "exact_products": triangle.exact_products(torch.device("cuda:0")),
+                      "chosen": triangle.product_kind("cuda:0")}), flush=True)
+    del a
+    for kind in triangle.exact_products(torch.device("cuda:0")):
+        for tokens in args.tokens:
+            fired = torch.rand(triangle.round_up(n, triangle.PAD), tokens, device="cuda") < args.density
+            fired[n:] = False
+            op = fired.to(triangle.OPERANDS[kind][2])
+            del fired
+            for panel in (torch.float32, torch.int16):
+                for elements in args.elements:
+                    counts = triangle.DeviceCounts(n, torch.int32, "cuda", panel, elements=elements, product=kind)
+                    seconds = timed(lambda: counts.add_transposed(op), max(2, args.call_tokens // tokens))
+                    cells = triangle.panel_cells(n, elements)
+                    rate = 2 * tokens * cells / seconds
+                    print(json.dumps({
+                        "product": kind, "tokens": tokens, "panel": str(counts.panel).removeprefix("torch."),
+                        "panel_elements": elements, "seconds_per_call": round(seconds, 5),
+                        "tflops": round(rate / 1e12, 1), "share_of_peak": peak() and round(rate / peak(), 3),
+                        "triangle": round(triangle.packed_size(n) / cells, 3),
+                        "layer_tokens_per_s": round(tokens / seconds)}), flush=True)
+                    del counts
+                    torch.cuda.empty_cache()
 
 
 def layer(args) -> None:
@@ -122,8 +127,11 @@ def random_mistral(name: str, dtype: torch.dtype, devices: list[str]) -> torch.n
 
 
 def model(args) -> None:
-    """Write the model folder, run mpicorr on it in this process, print the JSON line."""
+    """Write the model folder, build the random-weight model, and measure it as benchmarks/overhead.py does
+    (bare forward passes, then the run, same process and model object); print the JSON line."""
     from transformers import MistralConfig
+
+    import overhead
 
     folder = os.path.join(args.work, "mistral-shapes")
     os.makedirs(folder, exist_ok=True)
@@ -132,30 +140,15 @@ def model(args) -> None:
     MistralConfig(**MISTRAL).save_pretrained(folder)
     if args.memory_gib:
         torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
-    loaded: list[float] = []
-
-    cuda = args.device.startswith("cuda")
-
-    def load(*a):
-        m = random_mistral(*a)
-        if cuda:
-            torch.cuda.synchronize()
-        loaded.append(time.monotonic())
-        return m
-
-    models.load_model = load
-    started = time.monotonic()
-    status = cli.main(["run", "--model", folder, "--data", args.data, "--ctx", str(args.ctx), "--chunks",
-                       str(args.chunks), "--batch-size", str(args.batch_size), "--dtype", "bfloat16",
-                       "--device", args.device, "--out", os.path.join(args.work, "out"), "--force"])
-    done = time.monotonic()
-    print(json.dumps({
-        "status": status, "chunks": args.chunks, "ctx": args.ctx, "batch_size": args.batch_size,
-        "memory_cap_gib": args.memory_gib, "load_s": round(loaded[0] - started, 1),
-        "after_load_s": round(done - loaded[0], 1),
-        "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "device": torch.cuda.get_device_name() if cuda else args.device}), flush=True)
+    built = random_mistral(folder, torch.bfloat16, [args.device])
+    options = argparse.Namespace(model=folder, data=args.data, ctx=args.ctx, chunks=args.chunks,
+                                 batch_size=args.batch_size, device=args.device, dtype="bfloat16",
+                                 work=args.work, extra=args.extra)
+    result = overhead.measure(built, options)
+    print(json.dumps({**result, "memory_cap_gib": args.memory_gib, "products": triangle.product_kind(args.device)
+                      if args.device.startswith("cuda") else "fp32",
+                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                      "torch": torch.__version__}), flush=True)
 
 
 def main() -> None:
@@ -182,6 +175,7 @@ def main() -> None:
     b.add_argument("--vocab", type=int, default=4000, help="BPE vocabulary trained on --data (< 32000)")
     b.add_argument("--device", default="cuda:0", help="where to run (cpu: a check of this script only)")
     b.add_argument("--work", default="/tmp/mpicorr-gpu", help="folder for the model folder and the outputs")
+    b.add_argument("extra", nargs="*", help="more run options, after --")
     args = p.parse_args()
     {"products": products, "layer": layer, "model": model}[args.what](args)
 

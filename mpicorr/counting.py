@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import fused, triangle
+from . import fused, kernels, triangle
 from .errors import UserError
 
 ACT_SUM_BITS = 24     # act_sum: each x rounded to a multiple of 2**-24
@@ -104,10 +104,11 @@ class LayerCounts:
     [..., width]. Pair counts, fire counts and active-neuron histograms are kept per threshold; the activation
     sums and histograms do not depend on it and are kept once.
 
-    `stats`: how a batch is read. fused: one Triton kernel on a GPU (mpicorr.fused) that reads x once and
-    writes the products' operand directly; torch: separate torch operations (portable; the reference the
-    tests hold the fused path to); auto: fused where it applies. Both give the same integers. Nothing here
-    waits for the device: bad values raise a flag that `check` reads (once per batch for all layers)."""
+    `stats`: how a batch is read. fused: one pass over x for every statistic, on a GPU one Triton kernel
+    (mpicorr.fused) that also writes the products' operand, on a CPU one compiled loop (kernels.fused_stats);
+    torch: separate torch operations (portable; the reference the tests hold the fused paths to); auto: fused
+    where it applies. All give the same integers. Nothing here waits for the device: bad values raise a flag
+    that `check` reads (once per batch for all layers)."""
 
     def __init__(self, unit: Unit | int, width: int, thresholds: tuple[float, ...], dtype: torch.dtype,
                  device: str, kernel: str = "auto", panel: torch.dtype | None = None, stats: str = "auto"):
@@ -126,19 +127,27 @@ class LayerCounts:
         self.fused = self._fused(stats, device)
         self._limits: dict[torch.dtype, torch.Tensor] = {}
 
-    def _fused(self, stats: str, device: str) -> bool:
+    def _fused(self, stats: str, device: str) -> str | None:
+        """Which fused path applies: 'triton' (device panels, Triton), 'numba' (CPU, compiled) or None."""
         if stats not in STATS_PATHS:
             raise ValueError(f"stats must be one of {STATS_PATHS}")
-        usable = fused.AVAILABLE and all(isinstance(p, triangle.DeviceCounts) for p in self.pairs)
-        if stats == "fused" and not usable:
-            raise ValueError("the fused statistics need Triton and device (gemm) pair counts")
-        return stats == "fused" or (stats == "auto" and usable and torch.device(device).type == "cuda")
+        cuda = torch.device(device).type == "cuda"
+        if fused.AVAILABLE and all(isinstance(p, triangle.DeviceCounts) for p in self.pairs) and \
+                (cuda or stats == "fused"):
+            return "triton"  # on a CPU only when asked for (the tests run it in Triton's interpreter)
+        if kernels.AVAILABLE and not cuda:
+            return "numba" if stats != "torch" else None
+        if stats == "fused":
+            raise ValueError("the fused statistics need Triton (GPU) or numba (CPU)")
+        return None
 
     def add(self, x: torch.Tensor) -> None:
         """Count one batch of activations."""
         x = x.detach().reshape(-1, self.width)
-        if self.fused:
+        if self.fused == "triton":
             self._add_fused(x)
+        elif self.fused == "numba":
+            self._add_compiled(x)
         else:
             self._add_torch(x)
         over = (self.act_sum.abs().amax() >= FIXED_LIMIT) | (self.act_sumsq.amax() >= FIXED_LIMIT)
@@ -178,6 +187,22 @@ class LayerCounts:
         self.active_hist.scatter_add_(1, active.long(), torch.ones_like(active, dtype=torch.int64))
         for pairs, op in zip(self.pairs, operand):
             pairs.add_transposed(op)
+
+    def _add_compiled(self, x: torch.Tensor) -> None:
+        limits = self.limits(x.dtype).numpy()
+        values = np.ascontiguousarray(x.float().numpy())
+        m, (tokens, width) = len(self.thresholds), values.shape
+        blocks = np.linspace(0, width, min(width, 4 * kernels.threads()) + 1).astype(np.int64)
+        on = np.zeros((m, tokens, width), dtype=np.bool_)
+        active = np.zeros((len(blocks) - 1, m, tokens), dtype=np.int64)
+        bad = np.zeros(len(blocks) - 1, dtype=np.int32)
+        kernels.fused_stats(values, values.view(np.int32), limits, on, self.fire_count.numpy(), active,
+                            self.act_sum.numpy(), self.act_sumsq.numpy(), self.act_hist.numpy(), blocks, bad)
+        active = active.sum(0)
+        for i, pairs in enumerate(self.pairs):
+            count_into(self.active_hist[i], torch.from_numpy(active[i]))
+            pairs.add(torch.from_numpy(on[i]), active[i])
+        self.flag[0] = max(int(self.flag[0]), int(bad.max(initial=0)))
 
     def limits(self, dtype: torch.dtype) -> torch.Tensor:
         """The thresholds as exact values of `dtype` (see exact_threshold), float32, on the counts' device."""

@@ -122,10 +122,11 @@ if AVAILABLE:
 
     @triton.jit
     def _add_into(acc_ptr, part_ptr, count, BLOCK: tl.constexpr):
-        """acc += part, elementwise, in acc's type (int16 panels += float32 or int32 products)."""
+        """acc += part, elementwise, in acc's type (int16 panels += float32 or int32 products, wrapping)."""
         k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         keep = k < count
-        total = tl.load(acc_ptr + k, mask=keep) + tl.load(part_ptr + k, mask=keep).to(acc_ptr.dtype.element_ty)
+        part = tl.load(part_ptr + k, mask=keep).to(tl.int32).to(acc_ptr.dtype.element_ty)  # int16: wraps
+        total = tl.load(acc_ptr + k, mask=keep) + part
         tl.store(acc_ptr + k, total, mask=keep)
 
 

@@ -166,6 +166,35 @@ if AVAILABLE:
                         x += 1
                     cursor[tok] = x
 
+    @njit(parallel=True, cache=True, nogil=True)
+    def fused_stats(x, bits, limits, fired, fire_count, active, act_sum, act_sumsq, act_hist, blocks, bad):  # pragma: no cover
+        """One pass over x [T, N] float32 (bits: the same memory as int32) for every per-batch statistic of
+        counting.LayerCounts, the CPU twin of mpicorr.fused: fired [M, T, N] bools (zeroed by the caller) at
+        the thresholds `limits` (exact values of x's source type); adds into fire_count [M, N], act_sum and
+        act_sumsq (fixed point, half to even), act_hist [N * 67]; per-token active counts of neuron block k
+        into active [k, M, T] and a bad value (|x| >= 2**20 or not finite) into bad[k]. Threads own blocks of
+        neurons (blocks: their boundaries), so no two write one sum."""
+        tokens, width = x.shape
+        for k in prange(blocks.shape[0] - 1):
+            for t in range(tokens):
+                for n in range(blocks[k], blocks[k + 1]):
+                    v = x[t, n]
+                    a = abs(v)
+                    if not a < 1048576.0:
+                        bad[k] = 1
+                    for m in range(limits.shape[0]):
+                        if a >= limits[m]:
+                            fired[m, t, n] = True
+                            fire_count[m, n] += 1
+                            active[k, m, t] += 1
+                    d = np.float64(v)
+                    act_sum[n] += np.int64(np.rint(d * 16777216.0))
+                    act_sumsq[n] += np.int64(np.rint(d * d * 65536.0))
+                    b = bits[t, n]
+                    step = ((b >> 23) & 0xFF) * 2 + (1 if (b & 0x7FFFFF) >= 0x3504F3 else 0)
+                    mag = min(max(step - 233, 0), 33)
+                    act_hist[n * 67 + (33 - mag if b < 0 else 33 + mag)] += 1
+
     @njit(cache=True, nogil=True)
     def top_partner_keys(packed, width, k):  # pragma: no cover - compiled; tested against summary's numpy path
         """[width, k] int64, per neuron the k largest keys count * width + (width - 1 - j) over partners

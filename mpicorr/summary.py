@@ -11,7 +11,9 @@ import datetime
 import math
 import os
 import threading
+import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import h5py
@@ -91,10 +93,15 @@ def coverage(fire_count: np.ndarray, share: float) -> float:
     return float(np.sort(fire_count)[::-1][:top].sum() / total)
 
 
-def layer_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, width: int, tokens: int):
-    """(datasets, attributes) of one layer group, from reduced raw sums and the packed counts."""
+def layer_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, width: int, tokens: int,
+                   device: str | None = None):
+    """(datasets, attributes) of one layer group, from reduced raw sums and the packed counts; the top partners
+    are searched on `device` when it is a GPU."""
     fire_count = stats["fire_count"].astype(np.uint64)
-    partners, partner_counts = top_partners(packed, width)
+    if device is not None and device.startswith("cuda"):
+        partners, partner_counts = top_partners_torch(torch.from_numpy(packed).to(device), width)
+    else:
+        partners, partner_counts = top_partners(packed, width)
     data = {
         "fire_count": fire_count,
         "fire_freq": fire_count / max(tokens, 1),
@@ -164,11 +171,42 @@ def group_path(unit) -> str:
     return f"layers/{unit.layer}" if unit.expert is None else f"experts/{unit.layer}/{unit.expert}"
 
 
-def write_group(h5: h5py.File, path: str, data: dict[str, np.ndarray], attrs: dict) -> None:
+GZIP_LEVEL = 4  # datasets: HDF5's shuffle then deflate filters, one chunk each
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """A dataset already passed through the shuffle and deflate filters (by `compress`, on any thread), for
+    HDF5 to store as its one chunk: the file is as if HDF5 had filtered it, without holding h5py's lock."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk: bytes
+
+
+def compress(value: np.ndarray) -> Compressed:
+    """The one chunk of a dataset as HDF5's shuffle (bytes grouped by their position in an element) and deflate
+    filters write it."""
+    value = np.ascontiguousarray(value)
+    shuffled = value.view(np.uint8).reshape(-1, value.dtype.itemsize).T.tobytes()
+    return Compressed(value.shape, value.dtype, zlib.compress(shuffled, GZIP_LEVEL))
+
+
+def compress_all(data: dict[str, np.ndarray]) -> dict[str, Compressed | np.ndarray]:
+    """`data` with every non-empty array compressed ahead (see Compressed)."""
+    return {name: compress(v) if np.size(v) else v for name, v in data.items()}
+
+
+def write_group(h5: h5py.File, path: str, data: dict[str, np.ndarray | Compressed], attrs: dict) -> None:
     """Add the group at `path` (group_path) with its datasets and attributes."""
     group = h5.create_group(path)
     for name, value in data.items():
-        group.create_dataset(name, data=value, compression="gzip", compression_opts=4, shuffle=True)
+        if isinstance(value, Compressed):
+            dataset = group.create_dataset(name, shape=value.shape, dtype=value.dtype, chunks=value.shape,
+                                           compression="gzip", compression_opts=GZIP_LEVEL, shuffle=True)
+            dataset.id.write_direct_chunk((0,) * len(value.shape), value.chunk)
+        else:
+            group.create_dataset(name, data=value, compression="gzip", compression_opts=GZIP_LEVEL, shuffle=True)
     group.attrs.update(attrs)
 
 

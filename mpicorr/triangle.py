@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -86,7 +87,7 @@ class PanelCounts:
         self.total: list[torch.Tensor] | None = None
         self.pending = 0
 
-    def add(self, fired: torch.Tensor) -> None:
+    def add(self, fired: torch.Tensor, active: np.ndarray | None = None) -> None:
         """Count a [tokens, width] bool matrix: panel += fired[:, rows].T @ fired[:, :r1] in fp32."""
         fired = fired.to(torch.float32)
         for t0 in range(0, fired.shape[0], EXACT_TOKENS):
@@ -164,10 +165,12 @@ class DeviceCounts(HostCounts):
     the layout the fp8 and int8 tensor-core GEMMs want. Every product sum is an integer below 2**24 (at most
     the tokens of one call), exact in each product's output type. `panel` float32 means wide panels (float32,
     or int32 for int8 products; flushed every 2**24 tokens, in practice only at the end); int16 means narrow
-    panels (half the memory; flushed every 32767 tokens). On a CPU (the tests) the product is float32.
+    panels (half the memory), whose counts wrap modulo 2**16 and are read back as uint16, exact up to 65535
+    tokens between flushes; those flushes are packed on the device and added into the host triangle by a
+    background thread (`Flusher`) while counting goes on. On a CPU (the tests) the product is float32.
     """
 
-    LIMITS = {torch.float32: EXACT_TOKENS, torch.int32: (1 << 31) - 1, torch.int16: (1 << 15) - 1}
+    LIMITS = {torch.float32: EXACT_TOKENS, torch.int32: (1 << 31) - 1, torch.int16: (1 << 16) - 1}
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, panel: torch.dtype = torch.int16,
                  elements: int | None = None, limit: int | None = None, product: str | None = None):
@@ -181,6 +184,7 @@ class DeviceCounts(HostCounts):
         self.acc = [torch.zeros(r1 - r0, r1, dtype=self.panel, device=device) for r0, r1 in self.spans]
         self.pending = 0
         self.flushed = False  # until the first flush, `out` is all zero
+        self.flushing: list[Future] = []  # narrow panels' flushes still being added into `out`
 
     def operand(self, thresholds: int, tokens: int) -> tuple[torch.Tensor, int]:
         """(an uninitialised [thresholds, N', T'] buffer of the operand's storage type, the bits of a 1 in it):
@@ -188,11 +192,10 @@ class DeviceCounts(HostCounts):
         storage, one, _ = OPERANDS[self.product]
         return torch.empty(thresholds, self.padded, round_up(tokens, PAD), dtype=storage, device=self.device), one
 
-    def add(self, fired: torch.Tensor) -> None:
-        """Count a [tokens, width] bool matrix."""
+    def add(self, fired: torch.Tensor, active: np.ndarray | None = None) -> None:
+        """Count a [tokens, width] bool matrix (`active` is not needed here)."""
         tokens = fired.shape[0]
-        storage, one, kind = OPERANDS[self.product]
-        op = torch.zeros(self.padded, round_up(tokens, PAD), dtype=kind, device=self.device)
+        op = torch.zeros(self.padded, round_up(tokens, PAD), dtype=OPERANDS[self.product][2], device=self.device)
         op[: self.width, :tokens] = fired.T
         self.add_transposed(op)
 
@@ -202,41 +205,100 @@ class DeviceCounts(HostCounts):
         for t0 in range(0, op.shape[1], self.limit):
             part = op[:, t0 : t0 + self.limit]
             if self.pending + part.shape[1] > self.limit:
-                self.flush()
+                self._flush(wait=False)
             for (r0, r1), acc in zip(self.spans, self.acc):
                 accumulate(acc, self.product, part[r0:r1], part[:r1].T)
             self.pending += part.shape[1]
 
     def flush(self) -> None:
-        """Add the device panels into the host triangle and clear them."""
-        part = self._gather()
-        if part is None:
-            return
-        if self.flushed:
-            host_add(self.out, part)
-        else:  # the first flush (the only one of most wide-panel runs): the counts so far are the panels
-            self.out = part.astype(self.out.dtype, copy=False)
-        self.flushed, self.pending = True, 0
+        """Add the device panels into the host triangle, clear them, and wait until `out` holds everything."""
+        self._flush(wait=True)
 
-    def _gather(self) -> np.ndarray | None:
-        """The device panels' lower triangles as one host array (int16, or the host width), panels zeroed."""
-        if self.pending == 0 and self.flushed:
-            return None
-        wide = torch.int16 if self.panel == torch.int16 else self.dtype
-        packed = torch.empty(packed_size(self.width), dtype=wide, device=self.device)
+    def _flush(self, wait: bool) -> None:
+        if self.pending or not self.flushed:
+            packed = self._pack()
+            if self.panel == torch.int16:  # wrapped int16 counts are uint16 bits; added by a background thread
+                self.flushing.append(flusher(self.device).submit(packed, self.out))
+            elif self.flushed:
+                host_add(self.out, to_host(packed))
+            else:  # the first flush (the only one of most wide-panel runs): the counts so far are the panels
+                self.out = to_host(packed).astype(self.out.dtype, copy=False)
+            self.flushed, self.pending = True, 0
+        while wait and self.flushing:
+            self.flushing.pop(0).result()
+
+    def _pack(self) -> torch.Tensor:
+        """The panels' lower triangles as one packed device tensor (int16 bits, or the host width); panels
+        zeroed."""
+        packed = torch.empty(packed_size(self.width), dtype=torch.int16 if self.panel == torch.int16 else self.dtype,
+                             device=self.device)
         for (r0, r1), acc in zip(self.spans, self.acc):
             if r0 < self.width:
                 pack_panel(acc, r0, self.width, packed)
-        host = to_host(packed)
         for acc in self.acc:
             acc.zero_()
-        return host
+        return packed
 
     def add_packed(self, packed: np.ndarray) -> None:
         """Add counts given as a packed lower triangle (a checkpoint's), after the device's (so that `out` is
         no longer taken to be zero)."""
         self.flush()
         super().add_packed(packed)
+
+
+class Flusher:
+    """Adds packed narrow panels (int16 bits of uint16 counts) into host triangles on a background thread: the
+    copy to pinned memory on its own CUDA stream, after the packing on the counting stream, then a threaded
+    add; at most `pending` flushes in flight (each holds a packed copy on the device), so a burst of flushes
+    (every layer reaches the limit in the same batch) waits instead of filling the GPU."""
+
+    def __init__(self, device: torch.device, pending: int = 4):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mpicorr-flush")
+        self.slots = threading.BoundedSemaphore(pending)
+
+    def submit(self, packed: torch.Tensor, out: np.ndarray) -> Future:
+        """Queue out += packed (as uint16); returns the future to wait on before reading `out`."""
+        self.slots.acquire()
+        try:
+            ready = None
+            if self.stream is not None:
+                ready = torch.cuda.Event()
+                ready.record()
+                packed.record_stream(self.stream)  # not reused by the allocator before the copy is done
+            return self.pool.submit(self._add, packed, ready, out)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def _add(self, packed: torch.Tensor, ready, out: np.ndarray) -> None:
+        try:
+            if self.stream is None:
+                host = packed.numpy()
+            else:
+                with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                    self.stream.wait_event(ready)
+                    pinned = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                    pinned.copy_(packed, non_blocking=True)
+                    self.stream.synchronize()
+                host = pinned.numpy()
+            del packed
+            host_add(out, host.view(np.uint16))
+        finally:
+            self.slots.release()
+
+
+_FLUSHERS: dict[str, Flusher] = {}
+_FLUSHERS_LOCK = threading.Lock()
+
+
+def flusher(device: torch.device) -> Flusher:
+    """The one Flusher of a device."""
+    with _FLUSHERS_LOCK:
+        if str(device) not in _FLUSHERS:
+            _FLUSHERS[str(device)] = Flusher(device)
+        return _FLUSHERS[str(device)]
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -310,7 +372,7 @@ def accumulate(acc: torch.Tensor, kind: str, a: torch.Tensor, b: torch.Tensor) -
         elif fused.AVAILABLE and acc.device.type == "cuda":
             fused.add_into(acc, part)  # int16 panels: no converted copy of the product
         else:
-            acc += part.to(acc.dtype)
+            acc += part.to(torch.int32).to(acc.dtype)  # int16 panels wrap (read back as uint16)
 
 
 @functools.cache
@@ -413,11 +475,12 @@ class BitCounts(HostCounts):
         self.buffered = 0
         self.used = {"popcount": 0, "sparse": 0}  # tokens counted by each kernel (for bench)
 
-    def add(self, fired: torch.Tensor) -> None:
-        """Count a [tokens, width] bool matrix."""
+    def add(self, fired: torch.Tensor, active: np.ndarray | None = None) -> None:
+        """Count a [tokens, width] bool matrix (`active`: its per-token counts of firing neurons, if known)."""
         f = np.ascontiguousarray(fired.cpu().numpy())
-        active = None if self.kernel in ("sparse", "popcount") else kernels.active_counts(f)
-        if self.kernel == "sparse" or (active is not None and self._sparse_is_cheaper(active)):
+        if active is None and self.kernel not in ("sparse", "popcount"):
+            active = kernels.active_counts(f)
+        if self.kernel == "sparse" or (self.kernel not in ("sparse", "popcount") and self._sparse_is_cheaper(active)):
             kernels.sparse_add(*kernels.active_lists(f, active), self.out, self.blocks, kernels.threads())
             self.used["sparse"] += f.shape[0]
             return

@@ -85,7 +85,8 @@ def test_device_counts_match_pair_loop(tokens, width, p, limit, panel):
 
 
 def test_device_counts_pass_the_int16_range():
-    """Counts far beyond 2**15 stay exact: the int16 device panels are flushed before they could overflow."""
+    """Counts far beyond 2**15 stay exact: int16 panels wrap, are read back as uint16 and are flushed before a
+    count could pass 65535."""
     counts = triangle.DeviceCounts(3, torch.int64, "cpu", torch.int16)
     ones = torch.ones(50_000, 3, dtype=torch.bool)
     counts.add(ones)

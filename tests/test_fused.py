@@ -135,3 +135,26 @@ def test_device_top_partners_equal_the_compiled_ones(width, high):
     want = summary.top_partners_numpy(packed, width)
     got = summary.top_partners_torch(torch.from_numpy(packed).to(DEVICE), width, rows=7)
     assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "popcount", "sparse", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_statistics_equal_the_torch_reference(kernel, dtype):
+    """The CPU's one-pass loop (kernels.fused_stats), with every CPU pair kernel, against the torch path."""
+    if not counting.kernels.AVAILABLE:
+        pytest.skip("numba not installed")
+    thresholds = (0.25, 0.2995, 1.0)
+    x = torch.randn(257, 131) * torch.logspace(-4, 2.5, 131)
+    edges = edge_values(dtype, thresholds).float()
+    x.view(-1)[: len(edges)] = edges
+    x = x.to(dtype)
+    ref, new = (counting.LayerCounts(0, 131, thresholds, torch.int32, "cpu", kernel, stats=s) for s in ("torch", "auto"))
+    assert new.fused == "numba" and ref.fused is None
+    for part in (x[:100], x[100:]):
+        ref.add(part)
+        new.add(part)
+    assert_same(ref, new)
+    x[5, 7] = float("nan")
+    new.add(x)
+    with pytest.raises(counting.UserError, match="layer 0: non-finite"):
+        new.check()
