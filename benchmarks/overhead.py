@@ -84,7 +84,8 @@ def measure(model, args: argparse.Namespace) -> dict:
     bare_forward(model, work[:1], args.device)  # warm-up: first-call costs of the model's kernels
     bare = bare_forward(model, work, args.device)
     scratch = os.path.join(args.work, "warm-up")
-    timed_run(model, args, args.batch_size, scratch)  # compiles the counting kernels once, as a cache would
+    warm = argparse.Namespace(**{**vars(args), "extra": [*args.extra, *getattr(args, "warmup", [])]})
+    timed_run(model, warm, args.batch_size, scratch)  # compiles the counting kernels once, as a cache would
     shutil.rmtree(scratch, ignore_errors=True)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -3,6 +3,7 @@ matrix files through run.UnitWriter, the summary.h5 groups), without a model.
 
     python benchmarks/writes.py --layers 32 --neurons 14336            # Mistral-7B's 32 x 14336
     python benchmarks/writes.py --layers 32 --neurons 14336 --device cuda:0   # top partners on the GPU
+    python benchmarks/writes.py --profile --levels 1,3 --out /dev/shm/w      # each step alone; levels; tmpfs
 
 The counts are drawn once (C[i, j] ~ Poisson(T p_i p_j), p Zipf-like with mean --density, the diagonal T p_i)
 and handed to every layer, as the reduce hands a finished layer to the writer; what is timed is everything
@@ -13,6 +14,8 @@ the HDF5 writes, fsync and rename. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import resource
@@ -23,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpicorr import counting, run, summary, triangle  # noqa: E402
+from mpicorr import counting, matrixfile, run, summary, triangle  # noqa: E402
 
 
 def synthetic(neurons: int, tokens: int, density: float, seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -44,6 +47,63 @@ def synthetic(neurons: int, tokens: int, density: float, seed: int = 0) -> tuple
     return packed, stats
 
 
+def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | None) -> dict:
+    """Write the layers into `out` as a run's rank 0 does; the JSON fields."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    started = time.monotonic()
+    with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5, \
+            run.UnitWriter(threads, args.device) as writer:
+        for layer in range(args.layers):
+            writer.submit(h5, out, counting.Unit(layer), args.neurons, stats, packed)
+        used = writer.threads, writer.zstd_threads
+    seconds = time.monotonic() - started
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    shutil.rmtree(out, ignore_errors=True)
+    return {"layers": args.layers, "neurons": args.neurons, "out": out, "zstd_level": matrixfile.ZSTD_LEVEL,
+            "seconds": round(seconds, 2), "seconds_per_layer": round(seconds / args.layers, 3),
+            "counts_gb": round(args.layers * packed.nbytes / 1e9, 2), "written_gb": round(size / 1e9, 2),
+            "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0)),
+            "device": args.device}
+
+
+def profile(args, packed: np.ndarray, stats: dict) -> dict:
+    """Seconds of each step of one layer's write, alone (zstd on every CPU)."""
+    cpus = len(os.sched_getaffinity(0))
+    steps = {}
+    t = time.monotonic()
+    frame = io.BytesIO()
+    matrixfile._compress(matrixfile.payload(args.tokens, packed), frame, cpus)
+    steps["zstd_all_cpus"] = time.monotonic() - t
+    t = time.monotonic()
+    matrixfile._compress(matrixfile.payload(args.tokens, packed), io.BytesIO(), 1)
+    steps["zstd_one_worker"] = time.monotonic() - t
+    level, matrixfile.ZSTD_LEVEL = matrixfile.ZSTD_LEVEL, 1
+    t = time.monotonic()
+    matrixfile._compress(matrixfile.payload(args.tokens, packed), io.BytesIO(), cpus)
+    steps["zstd_level1_all_cpus"] = time.monotonic() - t
+    matrixfile.ZSTD_LEVEL = level
+    t = time.monotonic()
+    hashlib.sha256(frame.getvalue()).hexdigest()
+    steps["sha256"] = time.monotonic() - t
+    t = time.monotonic()
+    data, _ = summary.layer_datasets(stats, packed, args.neurons, args.tokens, args.device)
+    steps["datasets_and_top_partners"] = time.monotonic() - t
+    t = time.monotonic()
+    summary.compress_all(data)
+    steps["deflate_datasets"] = time.monotonic() - t
+    path = os.path.join(args.out + "-profile", "frame")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    t = time.monotonic()
+    with open(path, "wb") as fh:
+        fh.write(frame.getvalue())
+        os.fsync(fh.fileno())
+    steps["write_and_fsync"] = time.monotonic() - t
+    shutil.rmtree(os.path.dirname(path))
+    return {"profile_one_layer_s": {k: round(v, 3) for k, v in steps.items()},
+            "frame_mb": round(len(frame.getvalue()) / 1e6, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=32, help="layers written (default: 32)")
@@ -52,25 +112,22 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.2, help="mean firing rate (default: 0.2)")
     p.add_argument("--device", default=None, help="a GPU for the top-partner search (default: the CPU)")
     p.add_argument("--threads", type=int, default=None, help="writer threads (default: run's choice)")
-    p.add_argument("--out", default="/tmp/mpicorr-writes", help="folder written (removed first)")
+    p.add_argument("--out", default="/tmp/mpicorr-writes",
+                   help="folder written (removed first and after); several, comma-separated, are tried in turn")
+    p.add_argument("--levels", default=str(matrixfile.ZSTD_LEVEL),
+                   help="zstd levels to try, comma-separated (default: the files' level)")
+    p.add_argument("--profile", action="store_true", help="also time each step of one layer's write alone")
     args = p.parse_args()
     packed, stats = synthetic(args.neurons, args.tokens, args.density)
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.makedirs(args.out)
-    started = time.monotonic()
-    with summary.summary_writer(os.path.join(args.out, summary.SUMMARY)) as h5, \
-            run.UnitWriter(args.threads, args.device) as writer:
-        for layer in range(args.layers):
-            writer.submit(h5, args.out, counting.Unit(layer), args.neurons, stats, packed)
-        threads, zstd = writer.threads, writer.zstd_threads
-    seconds = time.monotonic() - started
-    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
-    print(json.dumps({"layers": args.layers, "neurons": args.neurons, "seconds": round(seconds, 2),
-                      "seconds_per_layer": round(seconds / args.layers, 3), "counts_gb": round(
-                          args.layers * packed.nbytes / 1e9, 2), "written_gb": round(size / 1e9, 2),
-                      "writer_threads": threads, "zstd_threads": zstd, "cpus": len(os.sched_getaffinity(0)),
-                      "device": args.device, "peak_rss_bytes": resource.getrusage(
-                          resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+    outs = args.out.split(",")
+    args.out = outs[0]
+    if args.profile:
+        print(json.dumps(profile(args, packed, stats)), flush=True)
+    for out in outs:
+        for level in (int(v) for v in args.levels.split(",")):
+            matrixfile.ZSTD_LEVEL = level
+            print(json.dumps({**write_all(args, packed, stats, out, args.threads), "peak_rss_bytes":
+                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 
 
 if __name__ == "__main__":

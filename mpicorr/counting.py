@@ -301,8 +301,12 @@ def split_stats(flat: np.ndarray, width: int, thresholds: int = 1) -> list[dict[
 
 
 def chunk_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[int, int]:
-    """(fixed-point sum of -log p(token | previous tokens of its chunk), number of predictions)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    target = input_ids[:, 1:].to(logp.device)
-    nll = -logp.gather(-1, target[..., None])[..., 0]
-    return int(to_fixed(nll, NLL_BITS).sum().item()), target.numel()
+    """(fixed-point sum of -log p(token | previous tokens of its chunk), number of predictions). One chunk at a
+    time: float32 log-probabilities of a whole batch would take 4 bytes x tokens x vocabulary (1 GB for 16 x 512
+    tokens of a 32000-word vocabulary)."""
+    target = input_ids[:, 1:].to(logits.device)
+    total = torch.zeros((), dtype=torch.int64, device=logits.device)
+    for row in range(logits.shape[0]):
+        logp = torch.log_softmax(logits[row, :-1].float(), dim=-1)
+        total += to_fixed(-logp.gather(-1, target[row, :, None])[:, 0], NLL_BITS).sum()
+    return int(total.item()), target.numel()

@@ -10,9 +10,9 @@ For x of shape [tokens, N] the kernel `_stats` reads each value once and produce
 - a flag for values with |x| >= 2**20 or not finite.
 The integers are exactly those of counting.LayerCounts' torch path (the reference in the tests).
 
-Histogram: a neuron's 67 bins need one counter each; per tile of BT <= 255 tokens the counters are bytes,
-four to an int32 word (bin b in byte b % 4 of word b // 4), so one tile costs 17 selects per value instead
-of 67 comparisons, and each word is stored as it is made (few live registers).
+Histogram: a neuron's 67 bins need one counter each; per GROUP * BT <= 255 tokens the counters are bytes,
+four to an int32 word (bin b in byte b % 4 of word b // 4), so a value costs 17 selects instead of 67
+comparisons; each thread keeps its neuron's 17 words in registers and stores them once per 128 tokens.
 
 Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) runs the same kernel source on
 CPU tensors: that is how the tests check it on machines without a GPU.
@@ -31,14 +31,15 @@ except ImportError:  # no Triton (CPU-only torch without it): counting uses the 
 
 ACT_LIMIT = float(1 << 20)  # counting.ACT_LIMIT (kept here so that counting can import this module)
 HIST_WORDS = 17             # ceil(67 bins / 4 bytes)
-BT = 128                    # tokens per tile (a byte counter holds <= 255)
-BN = 64                     # neurons per tile
-TILES = 8                   # tiles per program: per-neuron sums are added to memory once per 1024 tokens
+BT = 16                     # tokens per tile
+BN = 128                    # neurons per program: one per thread of 4 warps
+GROUP = 8                   # tiles per row of byte counters (GROUP * BT <= 255 tokens)
+GROUPS = 8                  # rows per program: per-neuron sums go to memory once per 1024 tokens
 
 
 def tile_count(tokens: int) -> int:
-    """Token tiles of a batch (rows of the histogram scratch)."""
-    return -(-tokens // BT)
+    """Rows of the histogram scratch for a batch (GROUP * BT tokens each)."""
+    return -(-tokens // (GROUP * BT))
 
 
 if AVAILABLE:
@@ -55,55 +56,62 @@ if AVAILABLE:
         a = tl.where(a < 4503599627370496.0, (a + 4503599627370496.0) - 4503599627370496.0, a)
         return tl.where(v < 0, -a, a)
 
-    @triton.jit
-    def _stats(x_ptr, x_stride, T, N, thr_ptr, ft_ptr, ft_stride_m, ft_stride_n, T_pad, N_pad,
+    @triton.jit(do_not_specialize=["x_col"])
+    def _stats(x_ptr, x_stride, x_col, T, N, thr_ptr, ft_ptr, ft_stride_m, ft_stride_n, T_pad, N_pad,
                fire_ptr, active_ptr, sum_ptr, sumsq_ptr, words_ptr, flag_ptr,
                M: tl.constexpr, MP: tl.constexpr, ONE: tl.constexpr, WIDE: tl.constexpr,
-               BT: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr):
-        pid_t = tl.program_id(0)
+               BT: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+        # Each thread owns one neuron column: x_col (the column stride, 1) is not specialised, so Triton does not
+        # vectorise the loads along the neurons and keeps lanes and warps along them; every sum over tokens then
+        # stays in a thread's registers (no shuffles), and selecting a row of a small accumulator by a constant
+        # index compiles to one add. Tokens come in tiles of BT, GROUP tiles (<= 255 tokens) per row of byte
+        # counters in `words`.
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         n_in = n < N
         rows = tl.arange(0, MP)
+        wrows = tl.arange(0, 32)
         fire_acc = tl.zeros([MP, BN], dtype=tl.int32)
         sum_acc = tl.zeros([BN], dtype=tl.int64)
         sq_acc = tl.zeros([BN], dtype=tl.int64)
         bad = tl.zeros([BN], dtype=tl.int32)
-        for k in range(TILES):
-            tile = pid_t * TILES + k
-            t = tile * BT + tl.arange(0, BT)
-            valid = (t < T)[:, None] & n_in[None, :]
-            x = tl.load(x_ptr + t[:, None].to(tl.int64) * x_stride + n[None, :], mask=valid, other=0.0)
-            xf = x.to(tl.float32)
-            ax = tl.abs(xf)
-            bad = tl.maximum(bad, tl.max(tl.where(valid & ~(ax < 1048576.0), 1, 0), axis=0))
-            # Fired matrices, stored transposed in the product's element type; padding gets zeros.
-            store = (t < T_pad)[:, None] & (n < N_pad)[None, :]
-            for m in tl.static_range(M):
-                fired = valid & (ax >= tl.load(thr_ptr + m))
-                ones = tl.where(fired, 1, 0)
-                out = ft_ptr + m * ft_stride_m + n[None, :].to(tl.int64) * ft_stride_n + t[:, None]
-                tl.store(out, tl.where(fired, ONE, 0).to(ft_ptr.dtype.element_ty), mask=store)
-                fire_acc += tl.where(rows[:, None] == m, tl.sum(ones, axis=0)[None, :], 0)
-                tl.atomic_add(active_ptr + m * T + t, tl.sum(ones, axis=1), mask=t < T)
-            # Fixed-point sums: x * 2**24 is exact in float32, as are bf16/fp16 squares; float32 squares in fp64.
-            sum_acc += tl.sum(tl.where(valid, _rint32(xf * 16777216.0).to(tl.int64), 0), axis=0)
-            if WIDE:
-                xd = xf.to(tl.float64)
-                sq = _rint64(xd * xd * 65536.0).to(tl.int64)
-            else:
-                sq = _rint32(xf * xf * 65536.0).to(tl.int64)
-            sq_acc += tl.sum(tl.where(valid, sq, 0), axis=0)
-            # act_hist bin from the float32 bits (counting.hist_bins): 2 log2|x| classes, mirrored for x < 0.
-            bits = xf.to(tl.int32, bitcast=True)
-            step = ((bits >> 23) & 0xFF) * 2 + tl.where((bits & 0x7FFFFF) >= 0x3504F3, 1, 0)
-            magnitude = tl.minimum(tl.maximum(step - 233, 0), 33)
-            b = tl.where(bits < 0, 33 - magnitude, 33 + magnitude)
-            inc = tl.where(valid, 1 << ((b & 3) * 8), 0)
-            word = b >> 2
-            base = words_ptr + tile.to(tl.int64) * (17 * N) + n
-            keep = n_in & (n * 0 + tile * BT < T)  # tiles past the batch have no scratch row
-            for w in tl.static_range(17):
-                tl.store(base + w * N, tl.sum(tl.where(word == w, inc, 0), axis=0), mask=keep)
+        for g in range(GROUPS):
+            row = tl.program_id(0) * GROUPS + g
+            words = tl.zeros([32, BN], dtype=tl.int32)
+            for k in range(GROUP):
+                t = row * (GROUP * BT) + k * BT + tl.arange(0, BT)
+                valid = (t < T)[:, None] & n_in[None, :]
+                x = tl.load(x_ptr + t[:, None].to(tl.int64) * x_stride + n[None, :] * x_col, mask=valid, other=0.0)
+                xf = x.to(tl.float32)
+                ax = tl.abs(xf)
+                bad = tl.maximum(bad, tl.max(tl.where(valid & ~(ax < 1048576.0), 1, 0), axis=0))
+                # Fired matrices, stored transposed in the product's element type; padding gets zeros.
+                store = (t < T_pad)[:, None] & (n < N_pad)[None, :]
+                for m in tl.static_range(M):
+                    fired = valid & (ax >= tl.load(thr_ptr + m))
+                    ones = tl.where(fired, 1, 0)
+                    out = ft_ptr + m * ft_stride_m + n[None, :].to(tl.int64) * ft_stride_n + t[:, None]
+                    tl.store(out, tl.where(fired, ONE, 0).to(ft_ptr.dtype.element_ty), mask=store)
+                    fire_acc += tl.where(rows[:, None] == m, tl.sum(ones, axis=0)[None, :], 0)
+                    tl.atomic_add(active_ptr + m * T + t, tl.sum(ones, axis=1), mask=t < T)
+                # Fixed point: x * 2**24 is exact in float32, as are bf16/fp16 squares; float32 squares in fp64.
+                sum_acc += tl.sum(tl.where(valid, _rint32(xf * 16777216.0).to(tl.int64), 0), axis=0)
+                if WIDE:
+                    xd = xf.to(tl.float64)
+                    sq = _rint64(xd * xd * 65536.0).to(tl.int64)
+                else:
+                    sq = _rint32(xf * xf * 65536.0).to(tl.int64)
+                sq_acc += tl.sum(tl.where(valid, sq, 0), axis=0)
+                # act_hist bin from the float32 bits (counting.hist_bins): 2 log2|x| classes, mirrored for x < 0.
+                bits = xf.to(tl.int32, bitcast=True)
+                step = ((bits >> 23) & 0xFF) * 2 + tl.where((bits & 0x7FFFFF) >= 0x3504F3, 1, 0)
+                magnitude = tl.minimum(tl.maximum(step - 233, 0), 33)
+                b = tl.where(bits < 0, 33 - magnitude, 33 + magnitude)
+                inc = tl.where(valid, 1 << ((b & 3) * 8), 0)
+                word = b >> 2
+                for w in tl.static_range(17):
+                    words += tl.where(wrows[:, None] == w, tl.sum(tl.where(word == w, inc, 0), axis=0)[None, :], 0)
+            keep = (wrows < 17)[:, None] & (n_in & (n * 0 + row * (GROUP * BT) < T))[None, :]
+            tl.store(words_ptr + row.to(tl.int64) * (17 * N) + wrows[:, None] * N + n[None, :], words, mask=keep)
         for m in tl.static_range(M):
             part = tl.sum(tl.where(rows[:, None] == m, fire_acc, 0), axis=0)
             tl.atomic_add(fire_ptr + m * N + n, part.to(tl.int64), mask=n_in)
@@ -139,10 +147,12 @@ def stats(x: torch.Tensor, thresholds: torch.Tensor, ft: torch.Tensor, one: int,
     representable in x's dtype (counting.exact_thresholds)."""
     tokens, width = x.shape
     m = thresholds.numel()
-    grid = (-(-tile_count(tokens) // TILES), -(-max(width, ft.shape[1]) // BN))
-    _stats[grid](x, x.stride(0), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1), ft.shape[2],
-                 ft.shape[1], fire_count, active, act_sum, act_sumsq, words, flag, M=m,
-                 MP=triton.next_power_of_2(m), ONE=one, WIDE=x.dtype == torch.float32, BT=BT, BN=BN, TILES=TILES)
+    groups = min(GROUPS, triton.next_power_of_2(tile_count(tokens)))  # small batches: no idle loop rounds
+    grid = (-(-tile_count(tokens) // groups), -(-max(width, ft.shape[1]) // BN))
+    _stats[grid](x, x.stride(0), x.stride(1), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1),
+                 ft.shape[2], ft.shape[1], fire_count, active, act_sum, act_sumsq, words, flag, M=m,
+                 MP=triton.next_power_of_2(m), ONE=one, WIDE=x.dtype == torch.float32, BT=BT, BN=BN, GROUP=GROUP,
+                 GROUPS=groups)
 
 
 def hist_words_add(act_hist: torch.Tensor, words: torch.Tensor, width: int, bins: int) -> None:

@@ -55,12 +55,13 @@ def offset(row: int) -> int:
     return row * (row + 1) // 2
 
 
-def panels(width: int, elements: int = PANEL_ELEMENTS) -> list[tuple[int, int]]:
-    """Row ranges [r0, r1) whose panel (r1 - r0) x r1 holds at most about `elements` entries. Panels start at
-    multiples of ALIGN_ROWS where they are that tall: a GEMM operand starting at column r0 of the firing matrix
-    is then 128-byte aligned (on an H100, misaligned bfloat16 operands ran the products 4x slower)."""
-    rows = max(1, elements // max(width, 1))
-    rows = rows - rows % ALIGN_ROWS if rows >= ALIGN_ROWS else rows
+def panels(width: int, elements: int = PANEL_ELEMENTS, multiple: int = 1) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) whose panel (r1 - r0) x r1 holds at most about `elements` entries (at least
+    `multiple` rows, every start a multiple of it). Panels start at multiples of ALIGN_ROWS where they are that
+    tall: a GEMM operand starting at column r0 of the firing matrix is then 128-byte aligned (on an H100,
+    misaligned bfloat16 operands ran the products 4x slower)."""
+    rows = max(multiple, elements // max(width, 1))
+    rows = rows - rows % ALIGN_ROWS if rows >= ALIGN_ROWS else rows - rows % multiple
     return [(r0, min(r0 + rows, width)) for r0 in range(0, width, rows)]
 
 
@@ -179,8 +180,10 @@ class DeviceCounts(HostCounts):
         self.product = product or product_kind(self.device)
         self.panel = ACCUMULATORS[self.product] if panel == torch.float32 else panel
         self.limit = min(limit or self.LIMITS[self.panel], self.LIMITS[self.panel])
+        if self.product != "fp32":  # tensor-core GEMMs take token counts in multiples of PAD
+            self.limit = max(PAD, self.limit - self.limit % PAD)
         self.padded = round_up(width, PAD)
-        self.spans = panels(self.padded, elements or PANEL_ELEMENTS)
+        self.spans = panels(self.padded, elements or PANEL_ELEMENTS, PAD)  # GEMM sizes: multiples of PAD
         self.acc = [torch.zeros(r1 - r0, r1, dtype=self.panel, device=device) for r0, r1 in self.spans]
         self.pending = 0
         self.flushed = False  # until the first flush, `out` is all zero
@@ -203,7 +206,7 @@ class DeviceCounts(HostCounts):
         """Count the tokens of F' [N', T'] (padding columns are zero), in parts of at most `limit` tokens."""
         op = op.view(OPERANDS[self.product][2])
         for t0 in range(0, op.shape[1], self.limit):
-            part = op[:, t0 : t0 + self.limit]
+            part = op if op.shape[1] <= self.limit else op[:, t0 : t0 + self.limit].contiguous()
             if self.pending + part.shape[1] > self.limit:
                 self._flush(wait=False)
             for (r0, r1), acc in zip(self.spans, self.acc):
@@ -424,14 +427,16 @@ def exact_products(device: torch.device) -> list[str]:
 
 
 def _time_product(kind: str, device: torch.device) -> float:
-    """Seconds for one panel product of a representative size (1024 x 4096 by 4096 tokens)."""
-    op = (torch.rand(4096, 4096, device=device) < 0.1).to(OPERANDS[kind][2])
-    a, b = op[:1024], op.T
-    product(kind, a, b)
+    """Milliseconds for accumulating one panel of a representative size (1024 rows x 4096 columns over 8192
+    tokens) into that product's wide panel type, as a run does per layer and batch."""
+    op = (torch.rand(4096, 8192, device=device) < 0.1).to(OPERANDS[kind][2])
+    acc = torch.zeros(1024, 4096, dtype=ACCUMULATORS[kind], device=device)
+    for _ in range(2):
+        accumulate(acc, kind, op[:1024], op.T)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(5):
-        product(kind, a, b)
+    for _ in range(10):
+        accumulate(acc, kind, op[:1024], op.T)
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
@@ -440,7 +445,7 @@ def _time_product(kind: str, device: torch.device) -> float:
 def panel_cells(width: int, elements: int = PANEL_ELEMENTS, pad: int = PAD) -> int:
     """Cells of a width's device row panels (the lower triangle and the few cells above it inside the panels,
     the width padded as DeviceCounts pads it)."""
-    return sum((r1 - r0) * r1 for r0, r1 in panels(round_up(width, pad), elements))
+    return sum((r1 - r0) * r1 for r0, r1 in panels(round_up(width, pad), elements, pad))
 
 
 def device_panel(cells: int, device: torch.device | str) -> torch.dtype:

@@ -130,7 +130,7 @@ def test_pack_rows_and_add_into_kernels():
 
 
 @pytest.mark.parametrize("width,high", [(1, 3), (2, 2), (57, 3), (300, 1000)])
-def test_device_top_partners_equal_the_compiled_ones(width, high):
+def test_device_top_partners_equal_the_numpy_ones(width, high):
     packed = np.random.default_rng(width).integers(0, high, triangle.packed_size(width)).astype(np.int32)
     want = summary.top_partners_numpy(packed, width)
     got = summary.top_partners_torch(torch.from_numpy(packed).to(DEVICE), width, rows=7)

@@ -1,6 +1,7 @@
-"""GPU checks (skipped without CUDA): the gemm kernel on the device against a plain CPU product, the same
-counts from CUDA and CPU for the same activations, and a model split over two GPUs (--gpus-per-rank 2)
-against the same model on one."""
+"""GPU checks (skipped without CUDA): the gemm kernel and every exact product kind on the device against a
+plain CPU product, the same counts from CUDA and CPU for the same activations, the fused kernel, the torch path
+and narrow panels end to end, and a model split over two GPUs (--gpus-per-rank 2) against the same model on
+one."""
 
 from __future__ import annotations
 
@@ -30,21 +31,73 @@ def test_gemm_on_cuda_is_exact(width, tokens, p):
 
 @pytest.mark.parametrize("panel", [torch.float32, torch.int16])
 def test_device_counts_on_cuda_pass_bfloat16_and_int16_ranges(panel):
-    """40000 all-one tokens: past what a bfloat16 sum (256) or an int16 panel (32767) could hold, with odd
-    panels and a part that forces a flush."""
+    """70000 all-one tokens: past what a bfloat16 sum (256) or an int16 panel (65535 as uint16) could hold,
+    with odd panels and a part that forces a flush."""
     counts = triangle.DeviceCounts(45, torch.int32, "cuda:0", panel, elements=7 * 45 + 3)
-    ones = torch.ones(30_000, 45, dtype=torch.bool, device="cuda:0")
+    ones = torch.ones(50_000, 45, dtype=torch.bool, device="cuda:0")
     counts.add(ones)
-    counts.add(ones[:10_000])
-    assert counts.packed().tolist() == [40_000] * triangle.packed_size(45)
+    counts.add(ones[:20_000])
+    assert counts.packed().tolist() == [70_000] * triangle.packed_size(45)
 
 
-def test_cuda_uses_tensor_core_products_and_float32_panels_where_they_fit():
-    """On torch >= 2.8 the products run in bfloat16; a small layer on an empty GPU gets float32 panels, a huge
-    one int16."""
-    assert triangle.cuda_products() in ("addmm", "mm")
+@pytest.mark.parametrize("panel", [torch.float32, torch.int16])
+def test_every_exact_product_kind_counts_exactly(panel):
+    """fp8, int8, bf16 (whichever this GPU runs exactly) into wide or narrow panels, flushed every 1000 tokens."""
+    kinds = triangle.exact_products(torch.device("cuda:0"))
+    assert triangle.product_kind("cuda:0") in kinds and "bf16" in kinds
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert "fp8" in kinds  # Hopper and Ada: the fastest exact product
+    fired = np.random.default_rng(3).random((2500, 301)) < 0.3
+    exact = fired.astype(np.float64)
+    for kind in kinds:
+        counts = triangle.DeviceCounts(301, torch.int32, "cuda:0", panel, elements=4000, limit=1000, product=kind)
+        for part in np.array_split(fired, 3):
+            counts.add(torch.from_numpy(part).cuda())
+        assert np.array_equal(counts.packed(), (exact.T @ exact)[np.tril_indices(301)].astype(np.int64)), kind
+
+
+def test_cuda_chooses_a_measured_product_and_float32_panels_where_they_fit():
+    """The product is one that was checked exact; a small layer on an empty GPU gets float32 panels, a huge one
+    int16."""
+    assert triangle.product_kind("cuda") in triangle.exact_products(torch.device("cuda:0"))
     assert triangle.device_panel(triangle.panel_cells(1000), "cuda") == torch.float32
     assert triangle.device_panel(10**12, "cuda:0") == torch.int16  # 4 TB of float32 panels
+
+
+def run_in_process(args: list[str]) -> None:
+    from conftest import run_main
+    result = run_main(args)
+    assert result.returncode == 0, result.stderr
+
+
+def test_fused_statistics_and_narrow_panels_write_the_bytes_of_the_torch_path(llama, tmp_path, monkeypatch):
+    """End to end on the GPU: the fused kernel with float32 panels, the torch path, and int16 panels flushed
+    every 100 tokens by the background thread give the same files (same activations: one process, one GPU)."""
+    common = ["run", "--model", llama, "--data", tiny.sample_path(), "--ctx", "64", "--chunks", "24",
+              "--batch-size", "4", "--device", "cuda:0", "--threshold", "0.25,0.5"]
+    run_in_process([*common, "--out", str(tmp_path / "fused")])
+    with monkeypatch.context() as patch:
+        patch.setattr(counting.LayerCounts, "_fused", lambda *_: None)
+        run_in_process([*common, "--out", str(tmp_path / "torch")])
+    with monkeypatch.context() as patch:
+        patch.setattr(triangle, "device_panel", lambda *_: torch.int16)
+        patch.setitem(triangle.DeviceCounts.LIMITS, torch.int16, 100)
+        run_in_process([*common, "--out", str(tmp_path / "narrow")])
+    for sub in ("threshold-0.25", "threshold-0.5"):
+        want = outputs(str(tmp_path / "torch" / sub))
+        assert want and outputs(str(tmp_path / "fused" / sub)) == want
+        assert outputs(str(tmp_path / "narrow" / sub)) == want
+        same_summaries(str(tmp_path / "fused" / sub), str(tmp_path / "torch" / sub))
+        same_summaries(str(tmp_path / "narrow" / sub), str(tmp_path / "torch" / sub))
+
+
+def test_threshold_below_the_smallest_float32_is_exact_on_the_gpu():
+    """A float32 subnormal threshold: zeros do not fire, the smallest subnormal does (no flush to zero)."""
+    tiny_value = torch.tensor([0.0, 1e-45, -1e-45, 3e-45, 0.0], dtype=torch.float32)
+    lc = counting.LayerCounts(0, 5, (1e-45,), torch.int32, "cuda:0")
+    assert lc.fused == "triton"
+    lc.add(tiny_value[None].cuda())
+    assert lc.fire_count.tolist() == [[0, 1, 1, 1, 0]]
 
 
 def test_cuda_and_cpu_count_the_same_activations():
