@@ -2,7 +2,6 @@
 matrix files through run.UnitWriter, the summary.h5 groups), without a model.
 
     python benchmarks/writes.py --layers 32 --neurons 14336            # Mistral-7B's 32 x 14336
-    python benchmarks/writes.py --layers 32 --neurons 14336 --device cuda:0   # top partners on the GPU
     python benchmarks/writes.py --profile --levels 1,3 --out /dev/shm/w      # each step alone; levels; tmpfs
 
 The counts are drawn once (C[i, j] ~ Poisson(T p_i p_j), p Zipf-like with mean --density, the diagonal T p_i)
@@ -53,7 +52,7 @@ def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | No
     os.makedirs(out)
     started = time.monotonic()
     with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5, \
-            run.UnitWriter(threads, args.device) as writer:
+            run.UnitWriter(threads) as writer:
         for layer in range(args.layers):
             writer.submit(h5, out, counting.Unit(layer), args.neurons, stats, packed)
         used = writer.threads, writer.zstd_threads
@@ -63,8 +62,7 @@ def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | No
     return {"layers": args.layers, "neurons": args.neurons, "out": out, "zstd_level": matrixfile.ZSTD_LEVEL,
             "seconds": round(seconds, 2), "seconds_per_layer": round(seconds / args.layers, 3),
             "counts_gb": round(args.layers * packed.nbytes / 1e9, 2), "written_gb": round(size / 1e9, 2),
-            "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0)),
-            "device": args.device}
+            "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0))}
 
 
 def profile(args, packed: np.ndarray, stats: dict) -> dict:
@@ -87,7 +85,7 @@ def profile(args, packed: np.ndarray, stats: dict) -> dict:
     hashlib.sha256(frame.getvalue()).hexdigest()
     steps["sha256"] = time.monotonic() - t
     t = time.monotonic()
-    data, _ = summary.layer_datasets(stats, packed, args.neurons, args.tokens, args.device)
+    data, _ = summary.layer_datasets(stats, packed, args.neurons, args.tokens)
     steps["datasets_and_top_partners"] = time.monotonic() - t
     t = time.monotonic()
     summary.compress_all(data)
@@ -110,7 +108,6 @@ def main() -> None:
     p.add_argument("--neurons", type=int, default=14336, help="layer width (default: 14336)")
     p.add_argument("--tokens", type=int, default=642 * 512, help="tokens the counts stand for (default: 328704)")
     p.add_argument("--density", type=float, default=0.2, help="mean firing rate (default: 0.2)")
-    p.add_argument("--device", default=None, help="a GPU for the top-partner search (default: the CPU)")
     p.add_argument("--threads", type=int, default=None, help="writer threads (default: run's choice)")
     p.add_argument("--out", default="/tmp/mpicorr-writes",
                    help="folder written (removed first and after); several, comma-separated, are tried in turn")

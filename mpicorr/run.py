@@ -287,7 +287,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     rows = schedule.rank_rows(reports, wall, cfg.ctx)
     if comm.rank == 0:
         print(schedule.format_rows(rows), flush=True)
-    reduce_and_write(cfg, comm, job, sites, tally, wall, device)
+    reduce_and_write(cfg, comm, job, sites, tally, wall)
     if comm.rank == 0:
         schedule.write_run_json(os.path.join(cfg.out, schedule.RUN_JSON), cfg.schedule, wall, rows)
 
@@ -335,14 +335,13 @@ def guard_memory(fn, cfg: Config, device: str):
                         f"--dtype bfloat16, or run this rank on a GPU with more memory") from None
 
 
-def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float,
-                     device: str = "cpu") -> None:
+def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float) -> None:
     """Sum every unit (layer, expert, router) onto rank 0, one at a time, and write the outputs there (one
-    folder per threshold); `device`: this rank's, where a GPU searches the top partners."""
+    folder per threshold)."""
     tokens = len(job.chunks) * cfg.ctx
     folders = output_folders(cfg.out, cfg.threshold)
     started = time.monotonic()
-    with summary_writers(folders, comm.rank == 0) as files, UnitWriter(device=device) as writer:
+    with summary_writers(folders, comm.rank == 0) as files, UnitWriter() as writer:
         for lc in units(tally.counts):
             stats = comm.reduce_sum(lc.stats())
             stats = split_stats(stats, lc.width, len(folders)) if comm.rank == 0 else None
@@ -360,39 +359,38 @@ def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, sec
                time.monotonic() - started)
 
 
-def unit_outputs(folder: str, unit, width: int, stats: dict, pairs: np.ndarray, threads: int = 1,
-                 device: str | None = None) -> tuple[str, dict, dict]:
+def unit_outputs(folder: str, unit, width: int, stats: dict, pairs: np.ndarray,
+                 threads: int = 1) -> tuple[str, dict, dict]:
     """Rank 0: write one unit's matrix file (not for routers), compressing on `threads` threads; return its
-    summary group (path, datasets, attributes), with the top partners searched on `device` if a GPU. Its trials
-    are the tokens it counted (an expert: those routed to it), which the active-neuron histogram sums to."""
+    summary group (path, datasets ready to store, attributes). Its trials are the tokens it counted (an expert:
+    those routed to it), which the active-neuron histogram sums to."""
     trials = int(stats["active_hist"].sum())
     if unit.router:
         data, attrs = summary.router_datasets(stats, pairs, width, trials)
         return summary.group_path(unit), summary.compress_all(data), attrs
     sha = matrixfile.write_matrix(os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)),
                                   unit.layer, width, trials, pairs, threads)
-    data, attrs = summary.layer_datasets(stats, pairs, width, trials, device)
+    data, attrs = summary.layer_datasets(stats, pairs, width, trials)
     return summary.group_path(unit), summary.compress_all(data), {**attrs, "matrix_sha256": sha}
 
 
 class UnitWriter:
     """Rank 0's writes of reduced units on a few threads, each unit's zstd compression on a share of the
-    CPUs (compression, hashing, the compiled or GPU top-partner search and the copies release the GIL), stored
-    into the summary files in unit order (h5py is not thread-safe) with at most `threads` units in flight,
-    since each holds its counts. `device`: a GPU of this rank for the top-partner search, or None."""
+    CPUs (compression, hashing, deflating the summary datasets and the compiled top-partner search release the
+    GIL), stored into the summary files in unit order (h5py is not thread-safe) with at most `threads` units in
+    flight, since each holds its counts."""
 
-    def __init__(self, threads: int | None = None, device: str | None = None):
+    def __init__(self, threads: int | None = None):
         cpus = len(os.sched_getaffinity(0))
         self.threads = threads or max(1, min(WRITE_THREADS, cpus))
         self.zstd_threads = max(1, cpus // self.threads)
-        self.device = device if device is not None and device.startswith("cuda") else None
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mpicorr-write")
         self.pending: deque = deque()
 
     def submit(self, h5, folder: str, unit, width: int, stats: dict, pairs: np.ndarray) -> None:
         """Queue one unit's outputs; store finished ones while too many are in flight."""
         self.pending.append((h5, self.pool.submit(unit_outputs, folder, unit, width, stats, pairs,
-                                                  self.zstd_threads, self.device)))
+                                                  self.zstd_threads)))
         while len(self.pending) > self.threads:
             self._store()
 

@@ -6,11 +6,9 @@ attributes listed in the README.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import os
-import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +16,6 @@ from typing import Iterator
 
 import h5py
 import numpy as np
-import torch
 
 from . import kernels, triangle
 from .counting import ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, NLL_BITS, hist_edges
@@ -36,32 +33,6 @@ def top_partners(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple
     keys = kernels.top_partner_keys(packed, width, k)
     valid = keys >= 0
     return np.where(valid, width - 1 - keys % width, -1), np.where(valid, keys // width, 0).astype(np.uint64)
-
-
-# One GPU at a time computes top partners: each call holds a few hundred MB of temporaries there.
-_DEVICE_LOCK = threading.Lock()
-DEVICE_ROWS = 1024  # rows per block on the device (a 14336-wide block: 3 x 117 MB of int64 temporaries)
-
-
-def top_partners_torch(packed: torch.Tensor, width: int, k: int = TOP_PARTNERS, rows: int = DEVICE_ROWS):
-    """top_partners from a packed triangle in a torch tensor, on its device (a GPU does a 14336-wide layer in
-    milliseconds); the same numpy arrays."""
-    device = packed.device
-    j = torch.arange(width, device=device)
-    take = min(k, width)
-    partners = np.full((width, k), -1, dtype=np.int64)
-    counts = np.zeros((width, k), dtype=np.uint64)
-    with _DEVICE_LOCK if device.type == "cuda" else contextlib.nullcontext():
-        for r0 in range(0, width, rows):
-            i = torch.arange(r0, min(r0 + rows, width), device=device)[:, None]
-            block = packed[torch.where(j <= i, i * (i + 1) // 2 + j, j * (j + 1) // 2 + i)].long()
-            # Unique keys make the choice deterministic: larger count first, then lower index.
-            keys = torch.where((block > 0) & (j != i), block * width + (width - 1 - j), -1)
-            top = keys.topk(take, dim=1).values.cpu().numpy()
-            valid = top >= 0
-            partners[r0 : r0 + len(top), :take] = np.where(valid, width - 1 - top % width, -1)
-            counts[r0 : r0 + len(top), :take] = np.where(valid, top // width, 0).astype(np.uint64)
-    return partners, counts
 
 
 def top_partners_numpy(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
@@ -93,15 +64,10 @@ def coverage(fire_count: np.ndarray, share: float) -> float:
     return float(np.sort(fire_count)[::-1][:top].sum() / total)
 
 
-def layer_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, width: int, tokens: int,
-                   device: str | None = None):
-    """(datasets, attributes) of one layer group, from reduced raw sums and the packed counts; the top partners
-    are searched on `device` when it is a GPU."""
+def layer_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, width: int, tokens: int):
+    """(datasets, attributes) of one layer group, from reduced raw sums and the packed counts."""
     fire_count = stats["fire_count"].astype(np.uint64)
-    if device is not None and device.startswith("cuda"):
-        partners, partner_counts = top_partners_torch(torch.from_numpy(packed).to(device), width)
-    else:
-        partners, partner_counts = top_partners(packed, width)
+    partners, partner_counts = top_partners(packed, width)
     data = {
         "fire_count": fire_count,
         "fire_freq": fire_count / max(tokens, 1),

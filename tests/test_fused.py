@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpicorr import counting, fused, summary, triangle
+from mpicorr import counting, fused, triangle
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="triton not installed")
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -127,14 +127,6 @@ def test_pack_rows_and_add_into_kernels():
     want = panel.cpu() + part.cpu().to(torch.int16)
     fused.add_into(panel, part)
     assert torch.equal(panel.cpu(), want)
-
-
-@pytest.mark.parametrize("width,high", [(1, 3), (2, 2), (57, 3), (300, 1000)])
-def test_device_top_partners_equal_the_numpy_ones(width, high):
-    packed = np.random.default_rng(width).integers(0, high, triangle.packed_size(width)).astype(np.int32)
-    want = summary.top_partners_numpy(packed, width)
-    got = summary.top_partners_torch(torch.from_numpy(packed).to(DEVICE), width, rows=7)
-    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("kernel", ["auto", "popcount", "sparse", "gemm"])
