@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 
-from . import __version__, matrixfile, plan, summary, triangle
+from . import __version__, layout, matrixfile, plan, summary
 from .config import threshold_folders
-from .counting import Unit
 from .errors import UserError
+from .units import Unit
 
 # Root attributes that runs must share to be merged, and the option that sets each.
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
@@ -39,11 +39,11 @@ def verify(path: str, sha256: str | None = None) -> None:
     """Read the file fully and check its counts are consistent (and its SHA-256 when given); raise
     UserError on the first problem."""
     header, packed = matrixfile.read_matrix(path, sha256)
-    diag = triangle.diagonal(packed, header.width).astype(np.int64)
+    diag = layout.diagonal(packed, header.width).astype(np.int64)
     if (diag > header.trials).any():
         i = int(np.argmax(diag > header.trials))
         raise UserError(f"{path}: neuron {i} fired {diag[i]} times in {header.trials} trials")
-    for r0, r1, rows in triangle.full_row_blocks(packed, header.width):
+    for r0, r1, rows in layout.full_row_blocks(packed, header.width):
         bad = (rows > diag[None, :]) | (rows > diag[r0:r1, None])
         if bad.any():
             i, j = np.argwhere(bad)[0]
@@ -171,7 +171,7 @@ def merge_unit(h5, out: str, unit: Unit, inputs: list[str], entries: list[dict |
     """Add one layer's (or expert's) matrix files and raw statistics over the runs and write both."""
     files = [os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)) for folder in inputs]
     width = int(entries[0]["attrs"]["width"])
-    total = np.zeros(triangle.packed_size(width), dtype=np.uint64)
+    total = np.zeros(layout.packed_size(width), dtype=np.uint64)
     stats = {"fire_count": 0, "active_hist": 0, "act_sum": 0, "act_sumsq": 0, "act_hist": 0}
     trials = 0
     for path, entry in zip(files, entries):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from . import triangle
+from . import layout
 from .errors import UserError
 from .files import atomic_write
 
@@ -49,8 +49,8 @@ def matrix_name(block: int, expert: int | None = None) -> str:
 
 def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[bytes, bytes]:
     """(header, zstd frame) for the packed counts; the payload width follows from `trials`."""
-    if packed.shape != (triangle.packed_size(width),):
-        raise ValueError(f"packed counts have shape {packed.shape}, expected ({triangle.packed_size(width)},)")
+    if packed.shape != (layout.packed_size(width),):
+        raise ValueError(f"packed counts have shape {packed.shape}, expected ({layout.packed_size(width)},)")
     wide = trials >= (1 << 32)
     payload = np.ascontiguousarray(packed, dtype="<u8" if wide else "<u4")
     header = HEADER.pack(MAGIC64 if wide else MAGIC32, trials >> 32, trials & 0xFFFFFFFF, block, width)
@@ -93,7 +93,7 @@ def read_matrix(path: str, sha256: str | None = None) -> tuple[Header, np.ndarra
         raise UserError(f"{path}: SHA-256 differs from the one in its run's summary.h5; the file was changed "
                         f"or damaged after the run")
     header = parse_header(data, path)
-    expected = triangle.packed_size(header.width) * header.dtype.itemsize
+    expected = layout.packed_size(header.width) * header.dtype.itemsize
     frame = data[HEADER.size :]
     try:
         size = zstandard.frame_content_size(frame)
