@@ -1,6 +1,6 @@
 """`info`, `verify` and `sum` for matrix files (mpicorr's and the original tool's) and run folders.
 
-    python -m mpicorr info runs/a/correlations_block_0.zstd
+    python -m mpicorr info runs/a/correlations_block_0.zstd      # or a run folder: every matrix file's header
     python -m mpicorr verify runs/a/*.zstd            # or a run folder: also checks summary.h5's SHA-256s
     python -m mpicorr sum merged.zstd runs/a/correlations_block_0.zstd runs/b/correlations_block_0.zstd
     python -m mpicorr sum runs/all runs/a runs/b      # run folders: every layer and a merged summary.h5
@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -33,6 +34,18 @@ def info(path: str) -> str:
     kind = "uint32" if h.magic == matrixfile.MAGIC32 else "uint64"
     return (f"{path}: block {h.block}, width {h.width}, trials {h.trials}, {kind} counts, "
             f"{os.path.getsize(path)} bytes")
+
+
+def info_run(folder: str) -> str:
+    """info() of every matrix file of a run folder, in block (then expert) order; for a run that counted
+    several thresholds, of each threshold-<T> subfolder."""
+    names = matrixfile.exists_any(folder)
+    if not names and threshold_folders(folder):
+        return "\n".join(info_run(part) for part in threshold_folders(folder))
+    if not names:
+        raise UserError(f"{folder}: no correlations_block_<L>.zstd files; give a run folder or matrix files")
+    order = sorted(names, key=lambda name: [int(n) for n in re.findall(r"\d+", name)])
+    return "\n".join(info(os.path.join(folder, name)) for name in order)
 
 
 def verify(path: str, sha256: str | None = None) -> None:

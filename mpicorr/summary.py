@@ -21,11 +21,22 @@ from .units import ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, NLL_BITS, hist_edges
 
 SUMMARY = "summary.h5"
 TOP_PARTNERS = 16
+# Narrower layers find their top partners with numpy (about 0.05 s each; 0.7 s at 2048): numba's start-up
+# (about 2 s) would cost a small `sum` more than it saves.
+COMPILED_WIDTH = 512
 
 
 def top_partners(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
     """For each neuron the k others with the largest C[i, j] > 0 (ties: lower index first), padded -1 / 0.
-    Compiled: one pass over the triangle (a 14336-wide layer: about 0.5 s instead of 5)."""
+    Layers of COMPILED_WIDTH neurons or more take the compiled search, narrower ones the numpy path (the
+    same arrays)."""
+    if width < COMPILED_WIDTH:
+        return top_partners_numpy(packed, width, k)
+    return top_partners_compiled(packed, width, k)
+
+
+def top_partners_compiled(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
+    """top_partners in one compiled pass over the triangle (a 14336-wide layer: about 0.5 s instead of 5)."""
     from . import kernels  # here, not at the top: numba takes a second to import, and info/verify never need it
 
     if not kernels.AVAILABLE:
