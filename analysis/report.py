@@ -21,7 +21,7 @@ import numpy as np
 import bundles as bundles_script
 import clusters as clusters_script
 import cofiring
-from mpicorr import analysis, bundles, clusters, figures, measures, triangle
+from mpicorr import analysis, bundles, clusters, figures, layout, measures
 from mpicorr.errors import UserError
 from mpicorr.files import atomic_write
 
@@ -34,7 +34,7 @@ th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%;border:1px solid #
 
 def analyse(lm: analysis.LayerMatrix, args: argparse.Namespace) -> dict:
     """Everything the report shows about one layer, from one read of its matrix."""
-    diag = triangle.diagonal(lm.packed, lm.width)
+    diag = layout.diagonal(lm.packed, lm.width)
     found = clusters_script.cluster(lm, args) if lm.width > 2 else None
     pixels = min(args.pixels, lm.width)
     cluster_order = found.permutation if found else np.arange(lm.width)

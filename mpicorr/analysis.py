@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import matrixfile, measures, summary, triangle
+from . import layout, matrixfile, measures, summary
 from .config import threshold_folders
 from .progress import fmt_seconds
 from .errors import UserError
@@ -115,7 +115,7 @@ def firing(run_dir: str, layers: str | None = None, expert: int | None = None) -
     out = []
     for layer, path in paths.items():
         header, packed = matrixfile.read_matrix(path)
-        out.append(LayerFiring(layer, header.trials, triangle.diagonal(packed, header.width)))
+        out.append(LayerFiring(layer, header.trials, layout.diagonal(packed, header.width)))
     return out
 
 
@@ -191,11 +191,11 @@ def heatmap(packed: np.ndarray, width: int, trials: int, order: np.ndarray, pixe
     (a neuron that never fires) count as 0."""
     p = min(width, pixels)
     edges = np.linspace(0, width, p + 1).astype(np.int64)
-    diag = triangle.diagonal(packed, width).astype(np.float64)[order]
+    diag = layout.diagonal(packed, width).astype(np.float64)[order]
     cells = np.diff(edges)
     image = np.zeros((p, p))
     for b in range(p):
-        rows = triangle.rows_at(packed, order[edges[b] : edges[b + 1]], order)
+        rows = layout.rows_at(packed, order[edges[b] : edges[b + 1]], order)
         block = np.nan_to_num(measures.pair_measure(rows, diag[edges[b] : edges[b + 1], None], diag[None, :],
                                                     trials, kind), nan=0.0, posinf=0.0, neginf=0.0)
         block[np.arange(len(block)), np.arange(edges[b], edges[b + 1])] = 0.0
@@ -247,7 +247,7 @@ def run_script(name: str, body) -> int:
 
 def frequency_order(packed: np.ndarray, width: int) -> np.ndarray:
     """Neurons by firing count, most frequent first (ties by index)."""
-    return np.argsort(-triangle.diagonal(packed, width).astype(np.int64), kind="stable")
+    return np.argsort(-layout.diagonal(packed, width).astype(np.int64), kind="stable")
 
 
 def threshold_density(act_hist: np.ndarray, edges: np.ndarray, threshold: float) -> float:
