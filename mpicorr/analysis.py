@@ -187,21 +187,22 @@ def heatmap(packed: np.ndarray, width: int, trials: int, order: np.ndarray, pixe
     """[p, p] image (p = min(width, pixels)) of a measure, neurons in `order`, averaged over square blocks.
 
     The diagonal (a neuron with itself: lift 1/P(i), cond 1) is left out of the means, so that it does not
-    drown the pairs (a pixel that holds only the diagonal, at full resolution, is NaN); undefined cells
-    (a neuron that never fires) count as 0."""
+    drown the pairs, and so are undefined cells (lift, cond, jaccard of a neuron that never fires; phi of one
+    that never or always fires): a pixel with no defined cell (the diagonal at full resolution, a run of
+    never-firing neurons) is NaN, which the figures draw as undefined."""
     p = min(width, pixels)
     edges = np.linspace(0, width, p + 1).astype(np.int64)
     diag = layout.diagonal(packed, width).astype(np.float64)[order]
-    cells = np.diff(edges)
     image = np.zeros((p, p))
     for b in range(p):
         rows = layout.rows_at(packed, order[edges[b] : edges[b + 1]], order)
-        block = np.nan_to_num(measures.pair_measure(rows, diag[edges[b] : edges[b + 1], None], diag[None, :],
-                                                    trials, kind), nan=0.0, posinf=0.0, neginf=0.0)
-        block[np.arange(len(block)), np.arange(edges[b], edges[b + 1])] = 0.0
-        pairs = cells[b] * cells - (np.arange(p) == b) * cells[b]  # off-diagonal cells per block
+        block = measures.pair_measure(rows, diag[edges[b] : edges[b + 1], None], diag[None, :], trials, kind)
+        block[np.arange(len(block)), np.arange(edges[b], edges[b + 1])] = np.nan
+        defined = np.isfinite(block)
+        sums = np.add.reduceat(np.where(defined, block, 0.0).sum(0), edges[:-1])
+        cells = np.add.reduceat(defined.sum(0), edges[:-1])
         with np.errstate(invalid="ignore", divide="ignore"):
-            image[b] = np.where(pairs > 0, np.add.reduceat(block.sum(0), edges[:-1]) / pairs, np.nan)
+            image[b] = np.where(cells > 0, sums / cells, np.nan)
     return image
 
 
