@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from mpicorr import analysis, figures, measures, triangle
+from mpicorr import analysis, figures, layout, measures
 from mpicorr.errors import UserError
 from mpicorr.files import atomic_path
 
@@ -34,7 +34,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
 def layer_pairs(lm: analysis.LayerMatrix, rank_by: str, top: int, min_support: int) -> list[dict]:
     """CSV rows of one layer's strongest pairs."""
     pairs = measures.top_pairs(lm.packed, lm.width, lm.trials, rank_by, top, min_support)
-    return measures.pair_rows(lm.layer, pairs, triangle.diagonal(lm.packed, lm.width), lm.trials)
+    return measures.pair_rows(lm.layer, pairs, layout.diagonal(lm.packed, lm.width), lm.trials)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

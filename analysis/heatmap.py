@@ -19,8 +19,8 @@ from mpicorr import analysis, clusters, figures
 from mpicorr.errors import UserError
 
 MEASURES = ("lift", "cond", "freq", "count", "phi", "jaccard")
-ORDER_NAMES = {"frequency": "by firing frequency, most frequent first", "spectral": "Fiedler order",
-               "cluster": "cluster order"}
+ORDER_NAMES = {"frequency": "by firing frequency, most frequent first", "spectral": "in Fiedler order",
+               "cluster": "in cluster order"}
 
 
 def order_for(lm: analysis.LayerMatrix, kind: str, cluster_perm: dict):
@@ -64,7 +64,7 @@ def main() -> int:
                                   os.path.join(out, f"heatmap_{args.measure}_{lm.layer}.png")))
         if args.all:
             print(figures.contact_sheet(images, widths, args.measure,
-                                        os.path.join(out, f"heatmaps_{args.measure}.png")))
+                                        os.path.join(out, f"heatmaps_{args.measure}.png"), ORDER_NAMES[args.order]))
 
     return analysis.run_script("heatmap.py", body)
 

@@ -21,7 +21,7 @@ import numpy as np
 import bundles as bundles_script
 import clusters as clusters_script
 import cofiring
-from mpicorr import analysis, bundles, clusters, figures, measures, triangle
+from mpicorr import analysis, bundles, clusters, figures, layout, measures
 from mpicorr.errors import UserError
 from mpicorr.files import atomic_write
 
@@ -34,7 +34,7 @@ th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%;border:1px solid #
 
 def analyse(lm: analysis.LayerMatrix, args: argparse.Namespace) -> dict:
     """Everything the report shows about one layer, from one read of its matrix."""
-    diag = triangle.diagonal(lm.packed, lm.width)
+    diag = layout.diagonal(lm.packed, lm.width)
     found = clusters_script.cluster(lm, args) if lm.width > 2 else None
     pixels = min(args.pixels, lm.width)
     cluster_order = found.permutation if found else np.arange(lm.width)
@@ -105,11 +105,11 @@ def draw_figures(layers: dict[int, dict], args: argparse.Namespace, folder: str)
         "distributions": figures.distributions({l: d["hist"] for l, d in layers.items()}, args.min_support,
                                                path("dist.png")),
         "sheet_frequency": figures.contact_sheet({l: d["freq_image"] for l, d in layers.items()}, widths, "lift",
-                                                 path("sheet_f.png")),
+                                                 path("sheet_f.png"), "neurons by firing frequency"),
         "sheet_cluster": figures.contact_sheet({l: d["cluster_image"] for l, d in layers.items()}, widths, "lift",
-                                               path("sheet_c.png")),
+                                               path("sheet_c.png"), "neurons in cluster order"),
         "bundles": figures.bundle_sizes({l: d["bundles"].sizes() for l, d in layers.items()}, args.q,
-                                        path("bundles.png")),
+                                        path("bundles.png"), args.min_support),
     }
     quality = [d["quality"] for d in layers.values() if d["quality"] is not None]
     if quality:
@@ -144,8 +144,8 @@ def render(run_dir: str, meta: dict, layers: dict[int, dict], imgs: dict[str, st
         f"{args.rank_by} per layer (all {args.top} in cofiring_top_pairs.csv).</p>",
         table(["layer", "i", "j", "count", "P(j|i)", "P(i|j)", "lift", "phi", "Jaccard"], pair_rows),
         imgs["distributions"],
-        "<h2>Heatmaps</h2><p>Lift (red: fire together more than chance, blue: less), neurons by firing "
-        "frequency:</p>", imgs["sheet_frequency"], "<p>The same, neurons in cluster order:</p>", imgs["sheet_cluster"],
+        "<h2>Heatmaps</h2><p>Lift on one colour scale for all layers (red: fire together more than chance, "
+        "blue: less, grey: no value), neurons by firing frequency:</p>", imgs["sheet_frequency"], "<p>The same, neurons in cluster order:</p>", imgs["sheet_cluster"],
         f"<h2>Clusters</h2><p>K = {args.clusters}{' balanced' if args.balanced else ''} spectral clusters of the "
         "co-firing graph; touched = clusters an average token touches (bounds from pairwise counts).</p>",
         table(["layer", "K", "inside share", "random inside", "touched", "random touched"], quality_rows),

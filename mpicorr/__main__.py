@@ -17,8 +17,9 @@ import traceback
 
 from . import __version__
 from .config import KERNELS, SITES, add_run_arguments, build_config
-from .dist import SharedError, world
-from .errors import UserError
+from .errors import SharedError, UserError
+
+FILE_COMMANDS = ("info", "verify", "sum")  # read files only: no MPI, no torch (each takes a second or more to start)
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--site", default="ffn", choices=SITES, help="what a neuron is (as for run; default: ffn)")
     inspect.add_argument("--site-module", default=None, help="the regular expression a run would be given")
     inspect.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected errors")
-    info = sub.add_parser("info", help="print the header of matrix files")
-    info.add_argument("files", nargs="+", metavar="FILE", help="correlations_block_<L>.zstd files")
+    info = sub.add_parser("info", help="print the header of matrix files, or of every matrix file of run folders")
+    info.add_argument("files", nargs="+", metavar="FILE",
+                      help="correlations_block_<L>.zstd files, or run folders (every matrix file in them)")
     verify = sub.add_parser("verify", help="check matrix files or run folders fully (sizes, checksums, counts)")
     verify.add_argument("files", nargs="+", metavar="FILE",
                         help="correlations_block_<L>.zstd files, or run folders (also checks summary.h5's SHA-256s)")
@@ -83,7 +85,7 @@ def file_command(args: argparse.Namespace, command: str) -> None:
     for path in args.files:
         try:
             if args.cmd == "info":
-                print(filetools.info(path))
+                print(filetools.info_run(path) if os.path.isdir(path) else filetools.info(path))
             else:
                 print(filetools.verify_run(path) if os.path.isdir(path) else filetools.verify(path) or f"{path}: ok")
         except UserError as exc:
@@ -92,13 +94,31 @@ def file_command(args: argparse.Namespace, command: str) -> None:
         raise UserError("; ".join(failed) if len(failed) == 1 else f"{len(failed)} files failed: " + "; ".join(failed))
 
 
+def with_command(argv: list[str]) -> list[str]:
+    """argv with the command named: `run` when none is given."""
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        return ["run", *argv]
+    return argv
+
+
+def precheck(argv: list[str]) -> None:
+    """The checks a lone process makes before MPI and torch start: the arguments, and that --data and
+    --model exist (a typo then costs a fraction of a second; rank 0 checks them again before loading)."""
+    from . import inputs
+
+    args = parser().parse_args(with_command(argv))
+    if args.cmd in ("run", "plan"):
+        inputs.check(build_config(args, "python -m mpicorr " + shlex.join(argv)))
+    elif args.cmd == "inspect":
+        inputs.model_folder(args.model)
+
+
 def dispatch(argv: list[str], comm) -> None:
     """Parse argv and run the chosen command on this rank."""
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
-        argv = ["run", *argv]
+    argv = with_command(argv)
     args = parser().parse_args(argv)
     command = "python -m mpicorr " + shlex.join(argv)
-    if args.cmd in ("info", "verify", "sum"):
+    if args.cmd in FILE_COMMANDS:
         file_command(args, command)
     elif args.cmd == "plan":
         from .run import dry_plan
@@ -120,20 +140,44 @@ def dispatch(argv: list[str], comm) -> None:
         run(comm.checked(lambda: build_config(args, command)), comm, live_progress())
 
 
-# Set by mpirun/srun. Their launchers give ranks a pty, so isatty() alone would draw a live bar into log files.
-LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "SLURM_PROCID")
+# Set by mpirun/srun (Open MPI, PMIx, MPICH/Intel MPI's hydra, MVAPICH, SLURM). Their launchers give ranks a
+# pty, so isatty() alone would draw a live bar into log files.
+LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS",
+                      "MV2_COMM_WORLD_SIZE", "SLURM_PROCID")
+
+
+def launched() -> bool:
+    """Whether an MPI launcher (mpirun, srun) started this process."""
+    return any(v in os.environ for v in LAUNCHER_VARIABLES)
 
 
 def live_progress() -> bool:
     """A live progress bar only on a terminal of a process started directly (not by mpirun or srun)."""
-    return sys.stdout.isatty() and not any(v in os.environ for v in LAUNCHER_VARIABLES)
+    return sys.stdout.isatty() and not launched()
+
+
+class Alone:
+    """This process by itself, before or without MPI: what main's error handling asks of a Comm."""
+
+    rank, size = 0, 1
+
+    def abort(self, status: int) -> None:
+        raise SystemExit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; errors become one line on stderr and end every rank."""
     argv = sys.argv[1:] if argv is None else argv
-    comm = world()
+    # Hub models come from the local cache only (`hf download` first): no rank waits on the network.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    comm = Alone()
     try:
+        if not (argv[:1] and argv[0] in FILE_COMMANDS):  # the file commands never start MPI
+            if not launched():
+                precheck(argv)
+            from .dist import world
+
+            comm = world()
         dispatch(argv, comm)
     except SharedError as exc:  # raised on every rank: rank 0 speaks, all exit cleanly
         if comm.rank == 0:

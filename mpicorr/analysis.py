@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import matrixfile, measures, summary, triangle
+from . import layout, matrixfile, measures, summary
 from .config import threshold_folders
 from .progress import fmt_seconds
 from .errors import UserError
@@ -115,7 +115,7 @@ def firing(run_dir: str, layers: str | None = None, expert: int | None = None) -
     out = []
     for layer, path in paths.items():
         header, packed = matrixfile.read_matrix(path)
-        out.append(LayerFiring(layer, header.trials, triangle.diagonal(packed, header.width)))
+        out.append(LayerFiring(layer, header.trials, layout.diagonal(packed, header.width)))
     return out
 
 
@@ -187,21 +187,22 @@ def heatmap(packed: np.ndarray, width: int, trials: int, order: np.ndarray, pixe
     """[p, p] image (p = min(width, pixels)) of a measure, neurons in `order`, averaged over square blocks.
 
     The diagonal (a neuron with itself: lift 1/P(i), cond 1) is left out of the means, so that it does not
-    drown the pairs (a pixel that holds only the diagonal, at full resolution, is NaN); undefined cells
-    (a neuron that never fires) count as 0."""
+    drown the pairs, and so are undefined cells (lift, cond, jaccard of a neuron that never fires; phi of one
+    that never or always fires): a pixel with no defined cell (the diagonal at full resolution, a run of
+    never-firing neurons) is NaN, which the figures draw as undefined."""
     p = min(width, pixels)
     edges = np.linspace(0, width, p + 1).astype(np.int64)
-    diag = triangle.diagonal(packed, width).astype(np.float64)[order]
-    cells = np.diff(edges)
+    diag = layout.diagonal(packed, width).astype(np.float64)[order]
     image = np.zeros((p, p))
     for b in range(p):
-        rows = triangle.rows_at(packed, order[edges[b] : edges[b + 1]], order)
-        block = np.nan_to_num(measures.pair_measure(rows, diag[edges[b] : edges[b + 1], None], diag[None, :],
-                                                    trials, kind), nan=0.0, posinf=0.0, neginf=0.0)
-        block[np.arange(len(block)), np.arange(edges[b], edges[b + 1])] = 0.0
-        pairs = cells[b] * cells - (np.arange(p) == b) * cells[b]  # off-diagonal cells per block
+        rows = layout.rows_at(packed, order[edges[b] : edges[b + 1]], order)
+        block = measures.pair_measure(rows, diag[edges[b] : edges[b + 1], None], diag[None, :], trials, kind)
+        block[np.arange(len(block)), np.arange(edges[b], edges[b + 1])] = np.nan
+        defined = np.isfinite(block)
+        sums = np.add.reduceat(np.where(defined, block, 0.0).sum(0), edges[:-1])
+        cells = np.add.reduceat(defined.sum(0), edges[:-1])
         with np.errstate(invalid="ignore", divide="ignore"):
-            image[b] = np.where(pairs > 0, np.add.reduceat(block.sum(0), edges[:-1]) / pairs, np.nan)
+            image[b] = np.where(cells > 0, sums / cells, np.nan)
     return image
 
 
@@ -247,7 +248,7 @@ def run_script(name: str, body) -> int:
 
 def frequency_order(packed: np.ndarray, width: int) -> np.ndarray:
     """Neurons by firing count, most frequent first (ties by index)."""
-    return np.argsort(-triangle.diagonal(packed, width).astype(np.int64), kind="stable")
+    return np.argsort(-layout.diagonal(packed, width).astype(np.int64), kind="stable")
 
 
 def threshold_density(act_hist: np.ndarray, edges: np.ndarray, threshold: float) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from . import __version__, triangle
+from . import __version__, layout
 from .errors import UserError
 from .files import atomic_path, read_layer_groups
 
@@ -40,9 +40,9 @@ def layer_bundles(layer: int, packed: np.ndarray, width: int, q: float, min_supp
     """Bundles at P(j | i) >= q among pairs that co-fire on at least min_support tokens (j != i)."""
     if not 0.0 < q <= 1.0:
         raise UserError(f"--q {q}: must be in (0, 1]")
-    diag = triangle.diagonal(packed, width).astype(np.int64)
+    diag = layout.diagonal(packed, width).astype(np.int64)
     sizes, parts = [], []
-    for r0, r1, block in triangle.full_row_blocks(packed, width):
+    for r0, r1, block in layout.full_row_blocks(packed, width):
         ci = diag[r0:r1, None]
         # C >= q * C_ii rather than C / C_ii >= q: no division rounding at the boundary (counts < 2^53).
         keep = (block >= max(min_support, 1)) & (block >= q * ci) & (ci > 0)

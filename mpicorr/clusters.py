@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from . import __version__, triangle
+from . import __version__, layout
 from .errors import UserError
 from .files import atomic_path, read_layer_groups
 
@@ -34,7 +34,7 @@ DENSE_SOLVER_WIDTH = 512  # below this a full eigendecomposition is fast and exa
 def dense(packed: np.ndarray, width: int) -> np.ndarray:
     """The full symmetric count matrix as float32 (exact below 2^24), filled in row blocks."""
     full = np.empty((width, width), dtype=np.float32)
-    for r0, r1, block in triangle.full_row_blocks(packed, width):
+    for r0, r1, block in layout.full_row_blocks(packed, width):
         full[r0:r1] = block
     return full
 

@@ -23,6 +23,7 @@ KERNELS = ("auto", "gemm", "popcount", "sparse")  # the same tuple as triangle.K
 
 SITES = ("ffn", "gate", "heads")  # --site: models.SITES (ffn), GATES and HEADS
 THRESHOLD_DIR = "threshold-"  # OUT/threshold-<T>/ per threshold when a run counts several
+DEFAULT_HOSTFILE = "./hostfile"  # read when present and no --hostfile is given
 CHOICES = {"dtype": DTYPES, "kernel": KERNELS, "schedule": SCHEDULES, "site": SITES}
 
 
@@ -78,7 +79,7 @@ HELP = {
                      "layer's counts stay on the GPU that holds it; start one rank per that many GPUs (default: 1)",
     "kernel": "pair-count kernel: auto (popcount/sparse per batch on CPU, gemm on GPU), gemm, popcount, sparse; "
               "all give the same counts",
-    "hostfile": "hostfile giving each rank's weight (default: ./hostfile when present; none: equal weights)",
+    "hostfile": "hostfile giving each rank's weight, or none for equal weights (default: ./hostfile when present)",
     "schedule": "static: each rank one contiguous share of the batches, by hostfile weight; dynamic: rank 0 "
                 "hands out batches as ranks ask, so faster GPUs do more (same counts either way; default: static)",
     "stage_model": "copy the model folder from rank 0 over MPI into this node-local folder on every node "
@@ -142,8 +143,10 @@ def build_config(args: argparse.Namespace, command: str) -> Config:
     for key in ("model", "data", "out", "hostfile"):  # TOML values get no shell expansion of ~
         if isinstance(values.get(key), str) and values[key].startswith("~"):
             values[key] = os.path.expanduser(values[key])
-    if values.get("hostfile") is None and os.path.exists("hostfile"):
-        values["hostfile"] = "hostfile"
+    if values.get("hostfile") is None and os.path.exists(DEFAULT_HOSTFILE):
+        values["hostfile"] = DEFAULT_HOSTFILE
+    elif str(values.get("hostfile")).lower() == "none":  # --hostfile none: equal weights, ./hostfile or not
+        values["hostfile"] = None
     values["command"] = command
     if "threshold" in values:
         values["threshold"] = parse_thresholds(values["threshold"])
@@ -197,6 +200,11 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--gpus-per-rank {cfg.gpus_per_rank}: needs GPUs; leave out --device {cfg.device} or use 1")
     if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):
         raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only; use --kernel auto or gemm with --device cuda")
+
+
+def hostfile_label(path: str) -> str:
+    """How messages name the hostfile: a ./hostfile nobody asked for says so, and how to do without it."""
+    return f"{path} (read by default; --hostfile none for equal weights)" if path == DEFAULT_HOSTFILE else path
 
 
 def parse_thresholds(value: object) -> tuple[float, ...]:

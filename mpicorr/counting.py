@@ -8,32 +8,20 @@ fixed point: each per-token value is rounded to a multiple of 2**-bits and the i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import fused, kernels, triangle
 from .errors import UserError
+from .units import (ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, HIST_HIGH, HIST_LOW,  # noqa: F401 (re-exported)
+                    HIST_MAGNITUDES, NLL_BITS, Unit, hist_edges)
 
-ACT_SUM_BITS = 24     # act_sum: each x rounded to a multiple of 2**-24
-ACT_SUMSQ_BITS = 16   # act_sumsq: each x*x rounded to a multiple of 2**-16
-NLL_BITS = 24         # log-likelihood: each token's value rounded to a multiple of 2**-24
 # Each rank keeps fixed-point sums below 2**56 so that adding up to 128 ranks cannot overflow int64.
 FIXED_LIMIT = 1 << 56
 # Larger (or non-finite) activations mean a broken model or dtype; they would also overflow x*x in fixed point.
 ACT_LIMIT = float(1 << 20)
-# Per-neuron histogram of activation values: magnitude classes at half powers of two from 2**-10 to 2**6
-# (0.25, 0.5, 1, 2 ... are edges, so the share any such threshold keeps is exact), mirrored for x < 0.
-HIST_LOW, HIST_HIGH = -20, 12           # edges 2**(j/2) for j in [HIST_LOW, HIST_HIGH]
-HIST_MAGNITUDES = HIST_HIGH - HIST_LOW + 2  # |x| below the first edge, one class per step, >= the last edge
-HIST_BINS = 2 * HIST_MAGNITUDES - 1     # -(>= 64) ... -(first class), near zero, +(first class) ... +(>= 64)
 SQRT2_MANTISSA = int(np.float32(np.sqrt(2.0)).view(np.int32)) & 0x7FFFFF
-
-
-def hist_edges() -> np.ndarray:
-    """The magnitude edges 2**(j/2) as float32, the values the bins are cut at."""
-    return (2.0 ** (np.arange(HIST_LOW, HIST_HIGH + 1) / 2.0)).astype(np.float32)
 
 
 def hist_bins(x: torch.Tensor) -> torch.Tensor:
@@ -55,22 +43,6 @@ def count_dtype(total_tokens: int) -> torch.dtype:
 def to_fixed(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Round float values to integers in units of 2**-bits (int64)."""
     return torch.round(values.double() * float(1 << bits)).to(torch.int64)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """What one set of counts covers: a block's neurons, one expert of an MoE block (over the tokens routed to
-    it), or an MoE block's router (its experts as neurons: co-selection counts)."""
-
-    layer: int
-    expert: int | None = None
-    router: bool = False
-
-    @property
-    def name(self) -> str:
-        """Stable name, as in checkpoints: block_5, block_5_expert_3, block_5_router."""
-        return f"block_{self.layer}" + (f"_expert_{self.expert}" if self.expert is not None else "") + \
-            ("_router" if self.router else "")
 
 
 def count_into(total: torch.Tensor, index: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from .errors import UserError
+from .errors import SharedError, UserError  # noqa: F401 (SharedError: re-exported)
 
 T = TypeVar("T")
 
@@ -20,10 +20,6 @@ try:  # mpi4py is a dependency, but a laptop without an MPI library can still ru
     from mpi4py import MPI
 except ImportError:  # pragma: no cover - exercised only where mpi4py is missing
     MPI = None
-
-
-class SharedError(UserError):
-    """A UserError raised on every rank at once (so only rank 0 reports it and all ranks exit cleanly)."""
 
 
 class Comm:

@@ -1,7 +1,11 @@
-"""The one exception type that means "the user must fix something" (exit status 2, no traceback)."""
+"""The exception types that mean "the user must fix something" (exit status 2, no traceback)."""
 
 
 class UserError(Exception):
     """A problem with the user's input: the message names the file or option and what to do."""
 
     exit_status = 2
+
+
+class SharedError(UserError):
+    """A UserError raised on every rank at once (so only rank 0 reports it and all ranks exit cleanly)."""

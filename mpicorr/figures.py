@@ -7,12 +7,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
 from . import analysis, measures  # noqa: E402
 
 DPI = 110
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # log axes of counts: 1, 10, 100 rather than 10⁰, 10¹, 10²
+# Heatmap cells whose measure is undefined: a grey that no colour map here uses (RdBu's middle is near-white).
+UNDEFINED = "#9a9a9a"
+# Why a measure can be undefined at a cell (the legend of heatmaps that have such cells).
+UNDEFINED_WHY = {"phi": "a neuron that never or always fires", "freq": None, "count": None}
+# Lift's colour scale ends at this percentile of max(lift, 1/lift): the lift of rare pairs explodes (two
+# neurons that each fire twice, once together, have lift T/4) and would wash out everything else.
+LIFT_PERCENTILE = 99.5
 
 
 def _save(fig, path: str, dpi: int = DPI) -> str:
@@ -23,8 +32,9 @@ def _save(fig, path: str, dpi: int = DPI) -> str:
 
 
 def _colours(n: int):
+    """n colours by depth; viridis without its pale yellow end, which vanishes on white."""
     cmap = plt.get_cmap("viridis")
-    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+    return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
 
 
 def rank_frequency(layers, path: str) -> str:
@@ -36,6 +46,8 @@ def rank_frequency(layers, path: str) -> str:
         ax.loglog(np.arange(1, len(counts) + 1), counts, color=colour,
                   label=f"layer {lf.layer} (α={alpha:.2f})" if len(layers) <= 8 else None)
     ax.set(xlabel="neuron rank (most frequent first)", ylabel="firing count", title="Rank-frequency of neuron firing")
+    ax.xaxis.set_major_formatter(PLAIN)
+    ax.yaxis.set_major_formatter(PLAIN)
     if len(layers) <= 8:
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -55,55 +67,127 @@ def coverage(layers, path: str) -> str:
 
 
 def depth(rows: list[dict], path: str) -> str:
-    """Density, power-law exponent and top-20 % coverage against layer."""
+    """Density, power-law exponent and top-20 % coverage against layer, each axis from 0 (a small change must
+    not look like a cliff)."""
     fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
     layers = [r["layer"] for r in rows]
-    for ax, key, label in zip(axes, ("density", "alpha", "coverage20"),
-                              ("density (share firing per token)", "power-law exponent α", "coverage of top 20 %")):
-        ax.plot(layers, [r[key] for r in rows], "o-")
-        ax.set_ylabel(label, fontsize=8)
+    density = [100 * r["density"] for r in rows]
+    alpha = [r["alpha"] for r in rows]
+    top20 = [100 * r["coverage20"] for r in rows]
+    axes[0].plot(layers, density, "o-")
+    axes[0].set(ylabel="density (% firing per token)", ylim=(0, 1.15 * max(max(density), 1e-9)))
+    axes[1].plot(layers, alpha, "o-")
+    axes[1].set(ylabel="power-law exponent α", ylim=(0, max(1.0, 1.15 * max(alpha))))
+    axes[2].plot(layers, top20, "o-")
+    axes[2].axhline(20, color="grey", ls=":", lw=1, label="uniform firing")
+    axes[2].set(ylabel="firings by the top 20 % (%)", ylim=(0, 100))
+    axes[2].legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.yaxis.label.set_size(8)
     axes[-1].set_xlabel("layer")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Firing across depth")
     return _save(fig, path)
 
 
-def _show(ax, image: np.ndarray, kind: str, width: int):
-    """Draw a heatmap image; lift on a log scale symmetric around 1 (white = independent); NaN stays blank."""
-    extent = (0, width, width, 0)
+def colour_scale(images: list[np.ndarray], kind: str) -> tuple[Normalize, object, str]:
+    """(norm, colour map, colour-bar extension) shared by heatmaps of one measure. Lift: a log scale symmetric
+    around 1 (white: independent) up to the LIFT_PERCENTILE-th percentile of max(lift, 1/lift), the end
+    colours beyond; phi: symmetric around 0; the others from 0 (cond and jaccard to 1). Undefined cells grey."""
+    values = np.concatenate([im[np.isfinite(im)].ravel() for im in images] or [np.zeros(0)])
     if kind == "lift":
-        positive = image[image > 0]
-        span = max(positive.max(), 1 / max(positive.min(), 1e-3), 1.01) if positive.size else 10.0
-        shown = np.where(np.isnan(image), np.nan, np.where(image > 0, image, 1 / span))
-        return ax.imshow(shown, norm=LogNorm(vmin=1 / span, vmax=span),
-                         cmap="RdBu_r", extent=extent, interpolation="nearest")
-    if kind == "phi":
-        span = max(float(np.nan_to_num(np.abs(image)).max()), 1e-6)
-        return ax.imshow(image, cmap="RdBu_r", vmin=-span, vmax=span, extent=extent, interpolation="nearest")
-    return ax.imshow(image, cmap="magma", extent=extent, interpolation="nearest")
+        positive = values[values > 0]
+        ratio = np.maximum(positive, 1 / positive)
+        span = max(float(np.percentile(ratio, LIFT_PERCENTILE)) if ratio.size else 2.0, 1.05)
+        extend = "both" if ratio.size and ratio.max() > span else "neither"
+        norm, cmap = LogNorm(vmin=1 / span, vmax=span), plt.get_cmap("RdBu_r")
+    elif kind == "phi":
+        span = max(float(np.abs(values).max()) if values.size else 0.0, 1e-6)
+        norm, cmap, extend = Normalize(-span, span), plt.get_cmap("RdBu_r"), "neither"
+    else:
+        top = 1.0 if kind in ("cond", "jaccard") else max(float(values.max()) if values.size else 0.0, 1e-12)
+        norm, cmap, extend = Normalize(0, top), plt.get_cmap("magma"), "neither"
+    return norm, cmap.with_extremes(bad=UNDEFINED), extend
+
+
+def _show(ax, image: np.ndarray, width: int, norm: Normalize, cmap):
+    """Draw a heatmap image over neuron indices 0..width; lift 0 (never together) takes the lowest colour."""
+    if isinstance(norm, LogNorm):
+        image = np.where(np.isnan(image), np.nan, np.maximum(image, norm.vmin))
+    return ax.imshow(image, norm=norm, cmap=cmap, extent=(0, width, width, 0), interpolation="nearest")
+
+
+def _colour_bar(fig, mappable, axes, kind: str, extend: str):
+    """The colour bar of heatmaps; lift's ticks at powers of 2 written as 1/4, 1/2, 1, 2, 4 (not 4×10⁰)."""
+    label = {"lift": "lift (log scale; 1: independent)", "cond": "P(j | i)", "freq": "P(i and j)",
+             "count": "tokens on which both fire", "phi": "phi", "jaccard": "Jaccard"}[kind]
+    bar = fig.colorbar(mappable, ax=axes, label=label, extend=extend, shrink=0.9)
+    if kind == "lift":
+        top = float(np.log2(mappable.norm.vmax))
+        powers = np.arange(-int(top), int(top) + 1)
+        powers = powers[powers % max(1, -(-len(powers) // 9)) == 0]  # at most about 9 ticks, 1 among them
+        ticks = [float(2.0 ** e) for e in powers] if top >= 1 else [mappable.norm.vmin, 1.0, mappable.norm.vmax]
+        bar.set_ticks(ticks, labels=[_lift_label(t) for t in ticks])
+        bar.ax.yaxis.set_minor_locator(NullLocator())
+    return bar
+
+
+def _lift_label(value: float) -> str:
+    if value >= 1:
+        return f"{value:.3g}"
+    inverse = 1 / value
+    return f"1/{inverse:.0f}" if abs(inverse - round(inverse)) < 1e-9 else f"{value:.2f}"
+
+
+def _undefined_legend(fig, images: list[np.ndarray], kind: str) -> None:
+    """Name the grey of undefined cells, when some are drawn."""
+    if not any(np.isnan(im).any() for im in images):
+        return
+    why = UNDEFINED_WHY.get(kind, "a neuron that never fires")
+    text = f"no value: {why}, or a neuron with itself" if why else "no value: a neuron with itself"
+    fig.legend(handles=[Patch(facecolor=UNDEFINED, label=text)], loc="outside lower center", frameon=False,
+               fontsize=9)
 
 
 def heatmap(image: np.ndarray, width: int, layer: int, kind: str, order_name: str, path: str) -> str:
-    """One layer's heatmap with axis labels and a colour bar."""
-    fig, ax = plt.subplots(figsize=(8, 7))
-    fig.colorbar(_show(ax, image, kind, width), ax=ax, label=kind)
+    """One layer's heatmap with axis labels, a colour bar and, where cells have no value, a legend for them."""
+    fig, ax = plt.subplots(figsize=(8, 7), layout="constrained")
+    norm, cmap, extend = colour_scale([image], kind)
+    _colour_bar(fig, _show(ax, image, width, norm, cmap), ax, kind, extend)
     ax.set(xlabel=f"neuron j ({order_name})", ylabel=f"neuron i ({order_name})", title=f"layer {layer}: {kind}")
-    return _save(fig, path, dpi=100)
+    _undefined_legend(fig, [image], kind)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
-def contact_sheet(images: dict[int, np.ndarray], widths: dict[int, int], kind: str, path: str) -> str:
-    """All layers' heatmaps in one grid, each with its own colour scale."""
+def contact_sheet(images: dict[int, np.ndarray], widths: dict[int, int], kind: str, path: str,
+                  order_name: str | None = None) -> str:
+    """All layers' heatmaps in one grid on one colour scale, with neuron axes and one colour bar."""
     n = len(images)
-    cols = int(np.ceil(np.sqrt(n)))
+    cols = min(4, int(np.ceil(np.sqrt(n))))
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.ravel():
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 1.3, 3.2 * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    norm, cmap, extend = colour_scale(list(images.values()), kind)
+    for ax in axes.ravel()[n:]:
         ax.axis("off")
-    for ax, (layer, image) in zip(axes.ravel(), images.items()):
-        _show(ax, image, kind, widths[layer])
-        ax.set_title(f"layer {layer}", fontsize=8)
-    fig.suptitle(f"{kind}, all layers")
-    return _save(fig, path, dpi=90)
+    for k, (ax, (layer, image)) in enumerate(zip(axes.ravel(), images.items())):
+        shown = _show(ax, image, widths[layer], norm, cmap)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(4, integer=True))
+        if k % cols == 0:
+            ax.set_ylabel("neuron i", fontsize=8)
+        if k + cols >= n:
+            ax.set_xlabel("neuron j", fontsize=8)
+    _colour_bar(fig, shown, axes.ravel()[:n].tolist(), kind, extend)
+    fig.suptitle(f"{kind}, all layers" + (f" ({order_name})" if order_name else ""))
+    _undefined_legend(fig, list(images.values()), kind)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, path: str) -> str:
@@ -126,36 +210,56 @@ def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, pat
 
 
 def cluster_quality(rows: list[dict], path: str) -> str:
-    """Inside-cluster co-firing share and clusters touched per token, clusters vs random, across layers."""
-    fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    layers = [r["layer"] for r in rows]
-    axes[0].plot(layers, [r["inside_share"] for r in rows], "o-", label="clusters")
-    axes[0].plot(layers, [r["random_inside_share"] for r in rows], "s--", label="random, same sizes")
-    axes[0].set_ylabel("co-firing mass inside")
-    for key, style, label in (("", "o-", "clusters"), ("random_", "s--", "random, same sizes")):
+    """Inside-cluster co-firing share and clusters touched per token, clusters vs random, across layers. The
+    touched counts are bounds (from pairwise counts): drawn as intervals side by side, not as bands that hide
+    each other, on an axis from 0 to K."""
+    fig, axes = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    layers = np.array([r["layer"] for r in rows], dtype=float)
+    k = max(int(r["clusters"]) for r in rows)
+    styles = (("", "o-", "C0", f"{k} spectral clusters"), ("random_", "s--", "C1", "random partition, same sizes"))
+    for key, style, colour, label in styles:
+        axes[0].plot(layers, [100 * r[f"{key}inside_share"] for r in rows], style, color=colour, label=label)
+    axes[0].set(ylabel="co-firing mass inside clusters (%)", ylim=(0, 100))
+    axes[0].legend(fontsize=8)
+    shift = 0.12 if len(rows) > 1 else 0.04
+    for (key, _, colour, label), dx in zip(styles, (-shift, shift)):
         lo = np.array([r[f"{key}touched_low"] for r in rows])
         hi = np.array([r[f"{key}touched_high"] for r in rows])
-        line, = axes[1].plot(layers, (lo + hi) / 2, style, label=label)
-        axes[1].fill_between(layers, lo, hi, color=line.get_color(), alpha=0.2)
-    axes[1].set(xlabel="layer", ylabel="clusters touched per token")
+        axes[1].vlines(layers + dx, lo, hi, color=colour, lw=6, alpha=0.75, label=label)
+        axes[1].plot(np.repeat(layers + dx, 2), np.concatenate([lo, hi]).reshape(2, -1).T.ravel(), "_",
+                     color=colour, ms=12)
+    axes[1].axhline(k, color="grey", ls=":", lw=1)
+    axes[1].set(xlabel="layer", ylabel="clusters touched per token", ylim=(0, k + 0.5))
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.suptitle("Cluster quality (band: bounds from pairwise counts)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Cluster quality, K = {k} (bars: lower to upper bound from pairwise counts)", fontsize=11)
     return _save(fig, path)
 
 
-def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str) -> str:
-    """Distribution of bundle sizes per layer."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    top = max((int(s.max()) for s in sizes.values() if len(s)), default=0)
-    bins = np.arange(top + 2) - 0.5 if top < 64 else np.unique(np.geomspace(1, top + 1, 40).astype(int)) - 0.5
+def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support: int | None = None) -> str:
+    """Distribution of the sizes of non-empty bundles per layer (the legend gives the share of neurons with
+    one); a run without any bundle says so instead of drawing empty axes."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    title = f"Bundle sizes, q = {q}"
+    if not any((s > 0).any() for s in sizes.values()):
+        support = f" with support ≥ {min_support}" if min_support else ""
+        ax.text(0.5, 0.5, f"no bundles at q = {q}:\nno neuron i has a partner j with P(j | i) ≥ {q}{support}",
+                ha="center", va="center", fontsize=12, transform=ax.transAxes)
+        ax.set_axis_off()
+        ax.set_title(title)
+        return _save(fig, path)
+    top = max(int(s.max()) for s in sizes.values() if len(s))
+    bins = np.arange(1, top + 2) - 0.5 if top < 64 else np.unique(np.geomspace(1, top + 1, 40).astype(int)) - 0.5
     for colour, (layer, s) in zip(_colours(len(sizes)), sizes.items()):
-        ax.hist(s, bins=bins, histtype="step", color=colour, label=f"layer {layer}" if len(sizes) <= 8 else None)
+        share = float((s > 0).mean()) if len(s) else 0.0
+        label = f"layer {layer}: {100 * share:.3g} % of neurons have one" if len(sizes) <= 8 else None
+        ax.hist(s[s > 0], bins=bins, histtype="step", color=colour, label=label, lw=1.5)
     ax.set_yscale("log")
-    ax.set(xlabel="bundle size (neurons j with P(j | i) >= q)", ylabel="neurons", title=f"Bundle sizes, q = {q}")
+    ax.set(xlabel="bundle size (neurons j with P(j | i) >= q)", ylabel="neurons", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(PLAIN)
     if len(sizes) <= 8:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
 

@@ -1,6 +1,6 @@
 """`info`, `verify` and `sum` for matrix files (mpicorr's and the original tool's) and run folders.
 
-    python -m mpicorr info runs/a/correlations_block_0.zstd
+    python -m mpicorr info runs/a/correlations_block_0.zstd      # or a run folder: every matrix file's header
     python -m mpicorr verify runs/a/*.zstd            # or a run folder: also checks summary.h5's SHA-256s
     python -m mpicorr sum merged.zstd runs/a/correlations_block_0.zstd runs/b/correlations_block_0.zstd
     python -m mpicorr sum runs/all runs/a runs/b      # run folders: every layer and a merged summary.h5
@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
-from . import __version__, matrixfile, plan, summary, triangle
+from . import __version__, layout, matrixfile, plan, summary
 from .config import threshold_folders
-from .counting import Unit
 from .errors import UserError
+from .units import Unit
 
 # Root attributes that runs must share to be merged, and the option that sets each.
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
@@ -35,15 +36,27 @@ def info(path: str) -> str:
             f"{os.path.getsize(path)} bytes")
 
 
+def info_run(folder: str) -> str:
+    """info() of every matrix file of a run folder, in block (then expert) order; for a run that counted
+    several thresholds, of each threshold-<T> subfolder."""
+    names = matrixfile.exists_any(folder)
+    if not names and threshold_folders(folder):
+        return "\n".join(info_run(part) for part in threshold_folders(folder))
+    if not names:
+        raise UserError(f"{folder}: no correlations_block_<L>.zstd files; give a run folder or matrix files")
+    order = sorted(names, key=lambda name: [int(n) for n in re.findall(r"\d+", name)])
+    return "\n".join(info(os.path.join(folder, name)) for name in order)
+
+
 def verify(path: str, sha256: str | None = None) -> None:
     """Read the file fully and check its counts are consistent (and its SHA-256 when given); raise
     UserError on the first problem."""
     header, packed = matrixfile.read_matrix(path, sha256)
-    diag = triangle.diagonal(packed, header.width).astype(np.int64)
+    diag = layout.diagonal(packed, header.width).astype(np.int64)
     if (diag > header.trials).any():
         i = int(np.argmax(diag > header.trials))
         raise UserError(f"{path}: neuron {i} fired {diag[i]} times in {header.trials} trials")
-    for r0, r1, rows in triangle.full_row_blocks(packed, header.width):
+    for r0, r1, rows in layout.full_row_blocks(packed, header.width):
         bad = (rows > diag[None, :]) | (rows > diag[r0:r1, None])
         if bad.any():
             i, j = np.argwhere(bad)[0]
@@ -171,7 +184,7 @@ def merge_unit(h5, out: str, unit: Unit, inputs: list[str], entries: list[dict |
     """Add one layer's (or expert's) matrix files and raw statistics over the runs and write both."""
     files = [os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)) for folder in inputs]
     width = int(entries[0]["attrs"]["width"])
-    total = np.zeros(triangle.packed_size(width), dtype=np.uint64)
+    total = np.zeros(layout.packed_size(width), dtype=np.uint64)
     stats = {"fire_count": 0, "active_hist": 0, "act_sum": 0, "act_sumsq": 0, "act_hist": 0}
     trials = 0
     for path, entry in zip(files, entries):

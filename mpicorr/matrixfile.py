@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from . import triangle
+from . import layout
 from .errors import UserError
 from .files import atomic_write
 
@@ -91,8 +91,8 @@ def header_bytes(block: int, width: int, trials: int) -> bytes:
 
 
 def _check_shape(packed: np.ndarray, width: int) -> None:
-    if np.shape(packed) != (triangle.packed_size(width),):
-        raise ValueError(f"packed counts have shape {np.shape(packed)}, expected ({triangle.packed_size(width)},)")
+    if np.shape(packed) != (layout.packed_size(width),):
+        raise ValueError(f"packed counts have shape {np.shape(packed)}, expected ({layout.packed_size(width)},)")
 
 
 def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[bytes, bytes]:
@@ -138,7 +138,7 @@ def read_matrix(path: str, sha256: str | None = None) -> tuple[Header, np.ndarra
         raise UserError(f"{path}: SHA-256 differs from the one in its run's summary.h5; the file was changed "
                         f"or damaged after the run")
     header = parse_header(data, path)
-    expected = triangle.packed_size(header.width) * header.dtype.itemsize
+    expected = layout.packed_size(header.width) * header.dtype.itemsize
     frame = data[HEADER.size :]
     try:
         size = zstandard.frame_content_size(frame)

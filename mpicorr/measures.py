@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import triangle
+from . import layout
 from .errors import UserError
 
 MEASURES = ("count", "freq", "cond", "lift", "pmi", "phi", "jaccard")
@@ -57,7 +57,7 @@ def lower_blocks(packed: np.ndarray, width: int) -> Iterator[tuple[int, int, np.
         r1 = r0 + 1
         while r1 < width and (r1 - r0 + 1) * (r1 + 1) <= BLOCK_ELEMENTS:
             r1 += 1
-        block = triangle.rows(packed, r0, r1, r1).astype(np.int64)
+        block = layout.rows(packed, r0, r1, r1).astype(np.int64)
         below = np.arange(r1)[None, :] < np.arange(r0, r1)[:, None]
         yield r0, r1, block, below
         r0 = r1
@@ -84,7 +84,7 @@ def rank_value(c, ci, cj, trials: int, kind: str) -> np.ndarray:
 
 def top_pairs(packed: np.ndarray, width: int, trials: int, kind: str, k: int, min_support: int = 1) -> Pairs:
     """The k pairs i > j with C[i, j] >= min_support and the largest `kind` (ties: larger count, lower i, j)."""
-    diag = triangle.diagonal(packed, width).astype(np.int64)
+    diag = layout.diagonal(packed, width).astype(np.int64)
     best = Pairs(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.int64, np.float64)))
     for r0, r1, block, below in lower_blocks(packed, width):
         ii, jj = np.nonzero(below & (block >= max(min_support, 1)))
@@ -111,7 +111,7 @@ def histograms(packed: np.ndarray, width: int, trials: int, min_support: int = 1
     """Counts of pairs i > j with C[i, j] >= min_support in BINS of each measure (cond: both directions).
 
     Values outside the bins are clipped into the first or last bin so that every pair is counted once."""
-    diag = triangle.diagonal(packed, width).astype(np.int64)
+    diag = layout.diagonal(packed, width).astype(np.int64)
     hist = {kind: np.zeros(len(edges) - 1, dtype=np.int64) for kind, edges in BINS.items()}
     for r0, r1, block, below in lower_blocks(packed, width):
         ii, jj = np.nonzero(below & (block >= max(min_support, 1)))

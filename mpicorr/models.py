@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from . import inputs
 from .errors import UserError
 
 
@@ -269,8 +270,7 @@ def check_model(name: str, site_module: str | None = None, site: str = "ffn") ->
     """Check a model reference before loading weights; return its family (config.model_type)."""
     from transformers import AutoConfig
 
-    if _looks_local(name) and not os.path.isdir(name):
-        raise UserError(f"--model {name}: no such folder; give a model folder or a hub id like org/name")
+    inputs.model_folder(name)  # a missing folder or an uncached hub id: a clear message, no network
     try:
         family = AutoConfig.from_pretrained(name).model_type
     except (OSError, ValueError) as exc:
@@ -351,10 +351,6 @@ def load_tokenizer(name: str):
 def is_causal_lm(model: torch.nn.Module) -> bool:
     """True when the model predicts the next token (so a perplexity can be computed)."""
     return model.config.model_type not in ENCODERS and model.get_output_embeddings() is not None
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or os.path.exists(name)
 
 
 def _first_line(exc: BaseException) -> str:

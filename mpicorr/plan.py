@@ -5,6 +5,7 @@ Hostfile lines (``#`` starts a comment)::
     gpu01 slots=4 weight=2     # Open MPI syntax; weight applies to each slot (default 1)
     gpu02 slots=2 # weight=3   # the same, in a comment: mpirun itself rejects 'weight=' in a hostfile
     gpu03 48                   # the original servers.txt form: host weight (one slot)
+    localhost                  # no slots=: any number of ranks on that host, weight 1
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 from .errors import UserError
 
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+# The slots of a line without slots=: any number of ranks may run on that host (mpirun gives such a line one
+# slot per core); `plan -n N` places every remaining rank there.
+ANY_SLOTS = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def parse_hostfile(text: str, path: str = "hostfile") -> list[HostLine]:
         if len(opts) == 1 and "=" not in opts[0]:
             lines.append(HostLine(host, 1, _positive(opts[0], "weight", where)))
             continue
-        slots, weight = 1, 1.0
+        slots, weight = ANY_SLOTS, 1.0
         for opt in opts:
             key, _, value = opt.partition("=")
             if key == "slots":

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary, triangle
-from .config import Config, output_folders, parse_part, threshold_folders
+from .config import Config, hostfile_label, output_folders, parse_part, threshold_folders
 from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
 from .dist import Comm, Service
 from .errors import UserError
@@ -94,14 +94,15 @@ def dry_plan(cfg: Config, ranks: int) -> str:
     if cfg.hostfile is None:
         hosts, weights, devices = ["-"] * ranks, [1.0] * ranks, ["auto"] * ranks
     else:
-        slots = plan.by_slot(read_hostfile(cfg.hostfile), ranks, cfg.hostfile)
+        slots = plan.by_slot(read_hostfile(cfg.hostfile), ranks, hostfile_label(cfg.hostfile))
         hosts = [line.host for line, _ in slots]
         weights = [line.weight for line, _ in slots]
         g = cfg.gpus_per_rank
         devices = [f"gpu {local}" if g == 1 else f"gpu {local * g}-{local * g + g - 1}" for _, local in slots]
     work = plan.make_plan(plan.batches(start, count, cfg.batch_size), hosts, weights)
     head = (f"{cfg.data}: {len(all_chunks)} chunks of {cfg.ctx} tokens; processing {count} "
-            f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s)")
+            f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s), weights from "
+            f"{hostfile_label(cfg.hostfile) if cfg.hostfile else 'no hostfile (all equal)'}")
     return head + "\n" + plan.format_plan(work, devices)
 
 
@@ -111,15 +112,16 @@ def read_hostfile(path: str) -> list[plan.HostLine]:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--hostfile {path}: cannot read ({exc}); fix the path or leave it out") from None
-    return plan.parse_hostfile(text, path)
+        raise UserError(f"--hostfile {hostfile_label(path)}: cannot read ({exc}); fix the path or give "
+                        f"--hostfile none") from None
+    return plan.parse_hostfile(text, hostfile_label(path))
 
 
 def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
     """Per-rank weights from the hostfile, or equal weights without one."""
     if path is None:
         return [1.0] * len(hosts)
-    return plan.rank_weights(read_hostfile(path), hosts, path)
+    return plan.rank_weights(read_hostfile(path), hosts, hostfile_label(path))
 
 
 def check_out(out: str, force: bool, resume: bool = False) -> None:

@@ -17,17 +17,30 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from . import kernels, triangle
-from .counting import ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, NLL_BITS, hist_edges
+from . import layout
 from .files import atomic_path
+from .units import ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, NLL_BITS, hist_edges
 
 SUMMARY = "summary.h5"
 TOP_PARTNERS = 16
+# Narrower layers find their top partners with numpy (about 0.05 s each; 0.7 s at 2048): numba's start-up
+# (about 2 s) would cost a small `sum` more than it saves.
+COMPILED_WIDTH = 512
 
 
 def top_partners(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
     """For each neuron the k others with the largest C[i, j] > 0 (ties: lower index first), padded -1 / 0.
-    Compiled: one pass over the triangle (a 14336-wide layer: about 0.5 s instead of 5)."""
+    Layers of COMPILED_WIDTH neurons or more take the compiled search, narrower ones the numpy path (the
+    same arrays)."""
+    if width < COMPILED_WIDTH:
+        return top_partners_numpy(packed, width, k)
+    return top_partners_compiled(packed, width, k)
+
+
+def top_partners_compiled(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
+    """top_partners in one compiled pass over the triangle (a 14336-wide layer: about 0.5 s instead of 5)."""
+    from . import kernels  # here, not at the top: numba takes a second to import, and info/verify never need it
+
     if not kernels.AVAILABLE:
         return top_partners_numpy(packed, width, k)
     keys = kernels.top_partner_keys(packed, width, k)
@@ -40,7 +53,7 @@ def top_partners_numpy(packed: np.ndarray, width: int, k: int = TOP_PARTNERS) ->
     partners = np.full((width, k), -1, dtype=np.int64)
     counts = np.zeros((width, k), dtype=np.uint64)
     j = np.arange(width, dtype=np.int64)
-    for r0, r1, block in triangle.full_row_blocks(packed, width):
+    for r0, r1, block in layout.full_row_blocks(packed, width):
         # Unique keys make the choice deterministic: larger count first, then lower index.
         keys = block * width + (width - 1 - j)[None, :]
         keys[block == 0] = -1
@@ -122,7 +135,7 @@ def summary_writer(path: str) -> Iterator[h5py.File]:
 
 def router_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, experts: int, tokens: int):
     """(datasets, attributes) of an MoE block's router group, from its reduced sums and packed co-selection."""
-    coselect = triangle.unpack(packed, experts).astype(np.uint64)
+    coselect = layout.unpack(packed, experts).astype(np.uint64)
     load = stats["fire_count"].astype(np.uint64)
     return {"coselect": coselect, "load": load}, {
         "tokens": tokens, "experts": experts,

@@ -1,5 +1,5 @@
 """The packed lower triangle C[i, j], j <= i, row-major, row i at offset i(i+1)/2 (the matrix files'
-layout), and the two exact accumulators behind one interface (add / packed / add_packed):
+layout, from mpicorr.layout), and the exact accumulators behind one interface (add / packed / add_packed):
 
 - PanelCounts: fp32 GEMMs over row panels (BLAS); portable, any device.
 - DeviceCounts: bfloat16 tensor-core GEMMs into float32 or int16 panels on a GPU, flushed into wide host
@@ -15,12 +15,12 @@ import functools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from . import fused, kernels
+from .layout import diagonal, full_row_blocks, offset, packed_size, rows, rows_at, unpack  # noqa: F401 (the layout)
 
 # Cost of one sparse pair update relative to one popcount kernel step (a pair times 512 tokens), measured
 # with `python -m mpicorr bench`; only decides speed, never a count.
@@ -30,8 +30,6 @@ SPARSE_COST = 1.0
 # bound by POPCNT and 512 or 4096 tokens per call run at the same rate; a faster popcount makes it count.
 TOKENS_PER_CALL = 4096
 
-# Cells per block of whole rows in full_row_blocks: 32 MB as int64.
-ROW_BLOCK_ELEMENTS = 1 << 22
 # fp32 holds every integer up to 2**24 exactly, so fp32 sums of 0/1 products over at most this many
 # tokens are exact counts.
 EXACT_TOKENS = 1 << 24
@@ -43,16 +41,6 @@ ALIGN_ROWS = 64
 HOST_THREADS = 8
 # Share of a GPU's memory that float32 count panels must leave free (for activations); else int16 panels.
 DEVICE_RESERVE = 0.25
-
-
-def packed_size(width: int) -> int:
-    """Number of entries of the lower triangle (diagonal included)."""
-    return width * (width + 1) // 2
-
-
-def offset(row: int) -> int:
-    """Index of C[row, 0] in the packed triangle."""
-    return row * (row + 1) // 2
 
 
 def panels(width: int, elements: int = PANEL_ELEMENTS, multiple: int = 1) -> list[tuple[int, int]]:
@@ -524,33 +512,3 @@ def pair_counter(width: int, dtype: torch.dtype, device: str, kernel: str = "aut
     if cpu and panel is None:
         return PanelCounts(width, dtype, device)
     return DeviceCounts(width, dtype, device, panel or device_panel(panel_cells(width), device))
-
-
-def full_row_blocks(packed: np.ndarray, width: int, elements: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(r0, r1, C[r0:r1, :] as int64) over blocks of whole rows of about `elements` cells (default
-    ROW_BLOCK_ELEMENTS), so that a pass over a 14336-wide layer never holds the full matrix."""
-    for r0, r1 in panels(width, elements or ROW_BLOCK_ELEMENTS):
-        yield r0, r1, rows(packed, r0, r1, width).astype(np.int64)
-
-
-def diagonal(packed: np.ndarray, width: int) -> np.ndarray:
-    """C[i, i] for all i."""
-    idx = np.arange(width, dtype=np.int64)
-    return packed[idx * (idx + 1) // 2 + idx]
-
-
-def rows(packed: np.ndarray, r0: int, r1: int, width: int) -> np.ndarray:
-    """Full symmetric rows C[r0:r1, 0:width] gathered from the packed triangle."""
-    return rows_at(packed, np.arange(r0, r1), np.arange(width))
-
-
-def rows_at(packed: np.ndarray, rows_idx: np.ndarray, cols_idx: np.ndarray) -> np.ndarray:
-    """C[rows_idx][:, cols_idx] of the symmetric matrix, gathered from the packed triangle."""
-    i = np.asarray(rows_idx, dtype=np.int64)[:, None]
-    j = np.asarray(cols_idx, dtype=np.int64)[None, :]
-    return packed[np.where(j <= i, i * (i + 1) // 2 + j, j * (j + 1) // 2 + i)]
-
-
-def unpack(packed: np.ndarray, width: int) -> np.ndarray:
-    """The full symmetric width x width matrix (for small widths and tests)."""
-    return rows(packed, 0, width, width)

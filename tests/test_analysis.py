@@ -50,6 +50,21 @@ def test_heatmap_is_block_mean_of_the_measure(tmp_path):
     assert analysis.heatmap(packed, 40, header.trials, order, 4096).shape == (40, 40)
 
 
+def test_heatmap_leaves_undefined_cells_out():
+    """Neuron 3 never fires, so its lift with anyone is undefined: NaN pixels at full resolution (as is the
+    diagonal), and a block mixing it with firing neurons averages the defined cells only."""
+    fired = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 1, 0], [0, 0, 1, 0]], dtype=np.int64)
+    full = fired.T @ fired
+    packed, trials = full[np.tril_indices(4)], len(fired)
+    lift = full * trials / np.outer(np.diag(full), np.diag(full)).clip(1)
+    image = analysis.heatmap(packed, 4, trials, np.arange(4), 4, "lift")
+    assert np.isnan(image[3]).all() and np.isnan(image[:, 3]).all() and np.isnan(np.diag(image)).all()
+    assert np.allclose(image[:3, :3][~np.eye(3, dtype=bool)], lift[:3, :3][~np.eye(3, dtype=bool)])
+    halves = analysis.heatmap(packed, 4, trials, np.arange(4), 2, "lift")
+    assert halves[0, 1] == pytest.approx((lift[0, 2] + lift[1, 2]) / 2) and np.isnan(halves[1, 1])
+    assert halves[0, 0] == pytest.approx(lift[0, 1])
+
+
 def script(name, *args):
     """Run analysis/<name> and return the completed process."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "analysis", name), *map(str, args)],

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mpicorr import bundles, measures, triangle
+from mpicorr import bundles, layout, measures, triangle
 
 
 def random_counts(width=23, tokens=300, seed=0):
@@ -80,7 +80,7 @@ def test_histograms_count_every_supported_pair(monkeypatch):
 
 @pytest.mark.parametrize("q,support", [(0.8, 1), (0.5, 10), (1.0, 1)])
 def test_bundles_match_brute_force(q, support, tmp_path, monkeypatch):
-    monkeypatch.setattr(triangle, "ROW_BLOCK_ELEMENTS", 50)
+    monkeypatch.setattr(layout, "ROW_BLOCK_ELEMENTS", 50)
     packed, full, tokens = random_counts()
     b = bundles.layer_bundles(4, packed, len(full), q, support)
     for i in range(len(full)):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpicorr import counting, kernels, summary, triangle
+from mpicorr import counting, kernels, layout, summary, triangle
 
 
 def naive_pairs(fired: np.ndarray) -> np.ndarray:
@@ -174,7 +174,7 @@ def test_count_dtype_cannot_overflow():
     assert counting.count_dtype(2**31) == torch.int64
 
 
-@pytest.mark.parametrize("top_partners", [summary.top_partners, summary.top_partners_numpy])
+@pytest.mark.parametrize("top_partners", [summary.top_partners, summary.top_partners_compiled, summary.top_partners_numpy])
 def test_top_partners_ties_zeros_and_narrow_layers(top_partners):
     full = np.array([[9, 3, 3, 0], [3, 8, 5, 1], [3, 5, 7, 0], [0, 1, 0, 2]])
     packed = full[np.tril_indices(4)]
@@ -192,10 +192,10 @@ def test_top_partners_ties_zeros_and_narrow_layers(top_partners):
 @pytest.mark.parametrize("width,high", [(1, 3), (2, 2), (57, 3), (300, 1000)])
 def test_compiled_top_partners_equal_the_numpy_path(width, high, monkeypatch):
     """Many ties (counts in 0..2) and wide ranges, with row blocks of 7 rows in the numpy path."""
-    monkeypatch.setattr(triangle, "ROW_BLOCK_ELEMENTS", 7 * width)
+    monkeypatch.setattr(layout, "ROW_BLOCK_ELEMENTS", 7 * width)
     packed = np.random.default_rng(width).integers(0, high, triangle.packed_size(width)).astype(np.uint32)
     want = summary.top_partners_numpy(packed, width)
-    got = summary.top_partners(packed, width)
+    got = summary.top_partners_compiled(packed, width)
     assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
 
 

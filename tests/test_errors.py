@@ -92,6 +92,23 @@ def test_bad_input_is_one_line_exit_2(llama, tiny_models, sample_path, bad_files
     assert not out.exists() or not os.listdir(out)
 
 
+def test_default_hostfile_is_named_and_hostfile_none_gives_equal_weights(llama, sample_path, tmp_path):
+    """A ./hostfile nobody asked for says so in its messages; --hostfile none ignores it."""
+    (tmp_path / "hostfile").write_text("elsewhere slots=1\n")
+    common = ["--model", llama, "--data", sample_path, "--ctx", str(CTX)]
+    label = "./hostfile (read by default; --hostfile none for equal weights)"
+    one_error_line(run_main(["plan", "-n", "2", *common], cwd=str(tmp_path)), label, "2 ranks need 2 slots")
+    out = tmp_path / "out"
+    one_error_line(run_main(["run", *common, "--out", str(out)], cwd=str(tmp_path)), label, "no line for host")
+    assert not out.exists() or not os.listdir(out)
+    result = run_main(["plan", "-n", "2", *common, "--hostfile", "none"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[3] for line in result.stdout.splitlines()[2:]] == ["1", "1"]
+    line = one_error_line(run_main(["plan", "-n", "2", *common, "--hostfile", str(tmp_path / "hostfile")],
+                                   cwd=str(tmp_path)), "2 ranks need 2 slots")
+    assert "read by default" not in line
+
+
 def test_site_module_replaces_the_registry(llama, sample_path, bad_files, tmp_path):
     """The registry's sites named by regex give the same bytes; a family the registry lacks then runs."""
     common = ["--data", sample_path, "--ctx", str(CTX), "--chunks", "3"]

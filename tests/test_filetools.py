@@ -1,9 +1,13 @@
 """info / verify / sum on matrix files."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from conftest import run_cli, run_main
+from conftest import cli_env, run_cli, run_main
 from mpicorr import filetools, matrixfile, summary
 from test_pipeline import outputs
 from mpicorr.errors import UserError
@@ -124,3 +128,31 @@ def test_verify_run_folder_checks_recorded_sha256(llama, sample_path, tmp_path):
     assert result.returncode == 2 and "SHA-256 differs" in result.stderr
     result = run_main(["sum", str(tmp_path / "merged"), out])
     assert result.returncode == 2 and "SHA-256 differs" in result.stderr
+
+
+def test_file_commands_and_input_errors_start_without_torch(llama, sample_path, tmp_path):
+    """info (of a file and of a run folder), verify and sum, and a missing --data or --model, in a fresh
+    interpreter: none imports torch, transformers, numba or mpi4py (seconds of start-up each)."""
+    out = run_folder(llama, sample_path, tmp_path / "a", 0, 3)
+    commands = [["info", out], ["info", f"{out}/correlations_block_1.zstd"], ["verify", out],
+                ["sum", str(tmp_path / "m"), out], ["sum", str(tmp_path / "s.zstd"), f"{out}/correlations_block_0.zstd"],
+                ["run", "--model", llama, "--data", str(tmp_path / "absent.txt")],
+                ["run", "--model", str(tmp_path / "absent"), "--data", sample_path],
+                ["run", "--model", "mpicorr-test/absent", "--data", sample_path],
+                ["info", str(tmp_path)]]
+    script = ("import json, sys\nfrom mpicorr.__main__ import main\ncodes = []\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    try:\n        codes.append(main(argv))\n    except SystemExit as exc:\n        codes.append(exc.code)\n"
+              "print(json.dumps([codes, sorted({'torch', 'transformers', 'numba', 'mpi4py'} & set(sys.modules))]))")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                            env=cli_env(), cwd=str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    codes, heavy = json.loads(result.stdout.splitlines()[-1])
+    assert codes == [0, 0, 0, 0, 0, 2, 2, 2, 2] and heavy == [], result.stdout + result.stderr
+    assert result.stdout.count(f"{out}/correlations_block_0.zstd: block 0, width ") == 1
+    assert result.stdout.count(f"{out}/correlations_block_1.zstd: block 1, width ") == 2
+    errors = result.stderr.splitlines()
+    assert len(errors) == 4 and all(line.startswith("mpicorr: error: ") for line in errors), result.stderr
+    assert "absent.txt: cannot read" in errors[0] and "no such folder" in errors[1]
+    assert "not in the local Hugging Face cache" in errors[2] and "hf download mpicorr-test/absent" in errors[2]
+    assert "connect" not in errors[2] and "no correlations_block_<L>.zstd files" in errors[3]

@@ -1,6 +1,8 @@
 """The work plan: hostfile syntax, rank weights and the largest-remainder split."""
 
+import os
 import random
+import re
 
 import pytest
 
@@ -34,6 +36,24 @@ def test_rank_weights_errors():
         plan.rank_weights(lines, ["n1", "n2"])
     with pytest.raises(UserError, match="1 slot"):
         plan.rank_weights(lines, ["n1", "n1"])
+
+
+def test_a_line_without_slots_takes_any_number_of_ranks():
+    lines = plan.parse_hostfile("n1 slots=1 # weight=3\nn2 # weight=2\nn3\n")
+    assert plan.rank_weights(lines, ["n2"] * 7 + ["n1", "n3"]) == [2.0] * 7 + [3.0, 1.0]
+    assert [line.host for line, _ in plan.by_slot(lines, 5)] == ["n1", "n2", "n2", "n2", "n2"]
+
+
+def test_example_hostfile_runs_any_number_of_ranks_here_and_its_examples_parse():
+    """The hostfile in the repository root, read by default there: `mpirun -n 3` on this machine works with
+    equal weights; the commented cluster lines, uncommented, give the weights they describe."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hostfile")
+    text = open(path, encoding="utf-8").read()
+    lines = plan.parse_hostfile(text, path)
+    assert plan.rank_weights(lines, ["thishost"] * 3, path) == [1.0, 1.0, 1.0]
+    assert [line.host for line, _ in plan.by_slot(lines, 3, path)] == ["localhost"] * 3
+    examples = "\n".join(m.group(1) for m in re.finditer(r"^#\s+(gpu\S* slots=.*)$", text, re.M))
+    assert plan.rank_weights(plan.parse_hostfile(examples), ["gpu01"] * 4 + ["gpu02"] * 2) == [2.0] * 4 + [1.0] * 2
 
 
 def test_split_exact_examples():
