@@ -46,6 +46,12 @@ def hist_bins(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, (HIST_MAGNITUDES - 1) - magnitude, (HIST_MAGNITUDES - 1) + magnitude)
 
 
+def fired(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which values fire at `threshold` (a bool tensor of x's shape): the one comparison behind the counts and
+    the --dump masks."""
+    return x.abs() >= threshold
+
+
 def count_dtype(total_tokens: int) -> torch.dtype:
     """Narrowest signed width in which no count (each <= total tokens) can overflow, on every rank."""
     return torch.int32 if total_tokens < (1 << 31) else torch.int64
@@ -96,10 +102,10 @@ class LayerCounts:
         x = x.detach().reshape(-1, self.width)
         magnitude = x.abs()
         for i, threshold in enumerate(self.thresholds):
-            fired = magnitude >= threshold
-            self.pairs[i].add(fired)
-            self.fire_count[i] += fired.sum(0)
-            self.active_hist[i] += torch.bincount(fired.sum(1), minlength=self.width + 1)
+            mask = fired(x, threshold)
+            self.pairs[i].add(mask)
+            self.fire_count[i] += mask.sum(0)
+            self.active_hist[i] += torch.bincount(mask.sum(1), minlength=self.width + 1)
         xf = x.float()
         # x * 2**24 and its rounding are exact in float32, so this equals to_fixed(x, ACT_SUM_BITS), 3x faster
         self.act_sum += torch.round(xf * float(1 << ACT_SUM_BITS)).to(torch.int64).sum(0)
