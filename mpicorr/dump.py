@@ -144,6 +144,14 @@ def human(size: float) -> str:
 def plan_sample(cfg: Config, available: int, start: int, count: int) -> Sample:
     """Rank 0, before the run: draw the sample and check the registry, the folder and the budget. Writes
     nothing."""
+    sample = draw(cfg, available, start, count)
+    check_sample(cfg, sample)
+    return sample
+
+
+def draw(cfg: Config, available: int, start: int, count: int) -> Sample:
+    """The sample of a run over chunks [start, start + count) (after --part) of a data file of `available`
+    chunks, and the layers' shapes (a family without an MLP_INPUTS entry is a UserError)."""
     first = cfg.chunk_start
     universe = (first, first + (cfg.chunks if cfg.chunks is not None else available - first))
     bound = bound_for(cfg.dump_tokens, cfg.dump_rate, universe[0] * cfg.ctx, universe[1] * cfg.ctx)
@@ -151,6 +159,11 @@ def plan_sample(cfg: Config, available: int, start: int, count: int) -> Sample:
     sample = Sample(cfg.dump, cfg.dump_tokens, cfg.dump_rate, universe, bound,
                     count_chosen(start * cfg.ctx, (start + count) * cfg.ctx, bound), cfg.dump_values,
                     model.config.model_type, layer_specs(model, cfg.site))
+    return sample
+
+
+def check_sample(cfg: Config, sample: Sample) -> None:
+    """The budget (--dump-max-gb), the folder and the free space on its filesystem."""
     line, size = describe(sample, cfg, run_dtype(cfg))
     if cfg.dump_max_gb is not None and size > cfg.dump_max_gb * GB:
         raise UserError(f"--dump-max-gb {cfg.dump_max_gb:g}: the dump would exceed it ({line}); lower "
@@ -160,7 +173,6 @@ def plan_sample(cfg: Config, available: int, start: int, count: int) -> Sample:
     if size > free:
         raise UserError(f"--dump {cfg.dump}: the dump needs more than the {human(free)} free on its filesystem "
                         f"({line}); free space, choose another folder or dump fewer tokens")
-    return sample
 
 
 def existing_parent(path: str) -> str:

@@ -116,10 +116,14 @@ def dump_estimate(cfg: Config, available: int, start: int, count: int) -> str:
     """plan's line on the --dump size (at the dtype of a run from this machine; 2 bytes on GPUs)."""
     if not cfg.dump:
         return ""
-    sample = dumping.plan_sample(cfg, available, start, count)
-    line, size = dumping.describe(sample, cfg, dumping.run_dtype(cfg))
+    sample = dumping.draw(cfg, available, start, count)
+    line = dumping.describe(sample, cfg, dumping.run_dtype(cfg))[0]
     if dumping.run_dtype(cfg) == "float32" and cfg.dtype == "auto":
         line += f"; {dumping.human(dumping.describe(sample, cfg, 'bfloat16')[1])} on GPUs (bfloat16/float16)"
+    try:
+        dumping.check_sample(cfg, sample)
+    except UserError as exc:
+        line += f"\nthe run would refuse to start: {exc}"
     return "\ndump: " + line
 
 
