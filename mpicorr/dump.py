@@ -50,6 +50,8 @@ def keys(positions: np.ndarray) -> np.ndarray:
 
 def chosen(lo: int, hi: int, bound: int) -> np.ndarray:
     """The dumped positions in [lo, hi), ascending (int64): those whose key is below `bound`."""
+    if hi - lo > BLOCK:
+        return np.concatenate([chosen(a, min(a + BLOCK, hi), bound) for a in range(lo, hi, BLOCK)])
     positions = np.arange(lo, hi, dtype=np.int64)
     return positions if bound >= ALL else positions[keys(positions) < np.uint64(bound)]
 
@@ -208,6 +210,9 @@ def open_folder(sample: Sample, ctx: int, resume: bool, finished: list[plan.Batc
         raise UserError(f"--dump {sample.folder}: cannot create the folder ({exc.strerror})") from None
     if not os.access(sample.folder, os.W_OK):
         raise UserError(f"--dump {sample.folder}: folder is not writable; choose another folder")
+    if resume and not finished and os.path.exists(os.path.join(sample.folder, INDEX)):
+        raise UserError(f"--dump {sample.folder}: holds a finished dump, and no checkpoint of an interrupted "
+                        f"run in --out covers it; choose another folder, or --force to replace it")
     kept = []
     for name in sorted(os.listdir(sample.folder)):
         path = os.path.join(sample.folder, name)

@@ -300,6 +300,10 @@ def test_bad_dump_inputs(tiny_models, sample_path, tmp_path):
     assert not os.path.exists(out) and os.listdir(dump) == ["index.json"], "nothing written"
     ok(run_main([*llama, "--dump", dump, "--dump-rate", "0.5", "--force"]))  # --force replaces a dump
     assert read_index(dump)["tokens"] > 0
+    shards = sorted(os.listdir(dump))
+    one_error_line(run_main([*llama[:-1], str(tmp_path / "new"), "--dump", dump, "--dump-rate", "0.5", "--resume"]),
+                   "holds a finished dump")  # --resume without checkpoints must not empty a finished dump
+    assert sorted(os.listdir(dump)) == shards
     open(os.path.join(dump, "notes.txt"), "w").close()
     one_error_line(run_main([*llama, "--dump", dump, "--dump-rate", "0.5", "--force"]), "not a dump (notes.txt)")
     one_error_line(run_main(["sum", str(tmp_path / "m"), str(tmp_path)]), "no summary.h5")
