@@ -251,7 +251,7 @@ class Dumper:
 
     def __init__(self, sample: Sample, ctx: int, thresholds: tuple[float, ...], rank: int, generation: int,
                  dtype: torch.dtype):
-        self.sample, self.ctx, self.thresholds = sample, ctx, thresholds
+        self.sample, self.ctx, self.thresholds, self.dtype = sample, ctx, thresholds, dtype
         self.dtype_name = str(dtype).removeprefix("torch.")
         self.prefix = f"shard-g{generation}-r{rank}"
         self.written: list[dict] = []
@@ -297,7 +297,7 @@ class Dumper:
     def add_input(self, spec: LayerSpec, x: torch.Tensor) -> None:
         """A layer's MLP input [..., hidden] for this batch."""
         if self.rows is not None and len(self.rows):
-            self._keep(f"layer_{spec.layer}.input", self._rows(x, spec.hidden).cpu())
+            self._keep(f"layer_{spec.layer}.input", self._rows(x, spec.hidden).to("cpu", self.dtype))
 
     def add_fired(self, spec: LayerSpec, x: torch.Tensor) -> None:
         """A layer's recorded tensor [..., width], the one its counts were given: the masks (and values)."""

@@ -70,19 +70,21 @@ def shard_header(path: str) -> tuple[dict, dict, int]:
         raise UserError(f"{path}: cannot read this dump shard ({exc}); it is damaged or missing: dump again") from None
 
 
-def shard_array(path: str, name: str) -> np.ndarray:
-    """One tensor of a shard, memory-mapped (bfloat16 as its raw uint16 bits)."""
+def shard_array(path: str, name: str) -> tuple[np.ndarray, torch.dtype]:
+    """One tensor of a shard, memory-mapped (bfloat16 as its raw uint16 bits), and its torch dtype."""
     head, _, start = shard_header(path)
     if name not in head:
         raise UserError(f"{path}: no tensor '{name}'; the shard does not match its index: dump again")
     spec = head[name]
     begin, end = spec["data_offsets"]
-    dtype = np.dtype(DTYPES[spec["dtype"]][0])
+    if spec["dtype"] not in DTYPES:
+        raise UserError(f"{path}: tensor '{name}' has dtype {spec['dtype']}, which a dump never holds")
+    dtype, kind = np.dtype(DTYPES[spec["dtype"]][0]), DTYPES[spec["dtype"]][1]
     if end - begin != int(np.prod(spec["shape"])) * dtype.itemsize or start + end > os.path.getsize(path):
         raise UserError(f"{path}: tensor '{name}' is truncated; dump again")
     if end == begin:
-        return np.empty(spec["shape"], dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=tuple(spec["shape"]))
+        return np.empty(spec["shape"], dtype), kind
+    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=tuple(spec["shape"])), kind
 
 
 def shard_entry(path: str) -> dict:
@@ -94,7 +96,7 @@ def shard_entry(path: str) -> dict:
 
 def shard_positions(path: str) -> np.ndarray:
     """The global positions of a shard's tokens."""
-    return np.asarray(shard_array(path, "positions"))
+    return np.asarray(shard_array(path, "positions")[0])
 
 
 class LayerData(torch.utils.data.Dataset):
@@ -129,7 +131,9 @@ class LayerData(torch.utils.data.Dataset):
         names = {"positions": "positions", "input": f"layer_{self.layer}.input", "mask": f"layer_{self.layer}.mask"}
         if self.values:
             names["values"] = f"layer_{self.layer}.values"
-        arrays = {k: shard_array(path, v) for k, v in names.items()}
+        found = {k: shard_array(path, v) for k, v in names.items()}
+        arrays = {k: array for k, (array, _) in found.items()}
+        self.dtypes = {k: kind for k, (_, kind) in found.items()}  # the same in every shard of a dump
         want = {"positions": (tokens,), "input": (tokens, self.hidden),
                 "mask": (tokens, len(self.index["thresholds"]), -(-self.width // 8)), "values": (tokens, self.width)}
         for key, array in arrays.items():
@@ -160,11 +164,11 @@ class LayerData(torch.utils.data.Dataset):
             return (torch.empty(0, self.hidden, dtype=self.dtype), torch.empty(0, self.width, dtype=torch.bool),
                     *([torch.empty(0, self.width, dtype=self.dtype)] if self.values else []))
         fired = np.unpackbits(out["mask"], axis=-1, count=self.width, bitorder="little").astype(bool)
-        result = [self._tensor(out["input"]), torch.from_numpy(fired)]
+        result = [self._tensor(out["input"], "input"), torch.from_numpy(fired)]
         if self.values:
-            result.append(self._tensor(out["values"]))
+            result.append(self._tensor(out["values"], "values"))
         return tuple(result)
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+    def _tensor(self, array: np.ndarray, part: str) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+        return tensor.view(torch.bfloat16) if self.dtypes[part] == torch.bfloat16 else tensor
