@@ -23,14 +23,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dump", metavar="DUMP_DIR", help="folder written by 'mpicorr run --dump'")
     p.add_argument("--layer", type=int, required=True, help="the layer (block number) to train on")
-    p.add_argument("--threshold", type=float, help="which of the dump's thresholds defines firing (default: the first)")
-    p.add_argument("--rank", type=int, default=1024, help="r, the predictor's inner width (default: 1024, at most d)")
+    p.add_argument("--threshold", type=float,
+                   help="which of the dump's thresholds defines firing (default: the first)")
+    p.add_argument("--rank", type=int, default=1024,
+                   help="r, the predictor's inner width (default: 1024, at most d)")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training tokens (default: 20)")
     p.add_argument("--batch-size", type=int, default=256, help="tokens per step (default: 256)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 0.003)")
     p.add_argument("--holdout", type=float, default=0.1, help="share of tokens held out for scoring (default: 0.1)")
-    p.add_argument("--cutoff", type=float, default=0.5, help="P(fires) from which a neuron is predicted to fire (default: 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the order (default: 0)")
+    p.add_argument("--cutoff", type=float, default=0.5,
+                   help="P(fires) from which a neuron is predicted to fire (default: 0.5)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the initial weights and the order (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when there, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--save", metavar="FILE", help="also write the trained weights (torch.save of the state dict: "
                                                  "down.weight [r, d], up.weight [N, r], up.bias [N])")

@@ -125,7 +125,7 @@ def token_bytes(layers: tuple[LayerSpec, ...], itemsize: int, thresholds: int, v
             "values": sum(s.width for s in layers) * itemsize if values else 0, "positions": 8}
 
 
-def describe(sample: Sample, cfg: Config, dtype: str) -> tuple[str, float]:
+def describe(sample: Sample, cfg: Config, dtype: str) -> tuple[str, int]:
     """(one line on the dump's size, its total in bytes) for `plan` and the budget check."""
     parts = token_bytes(sample.layers, torch.finfo(getattr(torch, dtype)).bits // 8, len(cfg.threshold),
                         sample.values)
@@ -172,6 +172,8 @@ def check_sample(cfg: Config, sample: Sample) -> None:
                         f"--dump-tokens/--dump-rate, leave out --dump-values, or raise the budget")
     check_folder(cfg.dump, cfg.force, cfg.resume)
     free = shutil.disk_usage(existing_parent(cfg.dump)).free
+    if os.path.isdir(cfg.dump):  # shards there now are kept (--resume) or replaced (--force)
+        free += sum(os.path.getsize(os.path.join(cfg.dump, n)) for n in os.listdir(cfg.dump))
     if size > free:
         raise UserError(f"--dump {cfg.dump}: the dump needs more than the {human(free)} free on its filesystem "
                         f"({line}); free space, choose another folder or dump fewer tokens")

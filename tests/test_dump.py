@@ -166,8 +166,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_dump(llama, sample_path, tm
     from test_resume import kill_rank_after_checkpoint
 
     def args(name: str, *extra: str) -> list[str]:
-        return ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "24", "--batch-size", "4", "--out",
-                str(tmp_path / f"out-{name}"), "--dump", str(tmp_path / name), "--dump-rate", "0.2", *extra]
+        return ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "24", "--batch-size",
+                "4", "--out", str(tmp_path / f"out-{name}"), "--dump", str(tmp_path / name), "--dump-rate", "0.2",
+                *extra]
 
     ok(run_main(args("whole")))
     kill_rank_after_checkpoint(args("cut", "--checkpoint-every", "4"), 2, str(tmp_path / "out-cut"), victim=1,
@@ -280,10 +281,12 @@ def test_trainer_script(planted, tmp_path, capsys, one_thread):
     (["--dump-rate", "1.5"], ["--dump-rate 1.5", "0 < R <= 1"]),
     (["--dump-rate", "0.1", "--dump-tokens", "5"], ["exactly one of --dump-tokens"]),
     (["--site", "heads"], ["--dump: masks of FFN neurons only"]),
+    (["--dump", "OUT"], ["needs a folder of its own"]),
 ])
 def test_bad_dump_options(llama, sample_path, tmp_path, extra, needles):
     out, dump = str(tmp_path / "out"), str(tmp_path / "dump")
     rate = [] if any(e.startswith("--dump-rate") for e in extra) else ["--dump-rate", "0.5"]
+    extra = [out if e == "OUT" else e for e in extra]
     one_error_line(run_main(["run", "--model", llama, "--data", sample_path, "--out", out, "--ctx", str(CTX),
                              "--dump", dump, *rate, *extra]), *needles)
     assert not os.path.exists(out) and not os.path.exists(dump), "nothing written"
@@ -312,7 +315,7 @@ def test_bad_dump_inputs(tiny_models, sample_path, tmp_path):
 
 
 def test_plan_prints_the_estimate(llama, sample_path):
-    result = ok(run_main(["plan", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--dump", "/nonexistent/d",
-                          "--dump-tokens", "1000", "--dump-values", "--device", "cpu"]))
+    result = ok(run_main(["plan", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--dump",
+                          "/nonexistent/d", "--dump-tokens", "1000", "--dump-values", "--device", "cpu"]))
     # 1000 tokens x (2 layers x (32 float32 inputs + 96 mask bits + 96 float32 values) + an 8-byte position)
     assert "dump: 1,000 tokens x 2 layers" in result.stdout and "1.1 MB at float32" in result.stdout
