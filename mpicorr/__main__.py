@@ -78,7 +78,7 @@ def file_command(args: argparse.Namespace, command: str) -> None:
         if any(folders) and not all(folders):
             raise UserError("sum: give either matrix files or run folders, not both")
         from . import dump, predictor_data
-        if all(folders) and all(predictor_data.is_dump(path) for path in args.files):
+        if all(folders) and any(predictor_data.is_dump(path) for path in args.files):
             print(dump.sum_dumps(args.out, args.files, args.force, command))
             return
         print(filetools.sum_runs(args.out, args.files, args.force, command) if all(folders)

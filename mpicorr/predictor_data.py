@@ -50,8 +50,8 @@ def read_index(folder: str) -> dict:
 
 
 def is_dump(folder: str) -> bool:
-    """Whether a folder holds a dump index (for `sum`)."""
-    return os.path.isfile(os.path.join(folder, INDEX))
+    """Whether a folder holds a dump, finished (an index) or not (shards only), for `sum`."""
+    return os.path.isdir(folder) and any(n == INDEX or n.startswith("shard-") for n in os.listdir(folder))
 
 
 def shard_header(path: str) -> tuple[dict, dict, int]:
