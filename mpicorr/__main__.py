@@ -62,10 +62,11 @@ def parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check matrix files or run folders fully (sizes, checksums, counts)")
     verify.add_argument("files", nargs="+", metavar="FILE",
                         help="correlations_block_<L>.zstd files, or run folders (also checks summary.h5's SHA-256s)")
-    total = sub.add_parser("sum", help="add matrix files of one block, or merge run folders")
-    total.add_argument("out", metavar="OUT", help="the summed matrix file, or the merged run folder, to write")
+    total = sub.add_parser("sum", help="add matrix files of one block, or merge run folders or --dump folders")
+    total.add_argument("out", metavar="OUT", help="the summed matrix file, or the merged run or dump folder, to write")
     total.add_argument("files", nargs="+", metavar="IN",
-                       help="matrix files of one block and width, or run folders of disjoint chunk ranges")
+                       help="matrix files of one block and width, or run folders (or --dump folders) of disjoint "
+                            "chunk ranges")
     total.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     return p
 
@@ -78,6 +79,10 @@ def file_command(args: argparse.Namespace, command: str) -> None:
         folders = [os.path.isdir(path) for path in args.files]
         if any(folders) and not all(folders):
             raise UserError("sum: give either matrix files or run folders, not both")
+        from . import dump, predictor_data
+        if all(folders) and any(predictor_data.is_dump(path) for path in args.files):
+            print(dump.sum_dumps(args.out, args.files, args.force, command))
+            return
         print(filetools.sum_runs(args.out, args.files, args.force, command) if all(folders)
               else filetools.sum_files(args.out, args.files, args.force))
         return

@@ -52,6 +52,11 @@ class Config:
     force: bool = False
     resume: bool = False
     checkpoint_every: int | None = None
+    dump: str | None = None
+    dump_tokens: int | None = None
+    dump_rate: float | None = None
+    dump_values: bool = False
+    dump_max_gb: float | None = None
     debug: bool = False
     command: str = field(default="", compare=False)
 
@@ -90,6 +95,13 @@ HELP = {
               "(the number of ranks and the hostfile may differ)",
     "checkpoint_every": "save each rank's partial counts every K chunks it finishes; 0: never "
                         "(default: about every 10 minutes)",
+    "dump": "also write predictor training data into this folder: for sampled tokens, each layer's MLP input "
+            "and firing mask per threshold (see --dump-tokens, --dump-rate; default: no dump)",
+    "dump_tokens": "with --dump: dump N tokens, chosen by a hash of their position in the chunk range",
+    "dump_rate": "with --dump: dump each token with probability R (0 < R <= 1), chosen by a hash of its position",
+    "dump_values": "with --dump: also dump the recorded activations themselves (N values per token and layer)",
+    "dump_max_gb": "with --dump: refuse to start when the dump's estimated size exceeds this many GB "
+                   "(default: only the free space of the dump's filesystem is checked)",
     "debug": "print full tracebacks of unexpected errors",
 }
 
@@ -97,7 +109,8 @@ HELP = {
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one long option per Config field; defaults are None so that the TOML file can fill gaps."""
     types = {"ctx": int, "chunk_start": int, "chunks": int, "threshold": str, "batch_size": int,
-             "checkpoint_every": int, "gpus_per_rank": int}
+             "checkpoint_every": int, "gpus_per_rank": int, "dump_tokens": int, "dump_rate": float,
+             "dump_max_gb": float}
     for f in dataclasses.fields(Config):
         if f.name == "command":
             continue
@@ -140,7 +153,7 @@ def build_config(args: argparse.Namespace, command: str) -> Config:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
-    for key in ("model", "data", "out", "hostfile"):  # TOML values get no shell expansion of ~
+    for key in ("model", "data", "out", "hostfile", "dump"):  # TOML values get no shell expansion of ~
         if isinstance(values.get(key), str) and values[key].startswith("~"):
             values[key] = os.path.expanduser(values[key])
     if values.get("hostfile") is None and os.path.exists(DEFAULT_HOSTFILE):
@@ -200,6 +213,37 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--gpus-per-rank {cfg.gpus_per_rank}: needs GPUs; leave out --device {cfg.device} or use 1")
     if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):
         raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only; use --kernel auto or gemm with --device cuda")
+    _check_dump(cfg)
+
+
+def _check_dump(cfg: Config) -> None:
+    """The --dump options: a sample size (tokens or rate) exactly when dumping, on FFN neurons."""
+    given = [o for o, v in (("--dump-tokens", cfg.dump_tokens), ("--dump-rate", cfg.dump_rate),
+                            ("--dump-values", cfg.dump_values or None), ("--dump-max-gb", cfg.dump_max_gb))
+             if v is not None]
+    if cfg.dump is None:
+        if given:
+            raise UserError(f"{given[0]}: only with --dump DIR; add --dump or leave it out")
+        return
+    if (cfg.dump_tokens is None) == (cfg.dump_rate is None):
+        raise UserError(f"--dump {cfg.dump}: give exactly one of --dump-tokens N and --dump-rate R (how many "
+                        f"tokens to dump)")
+    if os.path.abspath(cfg.dump) == os.path.abspath(cfg.out):
+        raise UserError(f"--dump {cfg.dump}: the dump needs a folder of its own, not --out's; e.g. {cfg.out}/dump")
+    if cfg.dump_tokens is not None:
+        _check_int("--dump-tokens", cfg.dump_tokens, 1)
+    if cfg.dump_rate is not None and not (_number(cfg.dump_rate) and 0 < cfg.dump_rate <= 1):
+        raise UserError(f"--dump-rate {cfg.dump_rate!r}: must be a number with 0 < R <= 1")
+    if cfg.dump_max_gb is not None and not (_number(cfg.dump_max_gb) and cfg.dump_max_gb > 0):
+        raise UserError(f"--dump-max-gb {cfg.dump_max_gb!r}: must be a number > 0")
+    if cfg.site == "heads" or cfg.site_module is not None:
+        what = "--site heads" if cfg.site == "heads" else "--site-module"
+        raise UserError(f"--dump: masks of FFN neurons only (--site ffn or gate, from the family registry); "
+                        f"leave out {what} or --dump")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def hostfile_label(path: str) -> str:

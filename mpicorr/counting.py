@@ -64,7 +64,9 @@ def exact_threshold(threshold: float, dtype: torch.dtype) -> float:
 
 
 def fired(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Which values fire: |x| >= threshold, compared exactly (bool, the shape of x)."""
+    """Which values fire at `threshold` (a bool tensor of x's shape): |x| >= threshold compared exactly, the
+    comparison behind the counts (the fused kernels compare with the same exact_threshold) and the --dump
+    masks."""
     return x.abs() >= exact_threshold(threshold, x.dtype)
 
 
@@ -129,7 +131,7 @@ class LayerCounts:
     def _add_torch(self, x: torch.Tensor) -> None:
         magnitude = x.abs()
         for i, threshold in enumerate(self.thresholds):
-            on = magnitude >= exact_threshold(threshold, x.dtype)
+            on = fired(x, threshold)
             self.pairs[i].add(on)
             self.fire_count[i] += on.sum(0)
             count_into(self.active_hist[i], on.sum(1))

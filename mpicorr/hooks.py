@@ -39,3 +39,23 @@ def recording(sites: list[Site], counts: list[LayerCounts | MoeCounts]) -> Itera
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _first_input(receive):
+    def hook(module, args, kwargs):
+        receive(args[0] if args else next(iter(kwargs.values())))
+    return hook
+
+
+@contextmanager
+def feeding(modules: list, receivers: list) -> Iterator[None]:
+    """While inside, every forward pass gives each module's (first) input to the matching receiver: the MLP
+    inputs that --dump records."""
+    handles = []
+    try:
+        for module, receive in zip(modules, receivers, strict=True):
+            handles.append(module.register_forward_pre_hook(_first_input(receive), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

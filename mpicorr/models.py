@@ -113,6 +113,18 @@ HEADS: dict[str, Callable[[torch.nn.Module], Found]] = {
     "bert": lambda m: _blocks(m, "encoder.layer", "attention.output.dense"),
     "roberta": lambda m: _blocks(m, "encoder.layer", "attention.output.dense"),
 }
+# --dump: the module whose input is the hidden state entering each block's MLP, after the block's norm (what
+# a Deja Vu-style predictor sees); MoE blocks have no dense firing mask to predict, so no entries.
+MLP_INPUTS: dict[str, Callable[[torch.nn.Module], Found]] = {
+    # post_attention_layernorm (Gemma-2: pre_feedforward_layernorm) -> mlp
+    **{family: (lambda m: _blocks(m, "layers", "mlp")) for family in GATED},
+    "gpt2": lambda m: _blocks(m, "h", "mlp"),                        # ln_2 -> mlp
+    "gpt_neox": lambda m: _blocks(m, "layers", "mlp"),               # post_attention_layernorm -> mlp
+    "opt": lambda m: _blocks(m, "decoder.layers", "fc1"),            # final_layer_norm -> fc1
+    "falcon": lambda m: _blocks(m, "h", "mlp"),                      # ln_mlp / input_layernorm -> mlp
+    "bert": lambda m: _blocks(m, "encoder.layer", "intermediate"),   # attention output (after its LayerNorm)
+    "roberta": lambda m: _blocks(m, "encoder.layer", "intermediate"),
+}
 # Encoders are loaded without a language-model head: they predict no next token, so no perplexity.
 ENCODERS = {"bert", "roberta"}
 
@@ -157,6 +169,18 @@ def find_sites(model: torch.nn.Module, site_module: str | None = None, site: str
         return _distinct([Site(i, name, mod, width, output=True) for i, (name, mod) in enumerate(found)])
     heads = model.config.num_attention_heads
     return [Site(i, name, mod, heads, heads=heads) for i, (name, mod) in enumerate(HEADS[family](model))]
+
+
+def find_mlp_inputs(model: torch.nn.Module) -> Found:
+    """The modules whose input is each block's MLP input (--dump), in block order."""
+    family = model.config.model_type
+    if family in MOE:
+        raise UserError(f"--dump: {family} is a mixture of experts, whose neurons fire per expert on the tokens "
+                        f"routed to it, not as one mask per token; leave out --dump for this model")
+    if family not in MLP_INPUTS:
+        raise UserError(f"--dump: family '{family}' has no MLP-input entry (mpicorr.models.MLP_INPUTS; dense "
+                        f"families: {', '.join(sorted(MLP_INPUTS))}); leave out --dump for this model")
+    return MLP_INPUTS[family](model)
 
 
 def _moe_sites(layer: int, name: str, mlp: torch.nn.Module) -> list[Site]:
@@ -309,11 +333,8 @@ def load_model(name: str, dtype: torch.dtype, devices: list[str]) -> torch.nn.Mo
 
 def describe(name: str, site_module: str | None = None, site: str = "ffn") -> str:
     """What a run would record for a model, built on the meta device (no weights read, no memory used)."""
-    from transformers import AutoConfig
-
     family = check_model(name, site_module, site)
-    with torch.device("meta"):
-        model = auto_class(family).from_config(AutoConfig.from_pretrained(name))
+    model = meta_model(name)
     sites = find_sites(model, site_module, site)
     where = f"--site {site}" if site_module is None else f"--site-module {site_module}"
     lines = [f"{name}: family '{family}', {len({s.layer for s in sites})} layers recorded ({where}):"]
@@ -324,6 +345,15 @@ def describe(name: str, site_module: str | None = None, site: str = "ffn") -> st
                            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
     lines.append("linear layers (<L> = block number): " + ", ".join(shapes))
     return "\n".join(lines)
+
+
+def meta_model(name: str) -> torch.nn.Module:
+    """The model built from its config on PyTorch's meta device: shapes and module names, no weights read."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name)
+    with torch.device("meta"):
+        return auto_class(config.model_type).from_config(config)
 
 
 def _what(s: Site) -> str:

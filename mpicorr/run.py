@@ -10,7 +10,7 @@ import shutil
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary, triangle
+from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part, threshold_folders
 from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
 from .dist import Comm, Service
 from .errors import UserError
-from .hooks import recording
+from .hooks import feeding, recording
 from .progress import JobProgress
 
 CHECKPOINT_SECONDS = 600.0   # default checkpoint interval: a crash loses at most about ten minutes
@@ -42,6 +43,7 @@ class Job:
     identity: dict                # what a resume must match (checkpoint.IDENTITY)
     resumed: list[checkpoint.Checkpoint]  # live checkpoints taken over (headers only)
     generation: int               # run attempt, names this attempt's checkpoint files
+    dump: dumping.Sample | None = None  # --dump: the sampled tokens, and where they go
 
 
 @dataclass
@@ -70,6 +72,7 @@ def prepare(cfg: Config, hosts: list[str]) -> Job:
     """Validate inputs, cut the data into chunks and split them over the ranks (runs on rank 0)."""
     all_chunks, sha, start, count = load_chunks(cfg)
     weights = hostfile_weights(cfg.hostfile, hosts)
+    sample = dumping.plan_sample(cfg, len(all_chunks), start, count) if cfg.dump else None
     check_out(cfg.out, cfg.force, cfg.resume)
     work = plan.batches(start, count, cfg.batch_size)
     ident = identity(cfg, sha, start, count)
@@ -77,15 +80,19 @@ def prepare(cfg: Config, hosts: list[str]) -> Job:
     if cfg.resume:
         state = checkpoint.resume(cfg.out, ident, work)
         resumed, generation, work = state.live, state.generation, state.todo
+    if sample:
+        sample = dumping.open_folder(sample, cfg.ctx, cfg.resume, [r for ck in resumed for r in ck.finished])
     return Job(all_chunks[start : start + count], start, len(all_chunks), sha,
-               plan.make_plan(work, hosts, weights), ident, resumed, generation)
+               plan.make_plan(work, hosts, weights), ident, resumed, generation, sample)
 
 
 def identity(cfg: Config, data_sha256: str, start: int, count: int) -> dict:
     """The options a checkpoint belongs to (JSON values, as stored in checkpoint headers)."""
     return {"model": cfg.model, "data_sha256": data_sha256, "ctx": cfg.ctx, "chunk_start": start,
             "chunks": count, "threshold": list(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-            "site": cfg.site, "site_module": cfg.site_module}
+            "site": cfg.site, "site_module": cfg.site_module,
+            "dump": cfg.dump and {"dir": cfg.dump, "tokens": cfg.dump_tokens, "rate": cfg.dump_rate,
+                                  "values": cfg.dump_values}}
 
 
 def dry_plan(cfg: Config, ranks: int) -> str:
@@ -103,7 +110,22 @@ def dry_plan(cfg: Config, ranks: int) -> str:
     head = (f"{cfg.data}: {len(all_chunks)} chunks of {cfg.ctx} tokens; processing {count} "
             f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s), weights from "
             f"{hostfile_label(cfg.hostfile) if cfg.hostfile else 'no hostfile (all equal)'}")
-    return head + "\n" + plan.format_plan(work, devices)
+    return head + "\n" + plan.format_plan(work, devices) + dump_estimate(cfg, len(all_chunks), start, count)
+
+
+def dump_estimate(cfg: Config, available: int, start: int, count: int) -> str:
+    """plan's line on the --dump size (at the dtype of a run from this machine; 2 bytes on GPUs)."""
+    if not cfg.dump:
+        return ""
+    sample = dumping.draw(cfg, available, start, count)
+    line = dumping.describe(sample, cfg, dumping.run_dtype(cfg))[0]
+    if dumping.run_dtype(cfg) == "float32" and cfg.dtype == "auto":
+        line += f"; {dumping.human(dumping.describe(sample, cfg, 'bfloat16')[1])} on GPUs (bfloat16/float16)"
+    try:
+        dumping.check_sample(cfg, sample)
+    except UserError as exc:
+        line += f"\nthe run would refuse to start: {exc}"
+    return "\ndump: " + line
 
 
 def read_hostfile(path: str) -> list[plan.HostLine]:
@@ -149,8 +171,8 @@ class Saver:
     """Writes this rank's checkpoint when due: every `every` chunks, or every `seconds` when `every` is None."""
 
     def __init__(self, path: str, ident: dict, absorbs: list[str], every: int | None,
-                 seconds: float = CHECKPOINT_SECONDS):
-        self.path, self.identity, self.absorbs = path, ident, absorbs
+                 seconds: float = CHECKPOINT_SECONDS, before=None):
+        self.path, self.identity, self.absorbs, self.before = path, ident, absorbs, before
         self.every, self.seconds = every, seconds
         self.last, self.pending, self.saved = time.monotonic(), 0, False
 
@@ -170,7 +192,10 @@ class Saver:
             self.save(tally)
 
     def save(self, tally: Tally) -> None:
-        """Write the checkpoint, then delete the older files it supersedes."""
+        """Write the checkpoint (after `before`: the dump's shard of the same chunks), then delete the older
+        files it supersedes."""
+        if self.before:
+            self.before()
         layers = [(lc.unit.name, lc.width) for lc in units(tally.counts)]
         dtype = "<i4" if units(tally.counts)[0].pairs[0].dtype == torch.int32 else "<i8"  # count_dtype's widths
         ck = checkpoint.Checkpoint(self.path, self.identity, plan.merge_ranges(tally.finished), tally.nll,
@@ -212,17 +237,19 @@ def new_counts(sites: list[models.Site], places: list[str], cfg: Config, dtype: 
 
 
 def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: Tally, device: str,
-                 saver: Saver, service: Service) -> tuple[int, float]:
-    """Forward each batch while counting into `tally`, checkpointing as the saver decides and reporting
-    each batch to rank 0; (chunks, seconds busy)."""
+                 saver: Saver, service: Service, dumper: dumping.Dumper | None = None) -> tuple[int, float]:
+    """Forward each batch while counting into `tally` (and dumping), checkpointing as the saver decides and
+    reporting each batch to rank 0; (chunks, seconds busy)."""
     causal = models.is_causal_lm(model)
     first = models.input_device(model)
     chunks, busy = 0, 0.0
-    with torch.inference_mode(), recording(sites, tally.counts):
+    with (torch.inference_mode(), recording(sites, dumping.sinks(tally.counts, dumper)),
+          feeding(*dumping.input_modules(model, dumper))):
         for b0, b1 in batches:
             started = time.monotonic()
             ids = torch.from_numpy(job.chunks[b0 - job.chunk_start : b1 - job.chunk_start]).to(first)
-            out = model(input_ids=ids, use_cache=False)
+            with dumper.batch(b0, b1) if dumper else nullcontext():
+                out = model(input_ids=ids, use_cache=False)
             check_all(tally.counts)  # the one wait for the device per batch: bad values end the run here
             if causal:
                 part, n = chunk_nll(out.logits, ids)
@@ -272,6 +299,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     model = comm.checked(lambda: guard_memory(
         lambda: models.load_model(where, models.resolve_dtype(cfg.dtype, device), mine), cfg, device))
     sites = comm.checked(lambda: models.find_sites(model, cfg.site_module, cfg.site))
+    dumper = start_dump(cfg, comm, job, model)
     dtype = count_dtype(len(job.chunks) * cfg.ctx)
     # Each site's counts live where its module is: with --gpus-per-rank, on the GPU that holds the layer.
     tally = Tally(new_counts(sites, [models.site_device(model, s.name, device) for s in sites], cfg, dtype))
@@ -279,10 +307,11 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     comm.checked(lambda: absorb(tally, taken))
     path = os.path.join(checkpoint.folder(cfg.out), checkpoint.file_name(job.generation, comm.rank))
     absorbs = sorted({n for ck in taken for n in [ck.name, *ck.absorbs]})
-    saver = Saver(path, job.identity, absorbs, cfg.checkpoint_every)
+    saver = Saver(path, job.identity, absorbs, cfg.checkpoint_every, before=dumper and dumper.flush)
     started = time.monotonic()
-    chunks, busy = count_scheduled(cfg, comm, job, model, sites, tally, device, saver, live)
+    chunks, busy = count_scheduled(cfg, comm, job, model, sites, tally, device, saver, live, dumper)
     saver.finish(tally)
+    finish_dump(cfg, comm, job, dumper)
     del model
     reports = comm.allgather(schedule.RankReport(comm.rank, comm.host, devices[comm.rank], chunks, busy))
     wall = time.monotonic() - started
@@ -295,7 +324,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
 
 
 def count_scheduled(cfg: Config, comm: Comm, job: Job, model, sites, tally: Tally, device: str,
-                    saver: Saver, live: bool) -> tuple[int, float]:
+                    saver: Saver, live: bool, dumper: dumping.Dumper | None = None) -> tuple[int, float]:
     """Count this rank's batches (its share, or asked for one at a time) while rank 0 tracks the job."""
     comm.checked(lambda: Service.check(comm))
     todo = [b for a in job.plan for b in a.batches]
@@ -307,9 +336,30 @@ def count_scheduled(cfg: Config, comm: Comm, job: Job, model, sites, tally: Tall
     service = Service(comm, coordinator)
     batches = asked(service) if cfg.schedule == "dynamic" else job.plan[comm.rank].batches
     # On an error no close(): rank 0 would wait for the others; the error ends the job (MPI_Abort) instead.
-    done = guard_memory(lambda: count_chunks(model, sites, job, batches, tally, device, saver, service), cfg, device)
+    done = guard_memory(lambda: count_chunks(model, sites, job, batches, tally, device, saver, service, dumper),
+                        cfg, device)
     service.close()
     return done
+
+
+def start_dump(cfg: Config, comm: Comm, job: Job, model) -> dumping.Dumper | None:
+    """--dump: this rank's dumper, once every rank runs the same dtype."""
+    if job.dump is None:
+        return None
+    dtype = next(model.parameters()).dtype
+    dtypes = comm.allgather(str(dtype).removeprefix("torch."))
+    comm.checked(lambda: dumping.check_dtypes(job.dump.folder, dtypes))
+    return dumping.Dumper(job.dump, cfg.ctx, cfg.threshold, comm.rank, job.generation, dtype)
+
+
+def finish_dump(cfg: Config, comm: Comm, job: Job, dumper: dumping.Dumper | None) -> None:
+    """--dump: every rank writes what it holds; then rank 0 writes the index."""
+    if dumper is None:
+        return
+    shards = [e for written in comm.allgather(comm.checked(dumper.finish)) for e in written]
+    if comm.rank == 0:
+        chunks = (job.chunk_start, job.chunk_start + len(job.chunks))
+        print(dumping.write_index(cfg, job.dump, job.data_sha256, chunks, dumper.dtype_name, shards), flush=True)
 
 
 def announce(cfg: Config, comm: Comm, job: Job, devices: list[str]) -> None:
@@ -326,6 +376,8 @@ def announce(cfg: Config, comm: Comm, job: Job, devices: list[str]) -> None:
               f"ranks ask\n{plan.format_plan(job.plan, devices, dynamic=True)}", flush=True)
     else:
         print(plan.format_plan(job.plan, devices), flush=True)
+    if job.dump:
+        print("mpicorr: dump: " + dumping.describe(job.dump, cfg, dumping.run_dtype(cfg))[0], flush=True)
 
 
 def guard_memory(fn, cfg: Config, device: str):

@@ -161,3 +161,36 @@ def reference_run(model_dir: str, data_path: str, ctx: int, threshold: float, st
             mask[t, row] = True
         routers[i] = mask
     return fired, acts, float(np.exp(nll / n)) if causal else None, (experts, routers)
+
+
+# --dump: the norm whose output enters each block's MLP, written out independently of mpicorr's MLP_INPUTS
+# (which hooks the MLP's input): the tiny Falcon is parallel-attention, so its MLP reads input_layernorm.
+NORM_BEFORE_MLP = {
+    **{f: "model.layers.{i}.post_attention_layernorm" for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
+    "gemma2": "model.layers.{i}.pre_feedforward_layernorm",
+    "gpt2": "transformer.h.{i}.ln_2",
+    "gpt_neox": "gpt_neox.layers.{i}.post_attention_layernorm",
+    "opt": "model.decoder.layers.{i}.final_layer_norm",
+    "falcon": "transformer.h.{i}.input_layernorm",
+    "bert": "encoder.layer.{i}.attention.output.LayerNorm",
+    "roberta": "encoder.layer.{i}.attention.output.LayerNorm",
+}
+
+
+def reference_mlp_inputs(model_dir: str, data_path: str, ctx: int, start: int, count: int) -> dict[int, np.ndarray]:
+    """Per layer, the output of the norm before the MLP [tokens, hidden] for chunks [start, start + count), by
+    plain transformers, one chunk at a time."""
+    chunks = reference_chunks(model_dir, data_path, ctx)[start : start + count]
+    family = AutoModel.from_pretrained(model_dir).config.model_type
+    cls = AutoModel if family in ENCODERS else AutoModelForCausalLM
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = [model.get_submodule(NORM_BEFORE_MLP[family].format(i=i)).register_forward_hook(
+        lambda mod, args, out, i=i: seen.setdefault(i, []).append(out.reshape(-1, out.shape[-1]).clone()))
+        for i in range(model.config.num_hidden_layers)]
+    with torch.no_grad():
+        for chunk in chunks:
+            model(input_ids=torch.tensor([chunk]))
+    for h in handles:
+        h.remove()
+    return {i: torch.cat(v).numpy() for i, v in seen.items()}

@@ -122,3 +122,28 @@ def test_model_split_over_two_gpus_counts_as_on_one(family, tmp_path):
     assert outputs(one) == outputs(two) and outputs(one)
     same_summaries(two, one)
     assert summary.read_summary(os.path.join(two, "summary.h5"))[0]["tokens"] == 20 * 64
+
+
+def test_dump_on_cuda_masks_are_the_counts_firing(tmp_path):
+    """--dump on a GPU (bfloat16 by --dtype auto, counts on the device): every token dumped, the masks'
+    popcounts are the counts' fire_count and each mask is |value| >= T on the dumped values; the trainer
+    runs on CUDA."""
+    from mpicorr import predictor
+    from mpicorr.predictor_data import LayerData, read_index
+
+    model, out, dump = tiny.build("llama", str(tmp_path / "llama")), str(tmp_path / "out"), str(tmp_path / "dump")
+    ok(run_cli(["run", "--model", model, "--data", tiny.sample_path(), "--ctx", "64", "--chunks", "20",
+                "--batch-size", "4", "--device", "cuda:0", "--threshold", "0.25,0.5", "--out", out, "--dump", dump,
+                "--dump-rate", "1", "--dump-values"]))
+    assert read_index(dump)["dtype"] == "bfloat16" and read_index(dump)["tokens"] == 20 * 64
+    for t in (0.25, 0.5):
+        _, layers = summary.read_summary(os.path.join(out, f"threshold-{t!r}", "summary.h5"))
+        for layer, entry in layers.items():
+            data = LayerData(dump, layer, t, values=True)
+            _, fired, values = data.take(np.arange(len(data)))
+            assert np.array_equal(fired.numpy().sum(0), entry["fire_count"]), (layer, t)
+            assert torch.equal(fired, values.abs() >= t)
+    data = LayerData(dump, 1)
+    scores = predictor.evaluate(predictor.train(data, 8, epochs=2, device="cuda"), data, np.arange(100),
+                                device="cuda")
+    assert 0 < scores.density < 1 and 0 <= scores.skipped99 <= 1
