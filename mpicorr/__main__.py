@@ -79,8 +79,8 @@ def file_command(args: argparse.Namespace, command: str) -> None:
         folders = [os.path.isdir(path) for path in args.files]
         if any(folders) and not all(folders):
             raise UserError("sum: give either matrix files or run folders, not both")
-        from . import dump, predictor_data
-        if all(folders) and any(predictor_data.is_dump(path) for path in args.files):
+        if all(folders) and any(filetools.is_dump(path) for path in args.files):
+            from . import dump  # imports torch: only for dumps
             print(dump.sum_dumps(args.out, args.files, args.force, command))
             return
         print(filetools.sum_runs(args.out, args.files, args.force, command) if all(folders)

@@ -18,6 +18,14 @@ from .config import threshold_folders
 from .errors import UserError
 from .units import Unit
 
+DUMP_INDEX = "index.json"  # predictor_data.INDEX, named here so that the file tools need not import torch
+
+
+def is_dump(folder: str) -> bool:
+    """Whether a folder holds a --dump, finished (an index) or not (shards only), for `sum`."""
+    return os.path.isdir(folder) and any(n == DUMP_INDEX or n.startswith("shard-") for n in os.listdir(folder))
+
+
 # Root attributes that runs must share to be merged, and the option that sets each.
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
             "site": "site", "site_modules": "--model (its layers)"}

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .filetools import DUMP_INDEX as INDEX, is_dump  # noqa: F401  (torch-free: `sum` asks before torch)
 
-INDEX = "index.json"
 FORMAT = "mpicorr-dump-1"
 SHARD_FORMAT = "mpicorr-dump-shard-1"
 RULE = "position p = chunk * ctx + offset is dumped iff splitmix64(p) < bound"
@@ -47,11 +47,6 @@ def read_index(folder: str) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT or any(k not in index for k in KEYS):
         raise UserError(f"{path}: not a dump index ({FORMAT}); give a folder written by 'mpicorr run --dump'")
     return index
-
-
-def is_dump(folder: str) -> bool:
-    """Whether a folder holds a dump, finished (an index) or not (shards only), for `sum`."""
-    return os.path.isdir(folder) and any(n == INDEX or n.startswith("shard-") for n in os.listdir(folder))
 
 
 def shard_header(path: str) -> tuple[dict, dict, int]:
