@@ -127,7 +127,7 @@ def dispatch(argv: list[str], comm) -> None:
         file_command(args, command)
     elif args.cmd == "plan":
         from .run import dry_plan
-        cfg = comm.checked(lambda: build_config(args, command))
+        cfg = shared_config(args, command, comm)
         if args.ranks < 1:
             raise SharedError(f"--ranks {args.ranks}: must be a whole number >= 1")
         print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
@@ -142,7 +142,14 @@ def dispatch(argv: list[str], comm) -> None:
         demo(args.out, comm, command, live_progress())
     else:
         from .run import run
-        run(comm.checked(lambda: build_config(args, command)), comm, live_progress())
+        run(shared_config(args, command, comm), comm, live_progress())
+
+
+def shared_config(args: argparse.Namespace, command: str, comm):
+    """Rank 0's Config on every rank: only rank 0 reads the options, ./mpicorr.toml and the hostfile, so
+    ranks started in other folders (mpirun --wdir, MPMD) or with other files cannot count with another
+    configuration."""
+    return comm.checked(lambda: build_config(args, command), root_only=True)
 
 
 # Set by mpirun/srun (Open MPI, PMIx, MPICH/Intel MPI's hydra, MVAPICH, SLURM). Their launchers give ranks a
