@@ -13,6 +13,7 @@ import argparse
 import os
 import shlex
 import sys
+import threading
 import traceback
 
 from . import __version__
@@ -127,7 +128,7 @@ def dispatch(argv: list[str], comm) -> None:
         file_command(args, command)
     elif args.cmd == "plan":
         from .run import dry_plan
-        cfg = comm.checked(lambda: build_config(args, command))
+        cfg = shared_config(args, command, comm)
         if args.ranks < 1:
             raise SharedError(f"--ranks {args.ranks}: must be a whole number >= 1")
         print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
@@ -142,7 +143,14 @@ def dispatch(argv: list[str], comm) -> None:
         demo(args.out, comm, command, live_progress())
     else:
         from .run import run
-        run(comm.checked(lambda: build_config(args, command)), comm, live_progress())
+        run(shared_config(args, command, comm), comm, live_progress())
+
+
+def shared_config(args: argparse.Namespace, command: str, comm):
+    """Rank 0's Config on every rank: only rank 0 reads the options, ./mpicorr.toml and the hostfile, so
+    ranks started in other folders (mpirun --wdir, MPMD) or with other files cannot count with another
+    configuration."""
+    return comm.checked(lambda: build_config(args, command), root_only=True)
 
 
 # Set by mpirun/srun (Open MPI, PMIx, MPICH/Intel MPI's hydra, MVAPICH, SLURM). Their launchers give ranks a
@@ -170,12 +178,33 @@ class Alone:
         raise SystemExit(status)
 
 
+def abort_on_thread_error(comm, debug: bool):
+    """Make an exception in any other thread (rank 0's service thread under --schedule dynamic) end the job as
+    one in the main thread does: one line, then MPI_Abort. Otherwise the thread dies alone and the other ranks
+    wait for its answers forever. Returns the previous hook."""
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        if debug:
+            traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        user = isinstance(args.exc_value, UserError)
+        what = "" if user else f"{args.exc_type.__name__} in thread {args.thread.name if args.thread else '?'}: "
+        print(f"mpicorr: error: {_tag(comm)}{what}{args.exc_value}" + ("" if user or debug else
+              " (rerun with --debug for the traceback)"), file=sys.stderr, flush=True)
+        try:
+            comm.abort(2 if user else 1)  # MPI_Abort with several ranks; SystemExit (ignored in a thread) alone
+        finally:
+            os._exit(2 if user else 1)
+    previous, threading.excepthook = threading.excepthook, hook
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; errors become one line on stderr and end every rank."""
     argv = sys.argv[1:] if argv is None else argv
     # Hub models come from the local cache only (`hf download` first): no rank waits on the network.
     os.environ["HF_HUB_OFFLINE"] = "1"
-    comm = Alone()
+    comm, previous = Alone(), threading.excepthook
     try:
         if not (argv[:1] and argv[0] in FILE_COMMANDS):  # the file commands never start MPI
             if not launched():
@@ -183,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             from .dist import world
 
             comm = world()
+            previous = abort_on_thread_error(comm, "--debug" in argv)
         dispatch(argv, comm)
     except SharedError as exc:  # raised on every rank: rank 0 speaks, all exit cleanly
         if comm.rank == 0:
@@ -200,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpicorr: error: {_tag(comm)}{type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr, flush=True)
         comm.abort(1)
+    finally:
+        threading.excepthook = previous
     return 0
 
 

@@ -237,3 +237,46 @@ def test_device_identity():
     if torch.cuda.is_available():
         a, b = models.device_identity("cuda:0"), models.device_identity("cuda")
         assert a == b and len(a) >= 32
+
+
+def test_ranks_count_with_rank_0s_configuration(llama, sample_path, tmp_path):
+    """Ranks started in different folders (mpirun --wdir, MPMD) with different ./mpicorr.toml files count
+    with rank 0's: the same bytes as one rank with A's file (before, each rank read its own)."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not found")
+    import subprocess
+    for name, threshold in (("A", 0.25), ("B", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mpicorr.toml").write_text(
+            f'model = "{llama}"\ndata = "{sample_path}"\nctx = {CTX}\nchunks = 4\nthreshold = {threshold}\n')
+    ref = run_main(["run", "--out", str(tmp_path / "ref")], cwd=str(tmp_path / "A"))
+    assert ref.returncode == 0, ref.stderr
+    python = [sys.executable, "-m", "mpicorr", "run", "--out", str(tmp_path / "o")]
+    cmd = [MPIRUN, "--oversubscribe", "-n", "1", "--wdir", str(tmp_path / "A"), *python, ":",
+           "-n", "1", "--wdir", str(tmp_path / "B"), *python]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert outputs(str(tmp_path / "o")) == outputs(str(tmp_path / "ref"))
+
+
+def test_failure_in_rank_0s_service_thread_ends_the_job(llama, sample_path, tmp_path):
+    """--schedule dynamic: an exception in rank 0's background thread (answering rank 1) aborts the job
+    within seconds, one line, non-zero exit (before, the job hung until killed)."""
+    script = (
+        "import sys, mpicorr.schedule as s, mpicorr.__main__ as m\n"
+        "orig = s.Coordinator.__call__\n"
+        "def boom(self, rank, message):\n"
+        "    if rank == 1: raise RuntimeError('injected service failure')\n"
+        "    return orig(self, rank, message)\n"
+        "s.Coordinator.__call__ = boom\n"
+        "sys.exit(m.main(sys.argv[1:]))\n")
+    if MPIRUN is None:
+        pytest.skip("mpirun not found")
+    import subprocess
+    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-c", script, "run", "--model", llama,
+           "--data", sample_path, "--out", str(tmp_path / "o"), "--ctx", str(CTX), "--schedule", "dynamic"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=60, cwd=str(tmp_path))
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
+    assert len(lines) == 1 and "injected service failure" in lines[0] and "mpicorr-service" in lines[0], result.stderr
+    assert not (tmp_path / "o" / "summary.h5").exists()
