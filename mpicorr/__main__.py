@@ -129,8 +129,9 @@ def dispatch(argv: list[str], comm) -> None:
     elif args.cmd == "plan":
         from .run import dry_plan
         cfg = shared_config(args, command, comm)
-        if args.ranks < 1:
-            raise SharedError(f"--ranks {args.ranks}: must be a whole number >= 1")
+        from .plan import MAX_RANKS
+        if not 1 <= args.ranks <= MAX_RANKS:
+            raise SharedError(f"--ranks {args.ranks}: must be a whole number from 1 to {MAX_RANKS}")
         print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
     elif args.cmd == "inspect":
         from .models import describe

@@ -134,16 +134,35 @@ def read_toml(path: str, required: bool) -> dict:
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"{path}: cannot read config file ({exc}); fix the TOML syntax") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config file ({exc}); fix the TOML syntax (UTF-8 text)") from None
     names = {f.name for f in dataclasses.fields(Config)} - {"command"}
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in names:
             raise UserError(f"{path}: unknown key '{key}'; valid keys are the long options of 'mpicorr run'")
+        _check_type(path, key, name, value)
         values[name] = value
     return values
+
+
+def _check_type(path: str, key: str, name: str, value: object) -> None:
+    """A TOML value of the field's type (threshold: parse_thresholds checks it); the command line's values
+    are typed by argparse already."""
+    kind = next(f.type for f in dataclasses.fields(Config) if f.name == name)
+    if name == "threshold":
+        return
+    if kind == "bool":
+        ok, what = isinstance(value, bool), "true or false"
+    elif kind.startswith("int"):
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif kind.startswith("float"):
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, what = isinstance(value, str), "a string in quotes"
+    if not ok:
+        raise UserError(f"{path}: {key} = {value!r} must be {what}")
 
 
 def build_config(args: argparse.Namespace, command: str) -> Config:

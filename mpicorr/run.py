@@ -59,6 +59,7 @@ class Tally:
 def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
     """(all chunks of the data file, its sha256, first chunk, chunk count) with the model's tokenizer."""
     models.check_model(cfg.model, cfg.site_module, cfg.site)
+    models.check_loadable(cfg.model, cfg.site_module, cfg.site, cfg.ctx)
     tokenizer = models.load_tokenizer(cfg.model)
     text, sha = data.read_text(cfg.data)
     all_chunks = data.make_chunks(data.tokenize(text, tokenizer), cfg.ctx, tokenizer.bos_token_id)

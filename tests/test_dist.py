@@ -91,6 +91,32 @@ class BaseComm:
         assert stage.stage_model(source, root, c, leader=True) == got  # already there: nothing sent
 
 
+@pytest.mark.skipif(dist.MPI is None, reason="mpi4py missing")
+def test_comm_frees_its_node_communicator():
+    """Comm() asks for the node-local rank with Split_type and frees that communicator (before, one leaked
+    per Comm: per split and staging step)."""
+    freed = []
+
+    class Node:
+        def Get_rank(self):
+            return 3
+
+        def Free(self):
+            freed.append(True)
+
+    class Fake:
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 1
+
+        def Split_type(self, kind):
+            return Node()
+
+    assert dist.Comm(Fake()).local_rank == 3 and freed == [True]
+
+
 class TestSelf(BaseComm):
     def comm(self):
         return dist.serial()
@@ -114,4 +140,4 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("18 passed") == 2, result.stdout
+    assert result.stdout.count("19 passed") == 2, result.stdout
