@@ -87,8 +87,16 @@ class BaseComm:
         assert got == os.path.join(root, "model")
         files = c.bcast(stage.manifest(source) if c.rank == 0 else None)
         assert stage.manifest(got) == files and stage.is_staged(got, files)
+        transfer = stage._transfer
         monkeypatch.setattr(stage, "_transfer", lambda *a: pytest.fail("staged twice"))
         assert stage.stage_model(source, root, c, leader=True) == got  # already there: nothing sent
+        with open(os.path.join(got, "sub/weights.bin"), "r+b") as fh:  # bytes changed, size kept
+            fh.seek(100)
+            fh.write(b"tampered")
+        monkeypatch.setattr(stage, "_transfer", transfer)
+        assert not stage.is_staged(got, files)
+        assert stage.stage_model(source, root, c, leader=True) == got  # copied again
+        assert stage.manifest(got) == files
 
 
 @pytest.mark.skipif(dist.MPI is None, reason="mpi4py missing")
