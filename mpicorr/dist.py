@@ -83,6 +83,18 @@ class Comm:
                 raise SharedError(message if rank == 0 or self.size == 1 else f"rank {rank}: {message}")
         return result
 
+    def arrive(self, seconds: float) -> bool:
+        """Wait up to `seconds` until every rank has called this (a non-blocking barrier); False on timeout.
+        For ranks that each end on their own (SIGTERM): those that are told as well get time to save."""
+        if self.comm is None or self.size == 1:
+            return True
+        request, deadline = self.comm.Ibarrier(), time.monotonic() + seconds
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
     def abort(self, status: int) -> None:
         """End every rank of the job now."""
         if self.comm is not None and self.size > 1:
