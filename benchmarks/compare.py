@@ -7,7 +7,8 @@ Both count the same synthetic firing (mpicorr.bench.synthetic). The pair loop (b
 compiled here with OpenMP and -march=native) is timed on enough tokens for a stable rate; mpicorr's
 `auto` kernel on --tokens tokens (a run buffers 4096 tokens per popcount call). The counts are compared on
 the tokens the pair loop counted: all of them, or at high densities its first tokens, which mpicorr then
-counts once more, untimed. Different checksums stop the script. Prints a Markdown table; ratio = mpicorr tokens/s / pair loop tokens/s.
+counts once more, untimed. Different checksums stop the script. Prints a Markdown table; ratio = mpicorr
+tokens/s / pair loop tokens/s.
 """
 
 from __future__ import annotations

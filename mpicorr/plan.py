@@ -19,8 +19,8 @@ LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 # The slots of a line without slots=: any number of ranks may run on that host (mpirun gives such a line one
 # slot per core); `plan -n N` places every remaining rank there.
 ANY_SLOTS = 1 << 12
-MAX_RANKS = 1 << 16
-MAX_WEIGHT = 1e12  # weights are relative: this bound keeps the sum of every rank's weight finite  # slots= and plan -n above this are typos (and would take gigabytes to plan)
+MAX_RANKS = 1 << 16  # slots= and plan -n above this are typos (and would take gigabytes to plan)
+MAX_WEIGHT = 1e12  # weights are relative: this bound keeps the sum of every rank's weight finite
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 For clusters without a shared filesystem (as in the original, where only the master node held the model).
 Rank 0 lists the folder (path, size, SHA-256 of every file); one rank per node (local rank 0) checks its
-copy against that list (sizes and SHA-256s: see sha256s for the cost) and, if it differs, receives the files in pieces broadcast from rank 0, checks each
-file's SHA-256 and renames the finished folder into place. A stamp file records the list, so a later run
-skips nodes that already hold the same model.
+copy against that list (sizes and SHA-256s: see sha256s for the cost) and, if it differs, receives the
+files in pieces broadcast from rank 0, checks each file's SHA-256 and renames the finished folder into
+place. A stamp file records the list, so a later run skips nodes whose copy still hashes the same.
 """
 
 from __future__ import annotations
