@@ -18,7 +18,7 @@ import traceback
 
 from . import __version__
 from .config import KERNELS, SITES, add_run_arguments, build_config
-from .errors import SharedError, UserError
+from .errors import SharedError, Terminated, UserError
 
 FILE_COMMANDS = ("info", "verify", "sum")  # read files only: no MPI, no torch (each takes a second or more to start)
 
@@ -129,8 +129,9 @@ def dispatch(argv: list[str], comm) -> None:
     elif args.cmd == "plan":
         from .run import dry_plan
         cfg = shared_config(args, command, comm)
-        if args.ranks < 1:
-            raise SharedError(f"--ranks {args.ranks}: must be a whole number >= 1")
+        from .plan import MAX_RANKS
+        if not 1 <= args.ranks <= MAX_RANKS:
+            raise SharedError(f"--ranks {args.ranks}: must be a whole number from 1 to {MAX_RANKS}")
         print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
     elif args.cmd == "inspect":
         from .models import describe
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # raised on this rank only: say so and end the others
         print(f"mpicorr: error: {_tag(comm)}{exc}", file=sys.stderr, flush=True)
         comm.abort(2)
+    except Terminated as exc:  # SIGTERM while counting: this rank saved its checkpoint
+        print(f"mpicorr: {_tag(comm)}{exc}", file=sys.stderr, flush=True)
+        comm.abort(Terminated.exit_status)
     except KeyboardInterrupt:
         print(f"mpicorr: {_tag(comm)}interrupted", file=sys.stderr, flush=True)
         comm.abort(130)

@@ -65,7 +65,7 @@ HELP = {
     "model": "local model folder or Hugging Face hub id (required)",
     "data": "UTF-8 text file, tokenized whole and cut into --ctx token chunks (required)",
     "out": "output folder for correlations_block_<L>.zstd and summary.h5 (default: mpicorr-out)",
-    "ctx": "tokens per chunk; each chunk is one sequence (default: 512)",
+    "ctx": "tokens per chunk; each chunk is one sequence, at most the model's positions (default: 512)",
     "chunk_start": "first chunk to process (default: 0)",
     "chunks": "number of chunks to process (default: all from --chunk-start on)",
     "part": "K/N: process only the K-th (from 0) of N equal shares of the chunks, in whole batches, for "
@@ -88,8 +88,8 @@ HELP = {
     "schedule": "static: each rank one contiguous share of the batches, by hostfile weight; dynamic: rank 0 "
                 "hands out batches as ranks ask, so faster GPUs do more (same counts either way; default: static)",
     "stage_model": "copy the model folder from rank 0 over MPI into this node-local folder on every node "
-                   "(once: checked by SHA-256, skipped when already there), for clusters without a shared "
-                   "filesystem (default: every rank reads --model itself)",
+                   "(once: checked by SHA-256, skipped while the copy there hashes the same), for clusters "
+                   "without a shared filesystem (default: every rank reads --model itself)",
     "force": "overwrite outputs already in --out and delete its checkpoints (start over)",
     "resume": "continue the run whose checkpoints are in --out; finished chunks are not counted again "
               "(the number of ranks and the hostfile may differ)",
@@ -134,16 +134,35 @@ def read_toml(path: str, required: bool) -> dict:
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"{path}: cannot read config file ({exc}); fix the TOML syntax") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config file ({exc}); fix the TOML syntax (UTF-8 text)") from None
     names = {f.name for f in dataclasses.fields(Config)} - {"command"}
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in names:
             raise UserError(f"{path}: unknown key '{key}'; valid keys are the long options of 'mpicorr run'")
+        _check_type(path, key, name, value)
         values[name] = value
     return values
+
+
+def _check_type(path: str, key: str, name: str, value: object) -> None:
+    """A TOML value of the field's type (threshold: parse_thresholds checks it); the command line's values
+    are typed by argparse already."""
+    kind = next(f.type for f in dataclasses.fields(Config) if f.name == name)
+    if name == "threshold":
+        return
+    if kind == "bool":
+        ok, what = isinstance(value, bool), "true or false"
+    elif kind.startswith("int"):
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif kind.startswith("float"):
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, what = isinstance(value, str), "a string in quotes"
+    if not ok:
+        raise UserError(f"{path}: {key} = {value!r} must be {what}")
 
 
 def build_config(args: argparse.Namespace, command: str) -> Config:

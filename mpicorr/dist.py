@@ -30,7 +30,7 @@ class Comm:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
         self.host = MPI.Get_processor_name() if comm is not None else socket.gethostname()
-        self.local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank() if comm is not None else 0
+        self.local_rank = local_rank(comm) if comm is not None else 0
 
     def bcast(self, obj: T) -> T:
         """Rank 0's object on every rank."""
@@ -83,11 +83,33 @@ class Comm:
                 raise SharedError(message if rank == 0 or self.size == 1 else f"rank {rank}: {message}")
         return result
 
+    def arrive(self, seconds: float) -> bool:
+        """Wait up to `seconds` until every rank has called this (a non-blocking barrier); False on timeout.
+        For ranks that each end on their own (SIGTERM): those that are told as well get time to save."""
+        if self.comm is None or self.size == 1:
+            return True
+        request, deadline = self.comm.Ibarrier(), time.monotonic() + seconds
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
     def abort(self, status: int) -> None:
         """End every rank of the job now."""
         if self.comm is not None and self.size > 1:
             self.comm.Abort(status)
         raise SystemExit(status)
+
+
+def local_rank(comm: Any) -> int:
+    """This rank's index among the ranks of its node; the node communicator is freed at once (a Comm is made
+    for every split and staging step: each left behind holds MPI resources until the job ends)."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
 
 
 ASK, REPLY = 7101, 7102  # message tags of the Service

@@ -9,3 +9,10 @@ class UserError(Exception):
 
 class SharedError(UserError):
     """A UserError raised on every rank at once (so only rank 0 reports it and all ranks exit cleanly)."""
+
+
+class Terminated(Exception):
+    """SIGTERM while counting (a scheduler's notice before it kills the job): this rank saved a checkpoint;
+    the job ends with status 143 (128 + SIGTERM) and --resume continues it."""
+
+    exit_status = 143

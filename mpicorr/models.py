@@ -203,7 +203,7 @@ def _matching(model: torch.nn.Module, site_module: str) -> Found:
         raise UserError(f"--site-module {site_module}: matches no module; linear layers are named like "
                         f"{', '.join(linear[:4])}")
     for name, mod in found:
-        if getattr(mod, "weight", None) is None or mod.weight.dim() != 2:
+        if getattr(mod, "weight", None) is None or mod.weight.dim() != 2 or isinstance(mod, torch.nn.Embedding):
             raise UserError(f"--site-module {site_module}: '{name}' is not a linear layer; match the layer "
                             f"whose input is the FFN activation (the down projection)")
     return found
@@ -306,6 +306,80 @@ def check_model(name: str, site_module: str | None = None, site: str = "ffn") ->
         if site == "gate":
             _check_gated(family)
     return family
+
+
+def check_loadable(name: str, site_module: str | None, site: str, ctx: int) -> None:
+    """What would otherwise fail after the output folder exists: the sites on the model built on the meta
+    device (no weights read), --ctx against the model's positions, and the weight files against config.json
+    (their headers only)."""
+    model = meta_model(name)
+    sites = find_sites(model, site_module, site)
+    if not sites:
+        raise UserError(f"--model {name}: a run would record no layer ({model.config.num_hidden_layers} layers in "
+                        f"config.json); fix num_hidden_layers or --site-module")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if isinstance(limit, int) and ctx > limit:
+        raise UserError(f"--ctx {ctx}: {name} takes at most {limit} positions (config.json); use --ctx {limit} "
+                        f"or less")
+    check_weights(inputs.model_folder(name), model)
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_weights(folder: str, model: torch.nn.Module) -> None:
+    """Refuse a folder without weights, a truncated or foreign .safetensors file (its header against the
+    file size and the shapes config.json gives). Reads only the headers: milliseconds even for 70B models."""
+    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
+    if not present:
+        raise UserError(f"--model {folder}: no weights (none of {', '.join(WEIGHT_FILES)}); give a folder written "
+                        f"by save_pretrained")
+    if not present[0].startswith("model.safetensors"):
+        return  # pickled weights: transformers reads (and checks) them itself
+    files = ["model.safetensors"]
+    if present[0].endswith(".json"):
+        files = sorted(set(_index(os.path.join(folder, present[0]))["weight_map"].values()))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    for file in files:
+        for key, shape in _safetensors_shapes(os.path.join(folder, file)).items():
+            want = shapes.get(key, shapes.get(key.removeprefix(prefix), shapes.get(prefix + key)))
+            if want is not None and want != shape:
+                raise UserError(f"--model {folder}: {file} holds {key} of shape {list(shape)} but config.json "
+                                f"gives {list(want)}; the weights belong to another model")
+
+
+def _index(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {path}: cannot read the weight index ({exc}); re-download the model") from None
+
+
+def _safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a .safetensors header, after checking that the file holds all their bytes."""
+    import json
+
+    problem = "missing"
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            length = int.from_bytes(fh.read(8), "little")
+            problem = "truncated or not a safetensors file"
+            if 8 + length > size:
+                raise ValueError
+            header = json.loads(fh.read(length))
+            end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        raise UserError(f"--model {path}: {problem}; re-download or re-save the model") from None
+    if 8 + length + end > size:
+        raise UserError(f"--model {path}: truncated ({size} bytes, its header needs {8 + length + end}); "
+                        f"re-download or re-save the model")
+    return {k: tuple(t["shape"]) for k, t in header.items() if k != "__metadata__"}
 
 
 def load_model(name: str, dtype: torch.dtype, devices: list[str]) -> torch.nn.Module:

@@ -19,6 +19,8 @@ LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 # The slots of a line without slots=: any number of ranks may run on that host (mpirun gives such a line one
 # slot per core); `plan -n N` places every remaining rank there.
 ANY_SLOTS = 1 << 12
+MAX_RANKS = 1 << 16  # slots= and plan -n above this are typos (and would take gigabytes to plan)
+MAX_WEIGHT = 1e12  # weights are relative: this bound keeps the sum of every rank's weight finite
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,10 @@ def parse_hostfile(text: str, path: str = "hostfile") -> list[HostLine]:
 
 def _positive(value: str, what: str, where: str, whole: bool = False) -> float:
     pattern = r"[0-9]+" if whole else r"[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?"
-    if not re.fullmatch(pattern, value) or float(value) <= 0:
+    most = MAX_RANKS if whole else MAX_WEIGHT  # slots: a typo; weights: their sum must stay finite
+    if not re.fullmatch(pattern, value) or not 0 < float(value) <= most:
         kind = "a whole number" if whole else "a number"
-        raise UserError(f"{where}: {what} '{value}' must be {kind} > 0")
+        raise UserError(f"{where}: {what} '{value}' must be {kind} > 0 and at most {most:g}")
     return float(value)
 
 
@@ -130,10 +133,20 @@ def by_slot(lines: list[HostLine], ranks: int, path: str = "hostfile") -> list[t
 
     Returns, per rank, its hostfile line and its local index on that host (its GPU with --device auto).
     """
-    slots = [(line, i) for line in lines for i in range(line.slots)]
-    if ranks > len(slots):
-        raise UserError(f"{path}: {ranks} ranks need {ranks} slots but the hostfile has {len(slots)}")
-    return slots[:ranks]
+    total = sum(line.slots for line in lines)
+    if ranks > total:
+        raise UserError(f"{path}: {ranks} ranks need {ranks} slots but the hostfile has {total}")
+    hosts: dict[str, list[HostLine]] = {}  # one host may have several lines: mpirun adds up their slots
+    for line in lines:
+        hosts.setdefault("localhost" if line.host.lower() in LOCAL_NAMES else short(line.host), []).append(line)
+    placed: list[tuple[HostLine, int]] = []
+    for same in hosts.values():
+        local = 0
+        for line in same:
+            for _ in range(min(line.slots, ranks - len(placed))):
+                placed.append((line, local))
+                local += 1
+    return placed
 
 
 def split(units: int, weights: list[float]) -> list[tuple[int, int]]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +24,35 @@ from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part, threshold_folders
 from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
 from .dist import Comm, Service
-from .errors import UserError
+from .errors import Terminated, UserError
 from .hooks import feeding, recording
 from .progress import JobProgress
 
 CHECKPOINT_SECONDS = 600.0   # default checkpoint interval: a crash loses at most about ten minutes
 FINAL_CHECKPOINT_SECONDS = 60.0  # before the reduce, save unsaved work older than this
 WRITE_THREADS = 8  # rank 0's output writers (each holds one unit's counts while it works)
+TERM_WAIT_S = 10.0  # after a SIGTERM, how long a rank that saved waits for the others to save too
+
+
+class Stop:
+    """While counting, SIGTERM (SLURM's notice before it kills a job, see --signal) asks this rank to finish
+    its batch, save a checkpoint and end; outside counting it keeps its default (end at once: nothing to
+    save before, and the checkpoints are written before the reduce)."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self) -> "Stop":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def _note(self, *_) -> None:
+        self.requested = True
+
+    def __exit__(self, *_) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,7 @@ class Tally:
 def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
     """(all chunks of the data file, its sha256, first chunk, chunk count) with the model's tokenizer."""
     models.check_model(cfg.model, cfg.site_module, cfg.site)
+    models.check_loadable(cfg.model, cfg.site_module, cfg.site, cfg.ctx)
     tokenizer = models.load_tokenizer(cfg.model)
     text, sha = data.read_text(cfg.data)
     all_chunks = data.make_chunks(data.tokenize(text, tokenizer), cfg.ctx, tokenizer.bos_token_id)
@@ -237,9 +262,11 @@ def new_counts(sites: list[models.Site], places: list[str], cfg: Config, dtype: 
 
 
 def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: Tally, device: str,
-                 saver: Saver, service: Service, dumper: dumping.Dumper | None = None) -> tuple[int, float]:
-    """Forward each batch while counting into `tally` (and dumping), checkpointing as the saver decides and
-    reporting each batch to rank 0; (chunks, seconds busy)."""
+                 saver: Saver, service: Service, dumper: dumping.Dumper | None = None,
+                 stop: Stop | None = None) -> tuple[int, float]:
+    """Forward each batch while counting into `tally` (and dumping), checkpointing as the saver decides (and
+    at once when `stop` is requested: then raise Terminated) and reporting each batch to rank 0; (chunks,
+    seconds busy)."""
     causal = models.is_causal_lm(model)
     first = models.input_device(model)
     chunks, busy = 0, 0.0
@@ -256,6 +283,11 @@ def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: T
                 tally.nll, tally.predictions = tally.nll + part, tally.predictions + n
             tally.finished.append((b0, b1))
             saver.after_batch(tally, b1 - b0)
+            if stop is not None and stop.requested:
+                saver.save(tally)
+                finished = sum(b - a for a, b in tally.finished)
+                raise Terminated(f"terminated (SIGTERM): saved a checkpoint of {finished} chunks in "
+                                 f"{os.path.dirname(saver.path)}; rerun with --resume to continue")
             spent = time.monotonic() - started
             chunks, busy = chunks + b1 - b0, busy + spent
             service.tell(("done", b1 - b0))
@@ -336,8 +368,13 @@ def count_scheduled(cfg: Config, comm: Comm, job: Job, model, sites, tally: Tall
     service = Service(comm, coordinator)
     batches = asked(service) if cfg.schedule == "dynamic" else job.plan[comm.rank].batches
     # On an error no close(): rank 0 would wait for the others; the error ends the job (MPI_Abort) instead.
-    done = guard_memory(lambda: count_chunks(model, sites, job, batches, tally, device, saver, service, dumper),
-                        cfg, device)
+    with Stop() as stop:
+        try:
+            done = guard_memory(lambda: count_chunks(model, sites, job, batches, tally, device, saver, service,
+                                                     dumper, stop), cfg, device)
+        except Terminated:
+            comm.arrive(TERM_WAIT_S)  # every rank got the signal (SLURM, mpirun): let the slower ones save too
+            raise
     service.close()
     return done
 

@@ -38,3 +38,29 @@ def test_check_catches_a_wrong_count():
     packed[-1] += 1  # C[49, 49]: row 49 is always sampled
     with pytest.raises(RuntimeError, match="row 49"):
         bench.check(packed, fired, 1)
+
+
+def test_compare_checks_the_counts_of_the_tokens_the_pair_loop_counted(monkeypatch, capsys):
+    """benchmarks/compare.py: when the pair loop is timed on fewer tokens (high densities), the counts of
+    those tokens are still compared (before, the check was skipped exactly there)."""
+    import importlib.util
+    import os
+    import shutil
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "compare.py")
+    spec = importlib.util.spec_from_file_location("compare", here)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    fired = bench.synthetic(128, 64, 0.3, "uniform")
+    right = compare.subset_checksum(fired, 16)
+    compare.check_counts("x", fired, right, 16, our_check=0)
+    with pytest.raises(SystemExit, match="checksums differ at x on 16 tokens"):
+        compare.check_counts("x", fired, right + 1, 16, our_check=0)
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler for the pair loop")
+    monkeypatch.setattr(compare, "PAIR_BUDGET", 20 * 128 * 129 / 2 * 0.3 * 0.3)  # some tokens of 64
+    real = compare.time_pairloop
+    timed = []
+    monkeypatch.setattr(compare, "time_pairloop", lambda *a: timed.append(real(*a)) or timed[-1])
+    compare.main(["--neurons", "128", "--tokens", "64", "--densities", "0.3", "--profiles", "uniform",
+                  "--repeats", "1"])
+    assert 16 <= timed[0][2] < 64 and "| uniform | 0.3 |" in capsys.readouterr().out

@@ -87,8 +87,42 @@ class BaseComm:
         assert got == os.path.join(root, "model")
         files = c.bcast(stage.manifest(source) if c.rank == 0 else None)
         assert stage.manifest(got) == files and stage.is_staged(got, files)
+        transfer = stage._transfer
         monkeypatch.setattr(stage, "_transfer", lambda *a: pytest.fail("staged twice"))
         assert stage.stage_model(source, root, c, leader=True) == got  # already there: nothing sent
+        with open(os.path.join(got, "sub/weights.bin"), "r+b") as fh:  # bytes changed, size kept
+            fh.seek(100)
+            fh.write(b"tampered")
+        monkeypatch.setattr(stage, "_transfer", transfer)
+        assert not stage.is_staged(got, files)
+        assert stage.stage_model(source, root, c, leader=True) == got  # copied again
+        assert stage.manifest(got) == files
+
+
+@pytest.mark.skipif(dist.MPI is None, reason="mpi4py missing")
+def test_comm_frees_its_node_communicator():
+    """Comm() asks for the node-local rank with Split_type and frees that communicator (before, one leaked
+    per Comm: per split and staging step)."""
+    freed = []
+
+    class Node:
+        def Get_rank(self):
+            return 3
+
+        def Free(self):
+            freed.append(True)
+
+    class Fake:
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 1
+
+        def Split_type(self, kind):
+            return Node()
+
+    assert dist.Comm(Fake()).local_rank == 3 and freed == [True]
 
 
 class TestSelf(BaseComm):
@@ -114,4 +148,4 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("18 passed") == 2, result.stdout
+    assert result.stdout.count("19 passed") == 2, result.stdout

@@ -32,7 +32,7 @@ def bad_files(llama, tmp_path_factory) -> dict[str, str]:
     """Inputs that are wrong in one way each."""
     base = tmp_path_factory.mktemp("bad")
     files = {"HOSTFILE0": "localhost slots=1 weight=0\n", "HOSTFILE_SYNTAX": "localhost slots=1 speed=2\n",
-             "HOSTFILE_OTHER": "elsewhere slots=1\n", "EMPTY": ""}
+             "HOSTFILE_OTHER": "elsewhere slots=1\n", "EMPTY": "", "SHORT": "a few words\n"}
     paths = {}
     for name, text in files.items():
         (base / name).write_text(text)
@@ -62,7 +62,8 @@ def bad_files(llama, tmp_path_factory) -> dict[str, str]:
     (["--model", "MODEL", "--data", "DATA", "--gpus-per-rank", "0"], ["--gpus-per-rank 0", ">= 1"]),
     (["--model", "MODEL", "--data", "DATA", "--gpus-per-rank", "2", "--device", "cpu"],
      ["--gpus-per-rank 2", "needs GPUs"]),
-    (["--model", "MODEL", "--data", "DATA", "--ctx", "100000"], ["too short for one chunk"]),
+    (["--model", "MODEL", "--data", "SHORT"], ["too short for one chunk"]),
+    (["--model", "MODEL", "--data", "DATA", "--ctx", "100000"], ["--ctx 100000", "at most 1024 positions"]),
     (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE0"], ["HOSTFILE0:1", "weight '0'"]),
     (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE_SYNTAX"], ["HOSTFILE_SYNTAX:1", "speed=2"]),
     (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE_OTHER"], ["HOSTFILE_OTHER", "no line for host"]),
@@ -280,3 +281,70 @@ def test_failure_in_rank_0s_service_thread_ends_the_job(llama, sample_path, tmp_
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
     assert len(lines) == 1 and "injected service failure" in lines[0] and "mpicorr-service" in lines[0], result.stderr
     assert not (tmp_path / "o" / "summary.h5").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_configs(llama, tmp_path_factory) -> dict[str, str]:
+    """TOML files with a value of the wrong type, and model folders broken in one way each."""
+    base = tmp_path_factory.mktemp("badcfg")
+    paths = {}
+    for name, text in {"T_DEVICE": "device = 5\n", "T_MODEL": "model = 5\n", "T_DATA": "data = [1, 2]\n",
+                       "T_SITE": "site_module = 5\n", "T_OUT": "out = 3\n", "T_CTX": "ctx = \"64\"\n"}.items():
+        (base / name).write_text(text)
+        paths[name] = str(base / name)
+    (base / "T_LATIN1").write_bytes("model = \"caf\xe9\"\n".encode("latin-1"))
+    paths["T_LATIN1"] = str(base / "T_LATIN1")
+
+    def broken(name: str, config: dict | None = None, weights=None) -> None:
+        folder = base / name
+        shutil.copytree(llama, folder)
+        if config:
+            cfg = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+        if weights is not None:
+            weights(folder / "model.safetensors")
+        paths[name] = str(folder)
+    broken("M_SHAPE", {"intermediate_size": 80})
+    broken("M_NOLAYERS", {"num_hidden_layers": -3})
+    broken("M_MISSING", weights=lambda p: p.unlink())
+    broken("M_TRUNC", weights=lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))
+    return paths
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config", "T_DEVICE"], ["T_DEVICE", "device = 5", "a string"]),
+    (["--config", "T_MODEL"], ["T_MODEL", "model = 5"]),
+    (["--config", "T_DATA"], ["T_DATA", "data = [1, 2]"]),
+    (["--config", "T_SITE"], ["T_SITE", "site_module = 5"]),
+    (["--config", "T_OUT"], ["T_OUT", "out = 3"]),
+    (["--config", "T_CTX"], ["T_CTX", "ctx = '64'", "a whole number"]),
+    (["--config", "T_LATIN1"], ["T_LATIN1", "UTF-8"]),
+    (["--model", "M_SHAPE"], ["M_SHAPE", "config.json gives", "another model"]),
+    (["--model", "M_NOLAYERS"], ["M_NOLAYERS", "no layer", "num_hidden_layers"]),
+    (["--model", "M_MISSING"], ["M_MISSING", "no weights"]),
+    (["--model", "M_TRUNC"], ["model.safetensors", "truncated"]),
+    (["--model", "GPT2", "--ctx", "2048"], ["--ctx 2048", "at most 1024"]),
+    (["--site-module", r"model\.embed_tokens"], ["embed_tokens", "not a linear layer"]),
+])
+def test_bad_config_and_model_is_one_line_exit_2_and_no_output_folder(
+        llama, tiny_models, sample_path, bad_configs, tmp_path, args, needles):
+    """Each of these failed after the output folder existed, with a traceback or exit 1 (or exit 0 for a
+    model without layers)."""
+    subst = {"GPT2": tiny_models["gpt2"], **bad_configs}
+    args = [subst.get(a, a) for a in args]
+    if "--model" not in args and "--config" not in args:
+        args = ["--model", llama, *args]
+    out = tmp_path / "out"
+    common = ["--data", sample_path, "--out", str(out)] + ([] if "--ctx" in args else ["--ctx", str(CTX)])
+    result = run_main(["run", *args, *common], cwd=str(tmp_path))
+    one_error_line(result, *[subst.get(n, n) for n in needles])
+    assert not out.exists()
+
+
+def test_plan_refuses_absurd_rank_counts(llama, sample_path, tmp_path):
+    """plan -n 30000000 planned 30 million rows (gigabytes); slots= beyond the limit likewise."""
+    common = ["--model", llama, "--data", sample_path, "--ctx", str(CTX)]
+    one_error_line(run_main(["plan", "-n", "30000000", *common]), "--ranks 30000000", "from 1 to")
+    (tmp_path / "hosts").write_text("localhost slots=100000000000\n")
+    one_error_line(run_main(["plan", "-n", "2", *common, "--hostfile", str(tmp_path / "hosts")]),
+                   "hosts:1", "slots '100000000000'")

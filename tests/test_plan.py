@@ -18,7 +18,9 @@ def test_parse_both_syntaxes():
                      plan.HostLine("old", 1, 48.0), plan.HostLine("gpu03", 2, 2.5)]
 
 
-@pytest.mark.parametrize("text", ["a slots=0", "a weight=-1", "a slots=x", "a bogus=1", "a 0", "# nothing\n"])
+@pytest.mark.parametrize("text", ["a slots=0", "a weight=-1", "a slots=x", "a bogus=1", "a 0", "# nothing\n",
+                                  "a weight=1e400", "a weight=1e308\nb weight=1e308", "a 1e308",
+                                  "a slots=100000000000"])
 def test_bad_hostfiles(text):
     with pytest.raises(UserError, match="hostfile"):
         plan.parse_hostfile(text)
@@ -108,6 +110,17 @@ def test_by_slot_placement():
     assert [(line.host, local, line.weight) for line, local in placed] == [("a", 0, 2.0), ("a", 1, 2.0), ("b", 0, 1.0)]
     with pytest.raises(UserError, match="4 ranks need 4 slots"):
         plan.by_slot(lines, 4)
+
+
+def test_by_slot_counts_gpus_per_host_over_several_lines():
+    """One host on several lines: mpirun adds up its slots, so its ranks take GPUs 0, 1, 2 (before, each
+    line started again at gpu 0)."""
+    lines = plan.parse_hostfile("a slots=1\nb slots=1\na slots=2 # weight=3\n")
+    placed = plan.by_slot(lines, 4)
+    assert [(line.host, local, line.weight) for line, local in placed] == [
+        ("a", 0, 1.0), ("a", 1, 3.0), ("a", 2, 3.0), ("b", 0, 1.0)]
+    hosts = [line.host for line, _ in placed]
+    assert plan.rank_weights(lines, hosts) == [line.weight for line, _ in placed]
 
 
 def test_part_cuts_whole_batches():

@@ -183,3 +183,37 @@ def test_damaged_checkpoint_is_named(llama, tmp_path):
     blob = open(path, "rb").read()
     open(path, "wb").write(blob[:-9])
     one_error_line(run_main(args(llama, data, out, "--chunks", "4", "--resume")), path, "damaged checkpoint")
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_gives_the_same_bytes(llama, tmp_path, monkeypatch):
+    """SIGTERM while counting (SLURM's notice before the kill): the rank finishes its batch, saves a
+    checkpoint and exits 143; --resume then gives the bytes of an uninterrupted run. In-process, the signal
+    sent after the 5th batch (before, SIGTERM ended the run at once, saving nothing)."""
+    from mpicorr import run as running
+    data = tiny.sample_path()
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    ok(run_main(args(llama, data, ref, "--chunks", "12")))
+    batches, after_batch = [], running.Saver.after_batch
+
+    def after(self, tally, chunks):
+        after_batch(self, tally, chunks)
+        batches.append(chunks)
+        if len(batches) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(running.Saver, "after_batch", after)
+
+    def unhandled(*_):
+        raise RuntimeError("SIGTERM reached the test's handler")
+    previous = signal.signal(signal.SIGTERM, unhandled)  # without mpicorr's handler: fail, not kill pytest
+    try:
+        result = run_main(args(llama, data, out, "--chunks", "12"))
+        assert signal.getsignal(signal.SIGTERM) is unhandled, "the handler is restored after counting"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.returncode == 143, result.stderr
+    assert "terminated (SIGTERM): saved a checkpoint of 5 chunks" in result.stderr, result.stderr
+    assert not os.path.exists(os.path.join(out, "summary.h5"))
+    monkeypatch.undo()
+    resumed = ok(run_main(args(llama, data, out, "--chunks", "12", "--resume")))
+    assert "5 chunks finished, 7 to count" in resumed.stdout
+    same_as_reference(out, ref)

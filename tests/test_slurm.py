@@ -88,3 +88,11 @@ def test_hostfile_helper_expands_tasks_per_node(tmp_path):
     from mpicorr import plan
     hosts = plan.parse_hostfile((tmp_path / "hostfile.42").read_text())
     assert [(h.host, h.slots, h.weight) for h in hosts] == [("gpu01", 2, 1.0), ("gpu02", 2, 3.0), ("cpu07", 1, 1.0)]
+
+
+def test_sbatch_scripts_ask_for_sigterm_before_the_time_limit():
+    """mpicorr saves a checkpoint on SIGTERM while counting; SLURM sends one before the kill only when asked
+    (--signal), with time to finish a batch and save."""
+    for name in ("mpicorr.sbatch", "array.sbatch"):
+        text = open(os.path.join(ROOT, "slurm", name)).read()
+        assert "#SBATCH --signal=TERM@120" in text, name
