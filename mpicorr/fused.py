@@ -144,8 +144,11 @@ def stats(x: torch.Tensor, thresholds: torch.Tensor, ft: torch.Tensor, one: int,
     """Run `_stats` on x [T, N] (rows contiguous). Adds into fire_count [M, N], active [M, T] (int32, zeroed by
     the caller), act_sum, act_sumsq (int64 [N]), writes ft [M, N', T'] and words [tile_count(T), 17, N], and
     raises flag[0] to 1 on a value with |x| >= 2**20 or not finite. `thresholds`: float32 [M], each exactly
-    representable in x's dtype (counting.exact_thresholds)."""
+    representable in x's dtype (counting.exact_threshold). A batch of no tokens (an MoE expert no token was
+    routed to) adds nothing and launches nothing: Triton refuses a grid of 0 programs."""
     tokens, width = x.shape
+    if tokens == 0:
+        return
     m = thresholds.numel()
     groups = min(GROUPS, triton.next_power_of_2(tile_count(tokens)))  # small batches: no idle loop rounds
     grid = (-(-tile_count(tokens) // groups), -(-max(width, ft.shape[1]) // BN))

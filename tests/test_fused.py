@@ -63,6 +63,26 @@ def test_all_zero_and_all_firing_batches():
     assert new.fire_count.tolist() == [[80] * 45] and new.active_hist[0, 45] == 80
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_of_no_tokens_counts_nothing(dtype):
+    """An MoE expert that no token was routed to gets a [0, width] batch: every path adds nothing, and the Triton
+    path launches no kernel (Triton refuses a grid of 0 programs)."""
+    ref, new = pair(70, (0.25, 0.5))
+    paths = [ref, new]
+    if counting.kernels.AVAILABLE:
+        paths.append(counting.LayerCounts(0, 70, (0.25, 0.5), torch.int32, "cpu", "auto", stats="auto"))
+    x = torch.randn(40, 70).to(dtype)
+    for lc in paths:
+        lc.add(x[:0].to(DEVICE))
+        lc.add(x.to(DEVICE))
+        lc.add(x[:0].to(DEVICE))
+        lc.check()
+    assert new.fused == "triton" and paths[-1].fused in ("numba", "triton")
+    for lc in paths[1:]:
+        assert_same(ref, lc)
+    assert ref.tokens == 40 and int(ref.fire_count.sum()) > 0
+
+
 @pytest.mark.parametrize("stats", ["torch", "fused"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 2.0**20])
 def test_non_finite_input_raises_the_same_error(stats, bad):
