@@ -20,6 +20,8 @@ CPU tensors: that is how the tests check it on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -35,6 +37,14 @@ BT = 16                     # tokens per tile
 BN = 128                    # neurons per program: one per thread of 4 warps
 GROUP = 8                   # tiles per row of byte counters (GROUP * BT <= 255 tokens)
 GROUPS = 8                  # rows per program: per-neuron sums go to memory once per 1024 tokens
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make `tensor`'s GPU the current CUDA device for the block (a no-op for CPU tensors). Triton launches,
+    torch.cuda.Event.record and the current stream all use the current device, not the tensors': with
+    --gpus-per-rank a layer's counts live on cuda:1 while cuda:0 is current, and an unguarded launch runs on the
+    wrong GPU or faults."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def tile_count(tokens: int) -> int:
@@ -152,10 +162,11 @@ def stats(x: torch.Tensor, thresholds: torch.Tensor, ft: torch.Tensor, one: int,
     m = thresholds.numel()
     groups = min(GROUPS, triton.next_power_of_2(tile_count(tokens)))  # small batches: no idle loop rounds
     grid = (-(-tile_count(tokens) // groups), -(-max(width, ft.shape[1]) // BN))
-    _stats[grid](x, x.stride(0), x.stride(1), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1),
-                 ft.shape[2], ft.shape[1], fire_count, active, act_sum, act_sumsq, words, flag, M=m,
-                 MP=triton.next_power_of_2(m), ONE=one, WIDE=x.dtype == torch.float32, BT=BT, BN=BN, GROUP=GROUP,
-                 GROUPS=groups)
+    with on_device(x):
+        _stats[grid](x, x.stride(0), x.stride(1), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1),
+                     ft.shape[2], ft.shape[1], fire_count, active, act_sum, act_sumsq, words, flag, M=m,
+                     MP=triton.next_power_of_2(m), ONE=one, WIDE=x.dtype == torch.float32, BT=BT, BN=BN,
+                     GROUP=GROUP, GROUPS=groups)
 
 
 def hist_words_add(act_hist: torch.Tensor, words: torch.Tensor, width: int, bins: int) -> None:
@@ -170,10 +181,12 @@ def pack_rows(acc: torch.Tensor, r0: int, width: int, out: torch.Tensor) -> None
     if rows <= 0:
         return
     block = 1024
-    _pack_rows[(rows, -(-min(acc.shape[1], width) // block))](acc, acc.stride(0), r0, width, out, BC=block)
+    with on_device(acc):
+        _pack_rows[(rows, -(-min(acc.shape[1], width) // block))](acc, acc.stride(0), r0, width, out, BC=block)
 
 
 def add_into(acc: torch.Tensor, part: torch.Tensor) -> None:
     """acc += part for contiguous tensors of one shape, converting part to acc's type (exact for counts)."""
     block = 4096
-    _add_into[(-(-acc.numel() // block),)](acc, part, acc.numel(), BLOCK=block)
+    with on_device(acc):
+        _add_into[(-(-acc.numel() // block),)](acc, part, acc.numel(), BLOCK=block)

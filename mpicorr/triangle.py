@@ -209,7 +209,7 @@ class DeviceCounts(HostCounts):
         if self.pending or not self.flushed:
             packed = self._pack()
             if self.panel == torch.int16:  # wrapped int16 counts are uint16 bits; added by a background thread
-                self.flushing.append(flusher(self.device).submit(packed, self.out))
+                self.flushing.append(flusher(packed.device).submit(packed, self.out))  # (an indexed device)
             elif self.flushed:
                 host_add(self.out, to_host(packed))
             else:  # the first flush (the only one of most wide-panel runs): the counts so far are the panels
@@ -255,8 +255,9 @@ class Flusher:
         try:
             ready = None
             if self.stream is not None:
-                ready = torch.cuda.Event()
-                ready.record()
+                with fused.on_device(packed):  # the event marks the packing on its GPU's current stream
+                    ready = torch.cuda.Event()
+                    ready.record()
                 packed.record_stream(self.stream)  # not reused by the allocator before the copy is done
             return self.pool.submit(self._add, packed, ready, out)
         except BaseException:
@@ -268,7 +269,7 @@ class Flusher:
             if self.stream is None:
                 host = packed.numpy()
             else:
-                with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                with fused.on_device(packed), torch.cuda.stream(self.stream):  # a new thread starts on cuda:0
                     self.stream.wait_event(ready)
                     pinned = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
                     pinned.copy_(packed, non_blocking=True)
@@ -419,14 +420,15 @@ def _time_product(kind: str, device: torch.device) -> float:
     tokens) into that product's wide panel type, as a run does per layer and batch."""
     op = (torch.rand(4096, 8192, device=device) < 0.1).to(OPERANDS[kind][2])
     acc = torch.zeros(1024, 4096, dtype=ACCUMULATORS[kind], device=device)
-    for _ in range(2):
-        accumulate(acc, kind, op[:1024], op.T)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        accumulate(acc, kind, op[:1024], op.T)
-    end.record()
-    end.synchronize()
+    with fused.on_device(acc):  # the events record on the current device's stream: make it acc's
+        for _ in range(2):
+            accumulate(acc, kind, op[:1024], op.T)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            accumulate(acc, kind, op[:1024], op.T)
+        end.record()
+        end.synchronize()
     return start.elapsed_time(end)
 
 

@@ -4,6 +4,9 @@ in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1); with 
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -147,6 +150,53 @@ def test_pack_rows_and_add_into_kernels():
     want = panel.cpu() + part.cpu().to(torch.int16)
     fused.add_into(panel, part)
     assert torch.equal(panel.cpu(), want)
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records, at each launch, its tensors' devices and the device made current
+    by the innermost fused.on_device around it (None outside any), then launches the real kernel."""
+
+    def __init__(self, name: str, kernel, inside: list, launched: list):
+        self.name, self.kernel, self.inside, self.launched = name, kernel, inside, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+            self.launched.append((self.name, self.inside[-1] if self.inside else None, devices))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
+    """--gpus-per-rank: a layer's counts can live on cuda:1 while cuda:0 is current, and Triton launches on the
+    current device. Every launch of the three kernels (the statistics through LayerCounts, the DeviceCounts
+    helpers directly: on a CPU they use torch instead) happens inside fused.on_device of its own tensors, which
+    is torch.cuda.device(that GPU) for a CUDA tensor and a no-op for a CPU one."""
+    inside, launched = [], []
+    real = fused.on_device
+
+    @contextlib.contextmanager
+    def recording(tensor):
+        inside.append(tensor.device)
+        try:
+            with real(tensor):
+                yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(fused, "on_device", recording)
+    for name in ("_stats", "_pack_rows", "_add_into"):
+        monkeypatch.setattr(fused, name, LaunchSpy(name, getattr(fused, name), inside, launched))
+    lc = counting.LayerCounts(0, 70, (0.5,), torch.int32, DEVICE, "gemm", torch.int16, stats="fused")
+    lc.add(torch.randn(50, 70).to(DEVICE))
+    fused.pack_rows(torch.ones(8, 64, device=DEVICE), 32, 40, torch.zeros(triangle.packed_size(40), device=DEVICE))
+    fused.add_into(torch.zeros(5, 7, dtype=torch.int16, device=DEVICE), torch.ones(5, 7, device=DEVICE))
+    assert {name for name, _, _ in launched} == {"_stats", "_pack_rows", "_add_into"}
+    for name, current, devices in launched:
+        assert devices == {current}, name
+    cuda = real(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(cuda, torch.cuda.device) and cuda.idx == 1
+    assert isinstance(real(torch.zeros(1)), contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "popcount", "sparse", "gemm"])
