@@ -69,7 +69,7 @@ if AVAILABLE:
     @triton.jit(do_not_specialize=["x_col"])
     def _stats(x_ptr, x_stride, x_col, T, N, thr_ptr, ft_ptr, ft_stride_m, ft_stride_n, T_pad, N_pad,
                fire_ptr, active_ptr, sum_ptr, sumsq_ptr, words_ptr, flag_ptr,
-               M: tl.constexpr, MP: tl.constexpr, ONE: tl.constexpr, WIDE: tl.constexpr,
+               M: tl.constexpr, MP: tl.constexpr, ONE: tl.constexpr, WIDE: tl.constexpr, BF16: tl.constexpr,
                BT: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr):
         # Each thread owns one neuron column: x_col (the column stride, 1) is not specialised, so Triton does not
         # vectorise the loads along the neurons and keeps lanes and warps along them; every sum over tokens then
@@ -90,8 +90,11 @@ if AVAILABLE:
             for k in range(GROUP):
                 t = row * (GROUP * BT) + k * BT + tl.arange(0, BT)
                 valid = (t < T)[:, None] & n_in[None, :]
-                x = tl.load(x_ptr + t[:, None].to(tl.int64) * x_stride + n[None, :] * x_col, mask=valid, other=0.0)
-                xf = x.to(tl.float32)
+                x = tl.load(x_ptr + t[:, None].to(tl.int64) * x_stride + n[None, :] * x_col, mask=valid, other=0)
+                if BF16:  # bfloat16 bits (int16) widened by a shift: exact for every value, where the interpreter's
+                    xf = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)  # cast turns subnormals into others
+                else:
+                    xf = x.to(tl.float32)
                 ax = tl.abs(xf)
                 bad = tl.maximum(bad, tl.max(tl.where(valid & ~(ax < 1048576.0), 1, 0), axis=0))
                 # Fired matrices, stored transposed in the product's element type; padding gets zeros.
@@ -159,13 +162,15 @@ def stats(x: torch.Tensor, thresholds: torch.Tensor, ft: torch.Tensor, one: int,
     tokens, width = x.shape
     if tokens == 0:
         return
+    wide, bf16 = x.dtype == torch.float32, x.dtype == torch.bfloat16
+    data = x.view(torch.int16) if bf16 else x  # bfloat16 goes in as its bits (see _stats)
     m = thresholds.numel()
     groups = min(GROUPS, triton.next_power_of_2(tile_count(tokens)))  # small batches: no idle loop rounds
     grid = (-(-tile_count(tokens) // groups), -(-max(width, ft.shape[1]) // BN))
     with on_device(x):
-        _stats[grid](x, x.stride(0), x.stride(1), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1),
+        _stats[grid](data, x.stride(0), x.stride(1), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1),
                      ft.shape[2], ft.shape[1], fire_count, active, act_sum, act_sumsq, words, flag, M=m,
-                     MP=triton.next_power_of_2(m), ONE=one, WIDE=x.dtype == torch.float32, BT=BT, BN=BN,
+                     MP=triton.next_power_of_2(m), ONE=one, WIDE=wide, BF16=bf16, BT=BT, BN=BN,
                      GROUP=GROUP, GROUPS=groups)
 
 

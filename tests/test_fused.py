@@ -199,6 +199,53 @@ def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
     assert isinstance(real(torch.zeros(1)), contextlib.nullcontext)
 
 
+# A threshold that is a subnormal of each dtype once rounded up (counting.exact_threshold).
+SUBNORMAL_THRESHOLD = {torch.float32: 1e-44, torch.bfloat16: 1e-40, torch.float16: 1e-7}
+
+
+def special_values(dtype: torch.dtype, thresholds: tuple[float, ...]) -> torch.Tensor:
+    """edge_values, and in `dtype`: its subnormals (the smallest, a few multiples, the largest, the smallest
+    normal), each threshold exactly as the comparison sees it (exact_threshold) and its neighbours, both signs."""
+    zero, inf = torch.tensor(0.0, dtype=dtype), torch.tensor(float("inf"), dtype=dtype)
+    smallest, normal = torch.nextafter(zero, inf), torch.tensor(torch.finfo(dtype).tiny, dtype=dtype)
+    subnormal = torch.stack([smallest, 2 * smallest, 3 * smallest, 7 * smallest, torch.nextafter(normal, zero),
+                             normal, normal / 2])
+    exact = torch.tensor([counting.exact_threshold(t, dtype) for t in thresholds], dtype=dtype)
+    near = torch.cat([subnormal, exact, torch.nextafter(exact, inf), torch.nextafter(exact, zero)])
+    return torch.cat([edge_values(dtype, thresholds), near, -near])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_subnormals_signed_zeros_thresholds_and_edges_give_one_set_of_integers(dtype):
+    """The Triton kernel (in the interpreter on a CPU), the torch reference and the CPU's compiled loop
+    (kernels.fused_stats) count the same integers for subnormal values and a subnormal threshold, -0.0 and
+    0.0, values exactly at +-T and next to it, and every act_hist edge and its neighbours, in float32, bfloat16
+    and float16; every special value also lands in more than one neuron and both batches."""
+    if not counting.kernels.AVAILABLE:
+        pytest.skip("numba not installed")
+    thresholds = (0.25, 0.2995, 1.0, SUBNORMAL_THRESHOLD[dtype])
+    values = special_values(dtype, thresholds)
+    assert ((values != 0) & (values.float().abs() < torch.finfo(dtype).tiny)).sum() >= 10
+    assert torch.signbit(values[values == 0]).any() and not torch.signbit(values[values == 0]).all()
+    width, n = 37, len(values)  # n is not a multiple of 37: the second copy lands in other neurons
+    x = (torch.randn(2 * -(-n // width) + 3, width, generator=torch.Generator().manual_seed(5)) * 0.5).to(dtype)
+    x.view(-1)[:n] = values
+    x.view(-1)[-n:] = values.flip(0)
+    ref, new = pair(width, thresholds)
+    cpu = counting.LayerCounts(0, width, thresholds, torch.int32, "cpu", "auto", stats="auto")
+    assert new.fused == "triton" and cpu.fused == "numba" and ref.fused is None
+    for part in (x[:7], x[7:]):
+        for lc in (ref, new, cpu):
+            lc.add(part.to(DEVICE) if lc is not cpu else part)
+    for lc in (new, cpu):
+        lc.check()
+        assert_same(ref, lc)
+    smallest = torch.nextafter(torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+    assert int(ref.fire_count[3].sum()) == int((x.double().abs() >= SUBNORMAL_THRESHOLD[dtype]).sum()) > 0
+    assert int((x.abs() == smallest).sum()) > 0 and counting.exact_threshold(SUBNORMAL_THRESHOLD[dtype], dtype) < \
+        torch.finfo(dtype).tiny
+
+
 @pytest.mark.parametrize("kernel", ["auto", "popcount", "sparse", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_cpu_statistics_equal_the_torch_reference(kernel, dtype):
