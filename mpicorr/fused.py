@@ -96,7 +96,10 @@ if AVAILABLE:
                 else:
                     xf = x.to(tl.float32)
                 ax = tl.abs(xf)
-                bad = tl.maximum(bad, tl.max(tl.where(valid & ~(ax < 1048576.0), 1, 0), axis=0))
+                bits = xf.to(tl.int32, bitcast=True)
+                # |x| >= 2**20, inf or NaN, on the bits (2**20 is 0x49800000): Triton compiles with NoNaNsFPMath,
+                # under which a float comparison such as ~(ax < 2**20) may come out false for NaN
+                bad = tl.maximum(bad, tl.max(tl.where(valid & ((bits & 0x7FFFFFFF) >= 0x49800000), 1, 0), axis=0))
                 # Fired matrices, stored transposed in the product's element type; padding gets zeros.
                 store = (t < T_pad)[:, None] & (n < N_pad)[None, :]
                 for m in tl.static_range(M):
@@ -115,7 +118,6 @@ if AVAILABLE:
                     sq = _rint32(xf * xf * 65536.0).to(tl.int64)
                 sq_acc += tl.sum(tl.where(valid, sq, 0), axis=0)
                 # act_hist bin from the float32 bits (counting.hist_bins): 2 log2|x| classes, mirrored for x < 0.
-                bits = xf.to(tl.int32, bitcast=True)
                 step = ((bits >> 23) & 0xFF) * 2 + tl.where((bits & 0x7FFFFF) >= 0x3504F3, 1, 0)
                 magnitude = tl.minimum(tl.maximum(step - 233, 0), 33)
                 b = tl.where(bits < 0, 33 - magnitude, 33 + magnitude)

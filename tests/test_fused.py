@@ -87,7 +87,7 @@ def test_a_batch_of_no_tokens_counts_nothing(dtype):
 
 
 @pytest.mark.parametrize("stats", ["torch", "fused"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 2.0**20])
+@pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf"), -float("inf"), 2.0**20, -2.0**20])
 def test_non_finite_input_raises_the_same_error(stats, bad):
     lc = counting.LayerCounts(6, 70, (0.5,), torch.int32, DEVICE, "gemm", torch.float32, stats=stats)
     x = torch.randn(40, 70)
@@ -97,6 +97,18 @@ def test_non_finite_input_raises_the_same_error(stats, bad):
     lc.add(x.to(DEVICE))
     with pytest.raises(counting.UserError, match="layer 6: non-finite activations"):
         lc.check()
+
+
+@pytest.mark.parametrize("stats", ["torch", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_just_below_the_limit_are_not_flagged(stats, dtype):
+    """The largest magnitudes below 2**20 of each dtype, both signs, count without an error (the fused kernel
+    checks the limit on the float32 bits)."""
+    below = float(torch.nextafter(torch.tensor(2.0**20, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+    lc = counting.LayerCounts(0, 4, (0.5,), torch.int32, DEVICE, "gemm", torch.float32, stats=stats)
+    lc.add(torch.tensor([[below, -below, 0.0, -0.0]], dtype=dtype).to(DEVICE))
+    lc.check()
+    assert lc.fire_count.tolist() == [[1, 1, 0, 0]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
