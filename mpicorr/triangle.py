@@ -155,7 +155,8 @@ class DeviceCounts(HostCounts):
     the tokens of one call), exact in each product's output type. `panel` float32 means wide panels (float32,
     or int32 for int8 products; flushed every 2**24 tokens, in practice only at the end); int16 means narrow
     panels (half the memory), whose counts wrap modulo 2**16 and are read back as uint16, exact up to 65535
-    tokens between flushes; those flushes are packed on the device and added into the host triangle by a
+    tokens between flushes (with tensor-core products the limit is a multiple of PAD, 65504, and each batch
+    counts as its padded tokens); those flushes are packed on the device and added into the host triangle by a
     background thread (`Flusher`) while counting goes on. On a CPU (the tests) the product is float32.
     """
 
