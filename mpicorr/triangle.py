@@ -216,7 +216,13 @@ class DeviceCounts(HostCounts):
             else:  # the first flush (the only one of most wide-panel runs): the counts so far are the panels
                 self.out = to_host(packed).astype(self.out.dtype, copy=False)
             self.flushed, self.pending = True, 0
-        while wait and self.flushing:
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait until every flush handed to the Flusher so far has been added into `out` (a timing that stops
+        its clock before would leave out their copies and host adds)."""
+        while self.flushing:
             self.flushing.pop(0).result()
 
     def _pack(self) -> torch.Tensor:
