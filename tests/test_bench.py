@@ -104,3 +104,28 @@ def test_gpu_benchmark_stops_the_clock_after_the_background_flushes(monkeypatch)
     gpu.timed(lambda: counts.add_transposed(op), 3, counts.wait)
     assert len(submitted) >= 4 and len(added) == len(submitted)
     assert counts.packed().tolist() == [4 * 96] * triangle.packed_size(45)
+
+
+def test_writes_profile_names_the_zstd_level_and_workers_it_timed(monkeypatch, capsys, tmp_path):
+    """benchmarks/writes.py --profile: every zstd figure names the level it ran at and its workers; the files'
+    level (matrixfile.ZSTD_LEVEL) is stated, --levels adds the others, and the level is left as it was. (Its
+    keys once said 'zstd_all_cpus' and 'zstd_level1_all_cpus' for the same level-1 run.)"""
+    import os
+    import sys
+
+    from mpicorr import matrixfile
+    writes = load_benchmark("writes")
+    files_level, cpus = matrixfile.ZSTD_LEVEL, len(os.sched_getaffinity(0))
+    monkeypatch.setattr(sys, "argv", ["writes.py", "--layers", "1", "--neurons", "64", "--tokens", "500",
+                                      "--profile", "--levels", f"{files_level},3", "--out", str(tmp_path / "w")])
+    writes.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    profile, written = lines[0], lines[1:]
+    assert profile["files_zstd_level"] == files_level == 1
+    assert [k for k in profile["profile_one_layer_s"] if k.startswith("zstd")] == [
+        f"zstd_level1_{cpus}_workers", f"zstd_level3_{cpus}_workers", "zstd_level1_1_worker"]
+    assert [w["zstd_level"] for w in written] == [1, 3] and matrixfile.ZSTD_LEVEL == files_level
+    monkeypatch.setattr(sys, "argv", ["writes.py", "--help"])
+    with pytest.raises(SystemExit):
+        writes.main()
+    assert "the files' level, 1)" in " ".join(capsys.readouterr().out.split())
