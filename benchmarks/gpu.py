@@ -146,7 +146,8 @@ def model(args) -> None:
         tiny.build_tokenizer(fh.read(), vocab_size=args.vocab).save_pretrained(folder)
     MistralConfig(**{**MISTRAL, "num_hidden_layers": args.layers}).save_pretrained(folder)
     if args.memory_gib:
-        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
+        total = torch.cuda.mem_get_info(args.device)[1]  # the cap is per device: --device's, not the current one
+        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / total, args.device)
     built = random_mistral(folder, torch.bfloat16, [args.device])
     options = argparse.Namespace(model=folder, data=args.data, ctx=args.ctx, chunks=args.chunks,
                                  batch_size=args.batch_size, device=args.device, dtype="bfloat16",
@@ -155,7 +156,7 @@ def model(args) -> None:
     result = overhead.measure(built, options)
     print(json.dumps({**result, "memory_cap_gib": args.memory_gib, "products": triangle.product_kind(args.device)
                       if args.device.startswith("cuda") else "fp32",
-                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                      "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
                       "torch": torch.__version__}), flush=True)
 
 

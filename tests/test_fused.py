@@ -211,6 +211,17 @@ def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
     assert isinstance(real(torch.zeros(1)), contextlib.nullcontext)
 
 
+def test_each_rank_makes_its_first_gpu_current(monkeypatch):
+    """run() makes a rank's first GPU current (models.make_current), so rank 1 of --device auto (cuda:1) does
+    not leave what defaults to the current device on cuda:0; the CPU changes nothing."""
+    from mpicorr import models
+    made = []
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    models.make_current("cpu")
+    models.make_current("cuda:1")
+    assert made == [torch.device("cuda", 1)]
+
+
 # A threshold that is a subnormal of each dtype once rounded up (counting.exact_threshold).
 SUBNORMAL_THRESHOLD = {torch.float32: 1e-44, torch.bfloat16: 1e-40, torch.float16: 1e-7}
 
