@@ -9,9 +9,10 @@ to end by the real `mpicorr run`, timed against its own bare forward passes.
 
 products: triangle.DeviceCounts.add_transposed, as a run calls it once per layer and batch with the operand the
 fused kernel writes, timed over several calls after a warm-up (int16 panels: their flushes included, the
-clock stopped only once the background Flusher has added them into the host triangle), for each product kind that is exact on this GPU (fp8, int8, bf16). The rate counts the multiply-adds
-of the row panels (2 x tokens x panel cells), which is what the tensor cores execute; `triangle` is the share of
-them inside the lower triangle. One bfloat16 square product gives what cuBLAS reaches here.
+clock stopped only once the background Flusher has added them into the host triangle), for each product kind
+that is exact on this GPU (fp8, int8, bf16). The rate counts the multiply-adds of the row panels (2 x tokens
+x panel cells), which is what the tensor cores execute; `triangle` is the share of them inside the lower
+triangle. One bfloat16 square product gives what cuBLAS reaches here.
 
 model: the model is built on the GPU in bfloat16 with random weights (no weights file) next to a config.json and
 a BPE tokenizer trained on --data, then measured as benchmarks/overhead.py measures any model: its bare forward
