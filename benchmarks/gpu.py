@@ -8,10 +8,11 @@ to end by the real `mpicorr run`, timed against its own bare forward passes.
     python benchmarks/gpu.py model --data wiki.test.raw --chunks 642 --batch-size 16 --memory-gib 23  # 24 GB card
 
 products: triangle.DeviceCounts.add_transposed, as a run calls it once per layer and batch with the operand the
-fused kernel writes, timed over several calls after a warm-up (int16 panels: their flushes to the host
-included), for each product kind that is exact on this GPU (fp8, int8, bf16). The rate counts the multiply-adds
-of the row panels (2 x tokens x panel cells), which is what the tensor cores execute; `triangle` is the share of
-them inside the lower triangle. One bfloat16 square product gives what cuBLAS reaches here.
+fused kernel writes, timed over several calls after a warm-up (int16 panels: their flushes included, the
+clock stopped only once the background Flusher has added them into the host triangle), for each product kind
+that is exact on this GPU (fp8, int8, bf16). The rate counts the multiply-adds of the row panels (2 x tokens
+x panel cells), which is what the tensor cores execute; `triangle` is the share of them inside the lower
+triangle. One bfloat16 square product gives what cuBLAS reaches here.
 
 model: the model is built on the GPU in bfloat16 with random weights (no weights file) next to a config.json and
 a BPE tokenizer trained on --data, then measured as benchmarks/overhead.py measures any model: its bare forward
@@ -49,13 +50,17 @@ def peak() -> float | None:
     return next((v for k, v in PEAKS.items() if k in name), None)
 
 
-def timed(fn, reps: int) -> float:
-    """Seconds per call of fn (after one warm-up call)."""
+def timed(fn, reps: int, wait=lambda: None) -> float:
+    """Seconds per call of fn (after one warm-up call), with all the work the calls started: the device's
+    (synchronize) and, through `wait`, what they handed to other threads (DeviceCounts.wait: the Flusher's copies
+    and host adds of int16 panels, which would otherwise still run when the clock stops)."""
     fn()
+    wait()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
         fn()
+    wait()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / reps
 
@@ -80,7 +85,8 @@ def products(args) -> None:
             for panel in (torch.float32, torch.int16):
                 for elements in args.elements:
                     counts = triangle.DeviceCounts(n, torch.int32, "cuda", panel, elements=elements, product=kind)
-                    seconds = timed(lambda: counts.add_transposed(op), max(2, args.call_tokens // tokens))
+                    seconds = timed(lambda: counts.add_transposed(op), max(2, args.call_tokens // tokens),
+                                    counts.wait)
                     cells = triangle.panel_cells(n, elements)
                     rate = 2 * tokens * cells / seconds
                     print(json.dumps({
@@ -99,13 +105,15 @@ def layer(args) -> None:
 
     x = (torch.randn(args.tokens, args.neurons, device="cuda") * 0.5).to(torch.bfloat16)
     counts = counting.LayerCounts(0, args.neurons, (0.5,), torch.int32, "cuda:0")
-    seconds = timed(lambda: counts.add(x), 5)
+    seconds = timed(lambda: counts.add(x), 5, lambda: [pairs.wait() for pairs in counts.pairs])
     print(json.dumps({"what": "LayerCounts.add", "tokens": args.tokens, "neurons": args.neurons,
                       "panel": str(counts.pairs[0].panel), "seconds_per_call": round(seconds, 5),
                       "layer_tokens_per_s": round(args.tokens / seconds)}), flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             counts.add(x)
+        for pairs in counts.pairs:
+            pairs.wait()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows), flush=True)
 
@@ -139,7 +147,8 @@ def model(args) -> None:
         tiny.build_tokenizer(fh.read(), vocab_size=args.vocab).save_pretrained(folder)
     MistralConfig(**{**MISTRAL, "num_hidden_layers": args.layers}).save_pretrained(folder)
     if args.memory_gib:
-        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
+        total = torch.cuda.mem_get_info(args.device)[1]  # the cap is per device: --device's, not the current one
+        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / total, args.device)
     built = random_mistral(folder, torch.bfloat16, [args.device])
     options = argparse.Namespace(model=folder, data=args.data, ctx=args.ctx, chunks=args.chunks,
                                  batch_size=args.batch_size, device=args.device, dtype="bfloat16",
@@ -148,7 +157,7 @@ def model(args) -> None:
     result = overhead.measure(built, options)
     print(json.dumps({**result, "memory_cap_gib": args.memory_gib, "products": triangle.product_kind(args.device)
                       if args.device.startswith("cuda") else "fp32",
-                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                      "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
                       "torch": torch.__version__}), flush=True)
 
 

@@ -31,8 +31,10 @@ from mpicorr import __main__ as cli, data, models  # noqa: E402
 
 
 def sync(device: str) -> None:
+    """Wait for every GPU (a model may be split over several; a bare synchronize() waits for the current one)."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
 
 def batches(folder: str, path: str, ctx: int, chunks: int, batch_size: int) -> list[torch.Tensor]:
@@ -88,14 +90,14 @@ def measure(model, args: argparse.Namespace) -> dict:
     timed_run(model, warm, args.batch_size, scratch)  # compiles the counting kernels once, as a cache would
     shutil.rmtree(scratch, ignore_errors=True)
     if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(args.device)
     after_load, text = timed_run(model, args, chunks, os.path.join(args.work, "out"))
     phases = re.search(r"counted .* in ([\d.]+) s, reduced and wrote them in ([\d.]+) s", text)
     return {"chunks": chunks, "ctx": args.ctx, "batch_size": args.batch_size, "device": args.device,
             "bare_forward_s": round(bare, 2), "run_after_load_s": round(after_load, 2),
             "ratio": round(after_load / bare, 2),
             "counting_s": phases and float(phases[1]), "writing_s": phases and float(phases[2]),
-            "peak_device_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
+            "peak_device_bytes": torch.cuda.max_memory_allocated(args.device) if args.device.startswith("cuda") else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 

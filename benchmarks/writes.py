@@ -4,10 +4,14 @@ matrix files through run.UnitWriter, the summary.h5 groups), without a model.
     python benchmarks/writes.py --layers 32 --neurons 14336            # Mistral-7B's 32 x 14336
     python benchmarks/writes.py --profile --levels 1,3 --out /dev/shm/w      # each step alone; levels; tmpfs
 
+--levels: the zstd levels to write the layers at (default: the files' own level, matrixfile.ZSTD_LEVEL = 1).
+--profile: first time each step of one layer's write alone: zstd on every CPU at each of --levels, zstd with
+one worker at the files' level, and SHA-256, the per-neuron datasets, deflate, write and fsync of that frame.
+
 The counts are drawn once (C[i, j] ~ Poisson(T p_i p_j), p Zipf-like with mean --density, the diagonal T p_i)
 and handed to every layer, as the reduce hands a finished layer to the writer; what is timed is everything
 after that: compression (zstd, multi-threaded), SHA-256, the top-partner search, the per-neuron datasets and
-the HDF5 writes, fsync and rename. Prints one JSON line.
+the HDF5 writes, fsync and rename. Prints one JSON line per folder and level (after the --profile line).
 """
 
 from __future__ import annotations
@@ -65,22 +69,28 @@ def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | No
             "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0))}
 
 
-def profile(args, packed: np.ndarray, stats: dict) -> dict:
-    """Seconds of each step of one layer's write, alone (zstd on every CPU)."""
-    cpus = len(os.sched_getaffinity(0))
-    steps = {}
-    t = time.monotonic()
+def zstd_seconds(args, packed: np.ndarray, level: int, workers: int, frame: io.BytesIO) -> float:
+    """Seconds to compress one layer's payload into `frame` at `level` with `workers` zstd workers."""
+    files_level, matrixfile.ZSTD_LEVEL = matrixfile.ZSTD_LEVEL, level
+    try:
+        t = time.monotonic()
+        matrixfile._compress(matrixfile.payload(args.tokens, packed), frame, workers)
+        return time.monotonic() - t
+    finally:
+        matrixfile.ZSTD_LEVEL = files_level
+
+
+def profile(args, packed: np.ndarray, stats: dict, levels: list[int]) -> dict:
+    """Seconds of each step of one layer's write, alone: zstd on every CPU at each of `levels` and with one
+    worker at the files' level (keys name the level and the workers), then the steps after compression, on
+    the files' frame."""
+    cpus, files_level = len(os.sched_getaffinity(0)), matrixfile.ZSTD_LEVEL
     frame = io.BytesIO()
-    matrixfile._compress(matrixfile.payload(args.tokens, packed), frame, cpus)
-    steps["zstd_all_cpus"] = time.monotonic() - t
-    t = time.monotonic()
-    matrixfile._compress(matrixfile.payload(args.tokens, packed), io.BytesIO(), 1)
-    steps["zstd_one_worker"] = time.monotonic() - t
-    level, matrixfile.ZSTD_LEVEL = matrixfile.ZSTD_LEVEL, 1
-    t = time.monotonic()
-    matrixfile._compress(matrixfile.payload(args.tokens, packed), io.BytesIO(), cpus)
-    steps["zstd_level1_all_cpus"] = time.monotonic() - t
-    matrixfile.ZSTD_LEVEL = level
+    steps = {f"zstd_level{files_level}_{cpus}_workers": zstd_seconds(args, packed, files_level, cpus, frame)}
+    for level in levels:
+        if level != files_level:
+            steps[f"zstd_level{level}_{cpus}_workers"] = zstd_seconds(args, packed, level, cpus, io.BytesIO())
+    steps[f"zstd_level{files_level}_1_worker"] = zstd_seconds(args, packed, files_level, 1, io.BytesIO())
     t = time.monotonic()
     hashlib.sha256(frame.getvalue()).hexdigest()
     steps["sha256"] = time.monotonic() - t
@@ -98,7 +108,7 @@ def profile(args, packed: np.ndarray, stats: dict) -> dict:
         os.fsync(fh.fileno())
     steps["write_and_fsync"] = time.monotonic() - t
     shutil.rmtree(os.path.dirname(path))
-    return {"profile_one_layer_s": {k: round(v, 3) for k, v in steps.items()},
+    return {"profile_one_layer_s": {k: round(v, 3) for k, v in steps.items()}, "files_zstd_level": files_level,
             "frame_mb": round(len(frame.getvalue()) / 1e6, 1)}
 
 
@@ -112,19 +122,27 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/mpicorr-writes",
                    help="folder written (removed first and after); several, comma-separated, are tried in turn")
     p.add_argument("--levels", default=str(matrixfile.ZSTD_LEVEL),
-                   help="zstd levels to try, comma-separated (default: the files' level)")
-    p.add_argument("--profile", action="store_true", help="also time each step of one layer's write alone")
+                   help=f"zstd levels to write the layers at, comma-separated, each in turn (default: the files' "
+                        f"level, {matrixfile.ZSTD_LEVEL})")
+    p.add_argument("--profile", action="store_true",
+                   help=f"first time each step of one layer's write alone: zstd on every CPU at each of --levels, "
+                        f"zstd with one worker at the files' level ({matrixfile.ZSTD_LEVEL}), SHA-256, datasets, "
+                        f"deflate, write and fsync")
     args = p.parse_args()
     packed, stats = synthetic(args.neurons, args.tokens, args.density)
-    outs = args.out.split(",")
+    outs, levels = args.out.split(","), [int(v) for v in args.levels.split(",")]
     args.out = outs[0]
     if args.profile:
-        print(json.dumps(profile(args, packed, stats)), flush=True)
-    for out in outs:
-        for level in (int(v) for v in args.levels.split(",")):
-            matrixfile.ZSTD_LEVEL = level
-            print(json.dumps({**write_all(args, packed, stats, out, args.threads), "peak_rss_bytes":
-                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+        print(json.dumps(profile(args, packed, stats, levels)), flush=True)
+    files_level = matrixfile.ZSTD_LEVEL
+    try:
+        for out in outs:
+            for level in levels:
+                matrixfile.ZSTD_LEVEL = level
+                print(json.dumps({**write_all(args, packed, stats, out, args.threads), "peak_rss_bytes":
+                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+    finally:
+        matrixfile.ZSTD_LEVEL = files_level
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def check(packed: np.ndarray, fired: np.ndarray, layers: int, samples: int = 64)
 
 
 def sync(device: str) -> None:
+    """Wait for `device` (cuda:1 included: a bare synchronize() waits for the current device only)."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def bench(neurons: int, tokens: int, density: float, profile: str, device: str, layers: int, kernel: str) -> dict:
@@ -86,7 +87,7 @@ def bench(neurons: int, tokens: int, density: float, profile: str, device: str, 
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "exact": True,
     }
     if device.startswith("cuda"):
-        record["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+        record["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     return record
 
 

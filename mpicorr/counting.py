@@ -149,7 +149,7 @@ class LayerCounts:
     def _add_fused(self, x: torch.Tensor) -> None:
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             x = x.float()
-        x = x.contiguous()
+        x = x.to(self.act_sum.device).contiguous()  # a kernel handed another GPU's pointer would read it silently
         tokens, m = x.shape[0], len(self.thresholds)
         operand, one = self.pairs[0].operand(m, tokens)
         active = torch.zeros(m, tokens, dtype=torch.int32, device=x.device)

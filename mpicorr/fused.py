@@ -20,6 +20,8 @@ CPU tensors: that is how the tests check it on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -35,6 +37,14 @@ BT = 16                     # tokens per tile
 BN = 128                    # neurons per program: one per thread of 4 warps
 GROUP = 8                   # tiles per row of byte counters (GROUP * BT <= 255 tokens)
 GROUPS = 8                  # rows per program: per-neuron sums go to memory once per 1024 tokens
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make `tensor`'s GPU the current CUDA device for the block (a no-op for CPU tensors). Triton launches,
+    torch.cuda.Event.record and the current stream all use the current device, not the tensors': with
+    --gpus-per-rank a layer's counts live on cuda:1 while cuda:0 is current, and an unguarded launch runs on the
+    wrong GPU or faults."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def tile_count(tokens: int) -> int:
@@ -59,7 +69,7 @@ if AVAILABLE:
     @triton.jit(do_not_specialize=["x_col"])
     def _stats(x_ptr, x_stride, x_col, T, N, thr_ptr, ft_ptr, ft_stride_m, ft_stride_n, T_pad, N_pad,
                fire_ptr, active_ptr, sum_ptr, sumsq_ptr, words_ptr, flag_ptr,
-               M: tl.constexpr, MP: tl.constexpr, ONE: tl.constexpr, WIDE: tl.constexpr,
+               M: tl.constexpr, MP: tl.constexpr, ONE: tl.constexpr, WIDE: tl.constexpr, BF16: tl.constexpr,
                BT: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr):
         # Each thread owns one neuron column: x_col (the column stride, 1) is not specialised, so Triton does not
         # vectorise the loads along the neurons and keeps lanes and warps along them; every sum over tokens then
@@ -80,10 +90,16 @@ if AVAILABLE:
             for k in range(GROUP):
                 t = row * (GROUP * BT) + k * BT + tl.arange(0, BT)
                 valid = (t < T)[:, None] & n_in[None, :]
-                x = tl.load(x_ptr + t[:, None].to(tl.int64) * x_stride + n[None, :] * x_col, mask=valid, other=0.0)
-                xf = x.to(tl.float32)
+                x = tl.load(x_ptr + t[:, None].to(tl.int64) * x_stride + n[None, :] * x_col, mask=valid, other=0)
+                if BF16:  # bfloat16 bits (int16) widened by a shift: exact for every value, where the interpreter's
+                    xf = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)  # cast turns subnormals into others
+                else:
+                    xf = x.to(tl.float32)
                 ax = tl.abs(xf)
-                bad = tl.maximum(bad, tl.max(tl.where(valid & ~(ax < 1048576.0), 1, 0), axis=0))
+                bits = xf.to(tl.int32, bitcast=True)
+                # |x| >= 2**20, inf or NaN, on the bits (2**20 is 0x49800000): Triton compiles with NoNaNsFPMath,
+                # under which a float comparison such as ~(ax < 2**20) may come out false for NaN
+                bad = tl.maximum(bad, tl.max(tl.where(valid & ((bits & 0x7FFFFFFF) >= 0x49800000), 1, 0), axis=0))
                 # Fired matrices, stored transposed in the product's element type; padding gets zeros.
                 store = (t < T_pad)[:, None] & (n < N_pad)[None, :]
                 for m in tl.static_range(M):
@@ -102,7 +118,6 @@ if AVAILABLE:
                     sq = _rint32(xf * xf * 65536.0).to(tl.int64)
                 sq_acc += tl.sum(tl.where(valid, sq, 0), axis=0)
                 # act_hist bin from the float32 bits (counting.hist_bins): 2 log2|x| classes, mirrored for x < 0.
-                bits = xf.to(tl.int32, bitcast=True)
                 step = ((bits >> 23) & 0xFF) * 2 + tl.where((bits & 0x7FFFFF) >= 0x3504F3, 1, 0)
                 magnitude = tl.minimum(tl.maximum(step - 233, 0), 33)
                 b = tl.where(bits < 0, 33 - magnitude, 33 + magnitude)
@@ -144,15 +159,21 @@ def stats(x: torch.Tensor, thresholds: torch.Tensor, ft: torch.Tensor, one: int,
     """Run `_stats` on x [T, N] (rows contiguous). Adds into fire_count [M, N], active [M, T] (int32, zeroed by
     the caller), act_sum, act_sumsq (int64 [N]), writes ft [M, N', T'] and words [tile_count(T), 17, N], and
     raises flag[0] to 1 on a value with |x| >= 2**20 or not finite. `thresholds`: float32 [M], each exactly
-    representable in x's dtype (counting.exact_thresholds)."""
+    representable in x's dtype (counting.exact_threshold). A batch of no tokens (an MoE expert no token was
+    routed to) adds nothing and launches nothing: Triton refuses a grid of 0 programs."""
     tokens, width = x.shape
+    if tokens == 0:
+        return
+    wide, bf16 = x.dtype == torch.float32, x.dtype == torch.bfloat16
+    data = x.view(torch.int16) if bf16 else x  # bfloat16 goes in as its bits (see _stats)
     m = thresholds.numel()
     groups = min(GROUPS, triton.next_power_of_2(tile_count(tokens)))  # small batches: no idle loop rounds
     grid = (-(-tile_count(tokens) // groups), -(-max(width, ft.shape[1]) // BN))
-    _stats[grid](x, x.stride(0), x.stride(1), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1),
-                 ft.shape[2], ft.shape[1], fire_count, active, act_sum, act_sumsq, words, flag, M=m,
-                 MP=triton.next_power_of_2(m), ONE=one, WIDE=x.dtype == torch.float32, BT=BT, BN=BN, GROUP=GROUP,
-                 GROUPS=groups)
+    with on_device(x):
+        _stats[grid](data, x.stride(0), x.stride(1), tokens, width, thresholds, ft, ft.stride(0), ft.stride(1),
+                     ft.shape[2], ft.shape[1], fire_count, active, act_sum, act_sumsq, words, flag, M=m,
+                     MP=triton.next_power_of_2(m), ONE=one, WIDE=wide, BF16=bf16, BT=BT, BN=BN,
+                     GROUP=GROUP, GROUPS=groups)
 
 
 def hist_words_add(act_hist: torch.Tensor, words: torch.Tensor, width: int, bins: int) -> None:
@@ -167,10 +188,12 @@ def pack_rows(acc: torch.Tensor, r0: int, width: int, out: torch.Tensor) -> None
     if rows <= 0:
         return
     block = 1024
-    _pack_rows[(rows, -(-min(acc.shape[1], width) // block))](acc, acc.stride(0), r0, width, out, BC=block)
+    with on_device(acc):
+        _pack_rows[(rows, -(-min(acc.shape[1], width) // block))](acc, acc.stride(0), r0, width, out, BC=block)
 
 
 def add_into(acc: torch.Tensor, part: torch.Tensor) -> None:
     """acc += part for contiguous tensors of one shape, converting part to acc's type (exact for counts)."""
     block = 4096
-    _add_into[(-(-acc.numel() // block),)](acc, part, acc.numel(), BLOCK=block)
+    with on_device(acc):
+        _add_into[(-(-acc.numel() // block),)](acc, part, acc.numel(), BLOCK=block)

@@ -253,6 +253,14 @@ def resolve_devices(device: str, local_rank: int, per_rank: int = 1) -> list[str
     return [f"cuda:{first + i}" for i in range(per_rank)]
 
 
+def make_current(device: str) -> None:
+    """Make a rank's first GPU its current CUDA device (nothing for the CPU): rank 1 of `--device auto` works on
+    cuda:1, and whatever still defaults to the current device (a bare synchronize, the pinned-memory and
+    Triton machinery) then finds that GPU, not cuda:0. Counting guards its own launches (fused.on_device)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+
+
 def device_label(devices: list[str]) -> str:
     """How the plan and the rank table show a rank's devices: cuda:0, or cuda:0,1,2,3."""
     return devices[0] if len(devices) == 1 else "cuda:" + ",".join(d.partition(":")[2] for d in devices)

@@ -321,6 +321,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     hosts = comm.allgather(comm.host)
     mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))
     device = mine[0]  # the dtype, the token ids and any counts outside a device map go here
+    models.make_current(device)
     devices = comm.allgather(models.device_label(mine))
     gpus = comm.allgather([models.device_identity(d) for d in mine])
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)

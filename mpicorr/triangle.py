@@ -155,7 +155,8 @@ class DeviceCounts(HostCounts):
     the tokens of one call), exact in each product's output type. `panel` float32 means wide panels (float32,
     or int32 for int8 products; flushed every 2**24 tokens, in practice only at the end); int16 means narrow
     panels (half the memory), whose counts wrap modulo 2**16 and are read back as uint16, exact up to 65535
-    tokens between flushes; those flushes are packed on the device and added into the host triangle by a
+    tokens between flushes (with tensor-core products the limit is a multiple of PAD, 65504, and each batch
+    counts as its padded tokens); those flushes are packed on the device and added into the host triangle by a
     background thread (`Flusher`) while counting goes on. On a CPU (the tests) the product is float32.
     """
 
@@ -209,13 +210,19 @@ class DeviceCounts(HostCounts):
         if self.pending or not self.flushed:
             packed = self._pack()
             if self.panel == torch.int16:  # wrapped int16 counts are uint16 bits; added by a background thread
-                self.flushing.append(flusher(self.device).submit(packed, self.out))
+                self.flushing.append(flusher(packed.device).submit(packed, self.out))  # (an indexed device)
             elif self.flushed:
                 host_add(self.out, to_host(packed))
             else:  # the first flush (the only one of most wide-panel runs): the counts so far are the panels
                 self.out = to_host(packed).astype(self.out.dtype, copy=False)
             self.flushed, self.pending = True, 0
-        while wait and self.flushing:
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait until every flush handed to the Flusher so far has been added into `out` (a timing that stops
+        its clock before would leave out their copies and host adds)."""
+        while self.flushing:
             self.flushing.pop(0).result()
 
     def _pack(self) -> torch.Tensor:
@@ -255,8 +262,9 @@ class Flusher:
         try:
             ready = None
             if self.stream is not None:
-                ready = torch.cuda.Event()
-                ready.record()
+                with fused.on_device(packed):  # the event marks the packing on its GPU's current stream
+                    ready = torch.cuda.Event()
+                    ready.record()
                 packed.record_stream(self.stream)  # not reused by the allocator before the copy is done
             return self.pool.submit(self._add, packed, ready, out)
         except BaseException:
@@ -268,7 +276,7 @@ class Flusher:
             if self.stream is None:
                 host = packed.numpy()
             else:
-                with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                with fused.on_device(packed), torch.cuda.stream(self.stream):  # a new thread starts on cuda:0
                     self.stream.wait_event(ready)
                     pinned = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
                     pinned.copy_(packed, non_blocking=True)
@@ -310,8 +318,9 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
     """A device tensor as a host numpy array, copied through pinned memory (about twice as fast)."""
     if tensor.device.type != "cuda":
         return tensor.numpy()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor)
+    with fused.on_device(tensor):  # the pinned buffer and the copy belong to the tensor's GPU
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor)
     return host.numpy()
 
 
@@ -419,14 +428,15 @@ def _time_product(kind: str, device: torch.device) -> float:
     tokens) into that product's wide panel type, as a run does per layer and batch."""
     op = (torch.rand(4096, 8192, device=device) < 0.1).to(OPERANDS[kind][2])
     acc = torch.zeros(1024, 4096, dtype=ACCUMULATORS[kind], device=device)
-    for _ in range(2):
-        accumulate(acc, kind, op[:1024], op.T)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        accumulate(acc, kind, op[:1024], op.T)
-    end.record()
-    end.synchronize()
+    with fused.on_device(acc):  # the events record on the current device's stream: make it acc's
+        for _ in range(2):
+            accumulate(acc, kind, op[:1024], op.T)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            accumulate(acc, kind, op[:1024], op.T)
+        end.record()
+        end.synchronize()
     return start.elapsed_time(end)
 
 

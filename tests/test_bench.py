@@ -64,3 +64,68 @@ def test_compare_checks_the_counts_of_the_tokens_the_pair_loop_counted(monkeypat
     compare.main(["--neurons", "128", "--tokens", "64", "--densities", "0.3", "--profiles", "uniform",
                   "--repeats", "1"])
     assert 16 <= timed[0][2] < 64 and "| uniform | 0.3 |" in capsys.readouterr().out
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module."""
+    import importlib.util
+    import os
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, here)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_stops_the_clock_after_the_background_flushes(monkeypatch):
+    """benchmarks/gpu.py times int16 panels with their flushes, which the Flusher adds into the host triangle on
+    its own thread: `timed` must return only once every flush its calls started is added. On a CPU: DeviceCounts'
+    CPU path (the same Flusher thread), each host add slowed to 0.2 s, the device's synchronize a no-op."""
+    import time
+
+    import torch
+
+    from mpicorr import triangle
+    gpu = load_benchmark("gpu")
+    monkeypatch.setattr(gpu.torch.cuda, "synchronize", lambda *_: None)
+    submitted, added = [], []
+    real_add, real_submit = triangle.host_add, triangle.Flusher.submit
+
+    def slow_add(out, part):
+        time.sleep(0.2)
+        real_add(out, part)
+        added.append(1)
+
+    monkeypatch.setattr(triangle, "host_add", slow_add)
+    monkeypatch.setattr(triangle.Flusher, "submit", lambda self, *a: submitted.append(1) or real_submit(self, *a))
+    counts = triangle.DeviceCounts(45, torch.int32, "cpu", torch.int16, limit=64)
+    op = torch.zeros(counts.padded, 96)
+    op[:45] = 1
+    gpu.timed(lambda: counts.add_transposed(op), 3, counts.wait)
+    assert len(submitted) >= 4 and len(added) == len(submitted)
+    assert counts.packed().tolist() == [4 * 96] * triangle.packed_size(45)
+
+
+def test_writes_profile_names_the_zstd_level_and_workers_it_timed(monkeypatch, capsys, tmp_path):
+    """benchmarks/writes.py --profile: every zstd figure names the level it ran at and its workers; the files'
+    level (matrixfile.ZSTD_LEVEL) is stated, --levels adds the others, and the level is left as it was. (Its
+    keys once said 'zstd_all_cpus' and 'zstd_level1_all_cpus' for the same level-1 run.)"""
+    import os
+    import sys
+
+    from mpicorr import matrixfile
+    writes = load_benchmark("writes")
+    files_level, cpus = matrixfile.ZSTD_LEVEL, len(os.sched_getaffinity(0))
+    monkeypatch.setattr(sys, "argv", ["writes.py", "--layers", "1", "--neurons", "64", "--tokens", "500",
+                                      "--profile", "--levels", f"{files_level},3", "--out", str(tmp_path / "w")])
+    writes.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    profile, written = lines[0], lines[1:]
+    assert profile["files_zstd_level"] == files_level == 1
+    assert [k for k in profile["profile_one_layer_s"] if k.startswith("zstd")] == [
+        f"zstd_level1_{cpus}_workers", f"zstd_level3_{cpus}_workers", "zstd_level1_1_worker"]
+    assert [w["zstd_level"] for w in written] == [1, 3] and matrixfile.ZSTD_LEVEL == files_level
+    monkeypatch.setattr(sys, "argv", ["writes.py", "--help"])
+    with pytest.raises(SystemExit):
+        writes.main()
+    assert "the files' level, 1)" in " ".join(capsys.readouterr().out.split())

@@ -95,6 +95,21 @@ def test_device_counts_pass_the_int16_range():
     assert packed.dtype == np.int64 and packed.tolist() == [70_000] * 6
 
 
+def test_narrow_panels_flush_at_65504_padded_tokens_with_tensor_core_products():
+    """The README's figure: int16 panels hold at most 65535 tokens, rounded down to a multiple of the operand's
+    32-token padding (65504) for the GPU's products; a batch counts as its padded tokens, and the flush comes
+    before the part that would pass the limit."""
+    assert triangle.DeviceCounts(3, torch.int64, "cpu", torch.int16).limit == 65535  # float32 products (CPU)
+    counts = triangle.DeviceCounts(3, torch.int64, "cpu", torch.int16, product="bf16")
+    assert counts.limit == 65504 == 65535 - 65535 % triangle.PAD
+    counts.spans = []  # only the bookkeeping of add_transposed here, no products
+    flushes = []
+    counts._flush = lambda wait: flushes.append(counts.pending)  # records the tokens held, keeps them
+    for _ in range(2048):  # batches of 20 tokens, each padded to 32 columns: the 2048th would pass 65504
+        counts.add_transposed(torch.zeros(32, triangle.round_up(20, triangle.PAD), dtype=torch.int16))
+    assert flushes == [65504]
+
+
 def test_host_add_on_several_threads():
     out = np.arange(5_000_003, dtype=np.int64)
     triangle.host_add(out, np.full(len(out), 7, dtype=np.int16))

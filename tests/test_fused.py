@@ -4,6 +4,9 @@ in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1); with 
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -63,8 +66,28 @@ def test_all_zero_and_all_firing_batches():
     assert new.fire_count.tolist() == [[80] * 45] and new.active_hist[0, 45] == 80
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_of_no_tokens_counts_nothing(dtype):
+    """An MoE expert that no token was routed to gets a [0, width] batch: every path adds nothing, and the Triton
+    path launches no kernel (Triton refuses a grid of 0 programs)."""
+    ref, new = pair(70, (0.25, 0.5))
+    paths = [ref, new]
+    if counting.kernels.AVAILABLE:
+        paths.append(counting.LayerCounts(0, 70, (0.25, 0.5), torch.int32, "cpu", "auto", stats="auto"))
+    x = torch.randn(40, 70).to(dtype)
+    for lc in paths:
+        lc.add(x[:0].to(DEVICE))
+        lc.add(x.to(DEVICE))
+        lc.add(x[:0].to(DEVICE))
+        lc.check()
+    assert new.fused == "triton" and paths[-1].fused in ("numba", "triton")
+    for lc in paths[1:]:
+        assert_same(ref, lc)
+    assert ref.tokens == 40 and int(ref.fire_count.sum()) > 0
+
+
 @pytest.mark.parametrize("stats", ["torch", "fused"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 2.0**20])
+@pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf"), -float("inf"), 2.0**20, -2.0**20])
 def test_non_finite_input_raises_the_same_error(stats, bad):
     lc = counting.LayerCounts(6, 70, (0.5,), torch.int32, DEVICE, "gemm", torch.float32, stats=stats)
     x = torch.randn(40, 70)
@@ -74,6 +97,18 @@ def test_non_finite_input_raises_the_same_error(stats, bad):
     lc.add(x.to(DEVICE))
     with pytest.raises(counting.UserError, match="layer 6: non-finite activations"):
         lc.check()
+
+
+@pytest.mark.parametrize("stats", ["torch", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_just_below_the_limit_are_not_flagged(stats, dtype):
+    """The largest magnitudes below 2**20 of each dtype, both signs, count without an error (the fused kernel
+    checks the limit on the float32 bits)."""
+    below = float(torch.nextafter(torch.tensor(2.0**20, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+    lc = counting.LayerCounts(0, 4, (0.5,), torch.int32, DEVICE, "gemm", torch.float32, stats=stats)
+    lc.add(torch.tensor([[below, -below, 0.0, -0.0]], dtype=dtype).to(DEVICE))
+    lc.check()
+    assert lc.fire_count.tolist() == [[1, 1, 0, 0]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -127,6 +162,111 @@ def test_pack_rows_and_add_into_kernels():
     want = panel.cpu() + part.cpu().to(torch.int16)
     fused.add_into(panel, part)
     assert torch.equal(panel.cpu(), want)
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records, at each launch, its tensors' devices and the device made current
+    by the innermost fused.on_device around it (None outside any), then launches the real kernel."""
+
+    def __init__(self, name: str, kernel, inside: list, launched: list):
+        self.name, self.kernel, self.inside, self.launched = name, kernel, inside, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+            self.launched.append((self.name, self.inside[-1] if self.inside else None, devices))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_every_triton_launch_runs_on_its_tensors_device(monkeypatch):
+    """--gpus-per-rank: a layer's counts can live on cuda:1 while cuda:0 is current, and Triton launches on the
+    current device. Every launch of the three kernels (the statistics through LayerCounts, the DeviceCounts
+    helpers directly: on a CPU they use torch instead) happens inside fused.on_device of its own tensors, which
+    is torch.cuda.device(that GPU) for a CUDA tensor and a no-op for a CPU one."""
+    inside, launched = [], []
+    real = fused.on_device
+
+    @contextlib.contextmanager
+    def recording(tensor):
+        inside.append(tensor.device)
+        try:
+            with real(tensor):
+                yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(fused, "on_device", recording)
+    for name in ("_stats", "_pack_rows", "_add_into"):
+        monkeypatch.setattr(fused, name, LaunchSpy(name, getattr(fused, name), inside, launched))
+    lc = counting.LayerCounts(0, 70, (0.5,), torch.int32, DEVICE, "gemm", torch.int16, stats="fused")
+    lc.add(torch.randn(50, 70).to(DEVICE))
+    fused.pack_rows(torch.ones(8, 64, device=DEVICE), 32, 40, torch.zeros(triangle.packed_size(40), device=DEVICE))
+    fused.add_into(torch.zeros(5, 7, dtype=torch.int16, device=DEVICE), torch.ones(5, 7, device=DEVICE))
+    assert {name for name, _, _ in launched} == {"_stats", "_pack_rows", "_add_into"}
+    for name, current, devices in launched:
+        assert devices == {current}, name
+    cuda = real(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(cuda, torch.cuda.device) and cuda.idx == 1
+    assert isinstance(real(torch.zeros(1)), contextlib.nullcontext)
+
+
+def test_each_rank_makes_its_first_gpu_current(monkeypatch):
+    """run() makes a rank's first GPU current (models.make_current), so rank 1 of --device auto (cuda:1) does
+    not leave what defaults to the current device on cuda:0; the CPU changes nothing."""
+    from mpicorr import models
+    made = []
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    models.make_current("cpu")
+    models.make_current("cuda:1")
+    assert made == [torch.device("cuda", 1)]
+
+
+# A threshold that is a subnormal of each dtype once rounded up (counting.exact_threshold).
+SUBNORMAL_THRESHOLD = {torch.float32: 1e-44, torch.bfloat16: 1e-40, torch.float16: 1e-7}
+
+
+def special_values(dtype: torch.dtype, thresholds: tuple[float, ...]) -> torch.Tensor:
+    """edge_values, and in `dtype`: its subnormals (the smallest, a few multiples, the largest, the smallest
+    normal), each threshold exactly as the comparison sees it (exact_threshold) and its neighbours, both signs."""
+    zero, inf = torch.tensor(0.0, dtype=dtype), torch.tensor(float("inf"), dtype=dtype)
+    smallest, normal = torch.nextafter(zero, inf), torch.tensor(torch.finfo(dtype).tiny, dtype=dtype)
+    subnormal = torch.stack([smallest, 2 * smallest, 3 * smallest, 7 * smallest, torch.nextafter(normal, zero),
+                             normal, normal / 2])
+    exact = torch.tensor([counting.exact_threshold(t, dtype) for t in thresholds], dtype=dtype)
+    near = torch.cat([subnormal, exact, torch.nextafter(exact, inf), torch.nextafter(exact, zero)])
+    return torch.cat([edge_values(dtype, thresholds), near, -near])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_subnormals_signed_zeros_thresholds_and_edges_give_one_set_of_integers(dtype):
+    """The Triton kernel (in the interpreter on a CPU), the torch reference and the CPU's compiled loop
+    (kernels.fused_stats) count the same integers for subnormal values and a subnormal threshold, -0.0 and
+    0.0, values exactly at +-T and next to it, and every act_hist edge and its neighbours, in float32, bfloat16
+    and float16; every special value also lands in more than one neuron and both batches."""
+    if not counting.kernels.AVAILABLE:
+        pytest.skip("numba not installed")
+    thresholds = (0.25, 0.2995, 1.0, SUBNORMAL_THRESHOLD[dtype])
+    values = special_values(dtype, thresholds)
+    assert ((values != 0) & (values.float().abs() < torch.finfo(dtype).tiny)).sum() >= 10
+    assert torch.signbit(values[values == 0]).any() and not torch.signbit(values[values == 0]).all()
+    width, n = 37, len(values)  # n is not a multiple of 37: the second copy lands in other neurons
+    x = (torch.randn(2 * -(-n // width) + 3, width, generator=torch.Generator().manual_seed(5)) * 0.5).to(dtype)
+    x.view(-1)[:n] = values
+    x.view(-1)[-n:] = values.flip(0)
+    ref, new = pair(width, thresholds)
+    cpu = counting.LayerCounts(0, width, thresholds, torch.int32, "cpu", "auto", stats="auto")
+    assert new.fused == "triton" and cpu.fused == "numba" and ref.fused is None
+    for part in (x[:7], x[7:]):
+        for lc in (ref, new, cpu):
+            lc.add(part.to(DEVICE) if lc is not cpu else part)
+    for lc in (new, cpu):
+        lc.check()
+        assert_same(ref, lc)
+    smallest = torch.nextafter(torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+    assert int(ref.fire_count[3].sum()) == int((x.double().abs() >= SUBNORMAL_THRESHOLD[dtype]).sum()) > 0
+    assert int((x.abs() == smallest).sum()) > 0 and counting.exact_threshold(SUBNORMAL_THRESHOLD[dtype], dtype) < \
+        torch.finfo(dtype).tiny
 
 
 @pytest.mark.parametrize("kernel", ["auto", "popcount", "sparse", "gemm"])

@@ -110,6 +110,27 @@ def test_cuda_and_cpu_count_the_same_activations():
 
 
 @pytest.mark.skipif(CUDA and torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("panel", [torch.float32, torch.int16])
+def test_counts_on_the_second_gpu_while_the_first_is_current(panel, monkeypatch):
+    """--gpus-per-rank: a layer's counts on cuda:1 while cuda:0 is the current device. The Triton launches, the
+    product's timing and (int16 panels, flushed every 96 tokens) the Flusher's event and copy all run on cuda:1
+    (fused.on_device); the counts equal the CPU's and cuda:0 stays current."""
+    monkeypatch.setitem(triangle.DeviceCounts.LIMITS, torch.int16, 100)
+    torch.cuda.set_device(0)
+    x = torch.randn(3, 200, 77) * 0.7
+    cpu = counting.LayerCounts(0, 77, (0.25, 0.5), torch.int32, "cpu")
+    gpu = counting.LayerCounts(0, 77, (0.25, 0.5), torch.int32, "cuda:1", "gemm", panel)
+    assert gpu.fused == "triton" and (gpu.pairs[0].panel == torch.int16) == (panel == torch.int16)
+    for part in x:
+        cpu.add(part)
+        gpu.add(part.to("cuda:1"))
+    counting.check_all([gpu])
+    assert np.array_equal(cpu.stats(), gpu.stats())
+    assert all(np.array_equal(a, b) for a, b in zip(cpu.packed(), gpu.packed()))
+    assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.skipif(CUDA and torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
 def test_model_split_over_two_gpus_counts_as_on_one(family, tmp_path):
     model = tiny.build(family, str(tmp_path / family), layers=4)
