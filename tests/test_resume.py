@@ -25,9 +25,9 @@ CTX = 64
 
 @pytest.fixture(scope="module")
 def long_text(tmp_path_factory) -> str:
-    """610 chunks of 64 tokens: long enough that a kill lands in the middle of counting."""
+    """About 200 chunks of 64 tokens: a kill after a rank's first checkpoint (5 chunks) lands mid-run."""
     path = tmp_path_factory.mktemp("data") / "long.txt"
-    path.write_text(open(tiny.sample_path(), encoding="utf-8").read() * 12, encoding="utf-8")
+    path.write_text(open(tiny.sample_path(), encoding="utf-8").read() * 4, encoding="utf-8")
     return str(path)
 
 
