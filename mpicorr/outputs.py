@@ -124,6 +124,13 @@ def need(units: list[tuple[int, bool]], thresholds: int, trials: int) -> int:
     return thresholds * (per + GROUP_BYTES) + GROUP_BYTES
 
 
+def merged_need(layers: dict, experts: dict, routers: dict, trials: int) -> int:
+    """need() of a run merged by `sum`, from the first input's summary entries (summary.read_summary's layers,
+    read_moe's experts and routers)."""
+    units = [(int(e["attrs"]["width"]), False) for e in [*layers.values(), *experts.values()]]
+    return need(units + [(int(e["attrs"]["experts"]), True) for e in routers.values()], 1, trials)
+
+
 def check_space(where: str, label: str, needed: int, reclaim: int = 0) -> None:
     """Refuse to go on when the filesystem of `where` has less than `needed` bytes free (counting `reclaim`
     bytes about to be deleted there as free): one line naming `label` (the option or argument)."""
