@@ -24,7 +24,7 @@ from .dist import Comm
 from .errors import UserError
 
 STAMP = ".mpicorr-staged.json"
-MARK = ".mpicorr-staging"  # written first into a staging folder (a partial copy has no stamp yet)
+MARK = ".mpicorr-staging"  # marks a staging folder until the stamp does (a partial copy has no stamp yet)
 PIECE = 64 << 20  # bytes per broadcast
 HASH_PIECE, HASH_THREADS = 8 << 20, 8  # files hashed at once, each read in pieces of this size
 
@@ -165,6 +165,7 @@ def _transfer(source: str | None, target: str, files: list[dict], group: Comm, w
     if write and error is None:
         with open(os.path.join(tmp, STAMP), "w") as fh:
             json.dump(files, fh)
-        shutil.rmtree(target, ignore_errors=True)
+        os.remove(os.path.join(tmp, MARK))  # the stamp marks it now: a finished copy holds the model's files only
+        shutil.rmtree(target, ignore_errors=True)  # missing, or made here (checked above)
         os.replace(tmp, target)
     return error

@@ -87,6 +87,7 @@ class BaseComm:
         assert got == os.path.join(root, "model")
         files = c.bcast(stage.manifest(source) if c.rank == 0 else None)
         assert stage.manifest(got) == files and stage.is_staged(got, files)
+        assert not os.path.exists(os.path.join(got, stage.MARK)), "a finished copy: the model's files and the stamp"
         transfer = stage._transfer
         monkeypatch.setattr(stage, "_transfer", lambda *a: pytest.fail("staged twice"))
         assert stage.stage_model(source, root, c, leader=True) == got  # already there: nothing sent
