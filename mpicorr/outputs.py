@@ -28,7 +28,7 @@ from .units import HIST_BINS
 MATRIX = r"correlations_block_\d+(?:_expert_\d+)?\.zstd"
 OUTPUT = rf"{MATRIX}|{re.escape(summary.SUMMARY)}|{re.escape(RUN_JSON)}"
 # checkpoint.FOLDER and checkpoint.NAME, not imported: checkpoint needs torch, the file tools must start without
-CHECKPOINTS, CHECKPOINT = "checkpoints", r"g\d+-r\d+\.ckpt"
+CHECKPOINTS, CHECKPOINT = "checkpoints", r"g(\d+)-r(\d+)\.ckpt"
 # Upper bounds of what writing a unit takes: a zstd frame is at most its input plus 1/256 and a few bytes; a
 # summary group at most its uncompressed datasets (about 11 values, a histogram and 2 x 16 top partners per
 # neuron, 8 bytes each) plus HDF5's headers.

@@ -273,3 +273,9 @@ def test_force_replaces_every_output_of_the_previous_run(tmp_path):
     assert filetools.verify_run(out).startswith(f"{out}: ok, 2 layers")
     root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
     assert sorted(layers) == [0, 1] and root["threshold"] == 0.5
+
+
+def test_outputs_names_checkpoints_as_checkpoint_does():
+    """outputs.py spells checkpoint.py's names itself (checkpoint needs torch; the file tools must not)."""
+    from mpicorr import outputs as run_files
+    assert (run_files.CHECKPOINTS, run_files.CHECKPOINT) == (checkpoint.FOLDER, checkpoint.NAME.pattern)
