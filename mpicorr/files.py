@@ -31,11 +31,11 @@ def free_bytes(path: str) -> int:
 
 def human(size: float) -> str:
     """A byte count for messages: 512 B, 3.4 MiB, 12.0 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return ""
+    return f"{size:.1f} GiB"
 
 
 @contextmanager
