@@ -90,7 +90,8 @@ HELP = {
     "stage_model": "copy the model folder from rank 0 over MPI into this node-local folder on every node "
                    "(once: checked by SHA-256, skipped while the copy there hashes the same), for clusters "
                    "without a shared filesystem (default: every rank reads --model itself)",
-    "force": "overwrite outputs already in --out and delete its checkpoints (start over)",
+    "force": "start over in --out: delete its checkpoints before counting and the previous run's outputs "
+             "before writing (only files by mpicorr's names)",
     "resume": "continue the run whose checkpoints are in --out; finished chunks are not counted again "
               "(the number of ranks and the hostfile may differ)",
     "checkpoint_every": "save each rank's partial counts every K chunks it finishes; 0: never "

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from . import __version__, layout, matrixfile, plan, summary
+from . import __version__, layout, matrixfile, outputs, plan, summary
 from .config import threshold_folders
 from .errors import UserError
 from .units import Unit
@@ -164,6 +164,7 @@ def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "p
     os.makedirs(out, exist_ok=True)
     tokens = sum(int(r["tokens"]) for r in roots)
     moe = [summary.read_moe(os.path.join(folder, summary.SUMMARY)) for folder in inputs]
+    outputs.check_space(out, f"sum {out}", outputs.merged_need(runs[0][1], *moe[0], tokens))
     with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5:
         for layer in runs[0][1]:
             merge_unit(h5, out, Unit(layer), inputs, [layers.get(layer) for _, layers in runs])

@@ -6,7 +6,6 @@ This is the one place where ranks take different branches.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -19,9 +18,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary, triangle
+from . import __version__, checkpoint, data, matrixfile, models, outputs, plan, schedule, stage, summary, triangle
 from . import dump as dumping
-from .config import Config, hostfile_label, output_folders, parse_part, threshold_folders
+from .config import Config, hostfile_label, output_folders, parse_part
 from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
 from .dist import Comm, Service
 from .errors import Terminated, UserError
@@ -172,24 +171,60 @@ def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
 
 
 def check_out(out: str, force: bool, resume: bool = False) -> None:
-    """Create the output folder; refuse to overwrite another run's outputs or checkpoints unless told to."""
-    done = any(matrixfile.exists_any(f) or summary.exists(f) for f in [out, *threshold_folders(out)])
-    unfinished = os.path.isdir(checkpoint.folder(out)) and bool(os.listdir(checkpoint.folder(out)))
+    """Create the output folder; refuse to overwrite another run's outputs or checkpoints unless told to.
+    Matrix files without summary.h5 (written last) are a run that failed while writing, not a finished one."""
+    done, finished = outputs.present(out), outputs.finished(out)
+    unfinished = bool(outputs.checkpoints(out))
+    incomplete = f"--out {out}: holds matrix files without {summary.SUMMARY} (a run that failed while writing " \
+                 f"its outputs)"
     if force:
-        shutil.rmtree(checkpoint.folder(out), ignore_errors=True)
+        pass  # start_out deletes the checkpoints once every check passed; the outputs go just before writing
     elif resume and done and not unfinished:
-        raise UserError(f"--out {out}: holds a finished run and no checkpoint; nothing to resume")
+        raise UserError(f"--out {out}: holds a finished run and no checkpoint; nothing to resume" if finished else
+                        f"{incomplete} and no checkpoint to resume from; start over with --force")
     elif not resume and unfinished:
         raise UserError(f"--out {out}: holds checkpoints of an unfinished run; add --resume to continue it "
                         f"or --force to start over")
     elif not resume and done:
-        raise UserError(f"--out {out}: already holds outputs of a run; choose another folder or add --force")
+        raise UserError(f"--out {out}: already holds outputs of a run; choose another folder or add --force"
+                        if finished else f"{incomplete}; add --force to start over")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out}: folder is not writable; choose another --out")
+
+
+def start_out(cfg: Config, needed: int) -> None:
+    """Rank 0, once the model is loaded and every check but this one passed, before counting: delete the
+    temporaries that killed processes left in --out, refuse a run whose outputs may not fit there, and with
+    --force delete the earlier run's checkpoints (its outputs stay until this run writes its own: make_room).
+    Only files by mpicorr's names (outputs.py), never the user's."""
+    outputs.clear_temporaries(cfg.out)
+    check_space(cfg, needed)
+    if cfg.force:
+        outputs.clear_checkpoints(cfg.out)
+
+
+def output_bytes(cfg: Config, tally: Tally, tokens: int) -> int:
+    """Upper bound of the bytes this run's outputs take (see outputs.need)."""
+    return outputs.need([(lc.width, lc.unit.router) for lc in units(tally.counts)], len(cfg.threshold), tokens)
+
+
+def check_space(cfg: Config, needed: int) -> None:
+    """Rank 0: refuse a run whose outputs may not fit on --out's disk (the previous run's outputs there, which
+    make_room deletes, counted as free)."""
+    outputs.check_space(cfg.out, f"--out {cfg.out}", needed, outputs.reclaimable(cfg.out))
+
+
+def make_room(cfg: Config, needed: int) -> None:
+    """Rank 0, before writing: check the space again (checkpoints now take some), delete the previous run's
+    outputs (--force: another model may leave other layers and thresholds), create the output folders."""
+    check_space(cfg, needed)
+    outputs.clear_outputs(cfg.out)
+    for folder in output_folders(cfg.out, cfg.threshold):
+        os.makedirs(folder, exist_ok=True)
 
 
 class Saver:
@@ -338,6 +373,8 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     tally = Tally(new_counts(sites, [models.site_device(model, s.name, device) for s in sites], cfg, dtype))
     taken = job.resumed[comm.rank :: comm.size]
     comm.checked(lambda: absorb(tally, taken))
+    needed = output_bytes(cfg, tally, len(job.chunks) * cfg.ctx)
+    comm.checked(lambda: start_out(cfg, needed), root_only=True)  # a full disk fails in seconds, not hours
     path = os.path.join(checkpoint.folder(cfg.out), checkpoint.file_name(job.generation, comm.rank))
     absorbs = sorted({n for ck in taken for n in [ck.name, *ck.absorbs]})
     saver = Saver(path, job.identity, absorbs, cfg.checkpoint_every, before=dumper and dumper.flush)
@@ -351,9 +388,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     rows = schedule.rank_rows(reports, wall, cfg.ctx)
     if comm.rank == 0:
         print(schedule.format_rows(rows), flush=True)
-    reduce_and_write(cfg, comm, job, sites, tally, wall)
-    if comm.rank == 0:
-        schedule.write_run_json(os.path.join(cfg.out, schedule.RUN_JSON), cfg.schedule, wall, rows)
+    reduce_and_write(cfg, comm, job, sites, tally, wall, needed, rows)
 
 
 def count_scheduled(cfg: Config, comm: Comm, job: Job, model, sites, tally: Tally, device: str,
@@ -427,11 +462,16 @@ def guard_memory(fn, cfg: Config, device: str):
                         f"--dtype bfloat16, or run this rank on a GPU with more memory") from None
 
 
-def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float) -> None:
+def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float, needed: int,
+                     rows: list[dict]) -> None:
     """Sum every unit (layer, expert, router) onto rank 0, one at a time, and write the outputs there (one
-    folder per threshold)."""
+    folder per threshold): run.json, the matrix files, then each summary.h5 (the run is finished once they
+    are all in place), then the checkpoints are deleted."""
     tokens = len(job.chunks) * cfg.ctx
     folders = output_folders(cfg.out, cfg.threshold)
+    comm.checked(lambda: make_room(cfg, needed), root_only=True)
+    if comm.rank == 0:
+        schedule.write_run_json(os.path.join(cfg.out, schedule.RUN_JSON), cfg.schedule, seconds, rows)
     started = time.monotonic()
     with summary_writers(folders, comm.rank == 0) as files, UnitWriter() as writer:
         for lc in units(tally.counts):
@@ -446,7 +486,7 @@ def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, sec
         for threshold, h5 in zip(cfg.threshold, files):
             h5.attrs.update(root_attributes(cfg, comm, job, sites, totals, threshold))
     if comm.rank == 0:
-        shutil.rmtree(checkpoint.folder(cfg.out), ignore_errors=True)  # the outputs now hold everything
+        outputs.clear_checkpoints(cfg.out)  # the outputs now hold everything
         report(cfg, summary.perplexity(int(totals[0]), int(totals[1])), tokens, sites, seconds,
                time.monotonic() - started)
 
@@ -503,11 +543,8 @@ class UnitWriter:
 
 @contextmanager
 def summary_writers(folders: list[str], root: bool) -> Iterator[list]:
-    """summary.h5 writers, one per output folder, on rank 0; an empty list elsewhere."""
+    """summary.h5 writers, one per (existing) output folder, on rank 0; an empty list elsewhere."""
     with ExitStack() as stack:
-        if root:
-            for folder in folders:
-                os.makedirs(folder, exist_ok=True)
         yield [stack.enter_context(summary.summary_writer(os.path.join(f, summary.SUMMARY))) for f in folders] \
             if root else []
 

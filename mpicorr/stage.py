@@ -4,7 +4,9 @@ For clusters without a shared filesystem (as in the original, where only the mas
 Rank 0 lists the folder (path, size, SHA-256 of every file); one rank per node (local rank 0) checks its
 copy against that list (sizes and SHA-256s: see sha256s for the cost) and, if it differs, receives the
 files in pieces broadcast from rank 0, checks each file's SHA-256 and renames the finished folder into
-place. A stamp file records the list, so a later run skips nodes whose copy still hashes the same.
+place. A stamp file records the list, so a later run skips nodes whose copy still hashes the same. Only
+folders staging made (holding the stamp, or the mark a staging folder gets first) are ever replaced or
+deleted: a folder of the same name that the user owns is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .dist import Comm
 from .errors import UserError
 
 STAMP = ".mpicorr-staged.json"
+MARK = ".mpicorr-staging"  # marks a staging folder until the stamp does (a partial copy has no stamp yet)
 PIECE = 64 << 20  # bytes per broadcast
 HASH_PIECE, HASH_THREADS = 8 << 20, 8  # files hashed at once, each read in pieces of this size
 
@@ -111,6 +114,15 @@ def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = 
     return target
 
 
+def made_here(folder: str) -> bool:
+    """Whether `folder` is missing or a folder staging made (it holds the stamp or the mark): the only
+    folders _transfer deletes."""
+    if not os.path.lexists(folder):
+        return True
+    return os.path.isdir(folder) and not os.path.islink(folder) and any(
+        os.path.exists(os.path.join(folder, name)) for name in (STAMP, MARK))
+
+
 def _raise(error: str | None) -> None:
     if error is not None:
         raise UserError(error)
@@ -120,10 +132,15 @@ def _transfer(source: str | None, target: str, files: list[dict], group: Comm, w
     """Broadcast every file from the group's rank 0; writers check and install the copy. An error string
     (no exception: every member must take part in every broadcast, or the others would wait forever)."""
     tmp, error = f"{target}.staging", None
+    foreign = [f for f in (target, tmp) if write and not made_here(f)]
+    if foreign:
+        error, write = (f"--stage-model: {foreign[0]} exists and was not made by --stage-model; move it away or "
+                        f"choose another (node-local) --stage-model folder"), False
     if write:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
+            open(os.path.join(tmp, MARK), "wb").close()
         except OSError as exc:
             error, write = f"--stage-model: cannot create {tmp} ({exc.strerror}); choose a writable folder", False
     for f in files:
@@ -148,6 +165,7 @@ def _transfer(source: str | None, target: str, files: list[dict], group: Comm, w
     if write and error is None:
         with open(os.path.join(tmp, STAMP), "w") as fh:
             json.dump(files, fh)
-        shutil.rmtree(target, ignore_errors=True)
+        os.remove(os.path.join(tmp, MARK))  # the stamp marks it now: a finished copy holds the model's files only
+        shutil.rmtree(target, ignore_errors=True)  # missing, or made here (checked above)
         os.replace(tmp, target)
     return error

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from . import layout
-from .files import atomic_path
+from .files import atomic_write
 from .units import ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, NLL_BITS, hist_edges
 
 SUMMARY = "summary.h5"
@@ -127,10 +127,15 @@ def now() -> str:
 
 @contextmanager
 def summary_writer(path: str) -> Iterator[h5py.File]:
-    """An HDF5 file that appears at `path` only when the block ends without error."""
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            yield h5
+    """An HDF5 file that appears at `path` only when the block ends without error. It is built in memory and
+    its image written at the end (files.atomic_write, the bytes HDF5 would have written): HDF5 never writes
+    to the disk itself, as it crashes the process when the disk is full."""
+    with h5py.File(path, "w", driver="core", backing_store=False) as h5:  # backing_store=False: never opens `path`
+        yield h5
+        h5.flush()
+        image = h5.id.get_file_image()
+    with atomic_write(path) as fh:
+        fh.write(image)
 
 
 def router_datasets(stats: dict[str, np.ndarray], packed: np.ndarray, experts: int, tokens: int):

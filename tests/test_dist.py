@@ -87,6 +87,7 @@ class BaseComm:
         assert got == os.path.join(root, "model")
         files = c.bcast(stage.manifest(source) if c.rank == 0 else None)
         assert stage.manifest(got) == files and stage.is_staged(got, files)
+        assert not os.path.exists(os.path.join(got, stage.MARK)), "a finished copy: the model's files and the stamp"
         transfer = stage._transfer
         monkeypatch.setattr(stage, "_transfer", lambda *a: pytest.fail("staged twice"))
         assert stage.stage_model(source, root, c, leader=True) == got  # already there: nothing sent
@@ -97,6 +98,25 @@ class BaseComm:
         assert not stage.is_staged(got, files)
         assert stage.stage_model(source, root, c, leader=True) == got  # copied again
         assert stage.manifest(got) == files
+
+    def test_stage_model_never_deletes_a_folder_it_did_not_make(self):
+        """A folder of the model's name (or of its staging folder's) that staging did not make is refused,
+        not replaced (issue 17 item 1: before, shutil.rmtree deleted it)."""
+        import tempfile
+        from mpicorr import stage
+        c = self.comm()
+        source = None
+        if c.rank == 0:
+            source = os.path.join(tempfile.mkdtemp(), "model")
+            os.makedirs(source)
+            open(os.path.join(source, "config.json"), "w").write("{}")
+        for name in ("model", "model.staging"):
+            root = tempfile.mkdtemp()
+            os.makedirs(os.path.join(root, name))
+            open(os.path.join(root, name, "mine.txt"), "w").write("the user's own")
+            with pytest.raises(UserError, match=f"{name} exists and was not made by --stage-model"):
+                stage.stage_model(source, root, c, leader=True)
+            assert open(os.path.join(root, name, "mine.txt")).read() == "the user's own"
 
 
 @pytest.mark.skipif(dist.MPI is None, reason="mpi4py missing")

@@ -132,9 +132,9 @@ def test_kill_while_writing_leaves_no_partial_file_and_resumes(llama, tmp_path):
                              cwd=str(tmp_path))
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     # Rank 0 writes layers on several threads, so block 0 may or may not be complete when block 1's write dies;
-    # block 1 and summary.h5 must not be there, and whatever file is there must be whole.
+    # block 1 and summary.h5 (written last) must not be there, and whatever file is there must be whole.
     finals = set(f for f in os.listdir(out) if not f.startswith("."))
-    assert "checkpoints" in finals and finals <= {"checkpoints", "correlations_block_0.zstd"}, finals
+    assert "checkpoints" in finals and finals <= {"checkpoints", "run.json", "correlations_block_0.zstd"}, finals
     if "correlations_block_0.zstd" in finals:
         filetools.verify(os.path.join(out, "correlations_block_0.zstd"))
     one_error_line(run_main(args(llama, data, out, "--chunks", "12")), "--resume", "--force")
@@ -217,3 +217,65 @@ def test_sigterm_saves_a_checkpoint_then_resume_gives_the_same_bytes(llama, tmp_
     resumed = ok(run_main(args(llama, data, out, "--chunks", "12", "--resume")))
     assert "5 chunks finished, 7 to count" in resumed.stdout
     same_as_reference(out, ref)
+
+
+def test_only_files_mpicorr_wrote_are_deleted(llama, tmp_path):
+    """--resume, --force and a finished run delete only files by mpicorr's names, never a folder the user may
+    own: a user's file in OUT/checkpoints used to vanish with the whole folder (issue 17 item 1). Stale
+    temporaries of a killed rank go; the folder goes only once it is empty."""
+    data, out = tiny.sample_path(), tmp_path / "o"
+    mine = [out / "checkpoints" / "model_step1000.pt", out / "notes.txt", out / ".notes.txt.tmp1"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's own")
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--resume")))  # the issue's case
+    assert all(path.read_text() == "the user's own" for path in mine)
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--force")))
+    (out / "checkpoints" / ".g1-r0.ckpt.tmp99").write_bytes(b"left by a killed rank")
+    (out / ".summary.h5.tmp98").write_bytes(b"left by a killed rank")
+    crashed = subprocess.run([sys.executable, "-c", CRASH_WHILE_WRITING, *args(llama, data, str(out), "--chunks",
+                              "4", "--checkpoint-every", "2", "--force")], env=cli_env(), capture_output=True,
+                             text=True, cwd=str(tmp_path))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--resume")))
+    assert all(path.read_text() == "the user's own" for path in mine)
+    assert sorted(os.listdir(out / "checkpoints")) == ["model_step1000.pt"]
+    assert not [n for n in os.listdir(out) if n.startswith(".") and n != ".notes.txt.tmp1"]
+    os.remove(mine[0])
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--force")))
+    assert not os.path.exists(out / "checkpoints"), "an emptied checkpoints folder is removed"
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "model_step1000.pt").write_text("the user's own")
+    ok(run_main(args(llama, data, str(other), "--chunks", "4")))  # a foreign file is no unfinished run
+
+
+def test_force_replaces_every_output_of_the_previous_run(tmp_path):
+    """--force with another model: the earlier run's other layers and threshold folders go (they made `verify`
+    and the analysis see 4 layers of a 2-layer run), the user's files stay; a run that refuses to start
+    deletes nothing (issue 17 item 3)."""
+    data, out = tiny.sample_path(), str(tmp_path / "x")
+    four, two = (tiny.build("llama", str(tmp_path / name), layers=n) for name, n in (("four", 4), ("two", 2)))
+    ok(run_main(args(four, data, out, "--chunks", "4", "--threshold", "0.25,0.5")))
+    for folder in ("", "threshold-0.5"):
+        open(os.path.join(out, folder, "mine.txt"), "w").write("the user's own")
+    before = {p: open(p, "rb").read() for p in glob.glob(f"{out}/**", recursive=True) if os.path.isfile(p)}
+    one_error_line(run_main(args(two, data, out, "--chunks", "4", "--force", "--chunk-start", "999")), "--chunk")
+    broken = shutil.copytree(two, str(tmp_path / "broken"))
+    weights = os.path.join(broken, "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    assert run_main(args(broken, data, out, "--chunks", "4", "--force")).returncode != 0  # fails to load
+    assert {p: open(p, "rb").read() for p in before} == before, "a run that did not start deleted files"
+    ok(run_main(args(two, data, out, "--chunks", "4", "--force")))
+    assert sorted(os.listdir(out)) == ["correlations_block_0.zstd", "correlations_block_1.zstd", "mine.txt",
+                                       "run.json", "summary.h5", "threshold-0.5"]
+    assert os.listdir(os.path.join(out, "threshold-0.5")) == ["mine.txt"]
+    assert filetools.verify_run(out).startswith(f"{out}: ok, 2 layers")
+    root, layers = summary.read_summary(os.path.join(out, "summary.h5"))
+    assert sorted(layers) == [0, 1] and root["threshold"] == 0.5
+
+
+def test_outputs_names_checkpoints_as_checkpoint_does():
+    """outputs.py spells checkpoint.py's names itself (checkpoint needs torch; the file tools must not)."""
+    from mpicorr import outputs as run_files
+    assert (run_files.CHECKPOINTS, run_files.CHECKPOINT) == (checkpoint.FOLDER, checkpoint.NAME.pattern)

@@ -1,0 +1,142 @@
+"""A run folder's files: which are mpicorr's, whether the run there finished, clearing them, and the space
+writing them needs.
+
+mpicorr deletes only files it writes, found by their exact names, and a folder only when that leaves it
+empty; never a folder wholesale (OUT may hold the user's own files):
+
+    OUT/correlations_block_<L>.zstd, OUT/correlations_block_<L>_expert_<E>.zstd, OUT/summary.h5, OUT/run.json
+    OUT/threshold-<T>/ the matrix files and summary.h5 of each threshold (a run of several thresholds)
+    OUT/checkpoints/g<G>-r<R>.ckpt
+    and the temporary of each (files.atomic_path: .<name>.tmp<pid>)
+
+A run is finished when every output folder that holds its matrix files also holds summary.h5: rank 0 writes
+summary.h5 last, after every matrix file, and deletes the checkpoints only after that.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from . import layout, matrixfile, summary
+from .config import threshold_folders
+from .errors import UserError
+from .files import free_bytes, human, temporary
+from .schedule import RUN_JSON
+from .units import HIST_BINS
+
+MATRIX = r"correlations_block_\d+(?:_expert_\d+)?\.zstd"
+OUTPUT = rf"{MATRIX}|{re.escape(summary.SUMMARY)}|{re.escape(RUN_JSON)}"
+# checkpoint.FOLDER and checkpoint.NAME, not imported: checkpoint needs torch, the file tools must start without
+CHECKPOINTS, CHECKPOINT = "checkpoints", r"g(\d+)-r(\d+)\.ckpt"
+# Upper bounds of what writing a unit takes: a zstd frame is at most its input plus 1/256 and a few bytes; a
+# summary group at most its uncompressed datasets (about 11 values, a histogram and 2 x 16 top partners per
+# neuron, 8 bytes each) plus HDF5's headers.
+FRAME_SLACK, GROUP_BYTES = 4096, 64 << 10
+SUMMARY_NEURON_BYTES = 8 * (11 + HIST_BINS + 2 * summary.TOP_PARTNERS)
+
+
+def _names(folder: str, pattern: str) -> list[str]:
+    """The files of `folder` whose names match `pattern` exactly."""
+    if not os.path.isdir(folder):
+        return []
+    rx = re.compile(pattern)
+    return sorted(n for n in os.listdir(folder) if rx.fullmatch(n) and os.path.isfile(os.path.join(folder, n)))
+
+
+def remove(folder: str, pattern: str, drop_empty: bool = False, only_temporaries: bool = False) -> None:
+    """Delete the files of `folder` named by `pattern` and their temporaries (or only the temporaries); then
+    the folder itself when `drop_empty` and nothing else is left in it."""
+    names = temporary(pattern) if only_temporaries else rf"(?:{pattern})|{temporary(pattern)}"
+    for name in _names(folder, names):
+        os.remove(os.path.join(folder, name))
+    if drop_empty and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+
+
+def checkpoints(out: str) -> list[str]:
+    """The checkpoint files in OUT/checkpoints (only mpicorr's names: other files there are not checkpoints)."""
+    return _names(os.path.join(out, CHECKPOINTS), CHECKPOINT)
+
+
+def folders(out: str) -> list[str]:
+    """OUT and its threshold-<T> subfolders: where a run's matrix files and summary.h5 may be."""
+    return [out, *threshold_folders(out)]
+
+
+def present(out: str) -> bool:
+    """Whether OUT holds matrix files or a summary.h5 of some run."""
+    return any(_names(f, rf"{MATRIX}|{re.escape(summary.SUMMARY)}") for f in folders(out))
+
+
+def finished(out: str) -> bool:
+    """Whether OUT holds a finished run: outputs, and summary.h5 (written last) beside every set of matrices."""
+    return present(out) and all(summary.exists(f) for f in folders(out) if _names(f, MATRIX))
+
+
+def clear_checkpoints(out: str) -> None:
+    """Delete OUT's checkpoint files (and their temporaries); OUT/checkpoints too if that empties it."""
+    remove(os.path.join(out, CHECKPOINTS), CHECKPOINT, drop_empty=True)
+
+
+def clear_outputs(out: str) -> None:
+    """Delete the matrix files, summary.h5 files and run.json of an earlier run in OUT (and in its
+    threshold-<T> subfolders, each removed if that empties it)."""
+    remove(out, OUTPUT)
+    for folder in threshold_folders(out):
+        remove(folder, OUTPUT, drop_empty=True)
+
+
+def clear_temporaries(out: str) -> None:
+    """Delete temporaries left by a process killed while writing (an MPI_Abort, kill -9) in OUT, its
+    threshold-<T> subfolders and OUT/checkpoints."""
+    for folder in folders(out):
+        remove(folder, OUTPUT, only_temporaries=True)
+    remove(os.path.join(out, CHECKPOINTS), CHECKPOINT, only_temporaries=True)
+
+
+def reclaimable(out: str) -> int:
+    """Bytes clear_outputs would free."""
+    return sum(os.path.getsize(os.path.join(f, n)) for f in folders(out) for n in _names(f, OUTPUT))
+
+
+def matrix_bound(width: int, trials: int) -> int:
+    """The most bytes a matrix file of `width` neurons and `trials` trials can take (its counts uncompressed,
+    plus zstd's worst case)."""
+    raw = layout.packed_size(width) * (8 if trials >= 1 << 32 else 4)
+    return matrixfile.HEADER.size + raw + (raw >> 8) + FRAME_SLACK
+
+
+def summary_bound(width: int) -> int:
+    """The most bytes a layer's (or expert's) group in summary.h5 can take."""
+    return width * SUMMARY_NEURON_BYTES + GROUP_BYTES
+
+
+def router_bound(experts: int) -> int:
+    """The most bytes a router's group in summary.h5 can take."""
+    return 8 * experts * (experts + 1) + GROUP_BYTES
+
+
+def need(units: list[tuple[int, bool]], thresholds: int, trials: int) -> int:
+    """Upper bound of the bytes a run's outputs take: per threshold, each (width, is a router) unit's matrix
+    file and summary group, and the files' own overhead."""
+    per = sum(router_bound(w) if router else matrix_bound(w, trials) + summary_bound(w) for w, router in units)
+    return thresholds * (per + GROUP_BYTES) + GROUP_BYTES
+
+
+def merged_need(layers: dict, experts: dict, routers: dict, trials: int) -> int:
+    """need() of a run merged by `sum`, from the first input's summary entries (summary.read_summary's layers,
+    read_moe's experts and routers)."""
+    units = [(int(e["attrs"]["width"]), False) for e in [*layers.values(), *experts.values()]]
+    return need(units + [(int(e["attrs"]["experts"]), True) for e in routers.values()], 1, trials)
+
+
+def check_space(where: str, label: str, needed: int, reclaim: int = 0) -> None:
+    """Refuse to go on when the filesystem of `where` has less than `needed` bytes free (counting `reclaim`
+    bytes about to be deleted there as free): one line naming `label` (the option or argument)."""
+    free = free_bytes(where)
+    if free + reclaim < needed:
+        old = f" (and {human(reclaim)} of the previous run's outputs that would be replaced)" if reclaim else ""
+        raise UserError(f"{label}: not enough disk space: the outputs need up to {human(needed)} (the counts "
+                        f"uncompressed, an upper bound), {human(free)} free{old}; free space or choose a "
+                        f"folder on another disk")

@@ -1,0 +1,120 @@
+"""A full disk: refused before counting and before writing, in one line; if it fills anyway, one line, exit 2,
+no temporary left, and never a "finished" run without its summary.h5 (issue 17 item 4). On a small tmpfs the
+test mounts: root only, skipped elsewhere. Runs in child processes: before, HDF5 crashed the process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import cli_env, run_cli, run_main
+from mpicorr import filetools, summary, tiny
+from test_errors import one_error_line
+from test_pipeline import ok
+
+CTX = 64
+# Lets the free-space check pass (the disk then fills while writing, as when another job fills it meanwhile).
+NO_SPACE_CHECK = """
+import sys
+import mpicorr.__main__ as m
+try:
+    import mpicorr.outputs as o
+    o.check_space = lambda *args, **kwargs: None
+except ImportError:  # before the check existed
+    pass
+sys.exit(m.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> the folder of a new tmpfs of `size` bytes (unmounted after the test)."""
+    mounted = []
+
+    def mount(size: int) -> str:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        mounted.append(where)
+        return str(where)
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def run_args(llama: str, out: str, *extra: str) -> list[str]:
+    return ["run", "--model", llama, "--data", tiny.sample_path(), "--out", out, "--ctx", str(CTX), "--chunks", "4",
+            *extra]
+
+
+def without_check(args: list[str], cwd: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_SPACE_CHECK, *args], env=cli_env(), capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def leftovers(folder: str) -> list[str]:
+    """Temporaries (dot files) anywhere under `folder`."""
+    return [os.path.join(r, n) for r, _, names in os.walk(folder) for n in names if n.startswith(".")]
+
+
+def test_run_refuses_a_small_disk_before_counting(llama, small_disk):
+    out = os.path.join(small_disk(64 << 10), "o")
+    result = run_cli(run_args(llama, out))
+    line = one_error_line(result, f"--out {out}: not enough disk space", "need up to", "64.0 KiB free")
+    assert "chunk " not in result.stdout and "counted" not in result.stdout, "refused before counting"
+    assert os.listdir(out) == [], line
+
+
+def test_run_disk_full_while_writing_summary(llama, small_disk, tmp_path):
+    """Room for run.json and the matrix files, not for summary.h5: before, HDF5 crashed (exit 139) and
+    --resume then called the matrices a finished run."""
+    out = os.path.join(small_disk(64 << 10), "o")
+    result = without_check(run_args(llama, out), str(tmp_path))
+    one_error_line(result, f"{out}/summary.h5: cannot write (No space left on device")
+    assert not leftovers(out) and not os.path.exists(os.path.join(out, "summary.h5"))
+    assert os.path.exists(os.path.join(out, "correlations_block_1.zstd")), "the disk filled at summary.h5"
+    one_error_line(run_main(run_args(llama, out, "--resume")), "matrix files without summary.h5",
+                   "no checkpoint", "--force")
+    one_error_line(run_main(run_args(llama, out)), "matrix files without summary.h5", "--force")
+
+
+def test_run_disk_full_while_checkpointing(llama, small_disk, tmp_path):
+    """A checkpoint that does not fit: one line, exit 2, no temporary left (before: OSError, exit 1)."""
+    out = os.path.join(small_disk(8 << 10), "o")
+    result = without_check(run_args(llama, out, "--checkpoint-every", "1"), str(tmp_path))
+    one_error_line(result, "g1-r0.ckpt: cannot write (No space left on device", "free there")
+    assert not leftovers(out)
+
+
+def test_stale_temporaries_are_removed_before_the_space_check(llama, small_disk):
+    """A rank killed while writing (MPI_Abort, kill -9) leaves a temporary; the next run deletes it first."""
+    out = os.path.join(small_disk(1 << 20), "o")
+    os.makedirs(os.path.join(out, "checkpoints"))
+    with open(os.path.join(out, "checkpoints", ".g1-r0.ckpt.tmp4242"), "wb") as fh:
+        fh.write(b"\0" * ((1 << 20) - (64 << 10)))
+    ok(run_cli(run_args(llama, out, "--resume")))
+    assert not leftovers(out) and not os.path.exists(os.path.join(out, "checkpoints"))
+    assert filetools.verify_run(out).startswith(f"{out}: ok, 2 layers")
+
+
+def test_sum_on_a_full_disk(llama, small_disk, tmp_path):
+    """`sum` of run folders: refused in one line before writing; if the disk fills anyway, one line and no
+    temporary (before: HDF5 crashed, exit 139)."""
+    parts = [str(tmp_path / name) for name in ("a", "b")]
+    for part, start in zip(parts, ("0", "4")):
+        ok(run_main(run_args(llama, part, "--chunk-start", start)))
+    disk = small_disk(64 << 10)
+    merged = os.path.join(disk, "m")
+    line = one_error_line(run_cli(["sum", merged, *parts]), f"sum {merged}: not enough disk space", "64.0 KiB free")
+    assert not os.path.exists(os.path.join(merged, summary.SUMMARY)), line
+    result = without_check(["sum", merged, *parts, "--force"], str(tmp_path))
+    one_error_line(result, "No space left on device")
+    assert not leftovers(disk) and not os.path.exists(os.path.join(merged, summary.SUMMARY))
