@@ -28,8 +28,13 @@ HEADER = struct.Struct("<5I")
 # about 1 % larger (benchmarks/writes.py --profile).
 ZSTD_LEVEL = 1
 MAX_WIDTH = 1 << 20
-UNSIZED_PIECE = 8192
-WRITE_PIECE = 1 << 24  # input bytes per compression step (zstd's workers take jobs of a few MB)  # input bytes per step when a frame does not state its decompressed size
+WRITE_PIECE = 1 << 24  # input bytes per compression step (zstd's workers take jobs of a few MB)
+READ_PIECE = 1 << 20   # file bytes per decompression step
+ZSTD_BLOCK = zstandard.BLOCKSIZE_MAX  # the most one zstd block decompresses to (128 KiB)
+FRAME_HEADER_MAX = 18  # bytes of the longest zstd frame header
+# The largest zstd window a reader accepts (zstd's own default limit, made explicit): the most memory a
+# frame can make the decompressor hold beside the counts.
+MAX_WINDOW = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -126,58 +131,109 @@ def parse_header(data: bytes, path: str) -> Header:
     return Header(magic, (hi << 32) | lo, block, width)
 
 
+def min_frame_size(nbytes: int) -> int:
+    """The fewest bytes a zstd frame that decompresses to `nbytes` can take: at least a 6-byte frame header,
+    and every block yields at most 128 KiB for at least 4 bytes (an RLE block: 3 of header, 1 of content)."""
+    return 6 + 4 * -(-nbytes // ZSTD_BLOCK)
+
+
 def read_matrix(path: str, sha256: str | None = None) -> tuple[Header, np.ndarray]:
     """Read a matrix file: (header, packed counts as uint32 or uint64). Checks sizes and trailing bytes,
-    and the file's SHA-256 when `sha256` (as recorded in summary.h5) is given."""
+    and the file's SHA-256 when `sha256` (as recorded in summary.h5) is given, hashed while reading.
+
+    Memory: one array of the counts, decompressed into place, plus zstd's window (at most MAX_WINDOW);
+    a file too short or too long for its header's width is refused before anything is allocated."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            return _read(fh, path, sha256)
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise UserError(f"{path}: SHA-256 differs from the one in its run's summary.h5; the file was changed "
-                        f"or damaged after the run")
-    header = parse_header(data, path)
+
+
+def _read(fh, path: str, sha256: str | None) -> tuple[Header, np.ndarray]:
+    size = os.fstat(fh.fileno()).st_size
+    head = fh.read(HEADER.size)
+    header = parse_header(head, path)
     expected = layout.packed_size(header.width) * header.dtype.itemsize
-    frame = data[HEADER.size :]
+    if size - HEADER.size < min_frame_size(expected):
+        raise UserError(f"{path}: truncated ({size} bytes; width {header.width} needs at least "
+                        f"{HEADER.size + min_frame_size(expected)} even at zstd's highest compression)")
+    _check_frame(fh.fileno(), size, expected, header.width, path)
     try:
-        size = zstandard.frame_content_size(frame)
-        if size not in (-1, expected):
-            raise UserError(f"{path}: frame holds {size} bytes but width {header.width} needs {expected}")
-        if size == expected:
-            raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False)
-        else:
-            raw = _decompress_unsized(frame, expected, path)
-    except zstandard.ZstdError as exc:
-        raise UserError(f"{path}: bad zstd data ({exc})") from None
+        packed = np.empty(layout.packed_size(header.width), dtype=header.dtype)
     except MemoryError:
         raise UserError(f"{path}: width {header.width} needs {expected / 2**30:.1f} GiB of memory to read") from None
-    if len(raw) != expected:
-        raise UserError(f"{path}: holds {len(raw)} bytes of counts but width {header.width} needs {expected}")
-    return header, np.frombuffer(raw, dtype=header.dtype)
+    sha = hashlib.sha256(head) if sha256 is not None else None
+    _decompress_into(_Source(fh, size - HEADER.size, sha), memoryview(packed).cast("B"), path)
+    if sha is not None and sha.hexdigest() != sha256:
+        raise UserError(f"{path}: SHA-256 differs from the one in its run's summary.h5; the file was changed "
+                        f"or damaged after the run")
+    return header, packed
 
 
-def _decompress_unsized(frame: bytes, expected: int, path: str) -> bytes:
-    """Decompress a frame whose header gives no content size, never holding more than `expected` bytes.
+class _Source:
+    """The rest of the file (`left` bytes) read in pieces for the decompressor, hashing what passes (no
+    second read for the SHA-256); a piece never asks for more than is left (a read allocates what it asks)."""
 
-    The input goes in small pieces: a zstd block expands to at most 128 KiB and takes at least 3 bytes,
-    so one piece cannot produce more than about 350 MiB however the file was crafted.
-    """
-    dobj = zstandard.ZstdDecompressor().decompressobj()
-    parts, total, i = [], 0, 0
-    for i in range(0, len(frame), UNSIZED_PIECE):
-        part = dobj.decompress(frame[i : i + UNSIZED_PIECE])
-        total += len(part)
-        if total > expected:
-            raise UserError(f"{path}: holds more than the {expected} bytes of counts its width needs")
-        parts.append(part)
-        if dobj.eof:
-            break
-    if not dobj.eof:
-        raise UserError(f"{path}: truncated zstd frame")
-    if dobj.unused_data or i + UNSIZED_PIECE < len(frame):
-        raise UserError(f"{path}: trailing bytes after the zstd frame")
-    return b"".join(parts)
+    def __init__(self, fh, left: int, sha):
+        self.fh, self.left, self.sha = fh, left, sha
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(data)
+        if self.sha is not None:
+            self.sha.update(data)
+        return data
+
+
+def _check_frame(fd: int, size: int, expected: int, width: int, path: str) -> None:
+    """Walk the zstd frame's block headers (3 bytes per up to 128 KiB of counts, read with pread) to refuse,
+    before allocating, a frame that runs past the file's end, is followed by other bytes, or cannot hold
+    the `expected` bytes of counts (or states another size)."""
+    try:
+        head = os.pread(fd, FRAME_HEADER_MAX, HEADER.size)
+        params = zstandard.get_frame_parameters(head)
+        pos = HEADER.size + zstandard.frame_header_size(head)
+    except zstandard.ZstdError as exc:
+        raise UserError(f"{path}: bad zstd data ({exc})") from None
+    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
+        raise UserError(f"{path}: frame holds {params.content_size} bytes but width {width} needs {expected}")
+    most, last = 0, False
+    while not last:
+        block = os.pread(fd, 3, pos)
+        if len(block) < 3:
+            raise UserError(f"{path}: truncated zstd frame (it ends at byte {size} inside its blocks)")
+        word = int.from_bytes(block, "little")
+        last, kind, length = word & 1, word >> 1 & 3, word >> 3
+        if kind == 3:
+            raise UserError(f"{path}: bad zstd data (reserved block type at byte {pos})")
+        pos += 3 + (1 if kind == 1 else length)
+        most += ZSTD_BLOCK if kind == 2 else length
+    pos += 4 if params.has_checksum else 0
+    if pos > size:
+        raise UserError(f"{path}: truncated zstd frame ({size} bytes, the frame needs {pos})")
+    if pos < size:
+        raise UserError(f"{path}: trailing bytes after the zstd frame ({size - pos} bytes)")
+    if most < expected:
+        raise UserError(f"{path}: holds at most {most} bytes of counts but width {width} needs {expected}")
+
+
+def _decompress_into(source: _Source, out: memoryview, path: str) -> None:
+    """Decompress the frame straight into `out`, which it must fill exactly (the checksum is checked at the
+    frame's end)."""
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    try:
+        with dctx.stream_reader(source, read_size=READ_PIECE, read_across_frames=False, closefd=False) as reader:
+            filled = 0
+            while filled < len(out) and (n := reader.readinto(out[filled:])):
+                filled += n
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise UserError(f"{path}: bad zstd data ({exc})") from None
+    if filled < len(out):
+        raise UserError(f"{path}: holds {filled} bytes of counts but its width needs {len(out)}")
+    if extra:
+        raise UserError(f"{path}: holds more than the {len(out)} bytes of counts its width needs")
 
 
 def exists_any(folder: str) -> list[str]:
