@@ -131,6 +131,15 @@ def parse_header(data: bytes, path: str) -> Header:
     return Header(magic, (hi << 32) | lo, block, width)
 
 
+def read_header(path: str) -> Header:
+    """The header of a matrix file (20 bytes read)."""
+    try:
+        with open(path, "rb") as fh:
+            return parse_header(fh.read(HEADER.size), path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def min_frame_size(nbytes: int) -> int:
     """The fewest bytes a zstd frame that decompresses to `nbytes` can take: at least a 6-byte frame header,
     and every block yields at most 128 KiB for at least 4 bytes (an RLE block: 3 of header, 1 of content)."""
