@@ -3,6 +3,7 @@ matrix files through run.UnitWriter, the summary.h5 groups), without a model.
 
     python benchmarks/writes.py --layers 32 --neurons 14336            # Mistral-7B's 32 x 14336
     python benchmarks/writes.py --profile --levels 1,3 --out /dev/shm/w      # each step alone; levels; tmpfs
+    python benchmarks/writes.py --memory --threads 8 --layers 16 --neurons 4096  # rank 0's peak, in layers
 
 The counts are drawn once (C[i, j] ~ Poisson(T p_i p_j), p Zipf-like with mean --density, the diagonal T p_i)
 and handed to every layer, as the reduce hands a finished layer to the writer; what is timed is everything
@@ -51,18 +52,46 @@ def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | No
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     started = time.monotonic()
+    if args.memory:  # compile the top-partner search first: numba's one-off memory is not the write's
+        summary.top_partners(np.ones(triangle.packed_size(summary.COMPILED_WIDTH), dtype=np.int32), summary.COMPILED_WIDTH)
+    base = reset_peak()
     with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5, \
             run.UnitWriter(threads) as writer:
         for layer in range(args.layers):
-            writer.submit(h5, out, counting.Unit(layer), args.neurons, stats, packed)
+            # --memory: each layer its own array, as the reduce hands rank 0 a new one per layer
+            writer.submit(h5, out, counting.Unit(layer), args.neurons, stats, packed.copy() if args.memory else packed)
         used = writer.threads, writer.zstd_threads
     seconds = time.monotonic() - started
+    grown = peak_rss() - base if base is not None else None
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     shutil.rmtree(out, ignore_errors=True)
     return {"layers": args.layers, "neurons": args.neurons, "out": out, "zstd_level": matrixfile.ZSTD_LEVEL,
             "seconds": round(seconds, 2), "seconds_per_layer": round(seconds / args.layers, 3),
             "counts_gb": round(args.layers * packed.nbytes / 1e9, 2), "written_gb": round(size / 1e9, 2),
-            "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0))}
+            "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0)),
+            **({"write_peak_bytes": grown, "write_peak_layers": round(grown / packed.nbytes, 2)}
+               if args.memory and grown is not None else {})}
+
+
+def reset_peak() -> int | None:
+    """Reset this process's peak resident memory (Linux: /proc/self/clear_refs) and return the current
+    resident memory; None where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _status("VmRSS:")
+    except OSError:
+        return None
+
+
+def peak_rss() -> int:
+    """Peak resident memory since reset_peak (VmHWM)."""
+    return _status("VmHWM:")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key))
 
 
 def profile(args, packed: np.ndarray, stats: dict) -> dict:
@@ -114,6 +143,9 @@ def main() -> None:
     p.add_argument("--levels", default=str(matrixfile.ZSTD_LEVEL),
                    help="zstd levels to try, comma-separated (default: the files' level)")
     p.add_argument("--profile", action="store_true", help="also time each step of one layer's write alone")
+    p.add_argument("--memory", action="store_true",
+                   help="hand each layer its own array, as a run's reduce does, and report the write's peak resident "
+                        "memory above what was held before it (write_peak_bytes, and in layers' counts)")
     args = p.parse_args()
     packed, stats = synthetic(args.neurons, args.tokens, args.density)
     outs = args.out.split(",")

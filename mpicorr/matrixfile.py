@@ -13,6 +13,7 @@ import io
 import os
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import zstandard
@@ -29,6 +30,7 @@ HEADER = struct.Struct("<5I")
 ZSTD_LEVEL = 1
 MAX_WIDTH = 1 << 20
 WRITE_PIECE = 1 << 24  # input bytes per compression step (zstd's workers take jobs of a few MB)
+CONVERT_PIECE = 1 << 18  # counts converted per step when the array's type is not the file's (1 MiB as uint32)
 READ_PIECE = 1 << 20   # file bytes per decompression step
 ZSTD_BLOCK = zstandard.BLOCKSIZE_MAX  # the most one zstd block decompresses to (128 KiB)
 FRAME_HEADER_MAX = 18  # bytes of the longest zstd frame header
@@ -56,15 +58,34 @@ def matrix_name(block: int, expert: int | None = None) -> str:
     return f"correlations_block_{block}.zstd" if expert is None else f"correlations_block_{block}_expert_{expert}.zstd"
 
 
+def count_dtype(trials: int) -> np.dtype:
+    """The file's count type: little-endian uint32, uint64 from 2**32 trials on."""
+    return np.dtype("<u8" if trials >= (1 << 32) else "<u4")
+
+
+def _viewable(arr: np.ndarray, want: np.dtype) -> bool:
+    """Whether `arr`'s bytes already are `want`'s (counts are never negative, so int32 bytes are uint32 bytes)."""
+    return arr.dtype.kind in "iu" and arr.dtype.itemsize == want.itemsize and arr.dtype.byteorder in "=<|" \
+        and arr.flags.c_contiguous
+
+
 def payload(trials: int, packed: np.ndarray) -> np.ndarray:
     """The counts as the file stores them, little-endian uint32 (uint64 from 2**32 trials on); a view of
-    `packed` when it already has that width (counts are never negative, so int32 bytes are uint32 bytes)."""
-    want = np.dtype("<u8" if trials >= (1 << 32) else "<u4")
-    arr = np.asarray(packed)
-    if arr.dtype.kind in "iu" and arr.dtype.itemsize == want.itemsize and arr.dtype.byteorder in "=<|" \
-            and arr.flags.c_contiguous:
-        return arr.view(want)
-    return np.ascontiguousarray(arr, dtype=want)
+    `packed` when it already has that width."""
+    want, arr = count_dtype(trials), np.asarray(packed)
+    return arr.view(want) if _viewable(arr, want) else np.ascontiguousarray(arr, dtype=want)
+
+
+def _pieces(data: np.ndarray, want: np.dtype) -> Iterator[memoryview]:
+    """`data`'s counts as `want` bytes, in pieces: views where it has that layout already, else converted
+    CONVERT_PIECE entries at a time (int64 counts written as uint32 need no full copy of the layer)."""
+    arr = np.asarray(data).reshape(-1)
+    if _viewable(arr, want):
+        view = memoryview(arr.view(want)).cast("B")
+        yield from (view[start : start + WRITE_PIECE] for start in range(0, len(view), WRITE_PIECE))
+        return
+    for start in range(0, len(arr), CONVERT_PIECE):
+        yield memoryview(np.ascontiguousarray(arr[start : start + CONVERT_PIECE], dtype=want)).cast("B")
 
 
 class _Sink:
@@ -78,16 +99,17 @@ class _Sink:
         return self.fh.write(data)
 
 
-def _compress(data: np.ndarray, sink, threads: int) -> None:
-    """One zstd frame of `data` (with its size and a checksum) written to `sink`, in pieces. zstd's
-    multi-threaded mode, with at least one worker, gives the same bytes for any number of workers, so files
-    do not depend on the machine (its single-threaded mode gives other bytes)."""
+def _compress(data: np.ndarray, sink, threads: int, want: np.dtype | None = None) -> None:
+    """One zstd frame of `data` as `want` counts (default: its own type), with its size and a checksum,
+    written to `sink` in pieces. zstd's multi-threaded mode, with at least one worker, gives the same bytes
+    for any number of workers and any piece sizes, so files do not depend on the machine (its
+    single-threaded mode gives other bytes)."""
+    want = np.dtype(want if want is not None else np.asarray(data).dtype)
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=max(1, threads), write_checksum=True,
                                     write_content_size=True)
-    view = memoryview(data).cast("B")
-    with cctx.stream_writer(sink, size=len(view), closefd=False) as writer:
-        for start in range(0, len(view), WRITE_PIECE):
-            writer.write(view[start : start + WRITE_PIECE])
+    with cctx.stream_writer(sink, size=np.size(data) * want.itemsize, closefd=False) as writer:
+        for piece in _pieces(data, want):
+            writer.write(piece)
 
 
 def header_bytes(block: int, width: int, trials: int) -> bytes:
@@ -104,18 +126,19 @@ def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[byt
     """(header, zstd frame) for the packed counts: the bytes write_matrix writes."""
     _check_shape(packed, width)
     frame = io.BytesIO()
-    _compress(payload(trials, packed), frame, 1)
+    _compress(packed, frame, 1, count_dtype(trials))
     return header_bytes(block, width, trials), frame.getvalue()
 
 
 def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndarray, threads: int = 1) -> str:
     """Write one matrix file atomically (temporary name, fsync, rename), compressing on `threads` threads
-    (the bytes do not depend on it) with no copy of int32 counts; return its SHA-256 (hex)."""
+    (the bytes do not depend on it) with no copy of int32 counts (and of other counts, converted a piece at a
+    time); return its SHA-256 (hex)."""
     _check_shape(packed, width)
     with atomic_write(path) as fh:
         sink = _Sink(fh)
         sink.write(header_bytes(block, width, trials))
-        _compress(payload(trials, packed), sink, threads)
+        _compress(packed, sink, threads, count_dtype(trials))
     return sink.sha.hexdigest()
 
 
