@@ -110,9 +110,15 @@ def check_sum_paths(out: str, inputs: list[str]) -> None:
         for other in inputs[:i]:
             if _same(path, other):
                 raise UserError(f"{path}: given twice (also as {other}); each input would be counted twice")
-        if _same(out, path):
+        if _same(out, path) or _among_outputs(path, out):
             raise UserError(f"{out}: is also an input ({path}); writing the sum there would destroy it: "
                             f"choose another output")
+
+
+def _among_outputs(path: str, out: str) -> bool:
+    """Whether `path` lies in one of the threshold-<T> folders of `out`, whose files --force replaces."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(out))
+    return rel != "." and not rel.startswith("..") and rel.split(os.sep)[0].startswith("threshold-")
 
 
 def _same(a: str, b: str) -> bool:

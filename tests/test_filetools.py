@@ -221,7 +221,10 @@ def test_sum_of_run_folders_refuses_repeats_and_its_own_inputs(three_runs, tmp_p
     a, b, _ = three_runs
     copy = shutil.copytree(b, tmp_path / "b")
     before = sha256_of(str(copy))
+    os.makedirs(tmp_path / "t")
+    nested = shutil.copytree(b, tmp_path / "t" / "threshold-0.5")  # --force would replace its files
     for out, inputs, message in [(copy, [copy, a], "is also an input"),       # `sum B B A --force` corrupted B
+                                 (tmp_path / "t", [a, nested], "is also an input"),
                                  (tmp_path / "m", [a, f"{a}/"], "given twice"),
                                  (tmp_path / "m", [a, copy, f"{tmp_path}/../{tmp_path.name}/b"], "given twice")]:
         result = run_main(["sum", str(out), *map(str, inputs), "--force"])
