@@ -138,14 +138,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=642 * 512, help="tokens the counts stand for (default: 328704)")
     p.add_argument("--density", type=float, default=0.2, help="mean firing rate (default: 0.2)")
     p.add_argument("--threads", type=int, default=None, help="writer threads (default: run's choice)")
+    p.add_argument("--memory", action="store_true",
+                   help="hand each layer its own array, as a run's reduce does, and report the write's peak resident "
+                        "memory above what was held before it (write_peak_bytes, and in layers' counts)")
     p.add_argument("--out", default="/tmp/mpicorr-writes",
                    help="folder written (removed first and after); several, comma-separated, are tried in turn")
     p.add_argument("--levels", default=str(matrixfile.ZSTD_LEVEL),
                    help="zstd levels to try, comma-separated (default: the files' level)")
     p.add_argument("--profile", action="store_true", help="also time each step of one layer's write alone")
-    p.add_argument("--memory", action="store_true",
-                   help="hand each layer its own array, as a run's reduce does, and report the write's peak resident "
-                        "memory above what was held before it (write_peak_bytes, and in layers' counts)")
     args = p.parse_args()
     packed, stats = synthetic(args.neurons, args.tokens, args.density)
     outs = args.out.split(",")
