@@ -183,6 +183,7 @@ def read_matrix(path: str, sha256: str | None = None) -> tuple[Header, np.ndarra
 
 
 def _read(fh, path: str, sha256: str | None) -> tuple[Header, np.ndarray]:
+    """read_matrix on an open file: header, plausibility and frame checks, then one decompression."""
     size = os.fstat(fh.fileno()).st_size
     head = fh.read(HEADER.size)
     header = parse_header(head, path)
@@ -219,17 +220,29 @@ class _Source:
 
 
 def _check_frame(fd: int, size: int, expected: int, width: int, path: str) -> None:
-    """Walk the zstd frame's block headers (3 bytes per up to 128 KiB of counts, read with pread) to refuse,
-    before allocating, a frame that runs past the file's end, is followed by other bytes, or cannot hold
-    the `expected` bytes of counts (or states another size)."""
+    """Refuse, before allocating, a frame that states another size than `expected`, runs past the file's
+    end, is followed by other bytes, or cannot hold the `expected` bytes of counts."""
     try:
         head = os.pread(fd, FRAME_HEADER_MAX, HEADER.size)
         params = zstandard.get_frame_parameters(head)
-        pos = HEADER.size + zstandard.frame_header_size(head)
+        start = HEADER.size + zstandard.frame_header_size(head)
     except zstandard.ZstdError as exc:
         raise UserError(f"{path}: bad zstd data ({exc})") from None
     if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
         raise UserError(f"{path}: frame holds {params.content_size} bytes but width {width} needs {expected}")
+    end, most = _walk_blocks(fd, start, size, path)
+    end += 4 if params.has_checksum else 0
+    if end > size:
+        raise UserError(f"{path}: truncated zstd frame ({size} bytes, the frame needs {end})")
+    if end < size:
+        raise UserError(f"{path}: trailing bytes after the zstd frame ({size - end} bytes)")
+    if most < expected:
+        raise UserError(f"{path}: holds at most {most} bytes of counts but width {width} needs {expected}")
+
+
+def _walk_blocks(fd: int, pos: int, size: int, path: str) -> tuple[int, int]:
+    """(offset after the last block, the most bytes the blocks can decompress to), from the 3-byte block
+    headers alone (read with pread: a few bytes per up to 128 KiB of counts)."""
     most, last = 0, False
     while not last:
         block = os.pread(fd, 3, pos)
@@ -239,15 +252,9 @@ def _check_frame(fd: int, size: int, expected: int, width: int, path: str) -> No
         last, kind, length = word & 1, word >> 1 & 3, word >> 3
         if kind == 3:
             raise UserError(f"{path}: bad zstd data (reserved block type at byte {pos})")
-        pos += 3 + (1 if kind == 1 else length)
+        pos += 3 + (1 if kind == 1 else length)  # raw: length bytes; RLE: one byte repeated; compressed
         most += ZSTD_BLOCK if kind == 2 else length
-    pos += 4 if params.has_checksum else 0
-    if pos > size:
-        raise UserError(f"{path}: truncated zstd frame ({size} bytes, the frame needs {pos})")
-    if pos < size:
-        raise UserError(f"{path}: trailing bytes after the zstd frame ({size - pos} bytes)")
-    if most < expected:
-        raise UserError(f"{path}: holds at most {most} bytes of counts but width {width} needs {expected}")
+    return pos, most
 
 
 def _decompress_into(source: _Source, out: memoryview, path: str) -> None:
