@@ -53,7 +53,8 @@ def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | No
     os.makedirs(out)
     started = time.monotonic()
     if args.memory:  # compile the top-partner search first: numba's one-off memory is not the write's
-        summary.top_partners(np.ones(triangle.packed_size(summary.COMPILED_WIDTH), dtype=np.int32), summary.COMPILED_WIDTH)
+        width = summary.COMPILED_WIDTH
+        summary.top_partners(np.ones(triangle.packed_size(width), dtype=np.int32), width)
     base = reset_peak()
     with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5, \
             run.UnitWriter(threads) as writer:

@@ -267,7 +267,8 @@ def remove_outputs(folder: str) -> None:
 def staged_folder(out: str) -> Iterator[str]:
     """A temporary folder beside `out` to write into; on success its files replace `out`'s outputs (the
     folder is renamed into place when `out` does not exist), summary.h5 last; it is removed on every exit."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.tmp{os.getpid()}")
+    parent, name = os.path.split(os.path.abspath(out))
+    tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
     try:
         yield tmp
