@@ -22,8 +22,8 @@ import torch
 from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary, triangle
 from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part, threshold_folders
-from .counting import (LayerCounts, MoeCounts, check_all, check_fixed_total, chunk_nll, count_dtype,
-                       fixed_maxima, split_stats, units)
+from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
+from .counting import check_fixed_total, fixed_maxima  # the reduce's int64 check
 from .dist import Comm, Service
 from .errors import Terminated, UserError
 from .hooks import feeding, recording
@@ -431,8 +431,8 @@ def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, sec
     """Sum every unit (layer, expert, router) onto rank 0, one at a time, and write the outputs there (one
     folder per threshold)."""
     tokens = len(job.chunks) * cfg.ctx
-    folders = output_folders(cfg.out, cfg.threshold)
     check_fixed_total(comm.allgather(fixed_maxima(tally.counts)), tally.counts)  # before anything is written
+    folders = output_folders(cfg.out, cfg.threshold)
     started = time.monotonic()
     with summary_writers(folders, comm.rank == 0) as files, UnitWriter() as writer:
         for lc in units(tally.counts):
