@@ -3,6 +3,7 @@ matrix files through run.UnitWriter, the summary.h5 groups), without a model.
 
     python benchmarks/writes.py --layers 32 --neurons 14336            # Mistral-7B's 32 x 14336
     python benchmarks/writes.py --profile --levels 1,3 --out /dev/shm/w      # each step alone; levels; tmpfs
+    python benchmarks/writes.py --memory --threads 8 --layers 16 --neurons 4096  # rank 0's peak, in layers
 
 --levels: the zstd levels to write the layers at (default: the files' own level, matrixfile.ZSTD_LEVEL = 1).
 --profile: first time each step of one layer's write alone: zstd on every CPU at each of --levels, zstd with
@@ -55,18 +56,47 @@ def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | No
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     started = time.monotonic()
+    if args.memory:  # compile the top-partner search first: numba's one-off memory is not the write's
+        width = summary.COMPILED_WIDTH
+        summary.top_partners(np.ones(triangle.packed_size(width), dtype=np.int32), width)
+    base = reset_peak()
     with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5, \
             run.UnitWriter(threads) as writer:
         for layer in range(args.layers):
-            writer.submit(h5, out, counting.Unit(layer), args.neurons, stats, packed)
+            # --memory: each layer its own array, as the reduce hands rank 0 a new one per layer
+            writer.submit(h5, out, counting.Unit(layer), args.neurons, stats, packed.copy() if args.memory else packed)
         used = writer.threads, writer.zstd_threads
     seconds = time.monotonic() - started
+    grown = peak_rss() - base if base is not None else None
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     shutil.rmtree(out, ignore_errors=True)
     return {"layers": args.layers, "neurons": args.neurons, "out": out, "zstd_level": matrixfile.ZSTD_LEVEL,
             "seconds": round(seconds, 2), "seconds_per_layer": round(seconds / args.layers, 3),
             "counts_gb": round(args.layers * packed.nbytes / 1e9, 2), "written_gb": round(size / 1e9, 2),
-            "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0))}
+            "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0)),
+            **({"write_peak_bytes": grown, "write_peak_layers": round(grown / packed.nbytes, 2)}
+               if args.memory and grown is not None else {})}
+
+
+def reset_peak() -> int | None:
+    """Reset this process's peak resident memory (Linux: /proc/self/clear_refs) and return the current
+    resident memory; None where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _status("VmRSS:")
+    except OSError:
+        return None
+
+
+def peak_rss() -> int:
+    """Peak resident memory since reset_peak (VmHWM)."""
+    return _status("VmHWM:")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key))
 
 
 def zstd_seconds(args, packed: np.ndarray, level: int, workers: int, frame: io.BytesIO) -> float:
@@ -119,6 +149,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=642 * 512, help="tokens the counts stand for (default: 328704)")
     p.add_argument("--density", type=float, default=0.2, help="mean firing rate (default: 0.2)")
     p.add_argument("--threads", type=int, default=None, help="writer threads (default: run's choice)")
+    p.add_argument("--memory", action="store_true",
+                   help="hand each layer its own array, as a run's reduce does, and report the write's peak resident "
+                        "memory above what was held before it (write_peak_bytes, and in layers' counts)")
     p.add_argument("--out", default="/tmp/mpicorr-writes",
                    help="folder written (removed first and after); several, comma-separated, are tried in turn")
     p.add_argument("--levels", default=str(matrixfile.ZSTD_LEVEL),

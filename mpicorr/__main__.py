@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     total.add_argument("files", nargs="+", metavar="IN",
                        help="matrix files of one block and width, or run folders (or --dump folders) of disjoint "
                             "chunk ranges")
-    total.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    total.add_argument("--force", action="store_true",
+                       help="overwrite OUT if it exists (in a folder, only the outputs a run or a merge wrote)")
     return p
 
 
@@ -77,6 +78,7 @@ def file_command(args: argparse.Namespace, command: str) -> None:
     from . import filetools
 
     if args.cmd == "sum":
+        filetools.check_sum_paths(args.out, args.files)  # also for --dump folders
         folders = [os.path.isdir(path) for path in args.files]
         if any(folders) and not all(folders):
             raise UserError("sum: give either matrix files or run folders, not both")

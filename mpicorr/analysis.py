@@ -47,7 +47,69 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
     if not found:
         what = "correlations_block_<L>.zstd" if expert is None else f"correlations_block_<L>_expert_{expert}.zstd"
         raise UserError(f"{run_dir}: no {what} files")
+    if summary.exists(run_dir):
+        check_layer_list(run_dir, set(found), {l for l, x in summary_units(run_dir) if x == expert}, expert)
+    for layer, path in found.items():  # 20 bytes each: a renamed file is refused before any layer is analysed
+        check_block(layer, path)
     return dict(sorted(found.items()))
+
+
+def check_layer_list(run_dir: str, files: set[int], listed: set[int], expert: int | None = None) -> None:
+    """The matrix files must be exactly the layers summary.h5 lists: a deleted file would drop a layer from
+    the analysis without a word, and a file summary.h5 does not list belongs to another run."""
+    names = lambda layers: ", ".join(matrixfile.matrix_name(l, expert) for l in sorted(layers))  # noqa: E731
+    if listed - files:
+        raise UserError(f"{run_dir}: {names(listed - files)} missing (summary.h5 lists layers "
+                        f"{_span(listed)}); restore the files or count the run again")
+    if files - listed:
+        raise UserError(f"{run_dir}: {names(files - listed)} not in summary.h5 (which lists layers "
+                        f"{_span(listed)}); the files belong to another run: move them out")
+
+
+def _span(layers: set[int]) -> str:
+    return ", ".join(map(str, sorted(layers))) if len(layers) <= 8 else f"{min(layers)}..{max(layers)} ({len(layers)})"
+
+
+def summary_units(run_dir: str) -> dict[tuple[int, int | None], dict]:
+    """{(layer, expert or None): its group's attributes} of a run folder's summary.h5, without reading the
+    datasets (megabytes per layer)."""
+    import h5py
+
+    path = os.path.join(run_dir, summary.SUMMARY)
+    try:
+        with h5py.File(path, "r") as h5:
+            units = {(int(l), None): dict(g.attrs) for l, g in h5.get("layers", {}).items()}
+            units.update({(int(l), int(e)): dict(g.attrs) for l, block in h5.get("experts", {}).items()
+                          for e, g in block.items()})
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc}); the file is damaged") from None
+    return units
+
+
+def recorded_sha256(paths) -> dict[str, str]:
+    """{matrix path: its SHA-256 as recorded in its run folder's summary.h5} (nothing for folders without)."""
+    out = {}
+    for folder in {os.path.dirname(path) for path in paths}:
+        if summary.exists(folder):
+            out.update({os.path.join(folder, matrixfile.matrix_name(l, x)): str(a["matrix_sha256"])
+                        for (l, x), a in summary_units(folder).items() if "matrix_sha256" in a})
+    return out
+
+
+def read_checked(layer: int, path: str, sha256: str | None = None) -> tuple[matrixfile.Header, np.ndarray]:
+    """A matrix file whose header must give the block its name gives (a renamed or swapped file would be
+    analysed under another layer's number), and whose SHA-256 must be `sha256` when given (hashed while
+    reading); the block is checked first, as the more telling message."""
+    check_block(layer, path)
+    return matrixfile.read_matrix(path, sha256)
+
+
+def check_block(layer: int, path: str) -> None:
+    """The block in a matrix file's header must be the one in its name."""
+    block = matrixfile.read_header(path).block
+    if block != layer:
+        raise UserError(f"{path}: its header says block {block}, its name block {layer}; the file was renamed "
+                        f"or swapped: give it block {block}'s name or restore it")
 
 
 def summary_entries(run_dir: str, expert: int | None = None) -> dict[int, dict]:
@@ -86,14 +148,16 @@ def select(paths: dict[int, str], layers: str | None) -> dict[int, str]:
 
 
 def read_layers(paths: dict[int, str], what: str = "analysing") -> Iterator[LayerMatrix]:
-    """Read the layers one at a time (bounded memory), with a progress line per layer on stderr."""
+    """Read the layers one at a time (bounded memory), with a progress line per layer on stderr; each file is
+    checked against its name and, where its folder has a summary.h5, the SHA-256 recorded there."""
+    shas = recorded_sha256(paths.values())
     start = time.monotonic()
     for n, (layer, path) in enumerate(paths.items()):
         elapsed = time.monotonic() - start
         eta = elapsed / n * (len(paths) - n) if n else 0.0
         print(f"{what} layer {layer} ({n + 1}/{len(paths)}), elapsed {fmt_seconds(elapsed)}"
               + (f", ETA {fmt_seconds(eta)}" if n else ""), file=sys.stderr, flush=True)
-        header, packed = matrixfile.read_matrix(path)
+        header, packed = read_checked(layer, path, shas.get(path))
         yield LayerMatrix(layer, header.width, header.trials, packed)
 
 
@@ -114,7 +178,7 @@ def firing(run_dir: str, layers: str | None = None, expert: int | None = None) -
         return [LayerFiring(l, int(e["attrs"]["tokens"]), e["fire_count"]) for l, e in found.items() if l in paths]
     out = []
     for layer, path in paths.items():
-        header, packed = matrixfile.read_matrix(path)
+        header, packed = read_checked(layer, path)
         out.append(LayerFiring(layer, header.trials, layout.diagonal(packed, header.width)))
     return out
 

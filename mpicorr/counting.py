@@ -13,12 +13,15 @@ import numpy as np
 import torch
 
 from . import fused, kernels, triangle
-from .errors import UserError
+from .errors import SharedError, UserError
 from .units import (ACT_SUM_BITS, ACT_SUMSQ_BITS, HIST_BINS, HIST_HIGH, HIST_LOW,  # noqa: F401 (re-exported)
                     HIST_MAGNITUDES, NLL_BITS, Unit, hist_edges)
 
-# Each rank keeps fixed-point sums below 2**56 so that adding up to 128 ranks cannot overflow int64.
+# Each rank keeps its fixed-point sums below 2**56 (checked every batch), so that the sums of up to 128 ranks
+# always fit int64; with more ranks (or partial sums absorbed from checkpoints) check_fixed_total checks
+# the ranks' sums against int64 before they are added.
 FIXED_LIMIT = 1 << 56
+INT64_MAX = (1 << 63) - 1
 # Larger (or non-finite) activations mean a broken model or dtype; they would also overflow x*x in fixed point.
 ACT_LIMIT = float(1 << 20)
 SQRT2_MANTISSA = int(np.float32(np.sqrt(2.0)).view(np.int32)) & 0x7FFFFF
@@ -284,3 +287,19 @@ def chunk_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[int, int]:
         logp = torch.log_softmax(logits[row, :-1].float(), dim=-1)
         total += to_fixed(-logp.gather(-1, target[row, :, None])[:, 0], NLL_BITS).sum()
     return int(total.item()), target.numel()
+
+
+def fixed_maxima(counts: list) -> list[tuple[int, int]]:
+    """This rank's largest |act_sum| and act_sumsq of every unit (exact integers), for check_fixed_total."""
+    return [(int(lc.act_sum.abs().amax()), int(lc.act_sumsq.amax())) if lc.width else (0, 0) for lc in units(counts)]
+
+
+def check_fixed_total(maxima: list[list[tuple[int, int]]], counts: list) -> None:
+    """Every rank, with every rank's fixed_maxima (an allgather): raise a SharedError when some unit's
+    fixed-point sums could leave int64 once the ranks' sums are added (the sum of the ranks' largest
+    magnitudes bounds every element and every partial sum of the reduce), instead of a silent wrap."""
+    for lc, column in zip(units(counts), zip(*maxima)):
+        if sum(m for m, _ in column) > INT64_MAX or sum(m for _, m in column) > INT64_MAX:
+            raise SharedError(f"layer {lc.layer}: the activation sums of the {len(maxima)} ranks would exceed the "
+                              f"int64 fixed-point range when added; count fewer chunks per run (--chunks) and "
+                              f"merge the runs with `sum`")

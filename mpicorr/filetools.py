@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
@@ -28,7 +31,9 @@ def is_dump(folder: str) -> bool:
 
 # Root attributes that runs must share to be merged, and the option that sets each.
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
-            "site": "site", "site_modules": "--model (its layers)"}
+            "site": "site", "site_modules": "--model (its layers)", "dtype": "--dtype", "batch_size": "--batch-size"}
+INT64_MAX = (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
 
 
 def info(path: str) -> str:
@@ -73,7 +78,12 @@ def verify(path: str, sha256: str | None = None) -> None:
 
 
 def sum_files(out: str, inputs: list[str], force: bool = False) -> str:
-    """Add matrix files of one block and width (trials added) into `out`; return a summary line."""
+    """Add matrix files of one block and width (trials added) into `out` (written atomically); return a
+    summary line."""
+    check_sum_paths(out, inputs)
+    if os.path.isdir(out):
+        raise UserError(f"{out}: is a folder; the sum of matrix files is one file: give a file name "
+                        f"(or give run folders to merge them into a folder)")
     if os.path.exists(out) and not force:
         raise UserError(f"{out}: exists; choose another output name or add --force")
     total, first, trials = None, None, 0
@@ -85,10 +95,55 @@ def sum_files(out: str, inputs: list[str], force: bool = False) -> str:
             raise UserError(f"{path}: block {header.block} width {header.width} does not match "
                             f"{inputs[0]} (block {first.block} width {first.width}); sum one block at a time")
         else:
-            total += packed
+            add_counts(total, packed, f"the counts of {path}", inputs)
         trials += header.trials
+    if trials > UINT64_MAX:
+        raise UserError(f"sum: {trials} trials do not fit the file's 64 bits ({', '.join(inputs)}); sum fewer files")
     matrixfile.write_matrix(out, first.block, first.width, trials, total)
     return f"{out}: {len(inputs)} files summed, block {first.block}, width {first.width}, trials {trials}"
+
+
+def check_sum_paths(out: str, inputs: list[str]) -> None:
+    """Refuse an input given twice (it would be counted twice: os.path.samefile, so other spellings and
+    links count too) and an output that is also an input (writing it would destroy that input)."""
+    for i, path in enumerate(inputs):
+        for other in inputs[:i]:
+            if _same(path, other):
+                raise UserError(f"{path}: given twice (also as {other}); each input would be counted twice")
+        if _same(out, path) or _among_outputs(path, out):
+            raise UserError(f"{out}: is also an input ({path}); writing the sum there would destroy it: "
+                            f"choose another output")
+
+
+def _among_outputs(path: str, out: str) -> bool:
+    """Whether `path` lies in one of the threshold-<T> folders of `out`, whose files --force replaces."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(out))
+    return rel != "." and not rel.startswith("..") and rel.split(os.sep)[0].startswith("threshold-")
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def add_counts(total: np.ndarray, part: np.ndarray, what: str, inputs: list[str]) -> None:
+    """total += part (uint64 counts), refusing a sum that would wrap past 2**64 - 1."""
+    if int(total.max(initial=0)) + int(part.max(initial=0)) > UINT64_MAX and \
+            (total > UINT64_MAX - part.astype(np.uint64)).any():
+        raise UserError(f"sum: adding {what} overflows uint64 ({', '.join(inputs)}); these inputs cannot be "
+                        f"summed (a count above 2**64 - 1)")
+    total += part
+
+
+def add_int64(total: np.ndarray, part: np.ndarray, what: str, inputs: list[str]) -> np.ndarray:
+    """total + part for int64 raw sums, refusing a wrap (numpy's int64 addition wraps without a word)."""
+    a, b = np.asarray(total, dtype=np.int64), np.asarray(part, dtype=np.int64)
+    result = a + b
+    if (((a ^ result) & (b ^ result)) < 0).any():  # the sign flipped: the true sum is outside int64
+        raise UserError(f"sum: {what} overflows int64 ({', '.join(inputs)}); merge fewer runs")
+    return result
 
 
 def verify_run(folder: str) -> str:
@@ -151,25 +206,36 @@ def _norm(value):
 
 def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "python -m mpicorr sum") -> str:
     """Merge run folders into `out`: matrices added, summary.h5 recomputed from the summed raw sums. Runs that
-    counted several thresholds are merged per threshold, into OUT/threshold-<T>."""
+    counted several thresholds are merged per threshold, into OUT/threshold-<T>. Everything is written into
+    a temporary folder beside `out` and moved into place at the end, so a failed merge leaves `out` as it was;
+    with --force the outputs a run or a merge wrote there are replaced, other files in it are kept."""
+    check_sum_paths(out, inputs)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{out}: is a file; merging run folders writes a folder: give a folder name")
+    if outputs.present(out) and not force:
+        raise UserError(f"{out}: already holds outputs; choose another folder or add --force")
+    with staged_folder(out) as tmp:
+        return _merge_runs(tmp, out, inputs, command)
+
+
+def _merge_runs(tmp: str, out: str, inputs: list[str], command: str) -> str:
+    """sum_runs writing into `tmp` (`out` is the name its lines give)."""
     names = threshold_names(inputs)
     if names:
-        return "\n".join(sum_runs(os.path.join(out, name), [os.path.join(f, name) for f in inputs], force, command)
-                         for name in names)
+        return "\n".join(_merge_runs(os.path.join(tmp, name), os.path.join(out, name),
+                                     [os.path.join(f, name) for f in inputs], command) for name in names)
     runs = [read_run(folder) for folder in inputs]
     roots = [root for root, _ in runs]
     ranges = check_mergeable(inputs, roots)
-    if (matrixfile.exists_any(out) or summary.exists(out)) and not force:
-        raise UserError(f"{out}: already holds outputs; choose another folder or add --force")
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(tmp, exist_ok=True)
     tokens = sum(int(r["tokens"]) for r in roots)
     moe = [summary.read_moe(os.path.join(folder, summary.SUMMARY)) for folder in inputs]
-    outputs.check_space(out, f"sum {out}", outputs.merged_need(runs[0][1], *moe[0], tokens))
-    with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5:
+    outputs.check_space(tmp, f"sum {out}", outputs.merged_need(runs[0][1], *moe[0], tokens))
+    with summary.summary_writer(os.path.join(tmp, summary.SUMMARY)) as h5:
         for layer in runs[0][1]:
-            merge_unit(h5, out, Unit(layer), inputs, [layers.get(layer) for _, layers in runs])
+            merge_unit(h5, tmp, Unit(layer), inputs, [layers.get(layer) for _, layers in runs])
         for layer, expert in moe[0][0]:
-            merge_unit(h5, out, Unit(layer, expert), inputs, [experts.get((layer, expert)) for experts, _ in moe])
+            merge_unit(h5, tmp, Unit(layer, expert), inputs, [experts.get((layer, expert)) for experts, _ in moe])
         for layer in moe[0][1]:
             merge_router(h5, Unit(layer, router=True), inputs, [routers.get(layer) for _, routers in moe])
         h5.attrs.update({**merged_attributes(inputs, roots, ranges, tokens), "command": command})
@@ -177,6 +243,39 @@ def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "p
     gap_text = "; gap (counted by no input): " + plan.format_ranges(gaps) if gaps else ""
     return (f"{out}: {len(inputs)} runs merged, chunks {plan.format_ranges(ranges)}, {tokens} tokens, "
             f"{len(runs[0][1])} layers{gap_text}")
+
+
+@contextmanager
+def staged_folder(out: str) -> Iterator[str]:
+    """A temporary folder beside `out` to write into; on success its files replace `out`'s outputs (the
+    folder is renamed into place when `out` does not exist), summary.h5 last; it is removed on every exit."""
+    parent, name = os.path.split(os.path.abspath(out))
+    tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
+    try:
+        yield tmp
+        try:
+            install(tmp, out)
+        except OSError as exc:
+            raise UserError(f"{out}: cannot move the merged outputs into place ({exc.strerror}); "
+                            f"check the folder's permissions") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install(tmp: str, out: str) -> None:
+    """Move a finished output folder into place: a rename when `out` does not exist, else `out`'s old outputs
+    are removed and each new file renamed in (summary.h5, which marks a finished folder, last)."""
+    if not os.path.exists(out):
+        os.rename(tmp, out)
+        return
+    outputs.clear_outputs(out)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == summary.SUMMARY):
+        src, dest = os.path.join(tmp, name), os.path.join(out, name)
+        if os.path.isdir(src) and os.path.isdir(dest):
+            install(src, dest)
+        else:
+            os.replace(src, dest)
 
 
 def threshold_names(inputs: list[str]) -> list[str]:
@@ -203,11 +302,11 @@ def merge_unit(h5, out: str, unit: Unit, inputs: list[str], entries: list[dict |
         if header.width != width or header.trials != int(entry["attrs"]["tokens"]):
             raise UserError(f"{path}: does not match its summary.h5 (width {header.width}, trials "
                             f"{header.trials}); verify the run folder")
-        total += packed
+        add_counts(total, packed, f"the {unit.name} counts of {path}", inputs)
         trials += header.trials
         for name, key in (("fire_count", "fire_count"), ("active_hist", "active_hist"),
                           ("act_sum", "act_sum_fixed"), ("act_sumsq", "act_sumsq_fixed"), ("act_hist", "act_hist")):
-            stats[name] = stats[name] + entry[key].astype(np.int64)
+            stats[name] = add_int64(stats[name], entry[key].astype(np.int64), f"{key} of {unit.name}", inputs)
     sha = matrixfile.write_matrix(os.path.join(out, matrixfile.matrix_name(unit.layer, unit.expert)), unit.layer,
                                   width, trials, total)
     data, attrs = summary.layer_datasets(stats, total, width, trials)
@@ -220,7 +319,9 @@ def merge_router(h5, unit: Unit, inputs: list[str], entries: list[dict | None]) 
         missing = inputs[[entry is None for entry in entries].index(True)]
         raise UserError(f"{missing}: has no router counts for layer {unit.layer}; runs of one model only")
     experts = int(entries[0]["attrs"]["experts"])
-    coselect = sum(entry["coselect"].astype(np.uint64) for entry in entries)
+    coselect = np.zeros_like(entries[0]["coselect"], dtype=np.uint64)
+    for path, entry in zip(inputs, entries):
+        add_counts(coselect, entry["coselect"], f"the router counts of layer {unit.layer} of {path}", inputs)
     stats = {"fire_count": np.diagonal(coselect).astype(np.int64)}
     tokens = sum(int(entry["attrs"]["tokens"]) for entry in entries)
     packed = coselect[np.tril_indices(experts)]
@@ -231,15 +332,16 @@ def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Ba
     """Root attributes of a merged summary: shared ones from the first run, sums and ranges recomputed."""
     first = roots[0]
     keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
-            "chunks_available")
+            "chunks_available", "dtype", "batch_size")
     attrs = {key: first[key] for key in keep if key in first}
     chunks = sum(b - a for a, b in ranges)
     attrs.update({
         "chunk_start": ranges[0][0], "chunks": chunks, "tokens": tokens,
         "chunk_ranges": np.array(ranges, dtype=np.int64), "merged_from": [os.path.abspath(p) for p in inputs],
         "ranks": sum(int(r.get("ranks", 0)) for r in roots),
-        "dtype": ",".join(sorted({str(r.get("dtype")) for r in roots})),
         "mpicorr_version": __version__, "created": summary.now(),
     })
     nll = sum(int(r["nll_fixed"]) for r in roots)
+    if abs(nll) > INT64_MAX:
+        raise UserError(f"sum: nll_fixed overflows int64 ({', '.join(inputs)}); merge fewer runs")
     return {**attrs, **summary.nll_attributes(nll, sum(int(r["predictions"]) for r in roots))}

@@ -13,6 +13,7 @@ import io
 import os
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import zstandard
@@ -28,8 +29,14 @@ HEADER = struct.Struct("<5I")
 # about 1 % larger (benchmarks/writes.py --profile).
 ZSTD_LEVEL = 1
 MAX_WIDTH = 1 << 20
-UNSIZED_PIECE = 8192
-WRITE_PIECE = 1 << 24  # input bytes per compression step (zstd's workers take jobs of a few MB)  # input bytes per step when a frame does not state its decompressed size
+WRITE_PIECE = 1 << 24  # input bytes per compression step (zstd's workers take jobs of a few MB)
+CONVERT_PIECE = 1 << 18  # counts converted per step when the array's type is not the file's (1 MiB as uint32)
+READ_PIECE = 1 << 20   # file bytes per decompression step
+ZSTD_BLOCK = zstandard.BLOCKSIZE_MAX  # the most one zstd block decompresses to (128 KiB)
+FRAME_HEADER_MAX = 18  # bytes of the longest zstd frame header
+# The largest zstd window a reader accepts (zstd's own default limit, made explicit): the most memory a
+# frame can make the decompressor hold beside the counts.
+MAX_WINDOW = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -51,15 +58,34 @@ def matrix_name(block: int, expert: int | None = None) -> str:
     return f"correlations_block_{block}.zstd" if expert is None else f"correlations_block_{block}_expert_{expert}.zstd"
 
 
+def count_dtype(trials: int) -> np.dtype:
+    """The file's count type: little-endian uint32, uint64 from 2**32 trials on."""
+    return np.dtype("<u8" if trials >= (1 << 32) else "<u4")
+
+
+def _viewable(arr: np.ndarray, want: np.dtype) -> bool:
+    """Whether `arr`'s bytes already are `want`'s (counts are never negative, so int32 bytes are uint32 bytes)."""
+    return arr.dtype.kind in "iu" and arr.dtype.itemsize == want.itemsize and arr.dtype.byteorder in "=<|" \
+        and arr.flags.c_contiguous
+
+
 def payload(trials: int, packed: np.ndarray) -> np.ndarray:
     """The counts as the file stores them, little-endian uint32 (uint64 from 2**32 trials on); a view of
-    `packed` when it already has that width (counts are never negative, so int32 bytes are uint32 bytes)."""
-    want = np.dtype("<u8" if trials >= (1 << 32) else "<u4")
-    arr = np.asarray(packed)
-    if arr.dtype.kind in "iu" and arr.dtype.itemsize == want.itemsize and arr.dtype.byteorder in "=<|" \
-            and arr.flags.c_contiguous:
-        return arr.view(want)
-    return np.ascontiguousarray(arr, dtype=want)
+    `packed` when it already has that width."""
+    want, arr = count_dtype(trials), np.asarray(packed)
+    return arr.view(want) if _viewable(arr, want) else np.ascontiguousarray(arr, dtype=want)
+
+
+def _pieces(data: np.ndarray, want: np.dtype) -> Iterator[memoryview]:
+    """`data`'s counts as `want` bytes, in pieces: views where it has that layout already, else converted
+    CONVERT_PIECE entries at a time (int64 counts written as uint32 need no full copy of the layer)."""
+    arr = np.asarray(data).reshape(-1)
+    if _viewable(arr, want):
+        view = memoryview(arr.view(want)).cast("B")
+        yield from (view[start : start + WRITE_PIECE] for start in range(0, len(view), WRITE_PIECE))
+        return
+    for start in range(0, len(arr), CONVERT_PIECE):
+        yield memoryview(np.ascontiguousarray(arr[start : start + CONVERT_PIECE], dtype=want)).cast("B")
 
 
 class _Sink:
@@ -73,16 +99,17 @@ class _Sink:
         return self.fh.write(data)
 
 
-def _compress(data: np.ndarray, sink, threads: int) -> None:
-    """One zstd frame of `data` (with its size and a checksum) written to `sink`, in pieces. zstd's
-    multi-threaded mode, with at least one worker, gives the same bytes for any number of workers, so files
-    do not depend on the machine (its single-threaded mode gives other bytes)."""
+def _compress(data: np.ndarray, sink, threads: int, want: np.dtype | None = None) -> None:
+    """One zstd frame of `data` as `want` counts (default: its own type), with its size and a checksum,
+    written to `sink` in pieces. zstd's multi-threaded mode, with at least one worker, gives the same bytes
+    for any number of workers and any piece sizes, so files do not depend on the machine (its
+    single-threaded mode gives other bytes)."""
+    want = np.dtype(want if want is not None else np.asarray(data).dtype)
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=max(1, threads), write_checksum=True,
                                     write_content_size=True)
-    view = memoryview(data).cast("B")
-    with cctx.stream_writer(sink, size=len(view), closefd=False) as writer:
-        for start in range(0, len(view), WRITE_PIECE):
-            writer.write(view[start : start + WRITE_PIECE])
+    with cctx.stream_writer(sink, size=np.size(data) * want.itemsize, closefd=False) as writer:
+        for piece in _pieces(data, want):
+            writer.write(piece)
 
 
 def header_bytes(block: int, width: int, trials: int) -> bytes:
@@ -99,18 +126,19 @@ def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[byt
     """(header, zstd frame) for the packed counts: the bytes write_matrix writes."""
     _check_shape(packed, width)
     frame = io.BytesIO()
-    _compress(payload(trials, packed), frame, 1)
+    _compress(packed, frame, 1, count_dtype(trials))
     return header_bytes(block, width, trials), frame.getvalue()
 
 
 def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndarray, threads: int = 1) -> str:
     """Write one matrix file atomically (temporary name, fsync, rename), compressing on `threads` threads
-    (the bytes do not depend on it) with no copy of int32 counts; return its SHA-256 (hex)."""
+    (the bytes do not depend on it) with no copy of int32 counts (and of other counts, converted a piece at a
+    time); return its SHA-256 (hex)."""
     _check_shape(packed, width)
     with atomic_write(path) as fh:
         sink = _Sink(fh)
         sink.write(header_bytes(block, width, trials))
-        _compress(payload(trials, packed), sink, threads)
+        _compress(packed, sink, threads, count_dtype(trials))
     return sink.sha.hexdigest()
 
 
@@ -126,58 +154,125 @@ def parse_header(data: bytes, path: str) -> Header:
     return Header(magic, (hi << 32) | lo, block, width)
 
 
-def read_matrix(path: str, sha256: str | None = None) -> tuple[Header, np.ndarray]:
-    """Read a matrix file: (header, packed counts as uint32 or uint64). Checks sizes and trailing bytes,
-    and the file's SHA-256 when `sha256` (as recorded in summary.h5) is given."""
+def read_header(path: str) -> Header:
+    """The header of a matrix file (20 bytes read)."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            return parse_header(fh.read(HEADER.size), path)
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise UserError(f"{path}: SHA-256 differs from the one in its run's summary.h5; the file was changed "
-                        f"or damaged after the run")
-    header = parse_header(data, path)
-    expected = layout.packed_size(header.width) * header.dtype.itemsize
-    frame = data[HEADER.size :]
+
+
+def min_frame_size(nbytes: int) -> int:
+    """The fewest bytes a zstd frame that decompresses to `nbytes` can take: at least a 6-byte frame header,
+    and every block yields at most 128 KiB for at least 4 bytes (an RLE block: 3 of header, 1 of content)."""
+    return 6 + 4 * -(-nbytes // ZSTD_BLOCK)
+
+
+def read_matrix(path: str, sha256: str | None = None) -> tuple[Header, np.ndarray]:
+    """Read a matrix file: (header, packed counts as uint32 or uint64). Checks sizes and trailing bytes,
+    and the file's SHA-256 when `sha256` (as recorded in summary.h5) is given, hashed while reading.
+
+    Memory: one array of the counts, decompressed into place, plus zstd's window (at most MAX_WINDOW);
+    a file too short or too long for its header's width is refused before anything is allocated."""
     try:
-        size = zstandard.frame_content_size(frame)
-        if size not in (-1, expected):
-            raise UserError(f"{path}: frame holds {size} bytes but width {header.width} needs {expected}")
-        if size == expected:
-            raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False)
-        else:
-            raw = _decompress_unsized(frame, expected, path)
-    except zstandard.ZstdError as exc:
-        raise UserError(f"{path}: bad zstd data ({exc})") from None
+        with open(path, "rb") as fh:
+            return _read(fh, path, sha256)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _read(fh, path: str, sha256: str | None) -> tuple[Header, np.ndarray]:
+    """read_matrix on an open file: header, plausibility and frame checks, then one decompression."""
+    size = os.fstat(fh.fileno()).st_size
+    head = fh.read(HEADER.size)
+    header = parse_header(head, path)
+    expected = layout.packed_size(header.width) * header.dtype.itemsize
+    if size - HEADER.size < min_frame_size(expected):
+        raise UserError(f"{path}: truncated ({size} bytes; width {header.width} needs at least "
+                        f"{HEADER.size + min_frame_size(expected)} even at zstd's highest compression)")
+    _check_frame(fh.fileno(), size, expected, header.width, path)
+    try:
+        packed = np.empty(layout.packed_size(header.width), dtype=header.dtype)
     except MemoryError:
         raise UserError(f"{path}: width {header.width} needs {expected / 2**30:.1f} GiB of memory to read") from None
-    if len(raw) != expected:
-        raise UserError(f"{path}: holds {len(raw)} bytes of counts but width {header.width} needs {expected}")
-    return header, np.frombuffer(raw, dtype=header.dtype)
+    sha = hashlib.sha256(head) if sha256 is not None else None
+    _decompress_into(_Source(fh, size - HEADER.size, sha), memoryview(packed).cast("B"), path)
+    if sha is not None and sha.hexdigest() != sha256:
+        raise UserError(f"{path}: SHA-256 differs from the one in its run's summary.h5; the file was changed "
+                        f"or damaged after the run")
+    return header, packed
 
 
-def _decompress_unsized(frame: bytes, expected: int, path: str) -> bytes:
-    """Decompress a frame whose header gives no content size, never holding more than `expected` bytes.
+class _Source:
+    """The rest of the file (`left` bytes) read in pieces for the decompressor, hashing what passes (no
+    second read for the SHA-256); a piece never asks for more than is left (a read allocates what it asks)."""
 
-    The input goes in small pieces: a zstd block expands to at most 128 KiB and takes at least 3 bytes,
-    so one piece cannot produce more than about 350 MiB however the file was crafted.
-    """
-    dobj = zstandard.ZstdDecompressor().decompressobj()
-    parts, total, i = [], 0, 0
-    for i in range(0, len(frame), UNSIZED_PIECE):
-        part = dobj.decompress(frame[i : i + UNSIZED_PIECE])
-        total += len(part)
-        if total > expected:
-            raise UserError(f"{path}: holds more than the {expected} bytes of counts its width needs")
-        parts.append(part)
-        if dobj.eof:
-            break
-    if not dobj.eof:
-        raise UserError(f"{path}: truncated zstd frame")
-    if dobj.unused_data or i + UNSIZED_PIECE < len(frame):
-        raise UserError(f"{path}: trailing bytes after the zstd frame")
-    return b"".join(parts)
+    def __init__(self, fh, left: int, sha):
+        self.fh, self.left, self.sha = fh, left, sha
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(data)
+        if self.sha is not None:
+            self.sha.update(data)
+        return data
+
+
+def _check_frame(fd: int, size: int, expected: int, width: int, path: str) -> None:
+    """Refuse, before allocating, a frame that states another size than `expected`, runs past the file's
+    end, is followed by other bytes, or cannot hold the `expected` bytes of counts."""
+    try:
+        head = os.pread(fd, FRAME_HEADER_MAX, HEADER.size)
+        params = zstandard.get_frame_parameters(head)
+        start = HEADER.size + zstandard.frame_header_size(head)
+    except zstandard.ZstdError as exc:
+        raise UserError(f"{path}: bad zstd data ({exc})") from None
+    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
+        raise UserError(f"{path}: frame holds {params.content_size} bytes but width {width} needs {expected}")
+    end, most = _walk_blocks(fd, start, size, path)
+    end += 4 if params.has_checksum else 0
+    if end > size:
+        raise UserError(f"{path}: truncated zstd frame ({size} bytes, the frame needs {end})")
+    if end < size:
+        raise UserError(f"{path}: trailing bytes after the zstd frame ({size - end} bytes)")
+    if most < expected:
+        raise UserError(f"{path}: holds at most {most} bytes of counts but width {width} needs {expected}")
+
+
+def _walk_blocks(fd: int, pos: int, size: int, path: str) -> tuple[int, int]:
+    """(offset after the last block, the most bytes the blocks can decompress to), from the 3-byte block
+    headers alone (read with pread: a few bytes per up to 128 KiB of counts)."""
+    most, last = 0, False
+    while not last:
+        block = os.pread(fd, 3, pos)
+        if len(block) < 3:
+            raise UserError(f"{path}: truncated zstd frame (it ends at byte {size} inside its blocks)")
+        word = int.from_bytes(block, "little")
+        last, kind, length = word & 1, word >> 1 & 3, word >> 3
+        if kind == 3:
+            raise UserError(f"{path}: bad zstd data (reserved block type at byte {pos})")
+        pos += 3 + (1 if kind == 1 else length)  # raw: length bytes; RLE: one byte repeated; compressed
+        most += ZSTD_BLOCK if kind == 2 else length
+    return pos, most
+
+
+def _decompress_into(source: _Source, out: memoryview, path: str) -> None:
+    """Decompress the frame straight into `out`, which it must fill exactly (the checksum is checked at the
+    frame's end)."""
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    try:
+        with dctx.stream_reader(source, read_size=READ_PIECE, read_across_frames=False, closefd=False) as reader:
+            filled = 0
+            while filled < len(out) and (n := reader.readinto(out[filled:])):
+                filled += n
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise UserError(f"{path}: bad zstd data ({exc})") from None
+    if filled < len(out):
+        raise UserError(f"{path}: holds {filled} bytes of counts but its width needs {len(out)}")
+    if extra:
+        raise UserError(f"{path}: holds more than the {len(out)} bytes of counts its width needs")
 
 
 def exists_any(folder: str) -> list[str]:

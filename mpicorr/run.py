@@ -21,7 +21,8 @@ import torch
 from . import __version__, checkpoint, data, matrixfile, models, outputs, plan, schedule, stage, summary, triangle
 from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part
-from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
+from .counting import (LayerCounts, MoeCounts, check_all, check_fixed_total, chunk_nll, count_dtype, fixed_maxima,
+                       split_stats, units)
 from .dist import Comm, Service
 from .errors import Terminated, UserError
 from .hooks import feeding, recording
@@ -468,6 +469,7 @@ def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, sec
     folder per threshold): run.json, the matrix files, then each summary.h5 (the run is finished once they
     are all in place), then the checkpoints are deleted."""
     tokens = len(job.chunks) * cfg.ctx
+    check_fixed_total(comm.allgather(fixed_maxima(tally.counts)), tally.counts)  # before anything is written
     folders = output_folders(cfg.out, cfg.threshold)
     comm.checked(lambda: make_room(cfg, needed), root_only=True)
     if comm.rank == 0:

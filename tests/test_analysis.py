@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, cli_env
-from mpicorr import analysis, bundles, clusters, matrixfile, summary, triangle
+from mpicorr import analysis, bundles, clusters, layout, matrixfile, summary, triangle
 
 
 def planted_run(folder, layers=2, width=40, tokens=500, seed=0):
@@ -151,3 +151,70 @@ def test_script_errors_are_one_line(tmp_path, name, args, message):
     result = script(name, run, *args)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr
+
+
+def with_summary(folder):
+    """A summary.h5 as mpicorr writes one (the parts the analysis reads) for a folder of matrix files: each
+    layer's fire_count, tokens, width and matrix_sha256."""
+    import hashlib
+
+    import h5py
+    with h5py.File(os.path.join(folder, summary.SUMMARY), "w") as h5:
+        h5.attrs["model"] = "planted"
+        for name in sorted(os.listdir(folder)):
+            if m := analysis.MATRIX_RE.match(name):
+                path = os.path.join(folder, name)
+                header, packed = matrixfile.read_matrix(path)
+                group = h5.create_group(f"layers/{m.group(1)}")
+                group["fire_count"] = layout.diagonal(packed, header.width).astype(np.uint64)
+                group.attrs.update(tokens=header.trials, width=header.width,
+                                   matrix_sha256=hashlib.sha256(open(path, "rb").read()).hexdigest())
+    return folder
+
+
+def swap(run, a, b):
+    pa, pb = (os.path.join(run, matrixfile.matrix_name(layer)) for layer in (a, b))
+    os.rename(pa, pa + ".x")
+    os.rename(pb, pa)
+    os.rename(pa + ".x", pb)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("delete", "correlations_block_1.zstd missing (summary.h5 lists layers 0, 1, 2)"),
+    ("swap", "correlations_block_0.zstd: its header says block 1, its name block 0"),
+    ("rewrite", "correlations_block_2.zstd: SHA-256 differs"),
+    ("extra", "correlations_block_3.zstd not in summary.h5 (which lists layers 0, 1, 2)"),
+])
+def test_report_refuses_a_damaged_run_folder(tmp_path, damage, message):
+    """report.py (and every script: they read through analysis.matrix_paths/read_layers) checks the files
+    against summary.h5 and their own headers: a deleted file once left a layer out without a word (exit 0),
+    swapped files were analysed under each other's numbers."""
+    os.makedirs(tmp_path / "run")
+    run = with_summary(planted_run(str(tmp_path / "run"), layers=3, width=40, tokens=200))
+    if damage == "delete":
+        os.remove(os.path.join(run, matrixfile.matrix_name(1)))
+    elif damage == "swap":
+        swap(run, 0, 1)
+    elif damage == "rewrite":
+        header, packed = matrixfile.read_matrix(os.path.join(run, matrixfile.matrix_name(2)))
+        matrixfile.write_matrix(os.path.join(run, matrixfile.matrix_name(2)), 2, 40, header.trials, packed // 2)
+    else:
+        os.makedirs(tmp_path / "other")
+        planted_run(str(tmp_path / "other"), layers=4, width=40, tokens=200)
+        os.rename(tmp_path / "other" / matrixfile.matrix_name(3), os.path.join(run, matrixfile.matrix_name(3)))
+    result = script("report.py", run, "--clusters", "2", "--out", tmp_path / "report")
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("analysing layer ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert message in errors[0] and errors[0].startswith("report.py: error:")
+    assert not (tmp_path / "report" / "report.html").exists()
+
+
+def test_swapped_files_of_an_original_folder_are_refused(tmp_path):
+    """No summary.h5 (the original tool's folders): the header's block must still match the name."""
+    run = planted_run(str(tmp_path), layers=2, width=40, tokens=200)
+    assert analysis.firing(run)[1].layer == 1
+    swap(run, 0, 1)
+    with pytest.raises(analysis.UserError, match="its header says block 1, its name block 0"):
+        analysis.firing(run)
+    with pytest.raises(analysis.UserError, match="its header says block 1, its name block 0"):
+        list(analysis.read_layers(analysis.matrix_paths(run)))

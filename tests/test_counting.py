@@ -246,3 +246,20 @@ def test_threshold_values_from_the_command_line_and_toml():
             parse_thresholds(bad)
     assert output_folders("o", (0.5,)) == ["o"]
     assert output_folders("o", (0.25, 1.0)) == ["o/threshold-0.25", "o/threshold-1.0"]
+
+
+def test_fixed_point_sums_of_more_than_128_ranks_are_checked_before_the_reduce():
+    """Each rank keeps its fixed-point sums below FIXED_LIMIT = 2**56, which covers 128 ranks; with more
+    (up to plan.MAX_RANKS are accepted) the reduce's int64 addition would wrap without a word, so the ranks'
+    largest sums are checked against int64 first."""
+    from mpicorr.counting import FIXED_LIMIT, check_fixed_total, fixed_maxima
+    from mpicorr.errors import SharedError
+
+    lc = counting.LayerCounts(3, 4, (0.5,), torch.int32, "cpu")
+    lc.act_sum[1], lc.act_sumsq[2] = -(FIXED_LIMIT - 1), FIXED_LIMIT - 1
+    mine = fixed_maxima([lc])
+    assert mine == [(FIXED_LIMIT - 1, FIXED_LIMIT - 1)]
+    check_fixed_total([mine] * 128, [lc])  # 128 * (2**56 - 1) fits
+    with pytest.raises(SharedError, match="layer 3: the activation sums of the 129 ranks would exceed the int64"):
+        check_fixed_total([mine] * 129, [lc])
+    assert np.full(129, FIXED_LIMIT - 1, dtype=np.int64).sum() < 0  # what the reduce would have written

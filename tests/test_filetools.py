@@ -1,6 +1,9 @@
 """info / verify / sum on matrix files."""
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -156,3 +159,120 @@ def test_file_commands_and_input_errors_start_without_torch(llama, sample_path, 
     assert "absent.txt: cannot read" in errors[0] and "no such folder" in errors[1]
     assert "not in the local Hugging Face cache" in errors[2] and "hf download mpicorr-test/absent" in errors[2]
     assert "connect" not in errors[2] and "no correlations_block_<L>.zstd files" in errors[3]
+
+
+def sha256_of(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, name))}
+
+
+def test_sum_files_refuses_repeated_inputs_and_an_output_that_is_an_input(tmp_path):
+    a, b = str(tmp_path / "a.zstd"), str(tmp_path / "b.zstd")
+    matrixfile.write_matrix(a, 0, 2, 5, np.array([3, 1, 2]))
+    matrixfile.write_matrix(b, 0, 2, 4, np.array([1, 0, 1]))
+    os.symlink(a, tmp_path / "link.zstd")
+    before = sha256_of(str(tmp_path))
+    for out, inputs, message in [
+            (tmp_path / "s.zstd", [a, a], "given twice"),                        # `sum s a a` counted a twice
+            (tmp_path / "s.zstd", [a, f"{tmp_path}/./b.zstd", b], "given twice"),
+            (tmp_path / "s.zstd", [a, str(tmp_path / "link.zstd")], "given twice"),
+            (a, [a, b], "is also an input"),                                     # --force would have destroyed a
+            (tmp_path / "link.zstd", [b, a], "is also an input"),
+            (tmp_path, [a, b], "is a folder")]:                                  # was IsADirectoryError
+        result = run_main(["sum", str(out), *inputs, "--force"])
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr
+    assert sha256_of(str(tmp_path)) == before and not (tmp_path / "s.zstd").exists()
+
+
+def test_sum_files_refuses_a_count_past_64_bits(tmp_path):
+    big = np.array([2**63 + 5, 2**63, 2**63 + 9], dtype=np.uint64)
+    for name in ("a", "b"):
+        matrixfile.write_matrix(str(tmp_path / f"{name}.zstd"), 0, 2, 2**63 + 9, big)
+    with pytest.raises(UserError, match=r"overflows uint64 \(.*a.zstd, .*b.zstd\)"):
+        filetools.sum_files(str(tmp_path / "s.zstd"), [str(tmp_path / "a.zstd"), str(tmp_path / "b.zstd")])
+    assert not (tmp_path / "s.zstd").exists()
+
+
+@pytest.fixture(scope="module")
+def three_runs(llama, sample_path, tmp_path_factory):
+    """Three disjoint runs of one experiment (chunks 0-1, 2-3, 4-5)."""
+    base = tmp_path_factory.mktemp("runs")
+    return [run_folder(llama, sample_path, base / name, 2 * k, 2) for k, name in enumerate("abc")]
+
+
+def test_failed_sum_of_run_folders_leaves_nothing(three_runs, tmp_path):
+    """A merge that fails after writing some layers (here: a damaged layer 1 in one input) leaves no output
+    folder, and with --force leaves an earlier merge as it was."""
+    a, b, c = three_runs
+    damaged = shutil.copytree(c, tmp_path / "c")
+    header, packed = matrixfile.read_matrix(f"{damaged}/correlations_block_1.zstd")
+    matrixfile.write_matrix(f"{damaged}/correlations_block_1.zstd", 1, header.width, header.trials, packed // 2)
+    result = run_main(["sum", str(tmp_path / "m"), a, b, str(damaged)])
+    assert result.returncode == 2 and "SHA-256 differs" in result.stderr
+    assert not (tmp_path / "m").exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".m.tmp")]
+    assert run_main(["sum", str(tmp_path / "m"), a, b]).returncode == 0
+    before = sha256_of(str(tmp_path / "m"))
+    result = run_main(["sum", str(tmp_path / "m"), a, c, str(damaged), "--force"])
+    assert result.returncode == 2 and sha256_of(str(tmp_path / "m")) == before
+
+
+def test_sum_of_run_folders_refuses_repeats_and_its_own_inputs(three_runs, tmp_path):
+    a, b, _ = three_runs
+    copy = shutil.copytree(b, tmp_path / "b")
+    before = sha256_of(str(copy))
+    os.makedirs(tmp_path / "t")
+    nested = shutil.copytree(b, tmp_path / "t" / "threshold-0.5")  # --force would replace its files
+    for out, inputs, message in [(copy, [copy, a], "is also an input"),       # `sum B B A --force` corrupted B
+                                 (tmp_path / "t", [a, nested], "is also an input"),
+                                 (tmp_path / "m", [a, f"{a}/"], "given twice"),
+                                 (tmp_path / "m", [a, copy, f"{tmp_path}/../{tmp_path.name}/b"], "given twice")]:
+        result = run_main(["sum", str(out), *map(str, inputs), "--force"])
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert sha256_of(str(copy)) == before and not (tmp_path / "m").exists()
+
+
+def test_sum_force_replaces_only_mpicorr_outputs(three_runs, tmp_path):
+    """--force on a folder that holds an earlier run's outputs and a user's files: the outputs are replaced
+    (a stale layer and run.json included), the user's files stay."""
+    a, b, _ = three_runs
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "model_step1000.pt").write_text("mine too")
+    shutil.copy(f"{a}/correlations_block_0.zstd", out / "correlations_block_7.zstd")
+    shutil.copy(f"{a}/summary.h5", out / "summary.h5")
+    (out / "run.json").write_text("{}")
+    result = run_main(["sum", str(out), a, b])
+    assert result.returncode == 2 and "already holds outputs" in result.stderr
+    assert run_main(["sum", str(out), a, b, "--force"]).returncode == 0
+    assert sorted(os.listdir(out)) == ["checkpoints", "correlations_block_0.zstd", "correlations_block_1.zstd",
+                                       "notes.txt", "summary.h5"]
+    assert (out / "notes.txt").read_text() == "mine" and os.listdir(out / "checkpoints") == ["model_step1000.pt"]
+    assert run_main(["verify", str(out)]).returncode == 0
+
+
+def test_sum_refuses_other_dtype_or_batch_size(llama, sample_path, three_runs, tmp_path):
+    a = three_runs[0]
+    for option, value in (("--batch-size", "2"), ("--dtype", "float32")):
+        other = run_folder(llama, sample_path, tmp_path / option.strip("-"), 6, 2, option, value)
+        result = run_main(["sum", str(tmp_path / "m"), a, other])
+        assert result.returncode == 2 and f"different {option}" in result.stderr, result.stderr
+    result = run_main(["sum", str(tmp_path / "m"), *three_runs[:2]])
+    root, _ = summary.read_summary(str(tmp_path / "m" / "summary.h5"))
+    assert root["dtype"] == summary.read_summary(f"{a}/summary.h5")[0]["dtype"] and "batch_size" in root
+
+
+def test_sum_refuses_int64_overflow_of_the_raw_sums(three_runs, tmp_path):
+    """The fixed-point sums are int64: two runs whose act_sumsq add past 2**63 - 1 are refused, naming the
+    inputs (numpy's addition would wrap to a negative sum)."""
+    import h5py
+    a, b = (shutil.copytree(run, tmp_path / name) for run, name in zip(three_runs, "ab"))
+    for run in (a, b):
+        with h5py.File(run / "summary.h5", "r+") as h5:
+            h5["layers/0/act_sumsq_fixed"][3] = 2**62 + 1
+    result = run_main(["sum", str(tmp_path / "m"), str(a), str(b)])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"act_sumsq_fixed of block_0 overflows int64 ({a}, {b})" in result.stderr
+    assert not (tmp_path / "m").exists()

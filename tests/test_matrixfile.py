@@ -64,3 +64,46 @@ def test_damaged_files_raise_user_errors(tmp_path, damage, message):
     bad.write_bytes(damage(good.read_bytes()))
     with pytest.raises(UserError, match=message):
         matrixfile.read_matrix(str(bad))
+
+
+def test_a_file_too_short_for_its_width_is_truncated_before_any_allocation(tmp_path):
+    """38 bytes claiming width 2**20 (2.2 TB of counts; its frame header states that size): at zstd's
+    highest ratio (128 KiB per 4-byte block) such counts need at least 67 MB, so the file is truncated, which
+    is said before the memory it would need."""
+    width = 1 << 20
+    expected = triangle.packed_size(width) * 4
+    frame = bytes.fromhex("28b52ffd") + bytes([0xC0, 0x50]) + struct.pack("<Q", expected) + b"\x05\x00\x00\x00"
+    path = tmp_path / "t.zstd"
+    path.write_bytes(struct.pack("<5I", 0xCA7DCA7D, 0, 9, 0, width) + frame)
+    assert path.stat().st_size == 38
+    with pytest.raises(UserError, match=r"truncated \(38 bytes; width 1048576 needs at least 67108954 even at") as info:
+        matrixfile.read_matrix(str(path))
+    assert "memory" not in str(info.value)
+
+
+@pytest.mark.parametrize("cut", [1, 100])
+def test_frame_walk_refuses_a_cut_frame_before_allocating(tmp_path, cut):
+    """A frame cut inside its blocks (but long enough to be plausible) is a truncated zstd frame."""
+    packed = np.random.default_rng(1).integers(0, 9, triangle.packed_size(300), dtype=np.uint64)
+    good = tmp_path / "good.zstd"
+    matrixfile.write_matrix(str(good), 0, 300, 9, packed)
+    bad = tmp_path / "bad.zstd"
+    bad.write_bytes(good.read_bytes()[:-cut])
+    with pytest.raises(UserError, match="truncated zstd frame"):
+        matrixfile.read_matrix(str(bad))
+
+
+def test_other_count_types_are_written_a_piece_at_a_time(tmp_path):
+    """int64 counts (a run of 2**31 tokens or more keeps them) written as uint32: the same bytes as the same
+    counts in int32, without a full uint32 copy of the layer (the writer once made one per layer in flight)."""
+    import tracemalloc
+
+    width = 3000
+    counts = np.random.default_rng(0).integers(0, 1000, triangle.packed_size(width), dtype=np.int64)
+    matrixfile.write_matrix(str(tmp_path / "a.zstd"), 1, width, 2**31 + 5, counts.astype(np.int32))
+    tracemalloc.start()
+    matrixfile.write_matrix(str(tmp_path / "b.zstd"), 1, width, 2**31 + 5, counts)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (tmp_path / "a.zstd").read_bytes() == (tmp_path / "b.zstd").read_bytes()
+    assert peak < counts.size * 4 / 4, peak  # a uint32 copy would be counts.size * 4 (18 MB); pieces: 1 MiB

@@ -3,15 +3,21 @@ the project's own error, and reading never allocates much more than the header's
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
+import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mpicorr import matrixfile, triangle
 from mpicorr.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -42,11 +48,14 @@ def read_bounded(tmp_path, blob: bytes):
 
 
 def justified(blob: bytes) -> int:
-    """What reading may allocate: the file itself, the counts its header's width needs, and slack."""
-    width = struct.unpack_from("<5I", blob)[4] if len(blob) >= 20 else 0
-    if not 0 < width <= matrixfile.MAX_WIDTH:
+    """What reading may allocate (traced by Python): the file's bytes once, one copy of the counts its
+    header's width needs, and 64 KiB of slack; zstd's own window (C memory) is bounded by MAX_WINDOW and
+    measured in test_reading_holds_one_copy_of_the_counts."""
+    magic, _, _, _, width = struct.unpack_from("<5I", blob) if len(blob) >= 20 else (0, 0, 0, 0, 0)
+    if not 0 < width <= matrixfile.MAX_WIDTH or magic not in (matrixfile.MAGIC32, matrixfile.MAGIC64):
         width = 0
-    return 2 * len(blob) + 2 * 8 * triangle.packed_size(width) + (1 << 20)
+    itemsize = 4 if magic == matrixfile.MAGIC32 else 8
+    return len(blob) + itemsize * triangle.packed_size(width) + (1 << 16)
 
 
 def check_result(result, blob: bytes) -> None:
@@ -126,3 +135,38 @@ def test_trailing_or_missing_bytes_are_refused(tmp_path, width, sized, extra, cu
     for damaged in (blob + extra, blob[: max(0, len(blob) - cut)]):
         result, _ = read_bounded(tmp_path, damaged)
         assert result is None
+
+
+# Peak resident memory of a fresh process reading one file: VmHWM after the read less VmRSS before it (the
+# high-water mark reset first; ru_maxrss would carry the parent's peak over fork and exec).
+PEAK = """
+import sys
+from mpicorr import matrixfile
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+before = status("VmRSS:")
+header, packed = matrixfile.read_matrix(sys.argv[1])
+print(status("VmHWM:") - before, packed.nbytes, int(packed.sum()))
+"""
+
+
+@pytest.mark.parametrize("sized", [False, True])
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_reading_holds_one_copy_of_the_counts(tmp_path, sized):
+    """A highly compressed file of width 6000 (72 MB of uint32 counts in a 250 KB frame), with and without
+    the frame's content size: the reading process's peak resident memory (so zstd's C buffers count too)
+    grows by about one copy of the counts (the reader once held every decompressed piece and their join)."""
+    width = 6000
+    counts = np.zeros(triangle.packed_size(width), dtype="<u4")
+    counts[::97] = np.random.default_rng(0).integers(0, 7, len(counts[::97]))
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=sized).compress(counts.tobytes())
+    path = tmp_path / "m.zstd"
+    path.write_bytes(struct.pack("<5I", matrixfile.MAGIC32, 0, 9, 0, width) + frame)
+    result = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr
+    grown, nbytes, total = map(int, result.stdout.split())
+    assert nbytes == counts.nbytes and total == int(counts.sum())
+    assert grown <= 1.1 * nbytes + (8 << 20), (grown, nbytes)
