@@ -28,7 +28,8 @@ def is_dump(folder: str) -> bool:
 
 # Root attributes that runs must share to be merged, and the option that sets each.
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
-            "site": "site", "site_modules": "--model (its layers)"}
+            "site": "site", "site_modules": "--model (its layers)", "chunking": "--chunking"}
+SAME_RUN_DEFAULTS = {"chunking": "concat"}  # what runs from before an attribute existed did
 
 
 def info(path: str) -> str:
@@ -129,7 +130,8 @@ def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:
     """Refuse runs of different experiments or overlapping chunks; return the merged chunk ranges."""
     for path, root in zip(inputs[1:], roots[1:]):
         for key, option in SAME_RUN.items():
-            if _norm(root.get(key)) != _norm(roots[0].get(key)):
+            default = SAME_RUN_DEFAULTS.get(key)
+            if _norm(root.get(key, default)) != _norm(roots[0].get(key, default)):
                 raise UserError(f"{path}: different {option} from {inputs[0]} ({key} {root.get(key)!r} vs "
                                 f"{roots[0].get(key)!r}); only runs of one model, data and threshold add up")
     seen: list[tuple[plan.Batch, str]] = []
@@ -230,7 +232,7 @@ def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Ba
     """Root attributes of a merged summary: shared ones from the first run, sums and ranges recomputed."""
     first = roots[0]
     keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
-            "chunks_available")
+            "chunks_available", "chunking", "text_field", "data_manifest", "max_tokens")
     attrs = {key: first[key] for key in keep if key in first}
     chunks = sum(b - a for a, b in ranges)
     attrs.update({
