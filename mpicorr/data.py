@@ -64,7 +64,9 @@ def select(n: int, start: int, count: int | None, path: str, ctx: int) -> tuple[
 # pass 2 (ChunkSource) tokenizes, on each rank, only the documents that cover the chunks it counts.
 
 CHUNKINGS = ("concat", "document")
-ROUND_DOCS = 4096   # documents per pass-1 round: one small sum over the ranks each
+ROUND_DOCS = 4096        # documents per pass-1 round at most: one small sum over the ranks each
+ROUND_CHARS = 1 << 23    # characters per pass-1 round at most (a round's text is held on every rank)
+ENCODE_DOCS = 256        # documents tokenized per call (their token id lists are held until counted)
 
 
 @dataclass(frozen=True)
@@ -148,18 +150,22 @@ def _numbered(corpus, shard_first: list[int]):
 
 
 def _round(docs, tokenizer, rank: int, size: int) -> tuple[np.ndarray, bool]:
-    """The next ROUND_DOCS documents: this rank's token counts of its share (0 elsewhere), and whether the
-    corpus ended."""
-    texts = []
+    """The next ROUND_DOCS documents (fewer when they reach ROUND_CHARS characters): this rank's token counts
+    of its share (0 elsewhere), and whether the corpus ended. Every rank reads the same documents, so all agree
+    on where a round ends."""
+    texts, chars, ended = [], 0, True
     for text in docs:
         texts.append(text)
-        if len(texts) == ROUND_DOCS:
+        chars += len(text)
+        if len(texts) == ROUND_DOCS or chars >= ROUND_CHARS:
+            ended = False
             break
     counts = np.zeros(len(texts), np.int64)
-    mine = texts[rank::size]
-    if mine:
-        counts[rank::size] = [len(ids) for ids in encode(tokenizer, mine)]
-    return counts, len(texts) < ROUND_DOCS
+    mine = range(rank, len(texts), size)
+    for i in range(0, len(mine), ENCODE_DOCS):
+        part = mine[i : i + ENCODE_DOCS]
+        counts[part.start : part.stop : size] = [len(ids) for ids in encode(tokenizer, [texts[j] for j in part])]
+    return counts, ended
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:

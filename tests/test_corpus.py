@@ -108,9 +108,11 @@ def test_every_format_reads_the_documents_in_order(corpora, kind):
 
 @pytest.mark.parametrize("chunking", ["concat", "document"])
 def test_chunk_source_equals_brute_force_chunks(corpora, tokenizer, monkeypatch, chunking):
-    """Every batch split gives the brute-force chunks, with pass 1 in rounds of 5 documents; --max-tokens
+    """Every batch split gives the brute-force chunks, with pass 1 in rounds of at most 5 documents or 300 characters; --max-tokens
     keeps the first whole chunks."""
     monkeypatch.setattr(data, "ROUND_DOCS", 5)
+    monkeypatch.setattr(data, "ROUND_CHARS", 300)  # some rounds end at a length, not a document count
+    monkeypatch.setattr(data, "ENCODE_DOCS", 2)
     want = brute_chunks(tokenizer, documents(), CTX, chunking)
     c = corpus.open_corpus(corpora["mixed"])
     layout = data.scan(c, tokenizer, CTX, chunking, None, Comm())
