@@ -129,11 +129,12 @@ def model_tokenizer(cfg: Config):
     return models.load_tokenizer(cfg.model)
 
 
-def read_data(cfg: Config, comm: Comm) -> Data:
-    """Every rank of `comm`: resolve --data and run pass 1 together (data.scan) for the chunk layout."""
+def read_data(cfg: Config, comm: Comm, hashed: bool = True) -> Data:
+    """Every rank of `comm`: resolve --data and run pass 1 together (data.scan) for the chunk layout; rank 0
+    hashes the shards meanwhile when `hashed`."""
     tokenizer = comm.checked(lambda: model_tokenizer(cfg), root_only=True)
     source = comm.checked(lambda: corpus.open_corpus(cfg.data, cfg.text_field))
-    manifest = Background(source.manifest) if comm.rank == 0 else None
+    manifest = Background(source.manifest) if comm.rank == 0 and hashed else None
     layout = data.scan(source, tokenizer, cfg.ctx, cfg.chunking, cfg.max_tokens, comm)
     return Data(source, layout, tokenizer, manifest)
 
@@ -193,7 +194,7 @@ def identity(cfg: Config, data_sha256: str, start: int, count: int) -> dict:
 
 def dry_plan(cfg: Config, ranks: int) -> str:
     """The plan table for `ranks` ranks placed by slot over the hostfile (Open MPI's default), no model loaded."""
-    src = read_data(cfg, Comm())  # plan runs on rank 0 alone: pass 1 serially
+    src = read_data(cfg, Comm(), hashed=False)  # plan runs on rank 0 alone: pass 1 serially, no hashing
     start, count = select_chunks(cfg, src.layout)
     available = src.layout.chunks
     if cfg.hostfile is None:
@@ -205,21 +206,21 @@ def dry_plan(cfg: Config, ranks: int) -> str:
         g = cfg.gpus_per_rank
         devices = [f"gpu {local}" if g == 1 else f"gpu {local * g}-{local * g + g - 1}" for _, local in slots]
     work = plan.make_plan(plan.batches(start, count, cfg.batch_size), hosts, weights)
-    head = (f"{data_line(cfg, src)}\n{cfg.data}: {available} chunks of {cfg.ctx} tokens; processing {count} "
+    head = (f"{cfg.data}: {data_line(cfg, src)}; {available} chunks of {cfg.ctx} tokens; processing {count} "
             f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s), weights from "
             f"{hostfile_label(cfg.hostfile) if cfg.hostfile else 'no hostfile (all equal)'}")
     return head + "\n" + plan.format_plan(work, devices) + dump_estimate(cfg, available, start, count)
 
 
 def data_line(cfg: Config, src: Data) -> str:
-    """plan's line on the corpus: documents and tokens read, and what --chunking and --max-tokens leave."""
+    """plan's words on the corpus: documents and tokens read, and what --chunking and --max-tokens leave."""
     lay, shards = src.layout, len(src.corpus.shards)
-    line = (f"{cfg.data}: {len(lay.doc_tokens)} document(s) in {shards} shard(s), {lay.tokens()} tokens"
-            f"{'' if lay.complete else ' read (stopped at --max-tokens ' + str(cfg.max_tokens) + ')'}; "
-            f"--chunking {cfg.chunking}: {lay.chunks} chunks = {lay.chunks * cfg.ctx} tokens counted at most")
+    line = (f"{len(lay.doc_tokens)} document(s) in {shards} shard(s), {lay.tokens()} tokens"
+            f"{'' if lay.complete else ' read (pass 1 stopped at --max-tokens ' + str(cfg.max_tokens) + ')'}, "
+            f"--chunking {cfg.chunking}")
     if cfg.chunking == "document":
         docs, tokens = lay.skipped()
-        line += f"; {docs} document(s) shorter than --ctx skipped, {tokens} tokens dropped in all"
+        line += f" ({docs} document(s) shorter than --ctx skipped, {tokens} tokens dropped in all)"
     return line
 
 

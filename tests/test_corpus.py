@@ -250,3 +250,14 @@ def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
         ok(run_main(args + ["--out", str(tmp_path / f"{name}-1")]))
         one = counted(str(tmp_path / f"{name}-1"))
         assert one and counted(str(tmp_path / f"{name}-2")) == one == counted(str(tmp_path / f"{name}-3")), name
+
+
+def test_sum_refuses_runs_of_another_chunking():
+    from mpicorr import filetools
+
+    base = {"model": "m", "data_sha256": "x", "ctx": 16, "threshold": 0.5, "site": "ffn", "site_modules": ["a"],
+            "chunk_start": 0, "chunks": 2, "nll_fixed": 0}
+    old, concat = dict(base), dict(base, chunking="concat", chunk_start=2)
+    assert filetools.check_mergeable(["old", "new"], [old, concat])  # runs from before --chunking are concat
+    with pytest.raises(UserError, match="different --chunking"):
+        filetools.check_mergeable(["a", "b"], [concat, dict(base, chunking="document")])
