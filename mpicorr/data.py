@@ -8,7 +8,9 @@ of the first token of every chunk.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -245,3 +247,21 @@ class ChunkSource:
                 texts.append(text)
             self.next_doc += 1
         return texts
+
+
+def prefetched(batches: Iterable[tuple[int, int]], get: Callable[[int, int], np.ndarray],
+               ahead: bool) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """(batch, its token ids) for each batch; with `ahead` (a list of batches known in advance: the static
+    schedule), the next batch's ids are read on a thread while the caller works on this one (the tokenizers
+    release the GIL), one batch at a time, so a ChunkSource is never used by two threads at once."""
+    if not ahead:
+        for b0, b1 in batches:
+            yield (b0, b1), get(b0, b1)
+        return
+    todo = list(batches)
+    with ThreadPoolExecutor(1, thread_name_prefix="mpicorr-data") as pool:
+        pending = pool.submit(get, *todo[0]) if todo else None
+        for i, batch in enumerate(todo):
+            ids = pending.result()
+            pending = pool.submit(get, *todo[i + 1]) if i + 1 < len(todo) else None
+            yield batch, ids

@@ -358,9 +358,9 @@ def count_chunks(model, sites, source: data.ChunkSource, batches: Iterable[plan.
     chunks, busy = 0, 0.0
     with (torch.inference_mode(), recording(sites, dumping.sinks(tally.counts, dumper)),
           feeding(*dumping.input_modules(model, dumper))):
-        for b0, b1 in batches:
+        for (b0, b1), chunk_ids in data.prefetched(batches, source.get, ahead=isinstance(batches, (list, tuple))):
             started = time.monotonic()
-            ids = torch.from_numpy(source.get(b0, b1)).to(first)
+            ids = torch.from_numpy(chunk_ids).to(first)
             with dumper.batch(b0, b1) if dumper else nullcontext():
                 out = model(input_ids=ids, use_cache=False)
             check_all(tally.counts)  # the one wait for the device per batch: bad values end the run here

@@ -261,3 +261,21 @@ def test_sum_refuses_runs_of_another_chunking():
     assert filetools.check_mergeable(["old", "new"], [old, concat])  # runs from before --chunking are concat
     with pytest.raises(UserError, match="different --chunking"):
         filetools.check_mergeable(["a", "b"], [concat, dict(base, chunking="document")])
+
+
+def test_prefetched_batches_come_in_order_and_errors_surface():
+    calls = []
+
+    def get(b0: int, b1: int) -> np.ndarray:
+        calls.append((b0, b1))
+        if b0 == 6:
+            raise UserError("--data x: line 9: broken")
+        return np.full((b1 - b0, 2), b0)
+
+    batches = ((0, 2), (2, 4), (4, 6))
+    got = list(data.prefetched(batches, get, ahead=True))
+    assert [b for b, _ in got] == list(batches) and all((ids == b[0]).all() for b, ids in got)
+    assert calls == list(batches)
+    with pytest.raises(UserError, match="line 9"):
+        list(data.prefetched(((4, 6), (6, 8)), get, ahead=True))
+    assert [b for b, _ in data.prefetched(iter(batches), get, ahead=False)] == list(batches)
