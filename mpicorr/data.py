@@ -183,7 +183,8 @@ class ChunkSource:
     def __init__(self, corpus, layout: Layout, tokenizer):
         self.corpus, self.layout, self.tokenizer = corpus, layout, tokenizer
         self.doc_end = np.cumsum(layout.doc_tokens)              # concat: end offset of each document
-        self.chunk_end = np.cumsum(layout.doc_chunks)            # document: end chunk of each document
+        self.doc_chunks = layout.doc_chunks                      # document: chunks of each document
+        self.chunk_end = np.cumsum(self.doc_chunks)              # document: end chunk of each document
         self.docs, self.next_doc = None, 0                       # the open document stream, its next index
         self.cached: tuple[int, np.ndarray] | None = None        # the last document tokenized
 
@@ -212,7 +213,7 @@ class ChunkSource:
     def _piece(self, i: int) -> np.ndarray:
         ctx, bos = self.layout.ctx, self.layout.bos_id
         d = int(np.searchsorted(self.chunk_end, i, side="right"))
-        j = i - (int(self.chunk_end[d]) - int(self.layout.doc_chunks[d]))
+        j = i - (int(self.chunk_end[d]) - int(self.doc_chunks[d]))
         _, ids = next(self._ids(d, d))
         if bos is None:
             return ids[j * ctx : (j + 1) * ctx]
