@@ -206,9 +206,9 @@ def dry_plan(cfg: Config, ranks: int) -> str:
         g = cfg.gpus_per_rank
         devices = [f"gpu {local}" if g == 1 else f"gpu {local * g}-{local * g + g - 1}" for _, local in slots]
     work = plan.make_plan(plan.batches(start, count, cfg.batch_size), hosts, weights)
-    head = (f"{cfg.data}: {data_line(cfg, src)}; {available} chunks of {cfg.ctx} tokens; processing {count} "
+    head = (f"{cfg.data}: {available} chunks of {cfg.ctx} tokens; processing {count} "
             f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s), weights from "
-            f"{hostfile_label(cfg.hostfile) if cfg.hostfile else 'no hostfile (all equal)'}")
+            f"{hostfile_label(cfg.hostfile) if cfg.hostfile else 'no hostfile (all equal)'}; {data_line(cfg, src)}")
     return head + "\n" + plan.format_plan(work, devices) + dump_estimate(cfg, available, start, count)
 
 

@@ -224,6 +224,18 @@ def test_bad_input_is_one_line_and_nothing_written(llama, tmp_path):
         assert named in result.stderr and not out.exists(), (extra, result.stderr)
 
 
+def test_bad_input_under_mpirun_is_one_line(llama, tmp_path):
+    """Pass 1 meets the bad line on every rank: rank 0 reports it once, every rank exits, nothing written."""
+    from conftest import run_cli
+
+    extra, named = bad_inputs(tmp_path)[0]
+    out = tmp_path / "out"
+    result = run_cli(["run", "--model", llama, "--ctx", str(CTX), "--out", str(out), *extra], ranks=2, timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
+    assert result.returncode == 2 and len(lines) == 1 and named in lines[0], result.stderr
+    assert not out.exists()
+
+
 def test_check_data_refuses_before_torch(tmp_path):
     from mpicorr import inputs
 
