@@ -120,14 +120,14 @@ def _folder_shards(folder: str) -> list[Shard]:
     """The shards of a folder: a save_to_disk dataset's arrow files in its own order, else every file with a
     known suffix below it, sorted by path."""
     if os.path.isfile(os.path.join(folder, HF_DICT)):
-        splits = json.load(open(os.path.join(folder, HF_DICT))).get("splits", [])
+        splits = _json(os.path.join(folder, HF_DICT)).get("splits", [])
         raise UserError(f"--data {folder}: a dataset with splits {splits}; give one split's folder, e.g. "
                         f"{os.path.join(folder, (splits or ['train'])[0])}")
     state = os.path.join(folder, HF_STATE)
     if os.path.isfile(state):
         try:
-            files = [f["filename"] for f in json.load(open(state, encoding="utf-8"))["_data_files"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            files = [f["filename"] for f in _json(state)["_data_files"]]
+        except (KeyError, TypeError) as exc:
             raise UserError(f"--data {state}: not a datasets save_to_disk state ({exc}); save the dataset "
                             f"again") from None
         return [_shard(os.path.join(folder, f), f, strict=True) for f in files]
@@ -136,6 +136,18 @@ def _folder_shards(folder: str) -> list[Shard]:
     if not paths:
         raise UserError(f"--data {folder}: no shards (.txt, .jsonl[.gz|.zst], .parquet, .arrow) in this folder")
     return [_shard(p, os.path.relpath(p, folder), strict=False) for p in paths]
+
+
+def _json(path: str) -> dict:
+    """A datasets metadata file (state.json, dataset_dict.json)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--data {path}: cannot read ({exc}); save the dataset again") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--data {path}: not a datasets metadata file; save the dataset again")
+    return value
 
 
 def _shard(path: str, name: str, strict: bool) -> Shard:

@@ -133,6 +133,7 @@ def read_data(cfg: Config, comm: Comm, hashed: bool = True) -> Data:
     """Every rank of `comm`: resolve --data and run pass 1 together (data.scan) for the chunk layout; rank 0
     hashes the shards meanwhile when `hashed`."""
     tokenizer = comm.checked(lambda: model_tokenizer(cfg), root_only=True)
+    models.quiet_transformers()
     source = comm.checked(lambda: corpus.open_corpus(cfg.data, cfg.text_field))
     manifest = Background(source.manifest) if comm.rank == 0 and hashed else None
     layout = data.scan(source, tokenizer, cfg.ctx, cfg.chunking, cfg.max_tokens, comm)
