@@ -28,8 +28,10 @@ def is_dump(folder: str) -> bool:
 
 # Root attributes that runs must share to be merged, and the option that sets each.
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
-            "site": "site", "site_modules": "--model (its layers)", "chunking": "--chunking"}
+            "site": "site", "site_modules": "--model (its layers)"}
+SAME_RUN["chunking"] = "--chunking"  # how the data was cut into chunks (issue 15)
 SAME_RUN_DEFAULTS = {"chunking": "concat"}  # what runs from before an attribute existed did
+CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens")  # kept by a merge
 
 
 def info(path: str) -> str:
@@ -232,8 +234,9 @@ def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Ba
     """Root attributes of a merged summary: shared ones from the first run, sums and ranges recomputed."""
     first = roots[0]
     keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
-            "chunks_available", "chunking", "text_field", "data_manifest", "max_tokens")
+            "chunks_available")
     attrs = {key: first[key] for key in keep if key in first}
+    attrs.update({key: first[key] for key in CORPUS_KEYS if key in first})
     chunks = sum(b - a for a, b in ranges)
     attrs.update({
         "chunk_start": ranges[0][0], "chunks": chunks, "tokens": tokens,

@@ -21,7 +21,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, corpus, data, matrixfile, models, plan, schedule, stage, summary, triangle
+from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary, triangle
+from . import corpus
 from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part, threshold_folders
 from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
@@ -63,7 +64,7 @@ class Stop:
 class Job:
     """What rank 0 works out before any model is loaded, broadcast to all ranks."""
 
-    count: int                    # chunks processed: [chunk_start, chunk_start + count)
+    chunks: range                 # the chunk numbers processed (read by each rank from --data as it counts them)
     chunk_start: int
     available: int                # chunks the data holds (within --max-tokens)
     data_sha256: str              # a text file's own hash, or the manifest's (corpus.data_sha256)
@@ -180,7 +181,7 @@ def prepare(cfg: Config, hosts: list[str], src: Data) -> Job:
         resumed, generation, work = state.live, state.generation, state.todo
     if sample:
         sample = dumping.open_folder(sample, cfg.ctx, cfg.resume, [r for ck in resumed for r in ck.finished])
-    return Job(count, start, src.layout.chunks, sha, data_attributes(cfg, src, manifest),
+    return Job(range(start, start + count), start, src.layout.chunks, sha, data_attributes(cfg, src, manifest),
                plan.make_plan(work, hosts, weights), ident, resumed, generation, sample)
 
 
@@ -420,7 +421,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
         lambda: models.load_model(where, models.resolve_dtype(cfg.dtype, device), mine), cfg, device))
     sites = comm.checked(lambda: models.find_sites(model, cfg.site_module, cfg.site))
     dumper = start_dump(cfg, comm, job, model)
-    dtype = count_dtype(job.count * cfg.ctx)
+    dtype = count_dtype(len(job.chunks) * cfg.ctx)
     # Each site's counts live where its module is: with --gpus-per-rank, on the GPU that holds the layer.
     tally = Tally(new_counts(sites, [models.site_device(model, s.name, device) for s in sites], cfg, dtype))
     taken = job.resumed[comm.rank :: comm.size]
@@ -484,18 +485,18 @@ def finish_dump(cfg: Config, comm: Comm, job: Job, dumper: dumping.Dumper | None
         return
     shards = [e for written in comm.allgather(comm.checked(dumper.finish)) for e in written]
     if comm.rank == 0:
-        chunks = (job.chunk_start, job.chunk_start + job.count)
+        chunks = (job.chunk_start, job.chunk_start + len(job.chunks))
         print(dumping.write_index(cfg, job.dump, job.data_sha256, chunks, dumper.dtype_name, shards), flush=True)
 
 
 def announce(cfg: Config, comm: Comm, job: Job, devices: list[str]) -> None:
     """Rank 0's opening lines: what is counted, resumed, and the plan."""
-    print(f"mpicorr {__version__}: {job.count} chunks [{job.chunk_start}, "
-          f"{job.chunk_start + job.count}) of {job.available} x {cfg.ctx} tokens on {comm.size} rank(s)")
+    print(f"mpicorr {__version__}: {len(job.chunks)} chunks [{job.chunk_start}, "
+          f"{job.chunk_start + len(job.chunks)}) of {job.available} x {cfg.ctx} tokens on {comm.size} rank(s)")
     if cfg.resume:
         done = sum(b - a for ck in job.resumed for a, b in ck.finished)
         print(f"mpicorr: resuming from {len(job.resumed)} checkpoint(s) in {checkpoint.folder(cfg.out)}: "
-              f"{done} chunks finished, {job.count - done} to count")
+              f"{done} chunks finished, {len(job.chunks) - done} to count")
     if cfg.schedule == "dynamic":
         batches = sum(len(a.batches) for a in job.plan)
         print(f"mpicorr: dynamic schedule: {batches} batches of up to {cfg.batch_size} chunk(s), handed out as "
@@ -518,7 +519,7 @@ def guard_memory(fn, cfg: Config, device: str):
 def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float) -> None:
     """Sum every unit (layer, expert, router) onto rank 0, one at a time, and write the outputs there (one
     folder per threshold)."""
-    tokens = job.count * cfg.ctx
+    tokens = len(job.chunks) * cfg.ctx
     folders = output_folders(cfg.out, cfg.threshold)
     started = time.monotonic()
     with summary_writers(folders, comm.rank == 0) as files, UnitWriter() as writer:
@@ -604,14 +605,14 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
     """Root attributes of the summary.h5 of one threshold."""
     attrs = {
         "model": cfg.model, "data": cfg.data, "data_sha256": job.data_sha256, "ctx": cfg.ctx,
-        "chunk_start": job.chunk_start, "chunks": job.count, "chunks_available": job.available,
-        "tokens": job.count * cfg.ctx, "threshold": threshold,
+        "chunk_start": job.chunk_start, "chunks": len(job.chunks), "chunks_available": job.available,
+        "tokens": len(job.chunks) * cfg.ctx, "threshold": threshold,
         "site": cfg.site if cfg.site_module is None else f"module {cfg.site_module}",
         "site_modules": [s.name for s in sites], "moe_layers": [s.layer for s in sites if s.experts],
         "ranks": comm.size, "batch_size": cfg.batch_size,
         "dtype": cfg.dtype, "mpicorr_version": __version__, "command": cfg.command,
         "created": summary.now(), "attempts": job.generation,
-        "chunk_ranges": np.array([[job.chunk_start, job.chunk_start + job.count]], dtype=np.int64),
+        "chunk_ranges": np.array([[job.chunk_start, job.chunk_start + len(job.chunks)]], dtype=np.int64),
         **job.data_attrs,
     }
     return {**attrs, **summary.nll_attributes(int(totals[0]), int(totals[1]))}
