@@ -3,6 +3,10 @@
 Read the file as UTF-8, tokenize it whole without special tokens, cut consecutive non-overlapping chunks
 of `ctx` tokens, drop the trailing partial chunk, and, when the tokenizer has a BOS token, put it in place
 of the first token of every chunk.
+
+A corpus (mpicorr.corpus: shards of documents) follows the same rule over its documents' concatenated tokens
+(--chunking concat) or cuts each document alone (--chunking document); scan() finds the chunk layout with
+all ranks together, and a ChunkSource on each rank tokenizes only the documents of the chunks it counts.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .corpus import Corpus, data_sha256, open_corpus  # noqa: F401 (run.py reads --data through this module)
 from .errors import UserError
 
 

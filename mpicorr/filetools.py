@@ -29,9 +29,6 @@ def is_dump(folder: str) -> bool:
 # Root attributes that runs must share to be merged, and the option that sets each.
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
             "site": "site", "site_modules": "--model (its layers)"}
-SAME_RUN["chunking"] = "--chunking"  # how the data was cut into chunks (issue 15)
-SAME_RUN_DEFAULTS = {"chunking": "concat"}  # what runs from before an attribute existed did
-CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens")  # kept by a merge
 
 
 def info(path: str) -> str:
@@ -126,6 +123,12 @@ def run_ranges(root: dict) -> list[plan.Batch]:
     if ranges is None:
         return [(root["chunk_start"], root["chunk_start"] + root["chunks"])]
     return [(int(a), int(b)) for a, b in np.asarray(ranges).reshape(-1, 2)]
+
+
+# How the data was cut into chunks (issue 15) must match too; runs from before the attribute existed are concat.
+SAME_RUN["chunking"] = "--chunking"
+SAME_RUN_DEFAULTS = {"chunking": "concat"}
+CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens")  # kept by a merge
 
 
 def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:

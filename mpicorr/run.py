@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from . import __version__, checkpoint, data, matrixfile, models, plan, schedule, stage, summary, triangle
-from . import corpus
 from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part, threshold_folders
 from .counting import LayerCounts, MoeCounts, check_all, chunk_nll, count_dtype, split_stats, units
@@ -67,7 +66,7 @@ class Job:
     chunks: range                 # the chunk numbers processed (read by each rank from --data as it counts them)
     chunk_start: int
     available: int                # chunks the data holds (within --max-tokens)
-    data_sha256: str              # a text file's own hash, or the manifest's (corpus.data_sha256)
+    data_sha256: str              # a text file's own hash, or the manifest's (data.data_sha256)
     data_attrs: dict              # summary.h5 root attributes about the data (chunking, manifest, skipped)
     plan: list[plan.Assignment]   # the chunks still to count
     identity: dict                # what a resume must match (checkpoint.IDENTITY)
@@ -91,7 +90,7 @@ class Data:
     """Every rank's view of --data after pass 1: the corpus, its chunk layout and the tokenizer; on rank 0 also
     the shard manifest (hashed on threads while pass 1 runs)."""
 
-    corpus: corpus.Corpus
+    corpus: data.Corpus
     layout: data.Layout
     tokenizer: object
     manifest: "Background | None" = None
@@ -135,7 +134,7 @@ def read_data(cfg: Config, comm: Comm, hashed: bool = True) -> Data:
     hashes the shards meanwhile when `hashed`."""
     tokenizer = comm.checked(lambda: model_tokenizer(cfg), root_only=True)
     models.quiet_transformers()
-    source = comm.checked(lambda: corpus.open_corpus(cfg.data, cfg.text_field))
+    source = comm.checked(lambda: data.open_corpus(cfg.data, cfg.text_field))
     manifest = Background(source.manifest) if comm.rank == 0 and hashed else None
     layout = data.scan(source, tokenizer, cfg.ctx, cfg.chunking, cfg.max_tokens, comm)
     return Data(source, layout, tokenizer, manifest)
@@ -169,7 +168,7 @@ def prepare(cfg: Config, hosts: list[str], src: Data) -> Job:
     """Validate inputs, choose the chunks and split them over the ranks (runs on rank 0)."""
     start, count = select_chunks(cfg, src.layout)
     manifest = src.manifest.result()
-    sha = corpus.data_sha256(src.corpus, manifest)
+    sha = data.data_sha256(src.corpus, manifest)
     weights = hostfile_weights(cfg.hostfile, hosts)
     sample = dumping.plan_sample(cfg, src.layout.chunks, start, count) if cfg.dump else None
     check_out(cfg.out, cfg.force, cfg.resume)
