@@ -40,7 +40,8 @@ NAME = re.compile(r"g(\d+)-r(\d+)\.ckpt")
 # Fields of the run identity that a resume must match, with the option that sets each.
 IDENTITY = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "chunk_start": "--chunk-start",
             "chunks": "--chunks", "threshold": "--threshold", "batch_size": "--batch-size",
-            "dtype": "--dtype", "site": "--site", "site_module": "--site-module", "dump": "--dump"}
+            "dtype": "--dtype", "site": "--site", "site_module": "--site-module", "dump": "--dump",
+            "chunking": "--chunking"}
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,14 @@ from .errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("static", "dynamic")
+CHUNKINGS = ("concat", "document")  # the same tuple as data.CHUNKINGS
 KERNELS = ("auto", "gemm", "popcount", "sparse")  # the same tuple as triangle.KERNELS (no torch import here)
 
 
 SITES = ("ffn", "gate", "heads")  # --site: models.SITES (ffn), GATES and HEADS
 THRESHOLD_DIR = "threshold-"  # OUT/threshold-<T>/ per threshold when a run counts several
 DEFAULT_HOSTFILE = "./hostfile"  # read when present and no --hostfile is given
-CHOICES = {"dtype": DTYPES, "kernel": KERNELS, "schedule": SCHEDULES, "site": SITES}
+CHOICES = {"dtype": DTYPES, "kernel": KERNELS, "schedule": SCHEDULES, "site": SITES, "chunking": CHUNKINGS}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class Config:
 
     model: str | None = None
     data: str | None = None
+    text_field: str = "text"
+    chunking: str = "concat"
+    max_tokens: int | None = None
     out: str = "mpicorr-out"
     ctx: int = 512
     chunk_start: int = 0
@@ -63,7 +67,15 @@ class Config:
 
 HELP = {
     "model": "local model folder or Hugging Face hub id (required)",
-    "data": "UTF-8 text file, tokenized whole and cut into --ctx token chunks (required)",
+    "data": "what to count (required): a UTF-8 text file (one document, tokenized whole), a jsonl, jsonl.gz, "
+            "jsonl.zst, parquet or arrow file, a folder or quoted glob of such shards (read in sorted order; "
+            ".txt files in a folder are one document each), or a folder written by datasets' save_to_disk",
+    "text_field": "the JSON field, parquet or arrow column that holds each document's text (default: text)",
+    "chunking": "concat: the documents' tokens one after another, cut every --ctx tokens, BOS in place of each "
+                "chunk's first token; document: each document alone with BOS first, cut every --ctx tokens, "
+                "shorter documents and remainders dropped (default: concat)",
+    "max_tokens": "use only the chunks within the corpus's first N tokens (chunk numbers, --chunk-start, "
+                  "--chunks and --part then refer to those); the rest is not even read (default: all)",
     "out": "output folder for correlations_block_<L>.zstd and summary.h5 (default: mpicorr-out)",
     "ctx": "tokens per chunk; each chunk is one sequence, at most the model's positions (default: 512)",
     "chunk_start": "first chunk to process (default: 0)",
@@ -109,7 +121,7 @@ HELP = {
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one long option per Config field; defaults are None so that the TOML file can fill gaps."""
-    types = {"ctx": int, "chunk_start": int, "chunks": int, "threshold": str, "batch_size": int,
+    types = {"ctx": int, "max_tokens": int, "chunk_start": int, "chunks": int, "threshold": str, "batch_size": int,
              "checkpoint_every": int, "gpus_per_rank": int, "dump_tokens": int, "dump_rate": float,
              "dump_max_gb": float}
     for f in dataclasses.fields(Config):
@@ -196,8 +208,14 @@ def validate(cfg: Config) -> None:
     if not cfg.model:
         raise UserError("--model is required: a local model folder or a hub id (or 'model' in mpicorr.toml)")
     if not cfg.data:
-        raise UserError("--data is required: a UTF-8 text file (or 'data' in mpicorr.toml)")
+        raise UserError("--data is required: a UTF-8 text file or a corpus (or 'data' in mpicorr.toml)")
     _check_int("--ctx", cfg.ctx, 2)
+    if cfg.chunking not in CHUNKINGS:
+        raise UserError(f"--chunking {cfg.chunking!r}: choose concat or document")
+    if not isinstance(cfg.text_field, str) or not cfg.text_field:
+        raise UserError(f"--text-field {cfg.text_field!r}: give the name of the field that holds the text")
+    if cfg.max_tokens is not None:
+        _check_int("--max-tokens", cfg.max_tokens, cfg.ctx)
     _check_int("--chunk-start", cfg.chunk_start, 0)
     if cfg.chunks is not None:
         _check_int("--chunks", cfg.chunks, 1)

@@ -50,6 +50,15 @@ class Comm:
         self.comm.Reduce(array, out, op=MPI.SUM, root=0)
         return out
 
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        """Element-wise sum of every rank's array, on every rank (small arrays: the corpus's token counts)."""
+        array = np.ascontiguousarray(array)
+        if self.comm is None or self.size == 1:
+            return array
+        out = np.empty_like(array)
+        self.comm.Allreduce(array, out, op=MPI.SUM)
+        return out
+
     def split(self, color: int) -> "Comm":
         """The ranks that give the same color, as a new communicator (ranks keep their order)."""
         if self.comm is None:

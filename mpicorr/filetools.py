@@ -180,11 +180,18 @@ def run_ranges(root: dict) -> list[plan.Batch]:
     return [(int(a), int(b)) for a, b in np.asarray(ranges).reshape(-1, 2)]
 
 
+# How the data was cut into chunks (issue 15) must match too; runs from before the attribute existed are concat.
+SAME_RUN["chunking"] = "--chunking"
+SAME_RUN_DEFAULTS = {"chunking": "concat"}
+CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens")  # kept by a merge
+
+
 def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:
     """Refuse runs of different experiments or overlapping chunks; return the merged chunk ranges."""
     for path, root in zip(inputs[1:], roots[1:]):
         for key, option in SAME_RUN.items():
-            if _norm(root.get(key)) != _norm(roots[0].get(key)):
+            default = SAME_RUN_DEFAULTS.get(key)
+            if _norm(root.get(key, default)) != _norm(roots[0].get(key, default)):
                 raise UserError(f"{path}: different {option} from {inputs[0]} ({key} {root.get(key)!r} vs "
                                 f"{roots[0].get(key)!r}); only runs of one model, data and threshold add up")
     seen: list[tuple[plan.Batch, str]] = []
@@ -334,6 +341,7 @@ def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Ba
     keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
             "chunks_available", "dtype", "batch_size")
     attrs = {key: first[key] for key in keep if key in first}
+    attrs.update({key: first[key] for key in CORPUS_KEYS if key in first})
     chunks = sum(b - a for a, b in ranges)
     attrs.update({
         "chunk_start": ranges[0][0], "chunks": chunks, "tokens": tokens,

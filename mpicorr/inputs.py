@@ -18,17 +18,16 @@ from .errors import UserError
 
 def check(cfg: Config) -> None:
     """Refuse a missing or unreadable --data file and a --model that is neither a folder nor cached."""
-    check_data(cfg.data)
+    check_data(cfg.data, cfg.text_field)
     model_folder(cfg.model)
 
 
-def check_data(path: str) -> None:
-    """--data must be a readable file (its contents are checked when it is read)."""
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise UserError(f"--data {path}: cannot read ({exc.strerror}); give a readable text file") from None
+def check_data(path: str, text_field: str = "text") -> None:
+    """--data must name readable files: a text file, shards, a folder or glob of them (their contents are
+    checked when they are read)."""
+    from .corpus import open_corpus
+
+    open_corpus(path, text_field)
 
 
 def model_folder(name: str) -> str:

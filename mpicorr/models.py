@@ -448,6 +448,14 @@ def _what(s: Site) -> str:
     return f"{'output' if s.output else 'input'} of {s.name} ({s.width} neurons)"
 
 
+def quiet_transformers() -> None:
+    """transformers' warnings off in this process (a tokenizer received over MPI on another rank warns about
+    documents longer than the model's positions, which chunks never are)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
 def load_tokenizer(name: str):
     """The model's tokenizer (it decides the chunks)."""
     from transformers import AutoTokenizer

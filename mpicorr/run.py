@@ -1,10 +1,12 @@
-"""One counting run: prepare (rank 0) -> plan -> load model -> count my chunks -> reduce -> write (rank 0).
+"""One counting run: read the corpus's layout (all ranks) -> prepare (rank 0) -> plan -> load model -> count my
+chunks (each rank tokenizing its own) -> reduce -> write (rank 0).
 
 This is the one place where ranks take different branches.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -31,6 +33,8 @@ from .progress import JobProgress
 CHECKPOINT_SECONDS = 600.0   # default checkpoint interval: a crash loses at most about ten minutes
 FINAL_CHECKPOINT_SECONDS = 60.0  # before the reduce, save unsaved work older than this
 WRITE_THREADS = 8  # rank 0's output writers (each holds one unit's counts while it works)
+MANIFEST_ATTR_BYTES = 60_000  # HDF5 attributes stay under 64 KiB: a longer shard list is left out (data_sha256
+# still hashes it)
 TERM_WAIT_S = 10.0  # after a SIGTERM, how long a rank that saved waits for the others to save too
 
 
@@ -59,10 +63,11 @@ class Stop:
 class Job:
     """What rank 0 works out before any model is loaded, broadcast to all ranks."""
 
-    chunks: np.ndarray            # [count, ctx] token ids of the processed chunks
+    chunks: range                 # the chunk numbers processed (read by each rank from --data as it counts them)
     chunk_start: int
-    available: int                # chunks the data file holds
-    data_sha256: str
+    available: int                # chunks the data holds (within --max-tokens)
+    data_sha256: str              # a text file's own hash, or the manifest's (data.data_sha256)
+    data_attrs: dict              # summary.h5 root attributes about the data (chunking, manifest, skipped)
     plan: list[plan.Assignment]   # the chunks still to count
     identity: dict                # what a resume must match (checkpoint.IDENTITY)
     resumed: list[checkpoint.Checkpoint]  # live checkpoints taken over (headers only)
@@ -80,24 +85,92 @@ class Tally:
     finished: list[plan.Batch] = field(default_factory=list)
 
 
-def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
-    """(all chunks of the data file, its sha256, first chunk, chunk count) with the model's tokenizer."""
+@dataclass
+class Data:
+    """Every rank's view of --data after pass 1: the corpus, its chunk layout and the tokenizer; on rank 0 also
+    the shard manifest (hashed on threads while pass 1 runs)."""
+
+    corpus: data.Corpus
+    layout: data.Layout
+    tokenizer: object
+    manifest: "Background | None" = None
+
+    def source(self) -> data.ChunkSource:
+        """A forward cursor over the chunks, for one rank's batches."""
+        return data.ChunkSource(self.corpus, self.layout, self.tokenizer)
+
+
+class Background:
+    """fn() on a daemon thread (an error exit does not wait for it); result() waits and re-raises."""
+
+    def __init__(self, fn):
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), name="mpicorr-manifest", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self.value = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self.error = exc
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def model_tokenizer(cfg: Config):
+    """The model's tokenizer, once --model is checked (rank 0; the others get it over MPI, since with
+    --stage-model only rank 0 may read --model)."""
     models.check_model(cfg.model, cfg.site_module, cfg.site)
     models.check_loadable(cfg.model, cfg.site_module, cfg.site, cfg.ctx)
-    tokenizer = models.load_tokenizer(cfg.model)
-    text, sha = data.read_text(cfg.data)
-    all_chunks = data.make_chunks(data.tokenize(text, tokenizer), cfg.ctx, tokenizer.bos_token_id)
-    start, count = data.select(all_chunks, cfg.chunk_start, cfg.chunks, cfg.data, cfg.ctx)
+    return models.load_tokenizer(cfg.model)
+
+
+def read_data(cfg: Config, comm: Comm, hashed: bool = True) -> Data:
+    """Every rank of `comm`: resolve --data and run pass 1 together (data.scan) for the chunk layout; rank 0
+    hashes the shards meanwhile when `hashed`."""
+    tokenizer = comm.checked(lambda: model_tokenizer(cfg), root_only=True)
+    models.quiet_transformers()
+    source = comm.checked(lambda: data.open_corpus(cfg.data, cfg.text_field))
+    manifest = Background(source.manifest) if comm.rank == 0 and hashed else None
+    layout = data.scan(source, tokenizer, cfg.ctx, cfg.chunking, cfg.max_tokens, comm)
+    return Data(source, layout, tokenizer, manifest)
+
+
+def select_chunks(cfg: Config, layout: data.Layout) -> tuple[int, int]:
+    """(first chunk, chunk count) of this run: --chunk-start, --chunks, then --part."""
+    start, count = data.select(layout.chunks, cfg.chunk_start, cfg.chunks, cfg.data, cfg.ctx)
     if cfg.part is not None:
         start, count = plan.part(start, count, cfg.batch_size, *parse_part(cfg.part))
-    return all_chunks, sha, start, count
+    return start, count
 
 
-def prepare(cfg: Config, hosts: list[str]) -> Job:
-    """Validate inputs, cut the data into chunks and split them over the ranks (runs on rank 0)."""
-    all_chunks, sha, start, count = load_chunks(cfg)
+def data_attributes(cfg: Config, src: Data, manifest: list[dict]) -> dict:
+    """summary.h5 root attributes about the data beyond data_sha256 (a plain text file in concat mode, read
+    whole, gets exactly the ones it always had plus chunking)."""
+    attrs = {"chunking": cfg.chunking}
+    if not src.corpus.plain:
+        attrs.update(text_field=cfg.text_field, data_shards=len(manifest), documents=len(src.layout.doc_tokens))
+        listing = json.dumps(manifest)
+        if len(listing) <= MANIFEST_ATTR_BYTES:
+            attrs["data_manifest"] = listing
+    if cfg.max_tokens is not None:
+        attrs["max_tokens"] = cfg.max_tokens
+    if cfg.chunking == "document":
+        attrs["documents_skipped"], attrs["tokens_dropped"] = src.layout.skipped()
+    return attrs
+
+
+def prepare(cfg: Config, hosts: list[str], src: Data) -> Job:
+    """Validate inputs, choose the chunks and split them over the ranks (runs on rank 0)."""
+    start, count = select_chunks(cfg, src.layout)
+    manifest = src.manifest.result()
+    sha = data.data_sha256(src.corpus, manifest)
     weights = hostfile_weights(cfg.hostfile, hosts)
-    sample = dumping.plan_sample(cfg, len(all_chunks), start, count) if cfg.dump else None
+    sample = dumping.plan_sample(cfg, src.layout.chunks, start, count) if cfg.dump else None
     check_out(cfg.out, cfg.force, cfg.resume)
     work = plan.batches(start, count, cfg.batch_size)
     ident = identity(cfg, sha, start, count)
@@ -107,7 +180,7 @@ def prepare(cfg: Config, hosts: list[str]) -> Job:
         resumed, generation, work = state.live, state.generation, state.todo
     if sample:
         sample = dumping.open_folder(sample, cfg.ctx, cfg.resume, [r for ck in resumed for r in ck.finished])
-    return Job(all_chunks[start : start + count], start, len(all_chunks), sha,
+    return Job(range(start, start + count), start, src.layout.chunks, sha, data_attributes(cfg, src, manifest),
                plan.make_plan(work, hosts, weights), ident, resumed, generation, sample)
 
 
@@ -115,14 +188,16 @@ def identity(cfg: Config, data_sha256: str, start: int, count: int) -> dict:
     """The options a checkpoint belongs to (JSON values, as stored in checkpoint headers)."""
     return {"model": cfg.model, "data_sha256": data_sha256, "ctx": cfg.ctx, "chunk_start": start,
             "chunks": count, "threshold": list(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-            "site": cfg.site, "site_module": cfg.site_module,
+            "site": cfg.site, "site_module": cfg.site_module, "chunking": cfg.chunking,
             "dump": cfg.dump and {"dir": cfg.dump, "tokens": cfg.dump_tokens, "rate": cfg.dump_rate,
                                   "values": cfg.dump_values}}
 
 
 def dry_plan(cfg: Config, ranks: int) -> str:
     """The plan table for `ranks` ranks placed by slot over the hostfile (Open MPI's default), no model loaded."""
-    all_chunks, _, start, count = load_chunks(cfg)
+    src = read_data(cfg, Comm(), hashed=False)  # plan runs on rank 0 alone: pass 1 serially, no hashing
+    start, count = select_chunks(cfg, src.layout)
+    available = src.layout.chunks
     if cfg.hostfile is None:
         hosts, weights, devices = ["-"] * ranks, [1.0] * ranks, ["auto"] * ranks
     else:
@@ -132,10 +207,22 @@ def dry_plan(cfg: Config, ranks: int) -> str:
         g = cfg.gpus_per_rank
         devices = [f"gpu {local}" if g == 1 else f"gpu {local * g}-{local * g + g - 1}" for _, local in slots]
     work = plan.make_plan(plan.batches(start, count, cfg.batch_size), hosts, weights)
-    head = (f"{cfg.data}: {len(all_chunks)} chunks of {cfg.ctx} tokens; processing {count} "
+    head = (f"{cfg.data}: {available} chunks of {cfg.ctx} tokens; processing {count} "
             f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s), weights from "
-            f"{hostfile_label(cfg.hostfile) if cfg.hostfile else 'no hostfile (all equal)'}")
-    return head + "\n" + plan.format_plan(work, devices) + dump_estimate(cfg, len(all_chunks), start, count)
+            f"{hostfile_label(cfg.hostfile) if cfg.hostfile else 'no hostfile (all equal)'}; {data_line(cfg, src)}")
+    return head + "\n" + plan.format_plan(work, devices) + dump_estimate(cfg, available, start, count)
+
+
+def data_line(cfg: Config, src: Data) -> str:
+    """plan's words on the corpus: documents and tokens read, and what --chunking and --max-tokens leave."""
+    lay, shards = src.layout, len(src.corpus.shards)
+    line = (f"{len(lay.doc_tokens)} document(s) in {shards} shard(s), {lay.tokens()} tokens"
+            f"{'' if lay.complete else ' read (pass 1 stopped at --max-tokens ' + str(cfg.max_tokens) + ')'}, "
+            f"--chunking {cfg.chunking}")
+    if cfg.chunking == "document":
+        docs, tokens = lay.skipped()
+        line += f" ({docs} document(s) shorter than --ctx skipped, {tokens} tokens dropped in all)"
+    return line
 
 
 def dump_estimate(cfg: Config, available: int, start: int, count: int) -> str:
@@ -297,7 +384,7 @@ def new_counts(sites: list[models.Site], places: list[str], cfg: Config, dtype: 
             for s, p in zip(sites, places)]
 
 
-def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: Tally, device: str,
+def count_chunks(model, sites, source: data.ChunkSource, batches: Iterable[plan.Batch], tally: Tally, device: str,
                  saver: Saver, service: Service, dumper: dumping.Dumper | None = None,
                  stop: Stop | None = None) -> tuple[int, float]:
     """Forward each batch while counting into `tally` (and dumping), checkpointing as the saver decides (and
@@ -308,9 +395,9 @@ def count_chunks(model, sites, job: Job, batches: Iterable[plan.Batch], tally: T
     chunks, busy = 0, 0.0
     with (torch.inference_mode(), recording(sites, dumping.sinks(tally.counts, dumper)),
           feeding(*dumping.input_modules(model, dumper))):
-        for b0, b1 in batches:
+        for (b0, b1), chunk_ids in data.prefetched(batches, source.get, ahead=isinstance(batches, (list, tuple))):
             started = time.monotonic()
-            ids = torch.from_numpy(job.chunks[b0 - job.chunk_start : b1 - job.chunk_start]).to(first)
+            ids = torch.from_numpy(chunk_ids).to(first)
             with dumper.batch(b0, b1) if dumper else nullcontext():
                 out = model(input_ids=ids, use_cache=False)
             check_all(tally.counts)  # the one wait for the device per batch: bad values end the run here
@@ -361,7 +448,8 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     devices = comm.allgather(models.device_label(mine))
     gpus = comm.allgather([models.device_identity(d) for d in mine])
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
-    job = comm.checked(lambda: prepare(cfg, hosts), root_only=True)
+    src = read_data(cfg, comm)
+    job = comm.checked(lambda: prepare(cfg, hosts, src), root_only=True)
     if comm.rank == 0:
         announce(cfg, comm, job, devices)
     where = stage.stage_model(cfg.model, cfg.stage_model, comm) if cfg.stage_model else cfg.model
@@ -380,7 +468,8 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     absorbs = sorted({n for ck in taken for n in [ck.name, *ck.absorbs]})
     saver = Saver(path, job.identity, absorbs, cfg.checkpoint_every, before=dumper and dumper.flush)
     started = time.monotonic()
-    chunks, busy = count_scheduled(cfg, comm, job, model, sites, tally, device, saver, live, dumper)
+    chunks, busy = count_scheduled(cfg, comm, job, src.source(), model, sites, tally, device, saver, live,
+                                   dumper)
     saver.finish(tally)
     finish_dump(cfg, comm, job, dumper)
     del model
@@ -392,7 +481,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     reduce_and_write(cfg, comm, job, sites, tally, wall, needed, rows)
 
 
-def count_scheduled(cfg: Config, comm: Comm, job: Job, model, sites, tally: Tally, device: str,
+def count_scheduled(cfg: Config, comm: Comm, job: Job, source: data.ChunkSource, model, sites, tally: Tally, device: str,
                     saver: Saver, live: bool, dumper: dumping.Dumper | None = None) -> tuple[int, float]:
     """Count this rank's batches (its share, or asked for one at a time) while rank 0 tracks the job."""
     comm.checked(lambda: Service.check(comm))
@@ -407,7 +496,7 @@ def count_scheduled(cfg: Config, comm: Comm, job: Job, model, sites, tally: Tall
     # On an error no close(): rank 0 would wait for the others; the error ends the job (MPI_Abort) instead.
     with Stop() as stop:
         try:
-            done = guard_memory(lambda: count_chunks(model, sites, job, batches, tally, device, saver, service,
+            done = guard_memory(lambda: count_chunks(model, sites, source, batches, tally, device, saver, service,
                                                      dumper, stop), cfg, device)
         except Terminated:
             comm.arrive(TERM_WAIT_S)  # every rank got the signal (SLURM, mpirun): let the slower ones save too
@@ -563,6 +652,7 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
         "dtype": cfg.dtype, "mpicorr_version": __version__, "command": cfg.command,
         "created": summary.now(), "attempts": job.generation,
         "chunk_ranges": np.array([[job.chunk_start, job.chunk_start + len(job.chunks)]], dtype=np.int64),
+        **job.data_attrs,
     }
     return {**attrs, **summary.nll_attributes(int(totals[0]), int(totals[1]))}
 

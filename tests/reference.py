@@ -123,12 +123,13 @@ def _capture_routers(model, chosen: dict):
     return handles
 
 
-def reference_run(model_dir: str, data_path: str, ctx: int, threshold: float, start: int, count: int,
-                  site: str = "ffn"):
+def reference_run(model_dir: str, data_path: str | None, ctx: int, threshold: float, start: int, count: int,
+                  site: str = "ffn", chunks: list[list[int]] | None = None):
     """(per-layer fired masks [tokens, N] and activations, perplexity or None, MoE) by plain transformers.
     MoE: ({(block, expert): activations of the tokens routed to it}, {block: [tokens, experts] chosen}), run
-    with transformers' eager experts; empty for dense models."""
-    chunks = reference_chunks(model_dir, data_path, ctx)[start : start + count]
+    with transformers' eager experts; empty for dense models. `chunks`: these token ids instead of the text
+    file's chunks."""
+    chunks = (chunks if chunks is not None else reference_chunks(model_dir, data_path, ctx))[start : start + count]
     family = AutoModel.from_pretrained(model_dir).config.model_type
     causal = family not in ENCODERS
     extra = {"experts_implementation": "eager"} if family in MOE else {}

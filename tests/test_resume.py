@@ -169,6 +169,8 @@ def test_resume_refuses_other_options_and_finished_runs(llama, tmp_path):
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--threshold", "0.25")),
                    "--resume", "different --threshold", "[0.5] there, [0.25] now")
     one_error_line(run_main(args(llama, data, out, "--chunks", "7", "--resume")), "different --chunks")
+    one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--chunking", "document")),
+                   "different --chunking")
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--force")), "only one")
     ok(run_main(args(llama, data, out, "--chunks", "6", "--resume")))
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume")), "nothing to resume")

@@ -1,0 +1,301 @@
+"""What --data names, read as a stream of documents in one fixed order (no torch, no MPI):
+
+    from mpicorr import corpus
+    c = corpus.open_corpus("shards/*.jsonl.zst", "text")
+    for text in c.documents():        # one document at a time, memory bounded by a line / a row group
+        ...
+    c.manifest()                      # [{"name", "bytes", "sha256"}] of every shard, hashed on threads
+
+Accepted: a plain text file (one document: the whole file, as mpicorr always read it), jsonl, jsonl.gz,
+jsonl.zst (one JSON object per line, the text in --text-field), parquet (the --text-field column, read one
+row group at a time), Arrow files (a Hugging Face dataset saved with save_to_disk, or the arrow files of the
+datasets cache), and a folder or glob of such shards (sorted by path; in a folder, .txt files are one
+document each). Bad input raises UserError naming the file and the line or row.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import UserError
+
+HASH_THREADS = 8          # shards hashed at once (hashlib releases the GIL on large updates)
+HASH_BLOCK = 1 << 22      # bytes read per hash update
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz", ".json.gz": "jsonl.gz",
+            ".jsonl.zst": "jsonl.zst", ".jsonl.zstd": "jsonl.zst", ".json.zst": "jsonl.zst",
+            ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+HF_STATE = "state.json"   # written by datasets' save_to_disk next to its arrow files
+HF_DICT = "dataset_dict.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One file of a corpus."""
+
+    path: str
+    name: str    # as the manifest names it: relative to the folder or glob's fixed part
+    kind: str    # "text", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "arrow"
+    size: int
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The shards of --data, in reading order, and the field that holds each document's text."""
+
+    spec: str
+    shards: tuple[Shard, ...]
+    text_field: str
+    plain: bool   # --data is one plain text file: its sha256 stays the run's data identity, as always
+
+    def documents(self, first_shard: int = 0) -> Iterator[str]:
+        """Every document from shard `first_shard` on, in order."""
+        for shard in self.shards[first_shard:]:
+            yield from self.shard_documents(shard)
+
+    def shard_documents(self, shard: Shard) -> Iterator[str]:
+        """The documents of one shard; an empty shard is an error."""
+        read = {"text": _text_docs, "parquet": _parquet_docs, "arrow": _arrow_docs}.get(shard.kind, _jsonl_docs)
+        empty = True
+        for text in read(shard, self.text_field):
+            empty = False
+            yield text
+        if empty:
+            raise UserError(f"--data {shard.path}: holds no documents; remove the empty shard")
+
+    def manifest(self) -> list[dict]:
+        """Name, size and SHA-256 of every shard, hashed on a few threads."""
+        with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(self.shards)))) as pool:
+            hashes = list(pool.map(lambda s: file_sha256(s.path), self.shards))
+        return [{"name": s.name, "bytes": s.size, "sha256": h} for s, h in zip(self.shards, hashes)]
+
+
+def data_sha256(corpus: Corpus, manifest: list[dict]) -> str:
+    """The run's data identity: a plain text file's own SHA-256 (as before corpora), else that of the
+    manifest written as canonical JSON (names, sizes and hashes of every shard in order)."""
+    if corpus.plain:
+        return manifest[0]["sha256"]
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(HASH_BLOCK):
+                digest.update(block)
+    except OSError as exc:
+        raise UserError(f"--data {path}: cannot read ({exc.strerror}); give readable shards") from None
+    return digest.hexdigest()
+
+
+def open_corpus(spec: str, text_field: str = "text") -> Corpus:
+    """Resolve --data into its shards (checked to exist and be readable; their contents are checked as they
+    are read)."""
+    if any(c in spec for c in "*?[") and not os.path.exists(spec):
+        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not paths:
+            raise UserError(f"--data {spec}: the pattern matches no file; check the path and the quotes")
+        base = _glob_base(spec)
+        shards = [_shard(p, os.path.relpath(p, base), strict=True) for p in paths]
+    elif os.path.isdir(spec):
+        shards = _folder_shards(spec)
+    else:
+        _check_readable(spec)
+        kind = _kind(spec)
+        return Corpus(spec, (Shard(spec, os.path.basename(spec), kind or "text", os.path.getsize(spec)),),
+                      text_field, plain=kind in (None, "text"))
+    return Corpus(spec, tuple(shards), text_field, plain=False)
+
+
+def _folder_shards(folder: str) -> list[Shard]:
+    """The shards of a folder: a save_to_disk dataset's arrow files in its own order, else every file with a
+    known suffix below it, sorted by path."""
+    if os.path.isfile(os.path.join(folder, HF_DICT)):
+        splits = _json(os.path.join(folder, HF_DICT)).get("splits", [])
+        raise UserError(f"--data {folder}: a dataset with splits {splits}; give one split's folder, e.g. "
+                        f"{os.path.join(folder, (splits or ['train'])[0])}")
+    state = os.path.join(folder, HF_STATE)
+    if os.path.isfile(state):
+        try:
+            files = [f["filename"] for f in _json(state)["_data_files"]]
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"--data {state}: not a datasets save_to_disk state ({exc}); save the dataset "
+                            f"again") from None
+        return [_shard(os.path.join(folder, f), f, strict=True) for f in files]
+    paths = sorted(os.path.join(root, name) for root, dirs, names in os.walk(folder) for name in names
+                   if not name.startswith(".") and _kind(name))
+    if not paths:
+        raise UserError(f"--data {folder}: no shards (.txt, .jsonl[.gz|.zst], .parquet, .arrow) in this folder")
+    return [_shard(p, os.path.relpath(p, folder), strict=False) for p in paths]
+
+
+def _json(path: str) -> dict:
+    """A datasets metadata file (state.json, dataset_dict.json)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--data {path}: cannot read ({exc}); save the dataset again") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--data {path}: not a datasets metadata file; save the dataset again")
+    return value
+
+
+def _shard(path: str, name: str, strict: bool) -> Shard:
+    kind = _kind(path)
+    if kind is None:
+        if strict:
+            raise UserError(f"--data {path}: unknown shard type; name shards .txt, .jsonl, .jsonl.gz, "
+                            f".jsonl.zst, .parquet or .arrow")
+        kind = "text"
+    _check_readable(path)
+    return Shard(path, name, kind, os.path.getsize(path))
+
+
+def _kind(path: str) -> str | None:
+    lower = path.lower()
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return SUFFIXES[suffix]
+    return None
+
+
+def _glob_base(spec: str) -> str:
+    """The folder part of a glob before its first wildcard (manifest names are relative to it)."""
+    fixed = []
+    for part in spec.split(os.sep):
+        if any(c in part for c in "*?["):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or "."
+
+
+def _check_readable(path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--data {path}: cannot read ({exc.strerror}); give a readable file") from None
+
+
+def _text_docs(shard: Shard, _field: str) -> Iterator[str]:
+    """A text file: one document, the whole file (tokenized whole, as mpicorr always did)."""
+    try:
+        with open(shard.path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise UserError(f"--data {shard.path}: cannot read ({exc.strerror}); give a readable text file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--data {shard.path}: not UTF-8 (byte {exc.start}); convert the file to UTF-8") from None
+    if not text.strip():
+        raise UserError(f"--data {shard.path}: the file is empty; give a text file with at least one chunk of text")
+    yield text
+
+
+def _open_lines(shard: Shard):
+    """A binary line reader of a jsonl shard, decompressing .gz and .zst on the fly."""
+    fh = open(shard.path, "rb")
+    if shard.kind == "jsonl.gz":
+        return gzip.open(fh)
+    if shard.kind == "jsonl.zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True))
+    return fh
+
+
+def _jsonl_docs(shard: Shard, field: str) -> Iterator[str]:
+    """One document per non-blank line: the JSON object's `field`."""
+    where = f"--data {shard.path}"
+    try:
+        with _open_lines(shard) as fh:
+            for number, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                yield _line_text(raw, field, f"{where}: line {number}")
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{where}: cannot read ({exc}); the file is damaged or not {shard.kind}") from None
+    except Exception as exc:
+        if type(exc).__name__ != "ZstdError":  # zstandard.ZstdError: a damaged frame
+            raise
+        raise UserError(f"{where}: cannot decompress ({exc}); the file is damaged or not zstd") from None
+
+
+def _line_text(raw: bytes, field: str, where: str) -> str:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not UTF-8 (byte {exc.start}); convert the file to UTF-8") from None
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise UserError(f"{where}: not a JSON object ({exc}); fix or remove the line") from None
+    if not isinstance(obj, dict) or field not in obj:
+        raise UserError(f"{where}: no \"{field}\" field; give --text-field with the field that holds the text")
+    if not isinstance(obj[field], str):
+        raise UserError(f"{where}: \"{field}\" is {type(obj[field]).__name__}, not a string; give "
+                        f"--text-field with the field that holds the text")
+    return obj[field]
+
+
+def _column_texts(values: list, field: str, where: str, first_row: int) -> Iterator[str]:
+    for i, text in enumerate(values):
+        if not isinstance(text, str):
+            raise UserError(f"{where}: row {first_row + i}: \"{field}\" is {type(text).__name__}, not a string; "
+                            f"give --text-field with the column that holds the text")
+        yield text
+
+
+def _parquet_docs(shard: Shard, field: str) -> Iterator[str]:
+    """One document per row of the `field` column, one row group in memory at a time."""
+    import pyarrow.parquet as pq
+
+    where = f"--data {shard.path}"
+    try:
+        pf = pq.ParquetFile(shard.path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not parquet
+        raise UserError(f"{where}: not a parquet file ({exc}); give .parquet shards") from None
+    if field not in pf.schema_arrow.names:
+        raise UserError(f"{where}: no column \"{field}\" (columns: {', '.join(pf.schema_arrow.names)}); give "
+                        f"--text-field with the column that holds the text")
+    row = 0
+    for group in range(pf.num_row_groups):
+        values = pf.read_row_group(group, columns=[field]).column(0).to_pylist()
+        yield from _column_texts(values, field, where, row)
+        row += len(values)
+
+
+def _arrow_docs(shard: Shard, field: str) -> Iterator[str]:
+    """One document per row of an Arrow stream (datasets' format) or file, one record batch at a time."""
+    import pyarrow as pa
+
+    where = f"--data {shard.path}"
+    try:
+        source = pa.memory_map(shard.path)
+        try:
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{where}: not an Arrow file ({exc}); give a dataset saved with save_to_disk") from None
+    if field not in reader.schema.names:
+        raise UserError(f"{where}: no column \"{field}\" (columns: {', '.join(reader.schema.names)}); give "
+                        f"--text-field with the column that holds the text")
+    row = 0
+    for batch in batches:
+        values = batch.column(reader.schema.get_field_index(field)).to_pylist()
+        yield from _column_texts(values, field, where, row)
+        row += len(values)

@@ -1,0 +1,298 @@
+"""Corpora (issue 15): every --data format gives the documents in order, streamed; counts of a corpus equal
+those of the same text as plain files; --chunking document against a brute-force reference; 1, 2 and 3 ranks
+give the same bytes; bad input is one line and exit 2 with nothing written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpicorr import corpus, data, matrixfile, models, summary, tiny
+from mpicorr.dist import Comm
+from mpicorr.errors import UserError
+from conftest import MPIRUN, cli_env, run_main
+from reference import pair_loop, reference_run
+
+CTX = 16
+
+
+def documents() -> list[str]:
+    """The sample text's sentences (lengths from a few tokens to a few chunks), and one with non-ASCII text."""
+    sentences = [s.strip() + " ." for s in tiny.sample_text().replace("\n", " ").split(" . ") if s.strip()]
+    return sentences + ["naïve café — 東京 , Zürich and ☃ : text beyond ASCII , read as UTF-8 ."]
+
+
+def write_jsonl(path: str, docs: list[str], opener=open) -> str:
+    with opener(path, "wt", encoding="utf-8") as fh:
+        for i, doc in enumerate(docs):
+            fh.write(json.dumps({"id": i, "text": doc}) + "\n")
+    return path
+
+
+def write_zst(path: str, docs: list[str]) -> str:
+    import zstandard
+
+    raw = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    with open(path, "wb") as fh:
+        fh.write(zstandard.ZstdCompressor().compress(raw))
+    return path
+
+
+def write_parquet(path: str, docs: list[str], column: str = "text") -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({column: docs, "n": list(range(len(docs)))}), path, row_group_size=7)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> dict[str, str]:
+    """The same documents as: a folder of .txt files (one per document), one jsonl, jsonl.gz, jsonl.zst,
+    parquet (row groups of 7), a save_to_disk dataset, and a folder of mixed shards."""
+    from datasets import Dataset
+
+    base, docs = tmp_path_factory.mktemp("corpora"), documents()
+    (base / "txt").mkdir()
+    for i, doc in enumerate(docs):
+        (base / "txt" / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
+    mixed = base / "mixed"
+    mixed.mkdir()
+    thirds = [docs[: len(docs) // 3], docs[len(docs) // 3 : 2 * len(docs) // 3], docs[2 * len(docs) // 3 :]]
+    write_jsonl(str(mixed / "a.jsonl.gz"), thirds[0], gzip.open)
+    write_parquet(str(mixed / "b.parquet"), thirds[1])
+    write_zst(str(mixed / "c.jsonl.zst"), thirds[2])
+    Dataset.from_dict({"text": docs}).save_to_disk(str(base / "hf"), max_shard_size="2KB")
+    return {"txt": str(base / "txt"), "jsonl": write_jsonl(str(base / "d.jsonl"), docs),
+            "gz": write_jsonl(str(base / "d.jsonl.gz"), docs, gzip.open), "zst": write_zst(str(base / "d.jsonl.zst"), docs),
+            "parquet": write_parquet(str(base / "d.parquet"), docs), "hf": str(base / "hf"), "mixed": str(mixed),
+            "glob": str(mixed / "*"), "one": write_jsonl(str(base / "one.jsonl"), [tiny.sample_text()])}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(llama):
+    return models.load_tokenizer(llama)
+
+
+def brute_chunks(tok, docs: list[str], ctx: int, chunking: str) -> np.ndarray:
+    """The chunks by the README's rules, written independently of mpicorr.data."""
+    bos = tok.bos_token_id
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    rows = []
+    if chunking == "concat":
+        stream = [t for doc in ids for t in doc]
+        rows = [stream[i : i + ctx] for i in range(0, len(stream) - ctx + 1, ctx)]
+    else:
+        for doc in ids:
+            doc = [bos] + doc
+            rows += [doc[i : i + ctx] for i in range(0, len(doc) - ctx + 1, ctx)]
+    for row in rows:
+        row[0] = bos
+    return np.array(rows, dtype=np.int64)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "gz", "zst", "parquet", "hf", "mixed", "glob"])
+def test_every_format_reads_the_documents_in_order(corpora, kind):
+    c = corpus.open_corpus(corpora[kind])
+    assert list(c.documents()) == documents()
+    manifest = c.manifest()
+    assert [m["bytes"] for m in manifest] == [os.path.getsize(s.path) for s in c.shards]
+    assert len(corpus.data_sha256(c, manifest)) == 64 and not c.plain
+
+
+@pytest.mark.parametrize("chunking", ["concat", "document"])
+def test_chunk_source_equals_brute_force_chunks(corpora, tokenizer, monkeypatch, chunking):
+    """Every batch split gives the brute-force chunks, with pass 1 in rounds of at most 5 documents or 300 characters; --max-tokens
+    keeps the first whole chunks."""
+    monkeypatch.setattr(data, "ROUND_DOCS", 5)
+    monkeypatch.setattr(data, "ROUND_CHARS", 300)  # some rounds end at a length, not a document count
+    monkeypatch.setattr(data, "ENCODE_DOCS", 2)
+    want = brute_chunks(tokenizer, documents(), CTX, chunking)
+    c = corpus.open_corpus(corpora["mixed"])
+    layout = data.scan(c, tokenizer, CTX, chunking, None, Comm())
+    assert layout.chunks == len(want) and layout.complete
+    for step in (1, 3, 7):
+        source = data.ChunkSource(c, layout, tokenizer)
+        got = np.concatenate([source.get(a, min(a + step, layout.chunks)) for a in range(0, layout.chunks, step)])
+        assert np.array_equal(got, want), step
+    assert np.array_equal(data.ChunkSource(c, layout, tokenizer).get(5, 9), want[5:9])
+    short = data.scan(c, tokenizer, CTX, chunking, 10 * CTX + 5, Comm())
+    assert short.chunks == 10 and not short.complete and len(short.doc_tokens) < len(documents())
+    assert np.array_equal(data.ChunkSource(c, short, tokenizer).get(0, 10), want[:10])
+    if chunking == "document":
+        lengths = np.array([len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in documents()])
+        assert layout.skipped() == (int((lengths < CTX).sum()), int((lengths % CTX).sum())) and layout.skipped()[0]
+
+
+def counted(folder: str) -> dict[str, bytes]:
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".zstd")}
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_corpus_counts_equal_plain_text(llama, sample_path, corpora, tmp_path):
+    """concat: a one-document jsonl counts the bytes of the text file; every format of the multi-document
+    corpus counts the bytes of the folder of .txt files (the same token stream); the text file keeps its own
+    sha256 as data_sha256."""
+    args = ["run", "--model", llama, "--ctx", "64", "--batch-size", "2"]
+    ok(run_main(args + ["--data", sample_path, "--out", str(tmp_path / "plain")]))
+    ok(run_main(args + ["--data", corpora["one"], "--out", str(tmp_path / "one")]))
+    assert counted(str(tmp_path / "plain")) == counted(str(tmp_path / "one")) != {}
+    root = summary.read_summary(str(tmp_path / "plain" / "summary.h5"))[0]
+    assert root["data_sha256"] == corpus.file_sha256(sample_path) and root["chunking"] == "concat"
+    assert "data_manifest" not in root
+    for kind in ("txt", "jsonl", "zst", "parquet", "hf", "mixed"):
+        ok(run_main(args + ["--data", corpora[kind], "--out", str(tmp_path / kind), "--ctx", str(CTX)]))
+        assert counted(str(tmp_path / kind)) == counted(str(tmp_path / "txt")), kind
+    root = summary.read_summary(str(tmp_path / "mixed" / "summary.h5"))[0]
+    assert [m["name"] for m in json.loads(root["data_manifest"])] == ["a.jsonl.gz", "b.parquet", "c.jsonl.zst"]
+    assert root["documents"] == len(documents()) and root["data_shards"] == 3
+
+
+def test_document_chunking_equals_brute_force_reference(llama, corpora, tokenizer, tmp_path):
+    out = str(tmp_path / "doc")
+    result = ok(run_main(["run", "--model", llama, "--data", corpora["jsonl"], "--out", out, "--ctx", str(CTX),
+                          "--chunking", "document", "--chunk-start", "2", "--chunks", "20"]))
+    chunks = brute_chunks(tokenizer, documents(), CTX, "document").tolist()
+    fired = reference_run(llama, None, CTX, 0.5, 2, 20, chunks=chunks)[0]
+    for layer, mask in fired.items():
+        header, packed = matrixfile.read_matrix(os.path.join(out, matrixfile.matrix_name(layer)))
+        assert header.trials == 20 * CTX and np.array_equal(packed, pair_loop(mask)), layer
+    root = summary.read_summary(os.path.join(out, "summary.h5"))[0]
+    assert root["chunking"] == "document" and root["chunks_available"] == len(chunks)
+    assert root["documents_skipped"] > 0, result.stdout
+
+
+def test_max_tokens_and_plan(llama, corpora, tokenizer, tmp_path):
+    """--max-tokens counts the chunks of the first N tokens (the bytes of --chunks N // ctx); plan shows the
+    token and chunk counts without counting."""
+    args = ["run", "--model", llama, "--data", corpora["mixed"], "--ctx", str(CTX)]
+    ok(run_main(args + ["--max-tokens", str(12 * CTX + 3), "--out", str(tmp_path / "max")]))
+    ok(run_main(args + ["--chunks", "12", "--out", str(tmp_path / "chunks")]))
+    assert counted(str(tmp_path / "max")) == counted(str(tmp_path / "chunks"))
+    shown = ok(run_main(["plan", *args[1:], "--chunking", "document", "--ranks", "2"])).stdout
+    tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in documents())
+    chunks = len(brute_chunks(tokenizer, documents(), CTX, "document"))
+    assert f"{len(documents())} document(s) in 3 shard(s), {tokens} tokens" in shown
+    assert f"{chunks} chunks of {CTX} tokens" in shown and "--chunking document" in shown
+    assert "shorter than --ctx skipped" in shown and not os.path.exists(str(tmp_path / "mpicorr-out"))
+
+
+def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
+    """(extra arguments, what the one line must name) for every kind of bad input."""
+    def jsonl(name: str, lines: list[bytes]) -> str:
+        path = tmp_path / name
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        return str(path)
+
+    good = json.dumps({"text": "fine text here"}).encode()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.jsonl").write_bytes(good + b"\n")
+    (empty / "b.jsonl").write_bytes(b"")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    os.symlink(str(tmp_path / "nowhere.jsonl"), str(gone / "a.jsonl"))
+    return [
+        (["--data", jsonl("json.jsonl", [good, good, b"{not json"])], "json.jsonl: line 3"),
+        (["--data", jsonl("field.jsonl", [good, b'{"content": "x"}'])], "field.jsonl: line 2"),
+        (["--data", jsonl("type.jsonl", [b'{"text": 5}'])], "type.jsonl: line 1"),
+        (["--data", jsonl("utf8.jsonl", [good, b'{"text": "caf\xe9"}'])], "utf8.jsonl: line 2"),
+        (["--data", str(gone)], "gone/a.jsonl: cannot read"),
+        (["--data", str(empty)], "b.jsonl: holds no documents"),
+        (["--data", str(tmp_path / "no-such-*.jsonl")], "matches no file"),
+        (["--data", write_parquet(str(tmp_path / "col.parquet"), ["a b c"], column="body")], "no column \"text\""),
+        (["--data", jsonl("short.jsonl", [good])], "too short for one chunk"),
+        (["--data", jsonl("shortdoc.jsonl", [good] * 40), "--chunking", "document"], "every document is shorter"),
+    ]
+
+
+def test_bad_input_is_one_line_and_nothing_written(llama, tmp_path):
+    for extra, named in bad_inputs(tmp_path):
+        out = tmp_path / "out"
+        result = run_main(["run", "--model", llama, "--ctx", str(CTX), "--out", str(out), *extra])
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (extra, result.stderr)
+        assert named in result.stderr and not out.exists(), (extra, result.stderr)
+
+
+def test_bad_input_under_mpirun_is_one_line(llama, tmp_path):
+    """Pass 1 meets the bad line on every rank: rank 0 reports it once, every rank exits, nothing written."""
+    from conftest import run_cli
+
+    extra, named = bad_inputs(tmp_path)[0]
+    out = tmp_path / "out"
+    result = run_cli(["run", "--model", llama, "--ctx", str(CTX), "--out", str(out), *extra], ranks=2, timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
+    assert result.returncode == 2 and len(lines) == 1 and named in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_check_data_refuses_before_torch(tmp_path):
+    from mpicorr import inputs
+
+    with pytest.raises(UserError, match="matches no file"):
+        inputs.check_data(str(tmp_path / "x-*.jsonl"))
+    inputs.check_data(write_jsonl(str(tmp_path / "a.jsonl"), ["x"]))
+
+
+def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
+    """2 and 3 ranks (one mpirun each, its runs in one interpreter per rank), each with both schedules and
+    both chunkings between them, over mixed shards: the bytes of the 1-rank run of that chunking."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not found")
+    common = ["run", "--model", llama, "--data", corpora["mixed"], "--ctx", str(CTX), "--batch-size", "3",
+              "--hostfile", "none"]
+    jobs = {2: [("concat", "static"), ("document", "dynamic")], 3: [("concat", "dynamic"), ("document", "static")]}
+    for ranks, runs in jobs.items():
+        argvs = [common + ["--chunking", c, "--schedule", s, "--out", str(tmp_path / f"{c}-{s}-{ranks}")]
+                 for c, s in runs]
+        result = subprocess.run([MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable,
+                                 os.path.join(os.path.dirname(__file__), "many_runs.py"), json.dumps(argvs)],
+                                capture_output=True, text=True, env=cli_env(), timeout=600, cwd=str(tmp_path))
+        ok(result)
+    for chunking in ("concat", "document"):
+        ok(run_main(common + ["--chunking", chunking, "--out", str(tmp_path / f"{chunking}-1")]))
+        one = counted(str(tmp_path / f"{chunking}-1"))
+        assert one
+        for ranks, runs in jobs.items():
+            for c, s in runs:
+                if c == chunking:
+                    assert counted(str(tmp_path / f"{c}-{s}-{ranks}")) == one, (c, s, ranks)
+
+
+def test_sum_refuses_runs_of_another_chunking():
+    from mpicorr import filetools
+
+    base = {"model": "m", "data_sha256": "x", "ctx": 16, "threshold": 0.5, "site": "ffn", "site_modules": ["a"],
+            "chunk_start": 0, "chunks": 2, "nll_fixed": 0}
+    old, concat = dict(base), dict(base, chunking="concat", chunk_start=2)
+    assert filetools.check_mergeable(["old", "new"], [old, concat])  # runs from before --chunking are concat
+    with pytest.raises(UserError, match="different --chunking"):
+        filetools.check_mergeable(["a", "b"], [concat, dict(base, chunking="document")])
+
+
+def test_prefetched_batches_come_in_order_and_errors_surface():
+    calls = []
+
+    def get(b0: int, b1: int) -> np.ndarray:
+        calls.append((b0, b1))
+        if b0 == 6:
+            raise UserError("--data x: line 9: broken")
+        return np.full((b1 - b0, 2), b0)
+
+    batches = ((0, 2), (2, 4), (4, 6))
+    got = list(data.prefetched(batches, get, ahead=True))
+    assert [b for b, _ in got] == list(batches) and all((ids == b[0]).all() for b, ids in got)
+    assert calls == list(batches)
+    with pytest.raises(UserError, match="line 9"):
+        list(data.prefetched(((4, 6), (6, 8)), get, ahead=True))
+    assert [b for b, _ in data.prefetched(iter(batches), get, ahead=False)] == list(batches)
