@@ -41,7 +41,9 @@ NAME = re.compile(r"g(\d+)-r(\d+)\.ckpt")
 IDENTITY = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "chunk_start": "--chunk-start",
             "chunks": "--chunks", "threshold": "--threshold", "batch_size": "--batch-size",
             "dtype": "--dtype", "site": "--site", "site_module": "--site-module", "dump": "--dump",
-            "chunking": "--chunking"}
+            "chunking": "--chunking", "text_field": "--text-field"}
+# What checkpoints written before a key existed meant by its absence (before corpora: concat, a plain file).
+IDENTITY_DEFAULTS = {"chunking": "concat", "text_field": None}
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,10 @@ def resume(out: str, identity: dict, work: list[plan.Batch]) -> Resume:
     live, generation = scan(out)
     for ck in live:
         for key, option in IDENTITY.items():
-            if ck.identity.get(key) != identity[key]:
+            before = ck.identity.get(key, IDENTITY_DEFAULTS.get(key))
+            if before != identity[key]:
                 raise UserError(f"--resume: {ck.path} was made with a different {option} "
-                                f"({_show(ck.identity.get(key))} there, {_show(identity[key])} now); "
+                                f"({_show(before)} there, {_show(identity[key])} now); "
                                 f"rerun with the same options, or start over with --force")
     finished = [r for ck in live for r in ck.finished]
     merged = plan.merge_ranges(finished)

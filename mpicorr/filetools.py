@@ -182,6 +182,7 @@ def run_ranges(root: dict) -> list[plan.Batch]:
 
 # How the data was cut into chunks (issue 15) must match too; runs from before the attribute existed are concat.
 SAME_RUN["chunking"] = "--chunking"
+SAME_RUN["text_field"] = "--text-field"  # recorded for corpora only: absent on both sides for plain text files
 SAME_RUN_DEFAULTS = {"chunking": "concat"}
 CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens")  # kept by a merge
 

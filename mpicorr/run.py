@@ -173,7 +173,7 @@ def prepare(cfg: Config, hosts: list[str], src: Data) -> Job:
     sample = dumping.plan_sample(cfg, src.layout.chunks, start, count) if cfg.dump else None
     check_out(cfg.out, cfg.force, cfg.resume)
     work = plan.batches(start, count, cfg.batch_size)
-    ident = identity(cfg, sha, start, count)
+    ident = identity(cfg, sha, start, count, None if src.corpus.plain else cfg.text_field)
     resumed, generation = [], 1
     if cfg.resume:
         state = checkpoint.resume(cfg.out, ident, work)
@@ -184,12 +184,13 @@ def prepare(cfg: Config, hosts: list[str], src: Data) -> Job:
                plan.make_plan(work, hosts, weights), ident, resumed, generation, sample)
 
 
-def identity(cfg: Config, data_sha256: str, start: int, count: int) -> dict:
-    """The options a checkpoint belongs to (JSON values, as stored in checkpoint headers)."""
+def identity(cfg: Config, data_sha256: str, start: int, count: int, text_field: str | None = None) -> dict:
+    """The options a checkpoint belongs to (JSON values, as stored in checkpoint headers); `text_field`: a
+    corpus's --text-field (None for a plain text file, where it means nothing)."""
     return {"model": cfg.model, "data_sha256": data_sha256, "ctx": cfg.ctx, "chunk_start": start,
             "chunks": count, "threshold": list(cfg.threshold), "batch_size": cfg.batch_size, "dtype": cfg.dtype,
             "site": cfg.site, "site_module": cfg.site_module, "chunking": cfg.chunking,
-            "dump": cfg.dump and {"dir": cfg.dump, "tokens": cfg.dump_tokens, "rate": cfg.dump_rate,
+            "text_field": text_field, "dump": cfg.dump and {"dir": cfg.dump, "tokens": cfg.dump_tokens, "rate": cfg.dump_rate,
                                   "values": cfg.dump_values}}
 
 

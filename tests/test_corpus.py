@@ -296,3 +296,32 @@ def test_prefetched_batches_come_in_order_and_errors_surface():
     with pytest.raises(UserError, match="line 9"):
         list(data.prefetched(((4, 6), (6, 8)), get, ahead=True))
     assert [b for b, _ in data.prefetched(iter(batches), get, ahead=False)] == list(batches)
+
+
+def test_sum_refuses_runs_of_another_text_field():
+    from mpicorr import filetools
+
+    base = {"model": "m", "data_sha256": "x", "ctx": 16, "threshold": 0.5, "site": "ffn", "site_modules": ["a"],
+            "chunk_start": 0, "chunks": 2, "nll_fixed": 0, "chunking": "concat", "text_field": "text"}
+    with pytest.raises(UserError, match="different --text-field"):
+        filetools.check_mergeable(["a", "b"], [base, dict(base, text_field="content", chunk_start=2)])
+
+
+def test_resume_takes_checkpoints_from_before_corpora_and_refuses_another_text_field(tmp_path, monkeypatch):
+    """A checkpoint written before --chunking/--text-field existed (neither key) resumes a plain-text concat
+    run; one of a corpus read through another --text-field is refused (the same shards, other documents)."""
+    from mpicorr import checkpoint, plan
+
+    ident = {key: None for key in checkpoint.IDENTITY} | {"chunking": "concat", "text_field": None}
+    old = {k: v for k, v in ident.items() if k not in ("chunking", "text_field")}
+    work = plan.batches(0, 4, 1)
+
+    def live(identity):
+        ck = checkpoint.Checkpoint(str(tmp_path / "g1-r0.ckpt"), identity, [(0, 2)], 0, 0, [], "<i4", [])
+        monkeypatch.setattr(checkpoint, "scan", lambda out: ([ck], 2))
+
+    live(old)
+    assert checkpoint.resume(str(tmp_path), ident, work).todo == [(2, 3), (3, 4)]
+    live(dict(ident, text_field="text"))
+    with pytest.raises(UserError, match="different --text-field"):
+        checkpoint.resume(str(tmp_path), dict(ident, text_field="content"), work)
