@@ -87,8 +87,8 @@ class Tally:
 
 @dataclass
 class Data:
-    """Every rank's view of --data after pass 1: the corpus, its chunk layout and the tokenizer; on rank 0 also
-    the shard manifest (hashed on threads while pass 1 runs)."""
+    """Every rank's view of --data after pass 1: the corpus (with --stage-data, its staged copy), its chunk layout
+    and the tokenizer; on rank 0 also the shard manifest (hashed on threads while pass 1 runs, or by staging)."""
 
     corpus: data.Corpus
     layout: data.Layout
