@@ -53,6 +53,7 @@ class Config:
     hostfile: str | None = None
     schedule: str = "static"
     stage_model: str | None = None
+    stage_data: str | None = None
     force: bool = False
     resume: bool = False
     checkpoint_every: int | None = None
@@ -102,6 +103,10 @@ HELP = {
     "stage_model": "copy the model folder from rank 0 over MPI into this node-local folder on every node "
                    "(once: checked by SHA-256, skipped while the copy there hashes the same), for clusters "
                    "without a shared filesystem (default: every rank reads --model itself)",
+    "stage_data": "copy --data's shards (a text file: that file) from rank 0 over MPI into <name> in this "
+                  "node-local folder on every node (<name>: --data's last path name) and read them there (once: "
+                  "checked by SHA-256, skipped while the copy there hashes the same), for clusters without a "
+                  "shared filesystem (default: every rank reads --data itself, at the same path on every node)",
     "force": "start over in --out: delete its checkpoints before counting and the previous run's outputs "
              "before writing (only files by mpicorr's names)",
     "resume": "continue the run whose checkpoints are in --out; finished chunks are not counted again "
@@ -185,7 +190,7 @@ def build_config(args: argparse.Namespace, command: str) -> Config:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
-    for key in ("model", "data", "out", "hostfile", "dump"):  # TOML values get no shell expansion of ~
+    for key in ("model", "data", "out", "hostfile", "dump", "stage_data"):  # TOML values get no shell expansion of ~
         if isinstance(values.get(key), str) and values[key].startswith("~"):
             values[key] = os.path.expanduser(values[key])
     if values.get("hostfile") is None and os.path.exists(DEFAULT_HOSTFILE):

@@ -22,7 +22,7 @@ import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from .errors import UserError
@@ -76,6 +76,25 @@ class Corpus:
             hashes = list(pool.map(lambda s: file_sha256(s.path), self.shards))
         return [{"name": s.name, "bytes": s.size, "sha256": h} for s, h in zip(self.shards, hashes)]
 
+    def moved(self, base: str) -> "Corpus":
+        """The same corpus read from copies of its shards at base/<shard name> (--stage-data): the same names,
+        kinds, sizes and order, so the same documents, manifest and data identity."""
+        return replace(self, shards=tuple(replace(s, path=os.path.join(base, s.name)) for s in self.shards))
+
+    def unreadable(self) -> str | None:
+        """What is wrong with the first shard this process cannot open or whose size is not the one
+        listed (rank 0's, when rank 0 resolved the corpus); None when all can be read. A stat per shard, no
+        read."""
+        for shard in self.shards:
+            try:
+                with open(shard.path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+            except OSError as exc:
+                return f"cannot open {shard.path} ({exc.strerror})"
+            if size != shard.size:
+                return f"finds {shard.path} at {size} bytes where rank 0 found {shard.size}"
+        return None
+
 
 def data_sha256(corpus: Corpus, manifest: list[dict]) -> str:
     """The run's data identity: a plain text file's own SHA-256 (as before corpora), else that of the
@@ -100,7 +119,7 @@ def file_sha256(path: str) -> str:
 def open_corpus(spec: str, text_field: str = "text") -> Corpus:
     """Resolve --data into its shards (checked to exist and be readable; their contents are checked as they
     are read)."""
-    if any(c in spec for c in "*?[") and not os.path.exists(spec):
+    if _is_glob(spec):
         paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not paths:
             raise UserError(f"--data {spec}: the pattern matches no file; check the path and the quotes")
@@ -114,6 +133,16 @@ def open_corpus(spec: str, text_field: str = "text") -> Corpus:
         return Corpus(spec, (Shard(spec, os.path.basename(spec), kind or "text", os.path.getsize(spec)),),
                       text_field, plain=kind in (None, "text"))
     return Corpus(spec, tuple(shards), text_field, plain=False)
+
+
+def folder_name(spec: str) -> str:
+    """The last name of --data's path (of a glob, of its folder part before the first wildcard): what
+    --stage-data calls its copy."""
+    return os.path.basename(os.path.abspath(_glob_base(spec) if _is_glob(spec) else spec)) or "data"
+
+
+def _is_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[") and not os.path.exists(spec)
 
 
 def _folder_shards(folder: str) -> list[Shard]:

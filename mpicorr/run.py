@@ -26,7 +26,7 @@ from .config import Config, hostfile_label, output_folders, parse_part
 from .counting import (LayerCounts, MoeCounts, check_all, check_fixed_total, chunk_nll, count_dtype, fixed_maxima,
                        split_stats, units)
 from .dist import Comm, Service
-from .errors import Terminated, UserError
+from .errors import SharedError, Terminated, UserError
 from .hooks import feeding, recording
 from .progress import JobProgress
 
@@ -87,8 +87,8 @@ class Tally:
 
 @dataclass
 class Data:
-    """Every rank's view of --data after pass 1: the corpus, its chunk layout and the tokenizer; on rank 0 also
-    the shard manifest (hashed on threads while pass 1 runs)."""
+    """Every rank's view of --data after pass 1: the corpus (with --stage-data, its staged copy), its chunk layout
+    and the tokenizer; on rank 0 also the shard manifest (hashed on threads while pass 1 runs, or by staging)."""
 
     corpus: data.Corpus
     layout: data.Layout
@@ -129,15 +129,35 @@ def model_tokenizer(cfg: Config):
     return models.load_tokenizer(cfg.model)
 
 
-def read_data(cfg: Config, comm: Comm, hashed: bool = True) -> Data:
-    """Every rank of `comm`: resolve --data and run pass 1 together (data.scan) for the chunk layout; rank 0
-    hashes the shards meanwhile when `hashed`."""
+def read_data(cfg: Config, comm: Comm, counting: bool = True) -> Data:
+    """Every rank of `comm`: rank 0 resolves --data; for a run (`counting`) with --stage-data its shards are
+    copied to every node first; every rank checks it can open rank 0's shards (check_shards); then pass 1
+    together (data.scan) gives the chunk layout, while rank 0 hashes the shards for a run (staging hashed them
+    already). `plan` (counting False) reads rank 0's --data alone."""
     tokenizer = comm.checked(lambda: model_tokenizer(cfg), root_only=True)
     models.quiet_transformers()
-    source = comm.checked(lambda: data.open_corpus(cfg.data, cfg.text_field))
-    manifest = Background(source.manifest) if comm.rank == 0 and hashed else None
+    source = comm.checked(lambda: data.open_corpus(cfg.data, cfg.text_field), root_only=True)
+    manifest = None
+    if counting and cfg.stage_data:
+        source, listed = stage.stage_corpus(source, cfg.stage_data, comm)
+        manifest = Background(lambda: listed) if comm.rank == 0 else None
+    elif counting and comm.rank == 0:
+        manifest = Background(source.manifest)
+    check_shards(cfg, source, comm)
     layout = data.scan(source, tokenizer, cfg.ctx, cfg.chunking, cfg.max_tokens, comm)
     return Data(source, layout, tokenizer, manifest)
+
+
+def check_shards(cfg: Config, corpus: data.Corpus, comm: Comm) -> None:
+    """Every rank opens every shard of rank 0's corpus and finds rank 0's sizes (a stat each, no read): pass 1
+    reads every document on every rank. A rank that cannot stops all ranks with one line naming it."""
+    problems = comm.allgather((comm.host, corpus.unreadable()))
+    for rank, (host, problem) in enumerate(problems):
+        if problem is None:
+            continue
+        fix = ("give --stage-data a folder that every rank of a node can read (an absolute path)" if cfg.stage_data
+               else "put the corpus at the same path on every node (a shared filesystem) or add --stage-data DIR")
+        raise SharedError(f"--data {cfg.data}: rank {rank} on {host} {problem}; {fix}")
 
 
 def select_chunks(cfg: Config, layout: data.Layout) -> tuple[int, int]:
@@ -196,7 +216,7 @@ def identity(cfg: Config, data_sha256: str, start: int, count: int, text_field: 
 
 def dry_plan(cfg: Config, ranks: int) -> str:
     """The plan table for `ranks` ranks placed by slot over the hostfile (Open MPI's default), no model loaded."""
-    src = read_data(cfg, Comm(), hashed=False)  # plan runs on rank 0 alone: pass 1 serially, no hashing
+    src = read_data(cfg, Comm(), counting=False)  # plan runs on rank 0 alone: pass 1 serially, no hashing
     start, count = select_chunks(cfg, src.layout)
     available = src.layout.chunks
     if cfg.hostfile is None:

@@ -1,12 +1,14 @@
-"""--stage-model DIR: copy the model folder from rank 0 to a node-local folder on every node, over MPI.
+"""--stage-model DIR and --stage-data DIR: copy files from rank 0 to a node-local folder on every node, over MPI.
 
-For clusters without a shared filesystem (as in the original, where only the master node held the model).
-Rank 0 lists the folder (path, size, SHA-256 of every file); one rank per node (local rank 0) checks its
-copy against that list (sizes and SHA-256s: see sha256s for the cost) and, if it differs, receives the
-files in pieces broadcast from rank 0, checks each file's SHA-256 and renames the finished folder into
-place. A stamp file records the list, so a later run skips nodes whose copy still hashes the same. Only
-folders staging made (holding the stamp, or the mark a staging folder gets first) are ever replaced or
-deleted: a folder of the same name that the user owns is refused.
+For clusters without a shared filesystem (as in the original, where only the master node held the model and
+the data). What is copied is a list of rank 0's files, each under a relative path: the model folder's files
+(stage_model), or the corpus's shards under their manifest names (stage_corpus). Rank 0 lists them (path,
+size, SHA-256 of every file); one rank per node (local rank 0) checks its copy against that list (sizes and
+SHA-256s: see sha256s for the cost) and, if it differs, receives the files in pieces broadcast from rank 0,
+checks each file's SHA-256 and renames the finished folder into place. A stamp file records the list, so a
+later run skips nodes whose copy still hashes the same. Only folders staging made (holding the stamp, or the
+mark a staging folder gets first) are ever replaced or deleted: a folder of the same name that the user owns
+is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
+from .corpus import Corpus, folder_name
 from .dist import Comm
 from .errors import UserError
 
@@ -47,14 +50,24 @@ def staged_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model.replace("/", "--")
 
 
-def manifest(folder: str) -> list[dict]:
-    """Every file under `folder` (sorted, relative paths) with its size and SHA-256."""
+def files_of(folder: str) -> list[tuple[str, str]]:
+    """Every file under `folder` (sorted) as (path, path relative to `folder`), staging's own files left out."""
     paths = []
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs.sort()
         paths += [os.path.join(root, n) for n in sorted(names) if n != STAMP and not n.startswith(".mpicorr-")]
-    return [{"path": os.path.relpath(p, folder), "size": os.path.getsize(p), "sha256": sha}
-            for p, sha in zip(paths, sha256s(paths))]
+    return [(p, os.path.relpath(p, folder)) for p in paths]
+
+
+def manifest(folder: str) -> list[dict]:
+    """Every file under `folder` (sorted, relative paths) with its size and SHA-256."""
+    return describe(files_of(folder))
+
+
+def describe(files: list[tuple[str, str]]) -> list[dict]:
+    """The staging list of (path, relative path) pairs: each relative path with its file's size and SHA-256."""
+    return [{"path": rel, "size": os.path.getsize(p), "sha256": sha}
+            for (p, rel), sha in zip(files, sha256s([p for p, _ in files]))]
 
 
 def sha256s(paths: list[str]) -> list[str]:
@@ -97,21 +110,60 @@ def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = 
     `model` matters on rank 0 only; `leader` (default: local rank 0) marks the one rank per node that
     writes the copy. Every rank must call this."""
     source = comm.checked(lambda: resolve(model), root_only=True)  # rank 0's path (used by rank 0 only)
-    name, files = comm.bcast((staged_name(model), manifest(source)) if comm.rank == 0 else None)
+    files = files_of(source) if comm.rank == 0 else None
+    return stage(files, staged_name(model) if comm.rank == 0 else None, root, comm, "--stage-model", leader)[0]
+
+
+def stage_corpus(corpus: Corpus, root: str, comm: Comm, leader: bool | None = None) -> tuple[Corpus, list[dict]]:
+    """--stage-data: make rank 0's shards of `corpus` available as root/<name>/<shard name> on every node
+    (<name>: --data's last path name, a glob's folder's); return the corpus read from there (the same shards,
+    names, kinds and sizes, so the same documents) and the corpus's manifest (Corpus.manifest's, from the
+    SHA-256s of rank 0's source files that staging took). `corpus` is rank 0's, on every rank. Every rank must
+    call this."""
+    files = [(s.path, s.name) for s in corpus.shards] if comm.rank == 0 else None
+    target, listing = stage(files, folder_name(corpus.spec) if comm.rank == 0 else None, root, comm,
+                            "--stage-data", leader)
+    return corpus.moved(target), [{"name": f["path"], "bytes": f["size"], "sha256": f["sha256"]} for f in listing]
+
+
+def stage(files: list[tuple[str, str]] | None, name: str | None, root: str, comm: Comm, option: str,
+          leader: bool | None = None) -> tuple[str, list[dict]]:
+    """Make rank 0's `files` ((path, relative path) pairs) available as root/<name>/<relative path> on every
+    node; return that folder and the staging list (relative paths, sizes, SHA-256s).
+
+    `files` and `name` matter on rank 0 only; `option` names the option in messages; `leader` (default: local
+    rank 0) marks the one rank per node that writes the copy. Every rank must call this."""
+    comm.checked(lambda: _check_names(files, option), root_only=True)
+    name, listing = comm.bcast((name, describe(files)) if comm.rank == 0 else None)
     target = os.path.join(root, name)
     leader = comm.local_rank == 0 if leader is None else leader
-    leaders = comm.split(0 if leader or comm.rank == 0 else 1)
-    error = None
-    if leader or comm.rank == 0:
-        same = comm.rank == 0 and os.path.realpath(target) == os.path.realpath(source)  # already in place
-        need = leader and not same and not is_staged(target, files)
-        needs = leaders.allgather(need)
-        if any(needs):
-            group = leaders.split(0 if need or leaders.rank == 0 else 1)
-            if need or leaders.rank == 0:
-                error = _transfer(source, target, files, group, need)
+    error = _copy(files, target, listing, comm, option, leader)
     comm.checked(lambda: _raise(error))
-    return target
+    return target, listing
+
+
+def _check_names(files: list[tuple[str, str]], option: str) -> None:
+    """Every relative path stays inside the staged folder (a name from a dataset's state.json could not)."""
+    for _, rel in files:
+        if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
+            raise UserError(f"{option}: {rel} lies outside the folder staged; give files under one folder")
+
+
+def _copy(files: list[tuple[str, str]] | None, target: str, listing: list[dict], comm: Comm, option: str,
+          leader: bool) -> str | None:
+    """Rank 0 and the leaders: send the files to the leaders whose copy differs. An error string, or None."""
+    leaders = comm.split(0 if leader or comm.rank == 0 else 1)
+    if not (leader or comm.rank == 0):
+        return None
+    same = comm.rank == 0 and all(os.path.realpath(os.path.join(target, rel)) == os.path.realpath(path)
+                                  for path, rel in files)  # already in place (the source itself)
+    need = leader and not same and not is_staged(target, listing)
+    if not any(leaders.allgather(need)):
+        return None
+    group = leaders.split(0 if need or leaders.rank == 0 else 1)
+    if not (need or leaders.rank == 0):
+        return None
+    return _transfer([path for path, _ in files] if comm.rank == 0 else None, target, listing, group, need, option)
 
 
 def made_here(folder: str) -> bool:
@@ -128,27 +180,29 @@ def _raise(error: str | None) -> None:
         raise UserError(error)
 
 
-def _transfer(source: str | None, target: str, files: list[dict], group: Comm, write: bool) -> str | None:
-    """Broadcast every file from the group's rank 0; writers check and install the copy. An error string
-    (no exception: every member must take part in every broadcast, or the others would wait forever)."""
+def _transfer(sources: list[str] | None, target: str, files: list[dict], group: Comm, write: bool,
+              option: str) -> str | None:
+    """Broadcast every file from the group's rank 0 (which reads `sources`, one path per entry of `files`);
+    writers check and install the copy. An error string (no exception: every member must take part in every
+    broadcast, or the others would wait forever)."""
     tmp, error = f"{target}.staging", None
     foreign = [f for f in (target, tmp) if write and not made_here(f)]
     if foreign:
-        error, write = (f"--stage-model: {foreign[0]} exists and was not made by --stage-model; move it away or "
-                        f"choose another (node-local) --stage-model folder"), False
+        error, write = (f"{option}: {foreign[0]} exists and was not made by {option}; move it away or "
+                        f"choose another (node-local) {option} folder"), False
     if write:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             open(os.path.join(tmp, MARK), "wb").close()
         except OSError as exc:
-            error, write = f"--stage-model: cannot create {tmp} ({exc.strerror}); choose a writable folder", False
-    for f in files:
+            error, write = f"{option}: cannot create {tmp} ({exc.strerror}); choose a writable folder", False
+    for i, f in enumerate(files):
         h, out = hashlib.sha256(), None
         if write:
             os.makedirs(os.path.dirname(os.path.join(tmp, f["path"])), exist_ok=True)
             out = open(os.path.join(tmp, f["path"]), "wb")
-        with open(os.path.join(source, f["path"]), "rb") if group.rank == 0 else nullcontext() as src:
+        with open(sources[i], "rb") if group.rank == 0 else nullcontext() as src:
             for offset in range(0, max(f["size"], 1), PIECE):
                 size = min(PIECE, f["size"] - offset)
                 piece = group.bcast_array(np.frombuffer(src.read(size), dtype=np.uint8) if src else None, size)
@@ -157,15 +211,16 @@ def _transfer(source: str | None, target: str, files: list[dict], group: Comm, w
                     try:
                         out.write(piece.tobytes())
                     except OSError as exc:
-                        error = error or f"--stage-model: writing {tmp} failed ({exc.strerror}); free space or choose another folder"
+                        error = error or (f"{option}: writing {tmp} failed ({exc.strerror}); free space or "
+                                          f"choose another folder")
         if out is not None:
             out.close()
             if error is None and h.hexdigest() != f["sha256"]:
-                error = f"--stage-model: {f['path']} arrived with a different SHA-256; rerun to copy it again"
+                error = f"{option}: {f['path']} arrived with a different SHA-256; rerun to copy it again"
     if write and error is None:
         with open(os.path.join(tmp, STAMP), "w") as fh:
             json.dump(files, fh)
-        os.remove(os.path.join(tmp, MARK))  # the stamp marks it now: a finished copy holds the model's files only
+        os.remove(os.path.join(tmp, MARK))  # the stamp marks it now: a finished copy holds the files staged only
         shutil.rmtree(target, ignore_errors=True)  # missing, or made here (checked above)
         os.replace(tmp, target)
     return error

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -267,6 +268,93 @@ def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
             for c, s in runs:
                 if c == chunking:
                     assert counted(str(tmp_path / f"{c}-{s}-{ranks}")) == one, (c, s, ranks)
+
+
+def mpmd(args: list[str], wdirs: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m mpicorr ARGS` as one MPI job of one rank per folder, each rank started in its folder (as
+    ranks on nodes that see different files)."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not found")
+    cmd = [MPIRUN, "--oversubscribe"]
+    for i, wdir in enumerate(wdirs):
+        cmd += [":"] * (i > 0) + ["-n", "1", "--wdir", wdir, sys.executable, "-m", "mpicorr", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=wdirs[0])
+
+
+def two_nodes(corpora, tmp_path) -> tuple[str, str]:
+    """Folders A (which holds the mixed corpus as ./mixed) and B (which does not)."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    b.mkdir()
+    shutil.copytree(corpora["mixed"], a / "mixed")
+    return str(a), str(b)
+
+
+def test_a_rank_that_cannot_open_the_data_stops_every_rank(llama, corpora, tmp_path):
+    """Every rank reads --data (pass 1): rank 1, started where the relative --data is missing, stops the job at
+    start-up with one line naming the rank, its host, the file and the remedy; exit 2, nothing written."""
+    out = tmp_path / "out"
+    result = mpmd(["run", "--model", llama, "--data", "mixed", "--ctx", str(CTX), "--out", str(out), "--hostfile",
+                   "none"], list(two_nodes(corpora, tmp_path)))
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mpicorr: error:")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == (f"mpicorr: error: --data mixed: rank 1 on {os.uname().nodename} cannot open "
+                        f"mixed/a.jsonl.gz (No such file or directory); put the corpus at the same path on every "
+                        f"node (a shared filesystem) or add --stage-data DIR"), result.stderr
+    assert not out.exists()
+
+
+def test_unreadable_names_a_missing_or_resized_shard(corpora, tmp_path):
+    """The start-up check (a stat per shard): a shard gone, or of another size than rank 0 listed."""
+    folder = shutil.copytree(corpora["mixed"], tmp_path / "mixed")
+    listed = corpus.open_corpus(str(folder))
+    assert listed.unreadable() is None
+    size = os.path.getsize(folder / "b.parquet")
+    with open(folder / "b.parquet", "ab") as fh:
+        fh.write(b"x")
+    assert listed.unreadable() == f"finds {folder / 'b.parquet'} at {size + 1} bytes where rank 0 found {size}"
+    os.remove(folder / "a.jsonl.gz")
+    assert listed.unreadable() == f"cannot open {folder / 'a.jsonl.gz'} (No such file or directory)"
+
+
+def same_summary(a: str, b: str, besides: set[str]) -> None:
+    """Two summary.h5 files hold the same attributes (but `besides`) and datasets."""
+    import h5py
+
+    def walk(path: str) -> dict:
+        found = {}
+        with h5py.File(path, "r") as h5:
+            h5.visititems(lambda name, obj: found.update({name: obj[()] if isinstance(obj, h5py.Dataset) else None}))
+            for name in [None, *found]:
+                obj = h5 if name is None else h5[name]
+                found.update({f"{name}@{k}": v for k, v in obj.attrs.items() if name or k not in besides})
+        return found
+
+    left, right = walk(a), walk(b)
+    assert sorted(left) == sorted(right)
+    for key, value in left.items():
+        assert np.array_equal(value, right[key]) if isinstance(value, np.ndarray) else value == right[key], key
+
+
+def test_stage_data_counts_the_bytes_of_the_original(llama, corpora, tmp_path):
+    """--stage-data: a run reading the staged copy writes the matrix bytes and summary.h5 (data_sha256, the
+    manifest's relative names, ...) of the run reading --data itself, but for the command; the 2-rank job whose
+    rank 1 has no --data (above) runs from the copy, reuses it, and gives the same bytes."""
+    a, b = two_nodes(corpora, tmp_path)
+    local = str(tmp_path / "local")
+    common = ["run", "--model", llama, "--data", "mixed", "--ctx", str(CTX), "--batch-size", "3",
+              "--hostfile", "none"]
+    ok(run_main(common + ["--out", str(tmp_path / "plain")], cwd=a))
+    ok(run_main(common + ["--out", str(tmp_path / "staged"), "--stage-data", local], cwd=a))
+    assert counted(str(tmp_path / "plain")) == counted(str(tmp_path / "staged")) != {}
+    same_summary(str(tmp_path / "plain" / "summary.h5"), str(tmp_path / "staged" / "summary.h5"),
+                 {"command", "created"})
+    assert sorted(os.listdir(os.path.join(local, "mixed"))) == [".mpicorr-staged.json", "a.jsonl.gz", "b.parquet",
+                                                                "c.jsonl.zst"]
+    stamp = os.stat(os.path.join(local, "mixed", ".mpicorr-staged.json"))
+    ok(mpmd(common + ["--out", str(tmp_path / "two"), "--stage-data", local], [a, b]))
+    assert counted(str(tmp_path / "two")) == counted(str(tmp_path / "plain"))
+    again = os.stat(os.path.join(local, "mixed", ".mpicorr-staged.json"))
+    assert (again.st_ino, again.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns), "the copy was reused"
 
 
 def test_sum_refuses_runs_of_another_chunking():

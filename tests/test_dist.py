@@ -118,6 +118,63 @@ class BaseComm:
                 stage.stage_model(source, root, c, leader=True)
             assert open(os.path.join(root, name, "mine.txt")).read() == "the user's own"
 
+    def test_stage_corpus_copies_the_shards(self, monkeypatch, tmp_path):
+        """--stage-data: rank 0's shards (a folder's, under their relative names) reach every leader's folder;
+        the staged corpus has the source's documents, manifest and data identity; a second call reuses the
+        copy; a shard changed at the source (same size) is copied again."""
+        import tempfile
+        from mpicorr import corpus, stage
+        c = self.comm()
+        monkeypatch.setattr(stage, "PIECE", 100)  # several pieces per shard
+        source = None
+        if c.rank == 0:
+            base = os.path.join(tempfile.mkdtemp(), "shards")
+            os.makedirs(os.path.join(base, "sub"))
+            for name, docs in (("a.jsonl", ["one", "two"]), ("sub/b.jsonl", ["three " * 40])):
+                with open(os.path.join(base, name), "w") as fh:
+                    fh.writelines(f'{{"text": "{d}"}}\n' for d in docs)
+            source = corpus.open_corpus(base)
+        source = c.bcast(source)  # as run.read_data: rank 0's corpus on every rank
+        listed = c.bcast(source.manifest() if c.rank == 0 else None)
+        root = tempfile.mkdtemp()
+        staged, got = stage.stage_corpus(source, root, c, leader=True)
+        assert [s.path for s in staged.shards] == [os.path.join(root, "shards", n) for n in ("a.jsonl", "sub/b.jsonl")]
+        assert got == listed and staged.manifest() == listed and staged.spec == source.spec
+        assert corpus.data_sha256(staged, staged.manifest()) == corpus.data_sha256(source, listed)
+        assert list(staged.documents()) == ["one", "two", "three " * 40]
+        transfer = stage._transfer
+        monkeypatch.setattr(stage, "_transfer", lambda *a: pytest.fail("staged twice"))
+        assert stage.stage_corpus(source, root, c, leader=True)[1] == listed  # the copy is reused
+        if c.rank == 0:
+            with open(source.shards[0].path, "r+b") as fh:  # same size, other bytes
+                fh.write(b'{"text": "ONE"}')
+        monkeypatch.setattr(stage, "_transfer", transfer)
+        staged, got = stage.stage_corpus(source, root, c, leader=True)
+        assert got != listed and staged.manifest() == got
+        assert list(staged.documents()) == ["ONE", "two", "three " * 40]
+
+    def test_stage_corpus_names_a_text_file_and_a_glob(self, tmp_path):
+        """A text file is staged as DIR/<file name>/<file name>; a glob's shards under its folder's name,
+        with their paths relative to that folder."""
+        import tempfile
+        from mpicorr import corpus, stage
+        c = self.comm()
+        specs = None
+        if c.rank == 0:
+            base = os.path.join(tempfile.mkdtemp(), "web")
+            os.makedirs(os.path.join(base, "2024"))
+            open(os.path.join(base, "2024", "x.jsonl"), "w").write('{"text": "a"}\n')
+            open(os.path.join(base, "notes.txt"), "w").write("plain text")
+            specs = [corpus.open_corpus(os.path.join(base, "notes.txt")), corpus.open_corpus(base + "/*/*.jsonl")]
+        plain, globbed = c.bcast(specs)
+        root = tempfile.mkdtemp()
+        staged = stage.stage_corpus(plain, root, c, leader=True)[0]
+        assert staged.plain and [s.path for s in staged.shards] == [os.path.join(root, "notes.txt", "notes.txt")]
+        assert list(staged.documents()) == ["plain text"]
+        staged = stage.stage_corpus(globbed, root, c, leader=True)[0]
+        assert [s.path for s in staged.shards] == [os.path.join(root, "web", "2024", "x.jsonl")]
+        assert list(staged.documents()) == ["a"]
+
 
 @pytest.mark.skipif(dist.MPI is None, reason="mpi4py missing")
 def test_comm_frees_its_node_communicator():
@@ -168,4 +225,4 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("19 passed") == 2, result.stdout
+    assert result.stdout.count("28 passed") == 2, result.stdout
