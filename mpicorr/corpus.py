@@ -265,13 +265,13 @@ def _parquet_docs(shard: Shard, field: str) -> Iterator[str]:
     try:
         pf = pq.ParquetFile(shard.path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not parquet
-        raise UserError(f"{where}: not a parquet file ({exc}); give .parquet shards") from None
+        raise UserError(f"{where}: not a parquet file ({_said(exc)}); give .parquet shards") from None
     if field not in pf.schema_arrow.names:
         raise UserError(f"{where}: no column \"{field}\" (columns: {', '.join(pf.schema_arrow.names)}); give "
                         f"--text-field with the column that holds the text")
     row = 0
     for group in range(pf.num_row_groups):
-        values = pf.read_row_group(group, columns=[field]).column(0).to_pylist()
+        values = _values(lambda: pf.read_row_group(group, columns=[field]).column(0), where, row)
         yield from _column_texts(values, field, where, row)
         row += len(values)
 
@@ -290,12 +290,40 @@ def _arrow_docs(shard: Shard, field: str) -> Iterator[str]:
             reader = pa.ipc.open_file(source)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{where}: not an Arrow file ({exc}); give a dataset saved with save_to_disk") from None
+        raise UserError(f"{where}: not an Arrow file ({_said(exc)}); give a dataset saved with save_to_disk") from None
     if field not in reader.schema.names:
         raise UserError(f"{where}: no column \"{field}\" (columns: {', '.join(reader.schema.names)}); give "
                         f"--text-field with the column that holds the text")
-    row = 0
-    for batch in batches:
-        values = batch.column(reader.schema.get_field_index(field)).to_pylist()
+    row, index = 0, reader.schema.get_field_index(field)
+    while (values := _values(lambda: next(batches, None), where, row, index)) is not None:
         yield from _column_texts(values, field, where, row)
         row += len(values)
+
+
+def _values(read, where: str, first_row: int, index: int | None = None) -> list | None:
+    """The Python values of the column that read() returns (of its record batch's column `index`; None at the
+    end): a damaged file or a string that is not UTF-8 becomes a UserError naming the row."""
+    try:
+        column = read()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ... for a damaged file
+        raise UserError(f"{where}: rows from {first_row} on: cannot read ({_said(exc)}); the file is damaged") from None
+    if column is not None and index is not None:
+        column = column.column(index)
+    try:
+        return None if column is None else column.to_pylist()
+    except UnicodeDecodeError:
+        bad = next(i for i in range(len(column)) if not _decodes(column, i))
+        raise UserError(f"{where}: row {first_row + bad}: not UTF-8; convert the text to UTF-8") from None
+
+
+def _said(exc: Exception) -> str:
+    """pyarrow's message on one line (some span several)."""
+    return " ".join(str(exc).split())
+
+
+def _decodes(column, i: int) -> bool:
+    try:
+        column[i].as_py()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -244,6 +244,37 @@ def test_check_data_refuses_before_torch(tmp_path):
     inputs.check_data(write_jsonl(str(tmp_path / "a.jsonl"), ["x"]))
 
 
+def bad_utf8_strings():
+    """A pyarrow string array whose second value ("caf\\xe9") is not UTF-8 (pyarrow does not check on write)."""
+    import pyarrow as pa
+
+    offsets = pa.py_buffer(np.array([0, 2, 6], dtype=np.int32).tobytes())
+    return pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"okcaf\xe9")])
+
+
+def test_damaged_parquet_and_arrow_name_the_file_and_row(tmp_path):
+    """A string that is not UTF-8, a damaged page or a truncated Arrow stream: one UserError line naming the file
+    and the row (pyarrow's UnicodeDecodeError and OSError escaped, a multi-line message included)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": bad_utf8_strings()}), str(tmp_path / "utf8.parquet"))
+    with pa.OSFile(str(tmp_path / "utf8.arrow"), "wb") as fh, \
+            pa.ipc.new_stream(fh, pa.schema([("text", pa.string())])) as writer:
+        writer.write_batch(pa.record_batch([bad_utf8_strings()], names=["text"]))
+    whole = (tmp_path / "utf8.arrow").read_bytes()
+    (tmp_path / "cut.arrow").write_bytes(whole[:-20])
+    good = (tmp_path / "good.parquet")
+    pq.write_table(pa.table({"text": ["a", "b"]}), str(good))
+    raw = good.read_bytes()
+    (tmp_path / "page.parquet").write_bytes(raw[:8] + b"\0" * 20 + raw[28:])  # the first page header
+    for name, said in [("utf8.parquet", "row 1: not UTF-8"), ("utf8.arrow", "row 1: not UTF-8"),
+                       ("cut.arrow", "rows from 0 on: cannot read"), ("page.parquet", "rows from 0 on: cannot read")]:
+        with pytest.raises(UserError) as caught:
+            list(corpus.open_corpus(str(tmp_path / name)).documents())
+        assert f"{name}: {said}" in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
 def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
     """2 and 3 ranks (one mpirun each, its runs in one interpreter per rank), each with both schedules and
     both chunkings between them, over mixed shards: the bytes of the 1-rank run of that chunking."""
