@@ -29,6 +29,7 @@ from .errors import UserError
 
 HASH_THREADS = 8          # shards hashed at once (hashlib releases the GIL on large updates)
 HASH_BLOCK = 1 << 22      # bytes read per hash update
+ZSTD_BLOCK = 1 << 17      # compressed bytes read at a time from a .zst shard (text expands about 4-10x)
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz", ".json.gz": "jsonl.gz",
             ".jsonl.zst": "jsonl.zst", ".jsonl.zstd": "jsonl.zst", ".json.zst": "jsonl.zst",
             ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
@@ -209,10 +210,49 @@ def _open_lines(shard: Shard):
     if shard.kind == "jsonl.gz":
         return gzip.open(fh)
     if shard.kind == "jsonl.zst":
+        return io.BufferedReader(_Zstd(fh))
+    return fh
+
+
+class _Zstd(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame. A file that ends inside a frame (truncated) is a
+    ZstdError: zstandard's stream_reader returns what it decompressed and stops as if the file were whole."""
+
+    def __init__(self, fh):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True))
-    return fh
+        self.fh, self.zstandard, self.dctx = fh, zstandard, zstandard.ZstdDecompressor()
+        self.frame, self.inside, self.rest = self.dctx.decompressobj(), False, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not len(self.rest):
+            if not self._decompress():
+                return 0
+        n = min(len(buffer), len(self.rest))
+        buffer[:n], self.rest = self.rest[:n], self.rest[n:]
+        return n
+
+    def _decompress(self) -> bool:
+        """Decompress the next block of the file into self.rest; False at its end."""
+        block = self.fh.read(ZSTD_BLOCK)
+        if not block and self.inside:
+            raise self.zstandard.ZstdError("the file ends inside a frame (truncated)")
+        out = []
+        while block:
+            out.append(self.frame.decompress(block))
+            self.inside = True
+            if not self.frame.eof:
+                break
+            block, self.frame, self.inside = self.frame.unused_data, self.dctx.decompressobj(), False
+        self.rest = memoryview(b"".join(out))
+        return bool(out)
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
 
 
 def _jsonl_docs(shard: Shard, field: str) -> Iterator[str]:

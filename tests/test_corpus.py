@@ -275,6 +275,23 @@ def test_damaged_parquet_and_arrow_name_the_file_and_row(tmp_path):
         assert f"{name}: {said}" in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
+def test_truncated_zst_is_named_and_frames_are_read_through(tmp_path):
+    """A .jsonl.zst cut inside a frame is an error (zstandard's stream_reader ended quietly: the documents of a
+    multi-frame file cut after a frame were lost without a word, and a one-block file read as empty); every
+    frame of a whole multi-frame file is read."""
+    import zstandard
+
+    lines = [json.dumps({"text": f"document {i}"}).encode() + b"\n" for i in range(300)]
+    frames = [zstandard.ZstdCompressor().compress(b"".join(lines[i : i + 100])) for i in range(0, 300, 100)]
+    whole = tmp_path / "whole.jsonl.zst"
+    whole.write_bytes(b"".join(frames))
+    assert list(corpus.open_corpus(str(whole)).documents()) == [f"document {i}" for i in range(300)]
+    for name, raw in [("frame.jsonl.zst", frames[0] + frames[1][:5]), ("block.jsonl.zst", frames[0][:-3])]:
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(UserError, match=f"{name}: cannot decompress .*truncated"):
+            list(corpus.open_corpus(str(tmp_path / name)).documents())
+
+
 def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
     """2 and 3 ranks (one mpirun each, its runs in one interpreter per rank), each with both schedules and
     both chunkings between them, over mixed shards: the bytes of the 1-rank run of that chunking."""
