@@ -286,7 +286,17 @@ def _line_text(raw: bytes, field: str, where: str) -> str:
     if not isinstance(obj[field], str):
         raise UserError(f"{where}: \"{field}\" is {type(obj[field]).__name__}, not a string; give "
                         f"--text-field with the field that holds the text")
+    if b"\\u" in raw:  # only a \uXXXX escape can leave a lone surrogate, which no tokenizer takes
+        _check_unicode(obj[field], field, where)
     return obj[field]
+
+
+def _check_unicode(text: str, field: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{where}: \"{field}\" holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character "
+                        f"{exc.start}), not Unicode text; fix or remove the line") from None
 
 
 def _column_texts(values: list, field: str, where: str, first_row: int) -> Iterator[str]:

@@ -292,6 +292,22 @@ def test_truncated_zst_is_named_and_frames_are_read_through(tmp_path):
             list(corpus.open_corpus(str(tmp_path / name)).documents())
 
 
+def test_lone_surrogate_escape_is_named_and_pairs_are_read(llama, tmp_path):
+    """JSON's \\ud800 alone decodes to a str no tokenizer takes (a TypeError on the rank that tokenized it, exit 1,
+    no file or line); a surrogate pair is one character."""
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"text": "smile \\ud83d\\ude00"}\n{"text": "half \\udc00"}\n')
+    docs = corpus.open_corpus(str(path)).documents()
+    assert next(docs) == "smile \U0001F600"
+    with pytest.raises(UserError, match=r"s.jsonl: line 2: \"text\" holds a lone surrogate \(\\udc00"):
+        next(docs)
+    out = tmp_path / "out"
+    result = run_main(["run", "--model", llama, "--ctx", str(CTX), "--out", str(out), "--data", str(path)])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "s.jsonl: line 2" in result.stderr, \
+        result.stderr
+    assert not out.exists()
+
+
 def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
     """2 and 3 ranks (one mpirun each, its runs in one interpreter per rank), each with both schedules and
     both chunkings between them, over mixed shards: the bytes of the 1-rank run of that chunking."""
