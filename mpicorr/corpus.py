@@ -132,11 +132,25 @@ def _folder_shards(folder: str) -> list[Shard]:
             raise UserError(f"--data {state}: not a datasets save_to_disk state ({exc}); save the dataset "
                             f"again") from None
         return [_shard(os.path.join(folder, f), f, strict=True) for f in files]
-    paths = sorted(os.path.join(root, name) for root, dirs, names in os.walk(folder) for name in names
+    paths = sorted(os.path.join(root, name) for root, names in _walk(folder) for name in names
                    if not name.startswith(".") and _kind(name))
     if not paths:
         raise UserError(f"--data {folder}: no shards (.txt, .jsonl[.gz|.zst], .parquet, .arrow) in this folder")
     return [_shard(p, os.path.relpath(p, folder), strict=False) for p in paths]
+
+
+def _walk(folder: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) of `folder` and every folder below it, symbolic links to folders followed (a corpus
+    put together from linked folders), each real folder once (no loop, no shard twice)."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()  # a folder linked twice is read where its first name sorts, on every rank
+        yield root, names
 
 
 def _json(path: str) -> dict:

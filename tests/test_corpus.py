@@ -308,6 +308,21 @@ def test_lone_surrogate_escape_is_named_and_pairs_are_read(llama, tmp_path):
     assert not out.exists()
 
 
+def test_folder_follows_linked_folders_once(tmp_path):
+    """A folder's linked subfolder is part of the corpus (os.walk skipped it: its shards were left out without a
+    word, though a ** glob read them); a link back up is not a loop, and no shard is read twice."""
+    (tmp_path / "real").mkdir()
+    write_jsonl(str(tmp_path / "real" / "x.jsonl"), ["x"])
+    top = tmp_path / "top"
+    top.mkdir()
+    write_jsonl(str(top / "a.jsonl"), ["a"])
+    os.symlink(str(tmp_path / "real"), str(top / "linked"))
+    os.symlink(str(tmp_path / "real"), str(top / "again"))
+    os.symlink(str(top), str(tmp_path / "real" / "up"))
+    names = [s.name for s in corpus.open_corpus(str(top)).shards]
+    assert names == ["a.jsonl", "again/x.jsonl"], names
+
+
 def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
     """2 and 3 ranks (one mpirun each, its runs in one interpreter per rank), each with both schedules and
     both chunkings between them, over mixed shards: the bytes of the 1-rank run of that chunking."""
