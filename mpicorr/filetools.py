@@ -183,7 +183,8 @@ def run_ranges(root: dict) -> list[plan.Batch]:
 # How the data was cut into chunks (issue 15) must match too; runs from before the attribute existed are concat.
 SAME_RUN["chunking"] = "--chunking"
 SAME_RUN_DEFAULTS = {"chunking": "concat"}
-CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens")  # kept by a merge
+CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens", "documents",  # kept by a
+               "documents_skipped", "tokens_dropped")                                               # merge
 
 
 def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:

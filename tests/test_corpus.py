@@ -323,6 +323,18 @@ def test_folder_follows_linked_folders_once(tmp_path):
     assert names == ["a.jsonl", "again/x.jsonl"], names
 
 
+def test_sum_keeps_the_corpus_attributes():
+    """A merge of --part runs keeps what one run records about its corpus: documents read, and in document mode
+    those skipped and the tokens dropped (they were left out of the summed summary.h5)."""
+    from mpicorr import filetools
+
+    root = {"model": "m", "data_sha256": "x", "ctx": 16, "threshold": 0.5, "chunking": "document",
+            "documents": 40, "documents_skipped": 7, "tokens_dropped": 99, "nll_fixed": 0, "predictions": 0}
+    attrs = filetools.merged_attributes(["a", "b"], [root, root], [(0, 4)], 64)
+    assert {k: attrs[k] for k in ("documents", "documents_skipped", "tokens_dropped")} == \
+        {"documents": 40, "documents_skipped": 7, "tokens_dropped": 99}
+
+
 def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
     """2 and 3 ranks (one mpirun each, its runs in one interpreter per rank), each with both schedules and
     both chunkings between them, over mixed shards: the bytes of the 1-rank run of that chunking."""
