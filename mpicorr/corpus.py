@@ -29,6 +29,7 @@ from .errors import UserError
 
 HASH_THREADS = 8          # shards hashed at once (hashlib releases the GIL on large updates)
 HASH_BLOCK = 1 << 22      # bytes read per hash update
+ZSTD_BLOCK = 1 << 17      # compressed bytes read at a time from a .zst shard (text expands about 4-10x)
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz", ".json.gz": "jsonl.gz",
             ".jsonl.zst": "jsonl.zst", ".jsonl.zstd": "jsonl.zst", ".json.zst": "jsonl.zst",
             ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
@@ -160,11 +161,25 @@ def _folder_shards(folder: str) -> list[Shard]:
             raise UserError(f"--data {state}: not a datasets save_to_disk state ({exc}); save the dataset "
                             f"again") from None
         return [_shard(os.path.join(folder, f), f, strict=True) for f in files]
-    paths = sorted(os.path.join(root, name) for root, dirs, names in os.walk(folder) for name in names
+    paths = sorted(os.path.join(root, name) for root, names in _walk(folder) for name in names
                    if not name.startswith(".") and _kind(name))
     if not paths:
         raise UserError(f"--data {folder}: no shards (.txt, .jsonl[.gz|.zst], .parquet, .arrow) in this folder")
     return [_shard(p, os.path.relpath(p, folder), strict=False) for p in paths]
+
+
+def _walk(folder: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) of `folder` and every folder below it, symbolic links to folders followed (a corpus
+    put together from linked folders), each real folder once (no loop, no shard twice)."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()  # a folder linked twice is read where its first name sorts, on every rank
+        yield root, names
 
 
 def _json(path: str) -> dict:
@@ -238,10 +253,49 @@ def _open_lines(shard: Shard):
     if shard.kind == "jsonl.gz":
         return gzip.open(fh)
     if shard.kind == "jsonl.zst":
+        return io.BufferedReader(_Zstd(fh))
+    return fh
+
+
+class _Zstd(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame. A file that ends inside a frame (truncated) is a
+    ZstdError: zstandard's stream_reader returns what it decompressed and stops as if the file were whole."""
+
+    def __init__(self, fh):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True))
-    return fh
+        self.fh, self.zstandard, self.dctx = fh, zstandard, zstandard.ZstdDecompressor()
+        self.frame, self.inside, self.rest = self.dctx.decompressobj(), False, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not len(self.rest):
+            if not self._decompress():
+                return 0
+        n = min(len(buffer), len(self.rest))
+        buffer[:n], self.rest = self.rest[:n], self.rest[n:]
+        return n
+
+    def _decompress(self) -> bool:
+        """Decompress the next block of the file into self.rest; False at its end."""
+        block = self.fh.read(ZSTD_BLOCK)
+        if not block and self.inside:
+            raise self.zstandard.ZstdError("the file ends inside a frame (truncated)")
+        out = []
+        while block:
+            out.append(self.frame.decompress(block))
+            self.inside = True
+            if not self.frame.eof:
+                break
+            block, self.frame, self.inside = self.frame.unused_data, self.dctx.decompressobj(), False
+        self.rest = memoryview(b"".join(out))
+        return bool(out)
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
 
 
 def _jsonl_docs(shard: Shard, field: str) -> Iterator[str]:
@@ -275,7 +329,17 @@ def _line_text(raw: bytes, field: str, where: str) -> str:
     if not isinstance(obj[field], str):
         raise UserError(f"{where}: \"{field}\" is {type(obj[field]).__name__}, not a string; give "
                         f"--text-field with the field that holds the text")
+    if b"\\u" in raw:  # only a \uXXXX escape can leave a lone surrogate, which no tokenizer takes
+        _check_unicode(obj[field], field, where)
     return obj[field]
+
+
+def _check_unicode(text: str, field: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{where}: \"{field}\" holds a lone surrogate (\\u{ord(text[exc.start]):04x} at character "
+                        f"{exc.start}), not Unicode text; fix or remove the line") from None
 
 
 def _column_texts(values: list, field: str, where: str, first_row: int) -> Iterator[str]:
@@ -294,13 +358,13 @@ def _parquet_docs(shard: Shard, field: str) -> Iterator[str]:
     try:
         pf = pq.ParquetFile(shard.path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not parquet
-        raise UserError(f"{where}: not a parquet file ({exc}); give .parquet shards") from None
+        raise UserError(f"{where}: not a parquet file ({_said(exc)}); give .parquet shards") from None
     if field not in pf.schema_arrow.names:
         raise UserError(f"{where}: no column \"{field}\" (columns: {', '.join(pf.schema_arrow.names)}); give "
                         f"--text-field with the column that holds the text")
     row = 0
     for group in range(pf.num_row_groups):
-        values = pf.read_row_group(group, columns=[field]).column(0).to_pylist()
+        values = _values(lambda: pf.read_row_group(group, columns=[field]).column(0), where, row)
         yield from _column_texts(values, field, where, row)
         row += len(values)
 
@@ -319,12 +383,40 @@ def _arrow_docs(shard: Shard, field: str) -> Iterator[str]:
             reader = pa.ipc.open_file(source)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{where}: not an Arrow file ({exc}); give a dataset saved with save_to_disk") from None
+        raise UserError(f"{where}: not an Arrow file ({_said(exc)}); give a dataset saved with save_to_disk") from None
     if field not in reader.schema.names:
         raise UserError(f"{where}: no column \"{field}\" (columns: {', '.join(reader.schema.names)}); give "
                         f"--text-field with the column that holds the text")
-    row = 0
-    for batch in batches:
-        values = batch.column(reader.schema.get_field_index(field)).to_pylist()
+    row, index = 0, reader.schema.get_field_index(field)
+    while (values := _values(lambda: next(batches, None), where, row, index)) is not None:
         yield from _column_texts(values, field, where, row)
         row += len(values)
+
+
+def _values(read, where: str, first_row: int, index: int | None = None) -> list | None:
+    """The Python values of the column that read() returns (of its record batch's column `index`; None at the
+    end): a damaged file or a string that is not UTF-8 becomes a UserError naming the row."""
+    try:
+        column = read()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ... for a damaged file
+        raise UserError(f"{where}: rows from {first_row} on: cannot read ({_said(exc)}); the file is damaged") from None
+    if column is not None and index is not None:
+        column = column.column(index)
+    try:
+        return None if column is None else column.to_pylist()
+    except UnicodeDecodeError:
+        bad = next(i for i in range(len(column)) if not _decodes(column, i))
+        raise UserError(f"{where}: row {first_row + bad}: not UTF-8; convert the text to UTF-8") from None
+
+
+def _said(exc: Exception) -> str:
+    """pyarrow's message on one line (some span several)."""
+    return " ".join(str(exc).split())
+
+
+def _decodes(column, i: int) -> bool:
+    try:
+        column[i].as_py()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -184,7 +184,8 @@ def run_ranges(root: dict) -> list[plan.Batch]:
 SAME_RUN["chunking"] = "--chunking"
 SAME_RUN["text_field"] = "--text-field"  # recorded for corpora only: absent on both sides for plain text files
 SAME_RUN_DEFAULTS = {"chunking": "concat"}
-CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens")  # kept by a merge
+CORPUS_KEYS = ("chunking", "text_field", "data_shards", "data_manifest", "max_tokens", "documents",  # kept by a
+               "documents_skipped", "tokens_dropped")                                               # merge
 
 
 def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:

@@ -245,6 +245,97 @@ def test_check_data_refuses_before_torch(tmp_path):
     inputs.check_data(write_jsonl(str(tmp_path / "a.jsonl"), ["x"]))
 
 
+def bad_utf8_strings():
+    """A pyarrow string array whose second value ("caf\\xe9") is not UTF-8 (pyarrow does not check on write)."""
+    import pyarrow as pa
+
+    offsets = pa.py_buffer(np.array([0, 2, 6], dtype=np.int32).tobytes())
+    return pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"okcaf\xe9")])
+
+
+def test_damaged_parquet_and_arrow_name_the_file_and_row(tmp_path):
+    """A string that is not UTF-8, a damaged page or a truncated Arrow stream: one UserError line naming the file
+    and the row (pyarrow's UnicodeDecodeError and OSError escaped, a multi-line message included)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": bad_utf8_strings()}), str(tmp_path / "utf8.parquet"))
+    with pa.OSFile(str(tmp_path / "utf8.arrow"), "wb") as fh, \
+            pa.ipc.new_stream(fh, pa.schema([("text", pa.string())])) as writer:
+        writer.write_batch(pa.record_batch([bad_utf8_strings()], names=["text"]))
+    whole = (tmp_path / "utf8.arrow").read_bytes()
+    (tmp_path / "cut.arrow").write_bytes(whole[:-20])
+    good = (tmp_path / "good.parquet")
+    pq.write_table(pa.table({"text": ["a", "b"]}), str(good))
+    raw = good.read_bytes()
+    (tmp_path / "page.parquet").write_bytes(raw[:8] + b"\0" * 20 + raw[28:])  # the first page header
+    for name, said in [("utf8.parquet", "row 1: not UTF-8"), ("utf8.arrow", "row 1: not UTF-8"),
+                       ("cut.arrow", "rows from 0 on: cannot read"), ("page.parquet", "rows from 0 on: cannot read")]:
+        with pytest.raises(UserError) as caught:
+            list(corpus.open_corpus(str(tmp_path / name)).documents())
+        assert f"{name}: {said}" in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_truncated_zst_is_named_and_frames_are_read_through(tmp_path):
+    """A .jsonl.zst cut inside a frame is an error (zstandard's stream_reader ended quietly: the documents of a
+    multi-frame file cut after a frame were lost without a word, and a one-block file read as empty); every
+    frame of a whole multi-frame file is read."""
+    import zstandard
+
+    lines = [json.dumps({"text": f"document {i}"}).encode() + b"\n" for i in range(300)]
+    frames = [zstandard.ZstdCompressor().compress(b"".join(lines[i : i + 100])) for i in range(0, 300, 100)]
+    whole = tmp_path / "whole.jsonl.zst"
+    whole.write_bytes(b"".join(frames))
+    assert list(corpus.open_corpus(str(whole)).documents()) == [f"document {i}" for i in range(300)]
+    for name, raw in [("frame.jsonl.zst", frames[0] + frames[1][:5]), ("block.jsonl.zst", frames[0][:-3])]:
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(UserError, match=f"{name}: cannot decompress .*truncated"):
+            list(corpus.open_corpus(str(tmp_path / name)).documents())
+
+
+def test_lone_surrogate_escape_is_named_and_pairs_are_read(llama, tmp_path):
+    """JSON's \\ud800 alone decodes to a str no tokenizer takes (a TypeError on the rank that tokenized it, exit 1,
+    no file or line); a surrogate pair is one character."""
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"text": "smile \\ud83d\\ude00"}\n{"text": "half \\udc00"}\n')
+    docs = corpus.open_corpus(str(path)).documents()
+    assert next(docs) == "smile \U0001F600"
+    with pytest.raises(UserError, match=r"s.jsonl: line 2: \"text\" holds a lone surrogate \(\\udc00"):
+        next(docs)
+    out = tmp_path / "out"
+    result = run_main(["run", "--model", llama, "--ctx", str(CTX), "--out", str(out), "--data", str(path)])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "s.jsonl: line 2" in result.stderr, \
+        result.stderr
+    assert not out.exists()
+
+
+def test_folder_follows_linked_folders_once(tmp_path):
+    """A folder's linked subfolder is part of the corpus (os.walk skipped it: its shards were left out without a
+    word, though a ** glob read them); a link back up is not a loop, and no shard is read twice."""
+    (tmp_path / "real").mkdir()
+    write_jsonl(str(tmp_path / "real" / "x.jsonl"), ["x"])
+    top = tmp_path / "top"
+    top.mkdir()
+    write_jsonl(str(top / "a.jsonl"), ["a"])
+    os.symlink(str(tmp_path / "real"), str(top / "linked"))
+    os.symlink(str(tmp_path / "real"), str(top / "again"))
+    os.symlink(str(top), str(tmp_path / "real" / "up"))
+    names = [s.name for s in corpus.open_corpus(str(top)).shards]
+    assert names == ["a.jsonl", "again/x.jsonl"], names
+
+
+def test_sum_keeps_the_corpus_attributes():
+    """A merge of --part runs keeps what one run records about its corpus: documents read, and in document mode
+    those skipped and the tokens dropped (they were left out of the summed summary.h5)."""
+    from mpicorr import filetools
+
+    root = {"model": "m", "data_sha256": "x", "ctx": 16, "threshold": 0.5, "chunking": "document",
+            "documents": 40, "documents_skipped": 7, "tokens_dropped": 99, "nll_fixed": 0, "predictions": 0}
+    attrs = filetools.merged_attributes(["a", "b"], [root, root], [(0, 4)], 64)
+    assert {k: attrs[k] for k in ("documents", "documents_skipped", "tokens_dropped")} == \
+        {"documents": 40, "documents_skipped": 7, "tokens_dropped": 99}
+
+
 def test_ranks_and_schedules_give_the_same_bytes(llama, corpora, tmp_path):
     """2 and 3 ranks (one mpirun each, its runs in one interpreter per rank), each with both schedules and
     both chunkings between them, over mixed shards: the bytes of the 1-rank run of that chunking."""
