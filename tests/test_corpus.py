@@ -504,3 +504,17 @@ def test_resume_takes_checkpoints_from_before_corpora_and_refuses_another_text_f
     live(dict(ident, text_field="text"))
     with pytest.raises(UserError, match="different --text-field"):
         checkpoint.resume(str(tmp_path), dict(ident, text_field="content"), work)
+
+
+def test_max_tokens_hashes_only_the_shards_it_read(llama, corpora, monkeypatch):
+    """--max-tokens reads the first shards only: rank 0 hashes those for the identity, never the rest."""
+    from mpicorr import run
+    from mpicorr.config import Config
+
+    hashed = []
+    monkeypatch.setattr(data, "ROUND_DOCS", 2)
+    monkeypatch.setattr(corpus, "file_sha256", lambda path: hashed.append(path) or "0" * 64)
+    got = run.read_data(Config(model=llama, data=corpora["mixed"], ctx=CTX, max_tokens=2 * CTX), Comm())
+    listed = got.manifest.result()
+    assert len(got.layout.shard_first) == 1 and [m["name"] for m in listed] == ["a.jsonl.gz"]
+    assert [os.path.basename(p) for p in hashed] == ["a.jsonl.gz"]
