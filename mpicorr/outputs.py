@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import suppress
 
 from . import layout, matrixfile, summary
 from .config import threshold_folders
@@ -46,12 +47,13 @@ def _names(folder: str, pattern: str) -> list[str]:
 
 def remove(folder: str, pattern: str, drop_empty: bool = False, only_temporaries: bool = False) -> None:
     """Delete the files of `folder` named by `pattern` and their temporaries (or only the temporaries); then
-    the folder itself when `drop_empty` and nothing else is left in it."""
+    the folder itself when `drop_empty` and nothing else is left in it (never a link to a folder: the user's)."""
     names = temporary(pattern) if only_temporaries else rf"(?:{pattern})|{temporary(pattern)}"
     for name in _names(folder, names):
         os.remove(os.path.join(folder, name))
-    if drop_empty and os.path.isdir(folder) and not os.listdir(folder):
-        os.rmdir(folder)
+    if drop_empty and os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder):
+        with suppress(OSError):  # a mount point (EBUSY) or a folder we may not remove: left empty, harmless
+            os.rmdir(folder)
 
 
 def checkpoints(out: str) -> list[str]:

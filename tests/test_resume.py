@@ -279,3 +279,22 @@ def test_outputs_names_checkpoints_as_checkpoint_does():
     """outputs.py spells checkpoint.py's names itself (checkpoint needs torch; the file tools must not)."""
     from mpicorr import outputs as run_files
     assert (run_files.CHECKPOINTS, run_files.CHECKPOINT) == (checkpoint.FOLDER, checkpoint.NAME.pattern)
+
+
+def test_linked_checkpoints_and_threshold_folders_are_kept(llama, tmp_path):
+    """OUT/checkpoints and OUT/threshold-<T> may be the user's links to folders elsewhere (another disk): their
+    checkpoints and outputs go, the links stay. Before, rmdir of an emptied link failed: the finished run
+    exited 1 (NotADirectoryError), and a run of several thresholds failed before writing, its counting lost."""
+    data, out, elsewhere = tiny.sample_path(), tmp_path / "o", tmp_path / "elsewhere"
+    for name in ("checkpoints", "threshold-0.5"):
+        (elsewhere / name).mkdir(parents=True)
+        out.mkdir(exist_ok=True)
+        os.symlink(elsewhere / name, out / name)
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--checkpoint-every", "2")))
+    assert os.listdir(elsewhere / "checkpoints") == [] and os.path.islink(out / "checkpoints")
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--threshold", "0.25,0.5", "--force")))
+    assert sorted(os.listdir(elsewhere / "threshold-0.5")) == ["correlations_block_0.zstd",
+                                                                "correlations_block_1.zstd", "summary.h5"]
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--force")))  # the old threshold folders emptied
+    assert os.path.islink(out / "threshold-0.5") and os.listdir(elsewhere / "threshold-0.5") == []
+    assert filetools.verify_run(str(out)).startswith(f"{out}: ok, 2 layers")
