@@ -97,7 +97,7 @@ def prepare(cfg: Config, hosts: list[str]) -> Job:
     all_chunks, sha, start, count = load_chunks(cfg)
     weights = hostfile_weights(cfg.hostfile, hosts)
     sample = dumping.plan_sample(cfg, len(all_chunks), start, count) if cfg.dump else None
-    check_out(cfg.out, cfg.force, cfg.resume)
+    check_out(cfg.out, cfg.force, cfg.resume, cfg.threshold)
     work = plan.batches(start, count, cfg.batch_size)
     ident = identity(cfg, sha, start, count)
     resumed, generation = [], 1
@@ -170,9 +170,10 @@ def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
     return plan.rank_weights(read_hostfile(path), hosts, hostfile_label(path))
 
 
-def check_out(out: str, force: bool, resume: bool = False) -> None:
+def check_out(out: str, force: bool, resume: bool = False, thresholds: tuple[float, ...] = (0.5,)) -> None:
     """Create the output folder; refuse to overwrite another run's outputs or checkpoints unless told to.
-    Matrix files without summary.h5 (written last) are a run that failed while writing, not a finished one."""
+    Matrix files without summary.h5 (written last) are a run that failed while writing, not a finished one.
+    A file where the run puts a folder (checkpoints/, threshold-<T>/) is refused now, not after counting."""
     done, finished = outputs.present(out), outputs.finished(out)
     unfinished = bool(outputs.checkpoints(out))
     incomplete = f"--out {out}: holds matrix files without {summary.SUMMARY} (a run that failed while writing " \
@@ -194,6 +195,10 @@ def check_out(out: str, force: bool, resume: bool = False) -> None:
         raise UserError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out}: folder is not writable; choose another --out")
+    for folder in [checkpoint.folder(out), *output_folders(out, thresholds)]:
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise UserError(f"--out {out}: {folder} is not a folder (mpicorr writes one there); move it away or "
+                            f"choose another --out")
 
 
 def start_out(cfg: Config, needed: int) -> None:
