@@ -9,15 +9,20 @@ empty; never a folder wholesale (OUT may hold the user's own files):
     OUT/checkpoints/g<G>-r<R>.ckpt
     and the temporary of each (files.atomic_path: .<name>.tmp<pid>)
 
+While a run uses OUT, its rank 0 holds a lock on the folder (locked), so a second run into OUT is refused.
+
 A run is finished when every output folder that holds its matrix files also holds summary.h5: rank 0 writes
 summary.h5 last, after every matrix file, and deletes the checkpoints only after that.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
-from contextlib import suppress
+from contextlib import contextmanager, suppress
+from typing import Iterator
 
 from . import layout, matrixfile, summary
 from .config import threshold_folders
@@ -142,3 +147,21 @@ def check_space(where: str, label: str, needed: int, reclaim: int = 0) -> None:
         raise UserError(f"{label}: not enough disk space: the outputs need up to {human(needed)} (the counts "
                         f"uncompressed, an upper bound), {human(free)} free{old}; free space or choose a "
                         f"folder on another disk")
+
+
+@contextmanager
+def locked(out: str) -> Iterator[None]:
+    """Hold an exclusive lock on the folder OUT (flock, which the kernel releases when the process ends, even
+    by kill -9): a second run into OUT at the same time would replace this one's checkpoints and mix its
+    outputs with this one's. Where the filesystem has no such locks (some network mounts), nothing is locked."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise UserError(f"--out {out}: another mpicorr run is using this folder now; wait until it ends "
+                                f"or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)

@@ -92,12 +92,14 @@ def load_chunks(cfg: Config) -> tuple[np.ndarray, str, int, int]:
     return all_chunks, sha, start, count
 
 
-def prepare(cfg: Config, hosts: list[str]) -> Job:
-    """Validate inputs, cut the data into chunks and split them over the ranks (runs on rank 0)."""
+def prepare(cfg: Config, hosts: list[str], held: ExitStack) -> Job:
+    """Validate inputs, cut the data into chunks and split them over the ranks (runs on rank 0); lock --out
+    until `held` closes."""
     all_chunks, sha, start, count = load_chunks(cfg)
     weights = hostfile_weights(cfg.hostfile, hosts)
     sample = dumping.plan_sample(cfg, len(all_chunks), start, count) if cfg.dump else None
     check_out(cfg.out, cfg.force, cfg.resume, cfg.threshold)
+    held.enter_context(outputs.locked(cfg.out))
     work = plan.batches(start, count, cfg.batch_size)
     ident = identity(cfg, sha, start, count)
     resumed, generation = [], 1
@@ -358,6 +360,12 @@ def check_gpu_sharing(option: str, hosts: list[str], devices: list[str], gpus: l
 
 def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     """Count, reduce and write one run; every rank calls this. `live`: redraw rank 0's progress in place."""
+    with ExitStack() as held:  # rank 0's lock on --out, from prepare to the end
+        run_locked(cfg, comm, held, live)
+
+
+def run_locked(cfg: Config, comm: Comm, held: ExitStack, live: bool) -> None:
+    """run(), holding (on rank 0) what prepare puts into `held` until it returns."""
     hosts = comm.allgather(comm.host)
     mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))
     device = mine[0]  # the dtype, the token ids and any counts outside a device map go here
@@ -365,7 +373,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     devices = comm.allgather(models.device_label(mine))
     gpus = comm.allgather([models.device_identity(d) for d in mine])
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
-    job = comm.checked(lambda: prepare(cfg, hosts), root_only=True)
+    job = comm.checked(lambda: prepare(cfg, hosts, held), root_only=True)
     if comm.rank == 0:
         announce(cfg, comm, job, devices)
     where = stage.stage_model(cfg.model, cfg.stage_model, comm) if cfg.stage_model else cfg.model

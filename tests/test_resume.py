@@ -298,3 +298,29 @@ def test_linked_checkpoints_and_threshold_folders_are_kept(llama, tmp_path):
     ok(run_main(args(llama, data, str(out), "--chunks", "4", "--force")))  # the old threshold folders emptied
     assert os.path.islink(out / "threshold-0.5") and os.listdir(elsewhere / "threshold-0.5") == []
     assert filetools.verify_run(str(out)).startswith(f"{out}: ok, 2 layers")
+
+
+def test_a_second_run_into_the_same_out_is_refused(llama, tmp_path):
+    """Two runs into one --out at once wrote the same checkpoint names (each replacing the other's, the first
+    to finish deleting the other's) and outputs that mixed the two runs. Rank 0 locks --out for the whole run:
+    a second run is refused in one line, and the lock goes with the process."""
+    data, out = tiny.sample_path(), str(tmp_path / "o")
+    slow = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_rank.py")
+    first = subprocess.Popen([sys.executable, slow, "0", "0.2", *args(llama, data, out, "--chunks", "20",
+                              "--checkpoint-every", "1")], env=cli_env(), cwd=str(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoint_files(out) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()
+    second = run_main(args(llama, data, out, "--chunks", "20", "--resume"))
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    one_error_line(second, f"--out {out}: another mpicorr run is using this folder")
+    assert filetools.verify_run(out).startswith(f"{out}: ok, 2 layers, 20 chunks")
+    ok(run_main(args(llama, data, out, "--chunks", "4", "--force")))  # the lock went with the first run
+
+
+def checkpoint_files(out: str) -> list[str]:
+    folder = checkpoint.folder(out)
+    return [n for n in os.listdir(folder) if n.endswith(".ckpt")] if os.path.isdir(folder) else []
