@@ -281,11 +281,12 @@ def test_trainer_script(planted, tmp_path, capsys, one_thread):
     (["--dump-rate", "0.1", "--dump-tokens", "5"], ["exactly one of --dump-tokens"]),
     (["--site", "heads"], ["--dump: masks of FFN neurons only"]),
     (["--dump", "OUT"], ["needs a folder of its own"]),
+    (["--out", "DUMP/out"], ["needs a folder of its own"]),  # before: IsADirectoryError, exit 1, after loading
 ])
 def test_bad_dump_options(llama, sample_path, tmp_path, extra, needles):
     out, dump = str(tmp_path / "out"), str(tmp_path / "dump")
     rate = [] if any(e.startswith("--dump-rate") for e in extra) else ["--dump-rate", "0.5"]
-    extra = [out if e == "OUT" else e for e in extra]
+    extra = [out if e == "OUT" else os.path.join(dump, "out") if e == "DUMP/out" else e for e in extra]
     one_error_line(run_main(["run", "--model", llama, "--data", sample_path, "--out", out, "--ctx", str(CTX),
                              "--dump", dump, *rate, *extra]), *needles)
     assert not os.path.exists(out) and not os.path.exists(dump), "nothing written"
