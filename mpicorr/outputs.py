@@ -71,6 +71,11 @@ def folders(out: str) -> list[str]:
     return [out, *threshold_folders(out)]
 
 
+def holding(out: str) -> list[str]:
+    """The folders of OUT (itself, threshold-<T>) that hold files of a run: where clear_outputs deletes."""
+    return [f for f in folders(out) if _names(f, OUTPUT)]
+
+
 def present(out: str) -> bool:
     """Whether OUT holds matrix files or a summary.h5 of some run."""
     return any(_names(f, rf"{MATRIX}|{re.escape(summary.SUMMARY)}") for f in folders(out))

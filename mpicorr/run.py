@@ -197,10 +197,13 @@ def check_out(out: str, force: bool, resume: bool = False, thresholds: tuple[flo
         raise UserError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out}: folder is not writable; choose another --out")
-    for folder in [checkpoint.folder(out), *output_folders(out, thresholds)]:
+    for folder in [checkpoint.folder(out), *output_folders(out, thresholds), *outputs.holding(out)]:
         if os.path.lexists(folder) and not os.path.isdir(folder):
             raise UserError(f"--out {out}: {folder} is not a folder (mpicorr writes one there); move it away or "
                             f"choose another --out")
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK):  # written, or its old outputs deleted
+            raise UserError(f"--out {out}: {folder}: folder is not writable; make it writable or choose "
+                            f"another --out")
 
 
 def start_out(cfg: Config, needed: int) -> None:
