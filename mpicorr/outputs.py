@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 from contextlib import contextmanager, suppress
@@ -74,6 +75,19 @@ def folders(out: str) -> list[str]:
 def holding(out: str) -> list[str]:
     """The folders of OUT (itself, threshold-<T>) that hold files of a run: where clear_outputs deletes."""
     return [f for f in folders(out) if _names(f, OUTPUT)]
+
+
+def foreign_run_json(out: str) -> str | None:
+    """OUT/run.json when a file of that (common) name is there that mpicorr did not write (its format key)."""
+    path = os.path.join(out, RUN_JSON)
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ours = str(json.load(fh).get("format", "")).startswith("mpicorr-run-")
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    return None if ours else path
 
 
 def present(out: str) -> bool:

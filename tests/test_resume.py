@@ -324,3 +324,19 @@ def test_a_second_run_into_the_same_out_is_refused(llama, tmp_path):
 def checkpoint_files(out: str) -> list[str]:
     folder = checkpoint.folder(out)
     return [n for n in os.listdir(folder) if n.endswith(".ckpt")] if os.path.isdir(folder) else []
+
+
+def test_a_run_json_of_the_users_is_never_replaced(llama, tmp_path):
+    """run.json is a common name: one in --out that mpicorr did not write (no mpicorr format) was silently
+    replaced by a run without --force (and deleted by --force). It is refused in one line, with or without
+    --force; mpicorr's own run.json is replaced as before."""
+    data, out = tiny.sample_path(), tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text('{"learning_rate": 0.001}')
+    for extra in ([], ["--force"], ["--resume"]):
+        one_error_line(run_main(args(llama, data, str(out), "--chunks", "2", *extra)),
+                       f"{out / 'run.json'}: not written by mpicorr")
+        assert (out / "run.json").read_text() == '{"learning_rate": 0.001}' and os.listdir(out) == ["run.json"]
+    os.remove(out / "run.json")
+    ok(run_main(args(llama, data, str(out), "--chunks", "2")))
+    ok(run_main(args(llama, data, str(out), "--chunks", "2", "--force")))
