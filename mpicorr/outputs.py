@@ -25,6 +25,8 @@ import re
 from contextlib import contextmanager, suppress
 from typing import Iterator
 
+import h5py
+
 from . import layout, matrixfile, summary
 from .config import threshold_folders
 from .errors import UserError
@@ -77,17 +79,24 @@ def holding(out: str) -> list[str]:
     return [f for f in folders(out) if _names(f, OUTPUT)]
 
 
-def foreign_run_json(out: str) -> str | None:
-    """OUT/run.json when a file of that (common) name is there that mpicorr did not write (its format key)."""
-    path = os.path.join(out, RUN_JSON)
-    if not os.path.lexists(path):
-        return None
+def foreign(out: str) -> str | None:
+    """The first file by one of mpicorr's common names (OUT/run.json, a summary.h5) that mpicorr did not
+    write: a run.json without mpicorr's format key, a summary.h5 without its mpicorr_version attribute."""
+    for path in [os.path.join(out, RUN_JSON), *(os.path.join(f, summary.SUMMARY) for f in folders(out))]:
+        if os.path.lexists(path) and not _ours(path):
+            return path
+    return None
+
+
+def _ours(path: str) -> bool:
     try:
-        with open(path, encoding="utf-8") as fh:
-            ours = str(json.load(fh).get("format", "")).startswith("mpicorr-run-")
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as fh:
+                return str(json.load(fh).get("format", "")).startswith("mpicorr-run-")
+        with h5py.File(path, "r") as h5:
+            return "mpicorr_version" in h5.attrs
     except (OSError, ValueError, AttributeError):
-        ours = False
-    return None if ours else path
+        return False
 
 
 def present(out: str) -> bool:

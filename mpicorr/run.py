@@ -176,10 +176,10 @@ def check_out(out: str, force: bool, resume: bool = False, thresholds: tuple[flo
     """Create the output folder; refuse to overwrite another run's outputs or checkpoints unless told to.
     Matrix files without summary.h5 (written last) are a run that failed while writing, not a finished one.
     A file where the run puts a folder (checkpoints/, threshold-<T>/) is refused now, not after counting."""
-    foreign = outputs.foreign_run_json(out)
-    if foreign:  # a run writes run.json there, and --force deletes mpicorr's: never replace a user's file
+    foreign = outputs.foreign(out)
+    if foreign:  # a run writes a file by this name there, and --force deletes mpicorr's: never a user's file
         raise UserError(f"--out {out}: {foreign}: not written by mpicorr (a run writes its own "
-                        f"{schedule.RUN_JSON} there); move it away or choose another --out")
+                        f"{os.path.basename(foreign)} there); move it away or choose another --out")
     done, finished = outputs.present(out), outputs.finished(out)
     unfinished = bool(outputs.checkpoints(out))
     incomplete = f"--out {out}: holds matrix files without {summary.SUMMARY} (a run that failed while writing " \

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 
+import h5py
 import numpy as np
 import pytest
 
@@ -329,7 +330,8 @@ def checkpoint_files(out: str) -> list[str]:
 def test_a_run_json_of_the_users_is_never_replaced(llama, tmp_path):
     """run.json is a common name: one in --out that mpicorr did not write (no mpicorr format) was silently
     replaced by a run without --force (and deleted by --force). It is refused in one line, with or without
-    --force; mpicorr's own run.json is replaced as before."""
+    --force; mpicorr's own run.json is replaced as before. So is a summary.h5 of the user's, which --force
+    deleted."""
     data, out = tiny.sample_path(), tmp_path / "o"
     out.mkdir()
     (out / "run.json").write_text('{"learning_rate": 0.001}')
@@ -340,3 +342,10 @@ def test_a_run_json_of_the_users_is_never_replaced(llama, tmp_path):
     os.remove(out / "run.json")
     ok(run_main(args(llama, data, str(out), "--chunks", "2")))
     ok(run_main(args(llama, data, str(out), "--chunks", "2", "--force")))
+    mine = out / "threshold-0.5" / "summary.h5"  # the user's HDF5 file, in a folder of the name a run uses
+    mine.parent.mkdir()
+    with h5py.File(mine, "w") as h5:
+        h5["weights"] = np.arange(3)
+    one_error_line(run_main(args(llama, data, str(out), "--chunks", "2", "--force")), f"{mine}: not written by")
+    with h5py.File(mine, "r") as h5:
+        assert list(h5["weights"][:]) == [0, 1, 2]
