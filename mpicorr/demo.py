@@ -27,6 +27,9 @@ def demo(out: str, comm: Comm, command: str, live: bool = False) -> None:
             if outputs.present(out) or outputs.checkpoints(out):  # the demo runs with force: only over a demo
                 raise UserError(f"--out {out}: holds a run that is not a demo (no demo model in {model_dir}); "
                                 f"choose another folder for the demo")
+            if os.path.lexists(model_dir):  # tiny.build would write over the files there
+                raise UserError(f"--out {out}: {model_dir} exists and is not the demo's model; choose another "
+                                f"folder for the demo")
             print(f"mpicorr demo: building a tiny random-weight model in {model_dir}", flush=True)
             tiny.build("llama", model_dir)
 
