@@ -178,18 +178,19 @@ def check_space(where: str, label: str, needed: int, reclaim: int = 0) -> None:
 
 
 @contextmanager
-def locked(out: str) -> Iterator[None]:
+def locked(out: str, option: str = "--out") -> Iterator[None]:
     """Hold an exclusive lock on the folder OUT (flock, which the kernel releases when the process ends, even
-    by kill -9): a second run into OUT at the same time would replace this one's checkpoints and mix its
-    outputs with this one's. Where the filesystem has no such locks (some network mounts), nothing is locked."""
+    by kill -9): a second run into OUT (or into the same --dump folder, `option`) at the same time would
+    replace this one's checkpoints (shards) and mix its outputs with this one's. Where the filesystem has no
+    such locks (some network mounts), nothing is locked."""
     fd = os.open(out, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise UserError(f"--out {out}: another mpicorr run is using this folder now; wait until it ends "
-                                f"or choose another --out") from None
+                raise UserError(f"{option} {out}: another mpicorr run is using this folder now; wait until it "
+                                f"ends or choose another {option}") from None
         yield
     finally:
         os.close(fd)

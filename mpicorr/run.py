@@ -107,7 +107,7 @@ def prepare(cfg: Config, hosts: list[str], held: ExitStack) -> Job:
         state = checkpoint.resume(cfg.out, ident, work)
         resumed, generation, work = state.live, state.generation, state.todo
     if sample:
-        sample = dumping.open_folder(sample, cfg.ctx, cfg.resume, [r for ck in resumed for r in ck.finished])
+        sample = dumping.open_folder(sample, cfg.ctx, cfg.resume, [r for ck in resumed for r in ck.finished], held)
     return Job(all_chunks[start : start + count], start, len(all_chunks), sha,
                plan.make_plan(work, hosts, weights), ident, resumed, generation, sample)
 

@@ -319,3 +319,26 @@ def test_plan_prints_the_estimate(llama, sample_path):
                           "/nonexistent/d", "--dump-tokens", "1000", "--dump-values", "--device", "cpu"]))
     # 1000 tokens x (2 layers x (32 float32 inputs + 96 mask bits + 96 float32 values) + an 8-byte position)
     assert "dump: 1,000 tokens x 2 layers" in result.stdout and "1.1 MB at float32" in result.stdout
+
+
+def test_a_second_run_into_the_same_dump_folder_is_refused(llama, sample_path, tmp_path):
+    """Two runs (other --out folders) dumping into one folder at once wrote shards of the same names, one
+    run's over the other's, and both exited 0 (the last index won; the other dump was lost). Rank 0 locks the
+    dump folder for the whole run: the second is refused in one line, even with --force, and deletes nothing."""
+    import time
+    dump = str(tmp_path / "dump")
+    common = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "20", "--dump", dump,
+              "--dump-rate", "0.5"]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "slow_rank.py"), "0", "0.2", *common,
+                              "--out", str(tmp_path / "a"), "--checkpoint-every", "1"], env=cli_env(),
+                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(n.startswith("shard-") for n in (os.listdir(dump) if os.path.isdir(dump) else [])) \
+            and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()
+    second = run_main([*common, "--out", str(tmp_path / "b"), "--force"])
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    one_error_line(second, f"--dump {dump}: another mpicorr run is using this folder")
+    assert read_index(dump)["chunk_ranges"] == [[0, 20]] and not os.path.exists(tmp_path / "b" / "summary.h5")
