@@ -271,8 +271,10 @@ def _check_dump(cfg: Config) -> None:
     if (cfg.dump_tokens is None) == (cfg.dump_rate is None):
         raise UserError(f"--dump {cfg.dump}: give exactly one of --dump-tokens N and --dump-rate R (how many "
                         f"tokens to dump)")
-    if os.path.abspath(cfg.dump) == os.path.abspath(cfg.out):
-        raise UserError(f"--dump {cfg.dump}: the dump needs a folder of its own, not --out's; e.g. {cfg.out}/dump")
+    dump, out = os.path.realpath(cfg.dump), os.path.realpath(cfg.out)
+    if os.path.commonpath([dump, out]) == dump:  # the same folder, or --out inside the dump (which it empties)
+        raise UserError(f"--dump {cfg.dump}: the dump needs a folder of its own, not --out's nor one holding "
+                        f"--out; e.g. {cfg.out}/dump")
     if cfg.dump_tokens is not None:
         _check_int("--dump-tokens", cfg.dump_tokens, 1)
     if cfg.dump_rate is not None and not (_number(cfg.dump_rate) and 0 < cfg.dump_rate <= 1):

@@ -19,14 +19,14 @@ import math
 import os
 import re
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from . import __version__, models, plan, predictor_data, summary
+from . import __version__, models, outputs, plan, predictor_data, summary
 from .config import Config
 from .counting import fired
 from .errors import UserError
@@ -202,16 +202,19 @@ def check_folder(folder: str, force: bool, resume: bool) -> None:
                         f"it, or --resume to continue its run")
 
 
-def open_folder(sample: Sample, ctx: int, resume: bool, finished: list[plan.Batch]) -> Sample:
-    """Rank 0, once every check has passed: create the folder, emptied of an earlier dump, or on --resume
-    keep the shards the live checkpoints cover (`finished`) and delete the rest. The sample with the kept
-    shards."""
+def open_folder(sample: Sample, ctx: int, resume: bool, finished: list[plan.Batch],
+                held: ExitStack | None = None) -> Sample:
+    """Rank 0, once every check has passed: create the folder and lock it until `held` closes (another run
+    dumping there now is refused), emptied of an earlier dump, or on --resume keep the shards the live
+    checkpoints cover (`finished`) and delete the rest. The sample with the kept shards."""
     try:
         os.makedirs(sample.folder, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--dump {sample.folder}: cannot create the folder ({exc.strerror})") from None
     if not os.access(sample.folder, os.W_OK):
         raise UserError(f"--dump {sample.folder}: folder is not writable; choose another folder")
+    if held is not None:
+        held.enter_context(outputs.locked(sample.folder, "--dump"))
     if resume and not finished and os.path.exists(os.path.join(sample.folder, INDEX)):
         raise UserError(f"--dump {sample.folder}: holds a finished dump, and no checkpoint of an interrupted "
                         f"run in --out covers it; choose another folder, or --force to replace it")

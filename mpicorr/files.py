@@ -13,6 +13,7 @@ from .errors import UserError
 
 T = TypeVar("T")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def temporary(pattern: str) -> str:
@@ -41,7 +42,8 @@ def human(size: float) -> str:
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success it is fsynced and renamed to `path`. The temporary is
-    removed on any error; a full disk or quota (here or while the block wrote) is a UserError naming `path`."""
+    removed on any error; a full disk or quota, or a folder that is not writable (here or while the block
+    wrote), is a UserError naming `path`."""
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         yield tmp
@@ -49,6 +51,9 @@ def atomic_path(path: str) -> Iterator[str]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
+        if exc.errno in NOT_WRITABLE and exc.filename in (tmp, path):
+            raise UserError(f"{path}: cannot write ({exc.strerror}); make its folder writable or write "
+                            f"elsewhere") from None
         if exc.errno not in DISK_FULL:
             raise
         if os.path.exists(tmp):

@@ -9,14 +9,23 @@ empty; never a folder wholesale (OUT may hold the user's own files):
     OUT/checkpoints/g<G>-r<R>.ckpt
     and the temporary of each (files.atomic_path: .<name>.tmp<pid>)
 
+While a run uses OUT, its rank 0 holds a lock on the folder (locked), so a second run into OUT is refused.
+
 A run is finished when every output folder that holds its matrix files also holds summary.h5: rank 0 writes
 summary.h5 last, after every matrix file, and deletes the checkpoints only after that.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
 import re
+from contextlib import contextmanager, suppress
+from typing import Iterator
+
+import h5py
 
 from . import layout, matrixfile, summary
 from .config import threshold_folders
@@ -46,12 +55,13 @@ def _names(folder: str, pattern: str) -> list[str]:
 
 def remove(folder: str, pattern: str, drop_empty: bool = False, only_temporaries: bool = False) -> None:
     """Delete the files of `folder` named by `pattern` and their temporaries (or only the temporaries); then
-    the folder itself when `drop_empty` and nothing else is left in it."""
+    the folder itself when `drop_empty` and nothing else is left in it (never a link to a folder: the user's)."""
     names = temporary(pattern) if only_temporaries else rf"(?:{pattern})|{temporary(pattern)}"
     for name in _names(folder, names):
         os.remove(os.path.join(folder, name))
-    if drop_empty and os.path.isdir(folder) and not os.listdir(folder):
-        os.rmdir(folder)
+    if drop_empty and os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder):
+        with suppress(OSError):  # a mount point (EBUSY) or a folder we may not remove: left empty, harmless
+            os.rmdir(folder)
 
 
 def checkpoints(out: str) -> list[str]:
@@ -62,6 +72,31 @@ def checkpoints(out: str) -> list[str]:
 def folders(out: str) -> list[str]:
     """OUT and its threshold-<T> subfolders: where a run's matrix files and summary.h5 may be."""
     return [out, *threshold_folders(out)]
+
+
+def holding(out: str) -> list[str]:
+    """The folders of OUT (itself, threshold-<T>) that hold files of a run: where clear_outputs deletes."""
+    return [f for f in folders(out) if _names(f, OUTPUT)]
+
+
+def foreign(out: str) -> str | None:
+    """The first file by one of mpicorr's common names (OUT/run.json, a summary.h5) that mpicorr did not
+    write: a run.json without mpicorr's format key, a summary.h5 without its mpicorr_version attribute."""
+    for path in [os.path.join(out, RUN_JSON), *(os.path.join(f, summary.SUMMARY) for f in folders(out))]:
+        if os.path.lexists(path) and not _ours(path):
+            return path
+    return None
+
+
+def _ours(path: str) -> bool:
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as fh:
+                return str(json.load(fh).get("format", "")).startswith("mpicorr-run-")
+        with h5py.File(path, "r") as h5:
+            return "mpicorr_version" in h5.attrs
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def present(out: str) -> bool:
@@ -140,3 +175,22 @@ def check_space(where: str, label: str, needed: int, reclaim: int = 0) -> None:
         raise UserError(f"{label}: not enough disk space: the outputs need up to {human(needed)} (the counts "
                         f"uncompressed, an upper bound), {human(free)} free{old}; free space or choose a "
                         f"folder on another disk")
+
+
+@contextmanager
+def locked(out: str, option: str = "--out") -> Iterator[None]:
+    """Hold an exclusive lock on the folder OUT (flock, which the kernel releases when the process ends, even
+    by kill -9): a second run into OUT (or into the same --dump folder, `option`) at the same time would
+    replace this one's checkpoints (shards) and mix its outputs with this one's. Where the filesystem has no
+    such locks (some network mounts), nothing is locked."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise UserError(f"{option} {out}: another mpicorr run is using this folder now; wait until it "
+                                f"ends or choose another {option}") from None
+        yield
+    finally:
+        os.close(fd)

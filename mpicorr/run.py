@@ -187,14 +187,16 @@ def data_attributes(cfg: Config, src: Data, manifest: list[dict]) -> dict:
     return attrs
 
 
-def prepare(cfg: Config, hosts: list[str], src: Data) -> Job:
-    """Validate inputs, choose the chunks and split them over the ranks (runs on rank 0)."""
+def prepare(cfg: Config, hosts: list[str], src: Data, held: ExitStack) -> Job:
+    """Validate inputs, choose the chunks and split them over the ranks (runs on rank 0); lock --out until
+    `held` closes."""
     start, count = select_chunks(cfg, src.layout)
     manifest = src.manifest.result()
     sha = data.data_sha256(src.corpus, manifest)
     weights = hostfile_weights(cfg.hostfile, hosts)
     sample = dumping.plan_sample(cfg, src.layout.chunks, start, count) if cfg.dump else None
-    check_out(cfg.out, cfg.force, cfg.resume)
+    check_out(cfg.out, cfg.force, cfg.resume, cfg.threshold)
+    held.enter_context(outputs.locked(cfg.out))
     work = plan.batches(start, count, cfg.batch_size)
     ident = identity(cfg, sha, start, count, None if src.corpus.plain else cfg.text_field)
     resumed, generation = [], 1
@@ -202,7 +204,7 @@ def prepare(cfg: Config, hosts: list[str], src: Data) -> Job:
         state = checkpoint.resume(cfg.out, ident, work)
         resumed, generation, work = state.live, state.generation, state.todo
     if sample:
-        sample = dumping.open_folder(sample, cfg.ctx, cfg.resume, [r for ck in resumed for r in ck.finished])
+        sample = dumping.open_folder(sample, cfg.ctx, cfg.resume, [r for ck in resumed for r in ck.finished], held)
     return Job(range(start, start + count), start, src.layout.chunks, sha, data_attributes(cfg, src, manifest),
                plan.make_plan(work, hosts, weights), ident, resumed, generation, sample)
 
@@ -282,9 +284,14 @@ def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
     return plan.rank_weights(read_hostfile(path), hosts, hostfile_label(path))
 
 
-def check_out(out: str, force: bool, resume: bool = False) -> None:
+def check_out(out: str, force: bool, resume: bool = False, thresholds: tuple[float, ...] = (0.5,)) -> None:
     """Create the output folder; refuse to overwrite another run's outputs or checkpoints unless told to.
-    Matrix files without summary.h5 (written last) are a run that failed while writing, not a finished one."""
+    Matrix files without summary.h5 (written last) are a run that failed while writing, not a finished one.
+    A file where the run puts a folder (checkpoints/, threshold-<T>/) is refused now, not after counting."""
+    foreign = outputs.foreign(out)
+    if foreign:  # a run writes a file by this name there, and --force deletes mpicorr's: never a user's file
+        raise UserError(f"--out {out}: {foreign}: not written by mpicorr (a run writes its own "
+                        f"{os.path.basename(foreign)} there); move it away or choose another --out")
     done, finished = outputs.present(out), outputs.finished(out)
     unfinished = bool(outputs.checkpoints(out))
     incomplete = f"--out {out}: holds matrix files without {summary.SUMMARY} (a run that failed while writing " \
@@ -306,6 +313,13 @@ def check_out(out: str, force: bool, resume: bool = False) -> None:
         raise UserError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out}: folder is not writable; choose another --out")
+    for folder in [checkpoint.folder(out), *output_folders(out, thresholds), *outputs.holding(out)]:
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise UserError(f"--out {out}: {folder} is not a folder (mpicorr writes one there); move it away or "
+                            f"choose another --out")
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK):  # written, or its old outputs deleted
+            raise UserError(f"--out {out}: {folder}: folder is not writable; make it writable or choose "
+                            f"another --out")
 
 
 def start_out(cfg: Config, needed: int) -> None:
@@ -465,6 +479,12 @@ def check_gpu_sharing(option: str, hosts: list[str], devices: list[str], gpus: l
 
 def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     """Count, reduce and write one run; every rank calls this. `live`: redraw rank 0's progress in place."""
+    with ExitStack() as held:  # rank 0's lock on --out, from prepare to the end
+        run_locked(cfg, comm, held, live)
+
+
+def run_locked(cfg: Config, comm: Comm, held: ExitStack, live: bool) -> None:
+    """run(), holding (on rank 0) what prepare puts into `held` until it returns."""
     hosts = comm.allgather(comm.host)
     mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))
     device = mine[0]  # the dtype, the token ids and any counts outside a device map go here
@@ -473,7 +493,7 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
     gpus = comm.allgather([models.device_identity(d) for d in mine])
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
     src = read_data(cfg, comm)
-    job = comm.checked(lambda: prepare(cfg, hosts, src), root_only=True)
+    job = comm.checked(lambda: prepare(cfg, hosts, src, held), root_only=True)
     if comm.rank == 0:
         announce(cfg, comm, job, devices)
     where = stage.stage_model(cfg.model, cfg.stage_model, comm) if cfg.stage_model else cfg.model

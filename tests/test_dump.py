@@ -281,11 +281,12 @@ def test_trainer_script(planted, tmp_path, capsys, one_thread):
     (["--dump-rate", "0.1", "--dump-tokens", "5"], ["exactly one of --dump-tokens"]),
     (["--site", "heads"], ["--dump: masks of FFN neurons only"]),
     (["--dump", "OUT"], ["needs a folder of its own"]),
+    (["--out", "DUMP/out"], ["needs a folder of its own"]),  # before: IsADirectoryError, exit 1, after loading
 ])
 def test_bad_dump_options(llama, sample_path, tmp_path, extra, needles):
     out, dump = str(tmp_path / "out"), str(tmp_path / "dump")
     rate = [] if any(e.startswith("--dump-rate") for e in extra) else ["--dump-rate", "0.5"]
-    extra = [out if e == "OUT" else e for e in extra]
+    extra = [out if e == "OUT" else os.path.join(dump, "out") if e == "DUMP/out" else e for e in extra]
     one_error_line(run_main(["run", "--model", llama, "--data", sample_path, "--out", out, "--ctx", str(CTX),
                              "--dump", dump, *rate, *extra]), *needles)
     assert not os.path.exists(out) and not os.path.exists(dump), "nothing written"
@@ -318,3 +319,26 @@ def test_plan_prints_the_estimate(llama, sample_path):
                           "/nonexistent/d", "--dump-tokens", "1000", "--dump-values", "--device", "cpu"]))
     # 1000 tokens x (2 layers x (32 float32 inputs + 96 mask bits + 96 float32 values) + an 8-byte position)
     assert "dump: 1,000 tokens x 2 layers" in result.stdout and "1.1 MB at float32" in result.stdout
+
+
+def test_a_second_run_into_the_same_dump_folder_is_refused(llama, sample_path, tmp_path):
+    """Two runs (other --out folders) dumping into one folder at once wrote shards of the same names, one
+    run's over the other's, and both exited 0 (the last index won; the other dump was lost). Rank 0 locks the
+    dump folder for the whole run: the second is refused in one line, even with --force, and deletes nothing."""
+    import time
+    dump = str(tmp_path / "dump")
+    common = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "20", "--dump", dump,
+              "--dump-rate", "0.5"]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "slow_rank.py"), "0", "0.2", *common,
+                              "--out", str(tmp_path / "a"), "--checkpoint-every", "1"], env=cli_env(),
+                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(n.startswith("shard-") for n in (os.listdir(dump) if os.path.isdir(dump) else [])) \
+            and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()
+    second = run_main([*common, "--out", str(tmp_path / "b"), "--force"])
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    one_error_line(second, f"--dump {dump}: another mpicorr run is using this folder")
+    assert read_index(dump)["chunk_ranges"] == [[0, 20]] and not os.path.exists(tmp_path / "b" / "summary.h5")

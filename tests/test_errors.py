@@ -143,6 +143,19 @@ def test_existing_outputs_are_kept_without_force(llama, sample_path, tmp_path):
     assert run_main(args + ["--force"]).returncode == 0
 
 
+def test_output_folders_that_are_files_are_refused_before_counting(llama, sample_path, tmp_path):
+    """A file where a run puts a folder (OUT/checkpoints, OUT/threshold-<T>): one line before counting; before,
+    FileExistsError (exit 1) once counting was done, when the folder was first made."""
+    args = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "2"]
+    for name, extra in (("checkpoints", ["--checkpoint-every", "1"]), ("threshold-0.5", ["--threshold", "0.25,0.5"])):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).write_text("the user's own")
+        result = run_main([*args, "--out", str(out), *extra])
+        one_error_line(result, f"--out {out}: {out / name} is not a folder")
+        assert "chunk " not in result.stdout and sorted(os.listdir(out)) == [name]
+
+
 def test_shared_error_under_mpirun_is_reported_once(llama, sample_path, tmp_path):
     result = run_cli(["run", "--model", llama, "--data", sample_path, "--out", str(tmp_path / "o"),
                       "--ctx", str(CTX), "--chunks", "999"], ranks=2)

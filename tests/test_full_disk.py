@@ -118,3 +118,38 @@ def test_sum_on_a_full_disk(llama, small_disk, tmp_path):
     result = without_check(["sum", merged, *parts, "--force"], str(tmp_path))
     one_error_line(result, "No space left on device")
     assert not leftovers(disk) and not os.path.exists(os.path.join(merged, summary.SUMMARY))
+
+
+def test_read_only_folders_inside_out(llama, small_disk, tmp_path):
+    """OUT writable, but its checkpoints/ or a threshold-<T>/ folder holding the previous run's outputs on a
+    read-only filesystem (or not the user's to write): refused in one line before counting, not OSError
+    (exit 1) at the first checkpoint or, worse, after counting when --force deletes the old outputs."""
+    out = str(tmp_path / "o")
+    ok(run_main(run_args(llama, out, "--threshold", "0.25,0.5")))
+    for name in ("checkpoints", "threshold-0.5"):
+        folder = os.path.join(out, name)
+        os.makedirs(folder, exist_ok=True)
+        kept = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
+        disk = small_disk(1 << 20)
+        for n, data in kept.items():
+            open(os.path.join(disk, n), "wb").write(data)
+        for step in (["--bind", disk, folder], ["-o", "remount,ro,bind", folder]):
+            if subprocess.run(["mount", *step], capture_output=True).returncode:
+                pytest.skip("cannot bind-mount read-only")
+        try:
+            result = run_main(run_args(llama, out, "--threshold", "0.25,0.5", "--force", "--checkpoint-every", "1"))
+            one_error_line(result, f"{folder}: folder is not writable")
+            assert "chunk " not in result.stdout, "refused before counting"
+        finally:
+            subprocess.run(["umount", folder], check=False)
+
+
+def test_write_to_a_read_only_folder_is_one_line(small_disk, tmp_path):
+    """If a folder turns read-only while writing: one line naming the file, exit 2, not OSError."""
+    from mpicorr.errors import UserError
+    from mpicorr.files import atomic_write
+    disk = small_disk(1 << 20)
+    subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
+    with pytest.raises(UserError, match=r"x\.bin: cannot write \(Read-only file system\)"):
+        with atomic_write(os.path.join(disk, "x.bin")) as fh:
+            fh.write(b"data")

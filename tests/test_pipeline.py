@@ -210,6 +210,25 @@ def test_demo_runs_offline_with_and_without_mpirun(tmp_path):
     assert "building" not in again.stdout
 
 
+def test_demo_refuses_a_folder_holding_another_run(llama, sample_path, tmp_path):
+    """`demo --out` replaces only an earlier demo's outputs: before, it deleted a real run's there (the demo
+    always runs with force) without being asked to. Nor does it build its model over a model/ folder of the
+    user's (before: tiny.build wrote over model.safetensors there)."""
+    out = tmp_path / "real"
+    ok(run_main(["run", "--model", llama, "--data", sample_path, "--out", str(out), "--ctx", str(CTX), "--chunks",
+                 "2", "--threshold", "0.25,0.5"]))
+    before = {p: open(p, "rb").read() for p in map(str, out.rglob("*")) if os.path.isfile(p)}
+    result = run_main(["demo", "--out", str(out)])
+    assert result.returncode == 2 and "--out" in result.stderr and "not a demo" in result.stderr, result.stderr
+    assert {p: open(p, "rb").read() for p in map(str, out.rglob("*")) if os.path.isfile(p)} == before
+    mine = tmp_path / "home" / "model" / "model.safetensors"  # a folder named model/ of the user's
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's weights")
+    result = run_main(["demo", "--out", str(tmp_path / "home")])
+    assert result.returncode == 2 and "is not the demo's model" in result.stderr, result.stderr
+    assert mine.read_bytes() == b"the user's weights" and os.listdir(mine.parent) == ["model.safetensors"]
+
+
 @pytest.mark.parametrize("kernel", ["gemm", "popcount", "sparse"])
 def test_every_kernel_gives_the_same_bytes(llama, sample_path, tmp_path, kernel):
     common = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "6", "--batch-size", "2"]

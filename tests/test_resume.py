@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 
+import h5py
 import numpy as np
 import pytest
 
@@ -281,3 +282,72 @@ def test_outputs_names_checkpoints_as_checkpoint_does():
     """outputs.py spells checkpoint.py's names itself (checkpoint needs torch; the file tools must not)."""
     from mpicorr import outputs as run_files
     assert (run_files.CHECKPOINTS, run_files.CHECKPOINT) == (checkpoint.FOLDER, checkpoint.NAME.pattern)
+
+
+def test_linked_checkpoints_and_threshold_folders_are_kept(llama, tmp_path):
+    """OUT/checkpoints and OUT/threshold-<T> may be the user's links to folders elsewhere (another disk): their
+    checkpoints and outputs go, the links stay. Before, rmdir of an emptied link failed: the finished run
+    exited 1 (NotADirectoryError), and a run of several thresholds failed before writing, its counting lost."""
+    data, out, elsewhere = tiny.sample_path(), tmp_path / "o", tmp_path / "elsewhere"
+    for name in ("checkpoints", "threshold-0.5"):
+        (elsewhere / name).mkdir(parents=True)
+        out.mkdir(exist_ok=True)
+        os.symlink(elsewhere / name, out / name)
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--checkpoint-every", "2")))
+    assert os.listdir(elsewhere / "checkpoints") == [] and os.path.islink(out / "checkpoints")
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--threshold", "0.25,0.5", "--force")))
+    assert sorted(os.listdir(elsewhere / "threshold-0.5")) == ["correlations_block_0.zstd",
+                                                                "correlations_block_1.zstd", "summary.h5"]
+    ok(run_main(args(llama, data, str(out), "--chunks", "4", "--force")))  # the old threshold folders emptied
+    assert os.path.islink(out / "threshold-0.5") and os.listdir(elsewhere / "threshold-0.5") == []
+    assert filetools.verify_run(str(out)).startswith(f"{out}: ok, 2 layers")
+
+
+def test_a_second_run_into_the_same_out_is_refused(llama, tmp_path):
+    """Two runs into one --out at once wrote the same checkpoint names (each replacing the other's, the first
+    to finish deleting the other's) and outputs that mixed the two runs. Rank 0 locks --out for the whole run:
+    a second run is refused in one line, and the lock goes with the process."""
+    data, out = tiny.sample_path(), str(tmp_path / "o")
+    slow = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_rank.py")
+    first = subprocess.Popen([sys.executable, slow, "0", "0.2", *args(llama, data, out, "--chunks", "20",
+                              "--checkpoint-every", "1")], env=cli_env(), cwd=str(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoint_files(out) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()
+    second = run_main(args(llama, data, out, "--chunks", "20", "--resume"))
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    one_error_line(second, f"--out {out}: another mpicorr run is using this folder")
+    assert filetools.verify_run(out).startswith(f"{out}: ok, 2 layers, 20 chunks")
+    ok(run_main(args(llama, data, out, "--chunks", "4", "--force")))  # the lock went with the first run
+
+
+def checkpoint_files(out: str) -> list[str]:
+    folder = checkpoint.folder(out)
+    return [n for n in os.listdir(folder) if n.endswith(".ckpt")] if os.path.isdir(folder) else []
+
+
+def test_a_run_json_of_the_users_is_never_replaced(llama, tmp_path):
+    """run.json is a common name: one in --out that mpicorr did not write (no mpicorr format) was silently
+    replaced by a run without --force (and deleted by --force). It is refused in one line, with or without
+    --force; mpicorr's own run.json is replaced as before. So is a summary.h5 of the user's, which --force
+    deleted."""
+    data, out = tiny.sample_path(), tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text('{"learning_rate": 0.001}')
+    for extra in ([], ["--force"], ["--resume"]):
+        one_error_line(run_main(args(llama, data, str(out), "--chunks", "2", *extra)),
+                       f"{out / 'run.json'}: not written by mpicorr")
+        assert (out / "run.json").read_text() == '{"learning_rate": 0.001}' and os.listdir(out) == ["run.json"]
+    os.remove(out / "run.json")
+    ok(run_main(args(llama, data, str(out), "--chunks", "2")))
+    ok(run_main(args(llama, data, str(out), "--chunks", "2", "--force")))
+    mine = out / "threshold-0.5" / "summary.h5"  # the user's HDF5 file, in a folder of the name a run uses
+    mine.parent.mkdir()
+    with h5py.File(mine, "w") as h5:
+        h5["weights"] = np.arange(3)
+    one_error_line(run_main(args(llama, data, str(out), "--chunks", "2", "--force")), f"{mine}: not written by")
+    with h5py.File(mine, "r") as h5:
+        assert list(h5["weights"][:]) == [0, 1, 2]
