@@ -154,7 +154,13 @@ def verify_run(folder: str) -> str:
         return "\n".join(verify_run(part) for part in parts)
     root, layers = read_run(folder)
     experts, _ = summary.read_moe(os.path.join(folder, summary.SUMMARY))
-    for unit, entry in [*((Unit(k), e) for k, e in layers.items()), *((Unit(*k), e) for k, e in experts.items())]:
+    units = [*((Unit(k), e) for k, e in layers.items()), *((Unit(*k), e) for k, e in experts.items())]
+    # A matrix file summary.h5 does not list belongs to another run (copied in, or left by an older mpicorr).
+    extra = sorted(set(matrixfile.exists_any(folder)) - {matrixfile.matrix_name(u.layer, u.expert) for u, _ in units})
+    if extra:
+        raise UserError(f"{folder}: {', '.join(extra)} not listed in summary.h5; the files belong to another "
+                        f"run: move them out")
+    for unit, entry in units:
         path = os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert))
         verify(path, entry["attrs"].get("matrix_sha256"))
     moe = f", {len(experts)} experts" if experts else ""

@@ -133,6 +133,14 @@ def test_verify_run_folder_checks_recorded_sha256(llama, sample_path, tmp_path):
     assert result.returncode == 2 and "SHA-256 differs" in result.stderr
 
 
+def test_verify_run_folder_refuses_matrix_files_summary_does_not_list(llama, sample_path, tmp_path):
+    """A matrix file summary.h5 does not list (another run's, copied in) makes verify fail, naming it."""
+    out = run_folder(llama, sample_path, tmp_path / "a", 0, 3)
+    shutil.copy(f"{out}/correlations_block_1.zstd", f"{out}/correlations_block_7.zstd")
+    result = run_main(["verify", out])
+    assert result.returncode == 2 and "correlations_block_7.zstd not listed in summary.h5" in result.stderr
+
+
 def test_file_commands_and_input_errors_start_without_torch(llama, sample_path, tmp_path):
     """info (of a file and of a run folder), verify and sum, and a missing --data or --model, in a fresh
     interpreter: none imports torch, transformers, numba or mpi4py (seconds of start-up each)."""
