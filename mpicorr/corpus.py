@@ -234,18 +234,23 @@ def _check_readable(path: str) -> None:
 
 def _text_docs(shard: Shard, _field: str) -> Iterator[str]:
     """A text file: one document, the whole file (tokenized whole, as mpicorr always did)."""
+    yield read_text_file(shard.path)
+
+
+def read_text_file(path: str) -> str:
+    """The whole of a UTF-8 text file; unreadable, not UTF-8 or blank is a UserError naming it."""
     try:
-        with open(shard.path, "rb") as fh:
+        with open(path, "rb") as fh:
             raw = fh.read()
     except OSError as exc:
-        raise UserError(f"--data {shard.path}: cannot read ({exc.strerror}); give a readable text file") from None
+        raise UserError(f"--data {path}: cannot read ({exc.strerror}); give a readable text file") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"--data {shard.path}: not UTF-8 (byte {exc.start}); convert the file to UTF-8") from None
+        raise UserError(f"--data {path}: not UTF-8 (byte {exc.start}); convert the file to UTF-8") from None
     if not text.strip():
-        raise UserError(f"--data {shard.path}: the file is empty; give a text file with at least one chunk of text")
-    yield text
+        raise UserError(f"--data {path}: the file is empty; give a text file with at least one chunk of text")
+    return text
 
 
 def _open_lines(shard: Shard):

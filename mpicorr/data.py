@@ -11,7 +11,6 @@ all ranks together, and a ChunkSource on each rank tokenizes only the documents 
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -19,23 +18,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .corpus import Corpus, data_sha256, open_corpus  # noqa: F401 (run.py reads --data through this module)
+from .corpus import file_sha256, read_text_file
 from .errors import UserError
 
 
 def read_text(path: str) -> tuple[str, str]:
-    """Return (text, sha256 of the file's bytes)."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise UserError(f"--data {path}: cannot read ({exc.strerror}); give a readable text file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"--data {path}: not UTF-8 (byte {exc.start}); convert the file to UTF-8") from None
-    if not text.strip():
-        raise UserError(f"--data {path}: the file is empty; give a text file with at least one chunk of text")
-    return text, hashlib.sha256(raw).hexdigest()
+    """Return (text, sha256 of the file's bytes) of a plain text file."""
+    return read_text_file(path), file_sha256(path)
 
 
 def tokenize(text: str, tokenizer) -> np.ndarray:
