@@ -518,3 +518,16 @@ def test_max_tokens_hashes_only_the_shards_it_read(llama, corpora, monkeypatch):
     listed = got.manifest.result()
     assert len(got.layout.shard_first) == 1 and [m["name"] for m in listed] == ["a.jsonl.gz"]
     assert [os.path.basename(p) for p in hashed] == ["a.jsonl.gz"]
+
+
+def test_stage_data_with_max_tokens_has_the_identity_of_the_run_without(llama, corpora, monkeypatch, tmp_path):
+    """--max-tokens with --stage-data: the identity is that of the shards pass 1 opened, as without staging
+    (before, the manifest listed every staged shard: another data_sha256, so --resume across the two refused)."""
+    from mpicorr import run
+    from mpicorr.config import Config
+
+    monkeypatch.setattr(data, "ROUND_DOCS", 2)
+    cfg = Config(model=llama, data=corpora["mixed"], ctx=CTX, max_tokens=2 * CTX)
+    plain = run.read_data(cfg, Comm()).manifest.result()
+    staged = run.read_data(Config(**{**cfg.__dict__, "stage_data": str(tmp_path)}), Comm()).manifest.result()
+    assert [m["name"] for m in plain] == ["a.jsonl.gz"] and staged == plain
