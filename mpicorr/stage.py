@@ -133,7 +133,8 @@ def stage(files: list[tuple[str, str]] | None, name: str | None, root: str, comm
 
     `files` and `name` matter on rank 0 only; `option` names the option in messages; `leader` (default: local
     rank 0) marks the one rank per node that writes the copy. Every rank must call this."""
-    comm.checked(lambda: _check_names(files, option), root_only=True)
+    comm.checked(lambda: _check_names(files, option) or _check_place(files, os.path.join(root, name), option),
+                 root_only=True)
     name, listing = comm.bcast((name, describe(files)) if comm.rank == 0 else None)
     target = os.path.join(root, name)
     leader = comm.local_rank == 0 if leader is None else leader
@@ -147,6 +148,23 @@ def _check_names(files: list[tuple[str, str]], option: str) -> None:
     for _, rel in files:
         if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
             raise UserError(f"{option}: {rel} lies outside the folder staged; give files under one folder")
+
+
+def _check_place(files: list[tuple[str, str]], target: str, option: str) -> None:
+    """The copy is the source's own folder, or lies apart from it: a copy inside the folder it copies would be
+    read as part of it by the next run (a corpus or model that grows at every run), and a source file inside
+    the copy would be deleted when the copy is replaced."""
+    real = os.path.realpath(target)
+    for path, rel in files:
+        full, rel = os.path.normpath(os.path.abspath(path)), os.path.normpath(rel)
+        base = os.path.realpath(full[: -len(rel)] if full.endswith(os.sep + rel) else os.path.dirname(full))
+        if real != base and (_inside(real, base) or _inside(os.path.realpath(full), real)):
+            raise UserError(f"{option}: the copy {target} and the folder it copies, {base}, lie one inside the "
+                            f"other; choose a {option} folder outside {base}")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _copy(files: list[tuple[str, str]] | None, target: str, listing: list[dict], comm: Comm, option: str,

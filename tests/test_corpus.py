@@ -531,3 +531,29 @@ def test_stage_data_with_max_tokens_has_the_identity_of_the_run_without(llama, c
     plain = run.read_data(cfg, Comm()).manifest.result()
     staged = run.read_data(Config(**{**cfg.__dict__, "stage_data": str(tmp_path)}), Comm()).manifest.result()
     assert [m["name"] for m in plain] == ["a.jsonl.gz"] and staged == plain
+
+
+def test_stage_data_refuses_a_copy_inside_the_source(tmp_path):
+    """--stage-data DIR where DIR/<name> lies inside the data's folder (DIR = the data folder itself, or the
+    folder holding a text file), or holds it: refused, nothing written. Before, DIR = the corpus folder put the
+    copy at corpus/corpus, which the next run read as part of the corpus (twice the tokens) and staged again
+    inside itself, changing the user's data folder at every run."""
+    from mpicorr import stage
+
+    folder = tmp_path / "corpus"
+    (folder / "deep").mkdir(parents=True)
+    write_jsonl(str(folder / "a.jsonl"), ["one document"])
+    write_jsonl(str(folder / "deep" / "corpus.jsonl"), ["another"])
+    (tmp_path / "notes.txt").write_text("plain text")
+    (tmp_path / "x" / "x").mkdir(parents=True)
+    write_jsonl(str(tmp_path / "x" / "x" / "b.jsonl"), ["inside"])
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for spec, root in ((folder, folder), (tmp_path / "notes.txt", tmp_path), (folder, folder / "deep"),
+                       (tmp_path / "x" / "x", tmp_path)):
+        source = corpus.open_corpus(str(spec))
+        with pytest.raises(UserError, match="lie one inside the other; choose a --stage-data folder outside"):
+            stage.stage_corpus(source, str(root), Comm())
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    staged = stage.stage_corpus(corpus.open_corpus(str(folder)), str(tmp_path), Comm())[0]  # the source itself
+    assert [s.path for s in staged.shards] == [str(folder / "a.jsonl"), str(folder / "deep" / "corpus.jsonl")]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
