@@ -139,6 +139,8 @@ def read_data(cfg: Config, comm: Comm, counting: bool = True) -> Data:
     source = comm.checked(lambda: data.open_corpus(cfg.data, cfg.text_field), root_only=True)
     manifest = None
     listed = None
+    if counting and cfg.stage_data and cfg.stage_model:
+        comm.checked(lambda: stage.check_apart(cfg.model, cfg.stage_model, cfg.data, cfg.stage_data), root_only=True)
     if counting and cfg.stage_data:
         source, listed = stage.stage_corpus(source, cfg.stage_data, comm)
     elif counting and comm.rank == 0 and cfg.max_tokens is None:

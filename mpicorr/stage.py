@@ -114,6 +114,16 @@ def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = 
     return stage(files, staged_name(model) if comm.rank == 0 else None, root, comm, "--stage-model", leader)[0]
 
 
+def check_apart(model: str, model_root: str, spec: str, data_root: str) -> None:
+    """--stage-model and --stage-data copy to different folders, neither inside the other: otherwise staging
+    the model (after the corpus) replaces the corpus's copy, which then cannot be read, at every run."""
+    paths = [os.path.realpath(os.path.join(model_root, staged_name(model))),
+             os.path.realpath(os.path.join(data_root, folder_name(spec)))]
+    if paths[0] == paths[1] or _inside(*paths) or _inside(*paths[::-1]):
+        raise UserError(f"--stage-data {data_root}: the corpus's copy {paths[1]} and --stage-model's {paths[0]} "
+                        f"would overlap; give the two options different folders")
+
+
 def stage_corpus(corpus: Corpus, root: str, comm: Comm, leader: bool | None = None) -> tuple[Corpus, list[dict]]:
     """--stage-data: make rank 0's shards of `corpus` available as root/<name>/<shard name> on every node
     (<name>: --data's last path name, a glob's folder's); return the corpus read from there (the same shards,

@@ -557,3 +557,20 @@ def test_stage_data_refuses_a_copy_inside_the_source(tmp_path):
     staged = stage.stage_corpus(corpus.open_corpus(str(folder)), str(tmp_path), Comm())[0]  # the source itself
     assert [s.path for s in staged.shards] == [str(folder / "a.jsonl"), str(folder / "deep" / "corpus.jsonl")]
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_stage_data_and_stage_model_refuse_one_copy_over_the_other(llama, tmp_path):
+    """--stage-model and --stage-data in the same DIR with a model and a corpus folder of the same name (or one
+    copy inside the other): refused before anything is copied. Before, the model's copy replaced the corpus's
+    after pass 1, and pass 2 could not open the shards (at every run, each copied again)."""
+    from mpicorr import run
+    from mpicorr.config import Config
+
+    folder = tmp_path / os.path.basename(llama)
+    folder.mkdir()
+    write_jsonl(str(folder / "a.jsonl"), documents())
+    for model_root, data_root in ((tmp_path / "S", tmp_path / "S"), (tmp_path / "S", tmp_path / "S" / "llama")):
+        cfg = Config(model=llama, data=str(folder), ctx=CTX, stage_model=str(model_root), stage_data=str(data_root))
+        with pytest.raises(UserError, match="would overlap; give the two options different folders"):
+            run.read_data(cfg, Comm())
+        assert not os.path.exists(model_root)
