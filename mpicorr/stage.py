@@ -203,6 +203,22 @@ def made_here(folder: str) -> bool:
         os.path.exists(os.path.join(folder, name)) for name in (STAMP, MARK))
 
 
+def unlisted(folder: str) -> str | None:
+    """The first file (or link) under a finished copy that its stamp does not list, relative to it: a user's
+    file that replacing the copy would delete. None when there is none (or no copy)."""
+    try:
+        with open(os.path.join(folder, STAMP)) as fh:
+            listed = {f["path"] for f in json.load(fh)}
+    except (OSError, ValueError, TypeError, KeyError):
+        listed = set()  # no stamp (a missing folder, or only the mark): nothing of the user's is expected
+    for root, dirs, names in os.walk(folder):
+        for name in sorted(names) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel not in listed and name not in (STAMP, MARK):
+                return rel
+    return None
+
+
 def _raise(error: str | None) -> None:
     if error is not None:
         raise UserError(error)
@@ -215,9 +231,13 @@ def _transfer(sources: list[str] | None, target: str, files: list[dict], group: 
     broadcast, or the others would wait forever)."""
     tmp, error = f"{target}.staging", None
     foreign = [f for f in (target, tmp) if write and not made_here(f)]
+    extra = write and not foreign and unlisted(target)
     if foreign:
         error, write = (f"{option}: {foreign[0]} exists and was not made by {option}; move it away or "
                         f"choose another (node-local) {option} folder"), False
+    elif extra:
+        error, write = (f"{option}: {target} holds files {option} did not put there ({extra}); move them "
+                        f"away or choose another (node-local) {option} folder"), False
     if write:
         try:
             shutil.rmtree(tmp, ignore_errors=True)

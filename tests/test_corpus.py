@@ -574,3 +574,23 @@ def test_stage_data_and_stage_model_refuse_one_copy_over_the_other(llama, tmp_pa
         with pytest.raises(UserError, match="would overlap; give the two options different folders"):
             run.read_data(cfg, Comm())
         assert not os.path.exists(model_root)
+
+
+def test_stage_data_keeps_a_copy_that_holds_files_of_the_user(tmp_path):
+    """A staged copy that holds files staging did not put there (a user's --out inside it, notes) is refused,
+    not replaced, when the source changed: before, the whole folder was deleted with the user's files."""
+    from mpicorr import stage
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(str(folder / "a.jsonl"), ["one document"])
+    root = tmp_path / "local"
+    staged = stage.stage_corpus(corpus.open_corpus(str(folder)), str(root), Comm())[0]
+    results = root / "corpus" / "results"
+    results.mkdir()
+    (results / "summary.h5").write_text("the user's outputs")
+    assert stage.stage_corpus(corpus.open_corpus(str(folder)), str(root), Comm())[0] == staged  # reused
+    write_jsonl(str(folder / "a.jsonl"), ["another document"])
+    with pytest.raises(UserError, match="holds files --stage-data did not put there"):
+        stage.stage_corpus(corpus.open_corpus(str(folder)), str(root), Comm())
+    assert (results / "summary.h5").read_text() == "the user's outputs"
