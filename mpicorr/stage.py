@@ -13,6 +13,7 @@ is refused.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -227,9 +228,38 @@ def _raise(error: str | None) -> None:
 def _transfer(sources: list[str] | None, target: str, files: list[dict], group: Comm, write: bool,
               option: str) -> str | None:
     """Broadcast every file from the group's rank 0 (which reads `sources`, one path per entry of `files`);
-    writers check and install the copy. An error string (no exception: every member must take part in every
-    broadcast, or the others would wait forever)."""
-    tmp, error = f"{target}.staging", None
+    writers check and install the copy, holding a lock on its folder. An error string (no exception: every
+    member must take part in every broadcast, or the others would wait forever)."""
+    fd, error = _lock(os.path.dirname(target) or ".", option) if write else (None, None)
+    try:
+        # Another job on this node (same DIR) may have made the copy while this one waited for the lock.
+        write = write and error is None and not is_staged(target, files)
+        return _write(sources, target, files, group, write, option, error)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock(root: str, option: str) -> tuple[int | None, str | None]:
+    """An exclusive lock on the folder that holds the copies (flock, waiting for it; released when the process
+    ends, even by kill -9): two jobs staging into one node's DIR at once would delete and write each other's
+    staging folder. Nothing is locked where the filesystem has no such locks. (fd, None) or (None, error)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY)
+    except OSError as exc:
+        return None, f"{option}: cannot create {root} ({exc.strerror}); choose a writable folder"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    return fd, None
+
+
+def _write(sources: list[str] | None, target: str, files: list[dict], group: Comm, write: bool, option: str,
+           error: str | None) -> str | None:
+    """_transfer's broadcasts, once the writer holds the lock (or could not: `error`)."""
+    tmp = f"{target}.staging"
     foreign = [f for f in (target, tmp) if write and not made_here(f)]
     extra = write and not foreign and unlisted(target)
     if foreign:

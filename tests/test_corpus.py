@@ -594,3 +594,30 @@ def test_stage_data_keeps_a_copy_that_holds_files_of_the_user(tmp_path):
     with pytest.raises(UserError, match="holds files --stage-data did not put there"):
         stage.stage_corpus(corpus.open_corpus(str(folder)), str(root), Comm())
     assert (results / "summary.h5").read_text() == "the user's outputs"
+
+
+def test_stage_data_waits_for_another_job_staging_into_the_same_folder(tmp_path):
+    """Two jobs on one node staging into the same DIR: the second waits for the first's lock on DIR (before,
+    each deleted and wrote the other's <name>.staging, and one could install the other's partial copy), then
+    finds the copy made and writes nothing."""
+    import fcntl
+    import threading
+    import time
+    from mpicorr import stage
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(str(folder / "a.jsonl"), ["one document"])
+    root = tmp_path / "local"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the other job, copying now
+    done = []
+    worker = threading.Thread(target=lambda: done.append(stage.stage_corpus(corpus.open_corpus(str(folder)),
+                                                                            str(root), Comm())))
+    worker.start()
+    time.sleep(1)
+    assert os.listdir(root) == [] and not done, "staged while another job held the folder"
+    os.close(fd)
+    worker.join(30)
+    assert done and sorted(os.listdir(root / "corpus")) == [".mpicorr-staged.json", "a.jsonl"]
