@@ -240,6 +240,25 @@ def _transfer(sources: list[str] | None, target: str, files: list[dict], group: 
             os.close(fd)
 
 
+def _source(path: str, option: str, error: str | None):
+    """Rank 0's open source file, or None and the error (a file removed since it was listed)."""
+    try:
+        return open(path, "rb"), error
+    except OSError as exc:
+        return None, error or f"{option}: cannot read {path} ({exc.strerror}); rerun once it is in place"
+
+
+def _read(src, size: int) -> np.ndarray:
+    """The next `size` bytes of a source; zeros past its end, or in place of a file that cannot be read (cut or
+    removed since it was listed): every member takes part in the same broadcasts, and the writers' SHA-256
+    check reports the difference."""
+    try:
+        data = src.read(size) if src else b""
+    except OSError:
+        data = b""
+    return np.frombuffer(data.ljust(size, b"\0"), dtype=np.uint8)
+
+
 def _lock(root: str, option: str) -> tuple[int | None, str | None]:
     """An exclusive lock on the folder that holds the copies (flock, waiting for it; released when the process
     ends, even by kill -9): two jobs staging into one node's DIR at once would delete and write each other's
@@ -280,10 +299,11 @@ def _write(sources: list[str] | None, target: str, files: list[dict], group: Com
         if write:
             os.makedirs(os.path.dirname(os.path.join(tmp, f["path"])), exist_ok=True)
             out = open(os.path.join(tmp, f["path"]), "wb")
-        with open(sources[i], "rb") if group.rank == 0 else nullcontext() as src:
+        src, error = _source(sources[i], option, error) if group.rank == 0 else (None, error)
+        with src or nullcontext():
             for offset in range(0, max(f["size"], 1), PIECE):
                 size = min(PIECE, f["size"] - offset)
-                piece = group.bcast_array(np.frombuffer(src.read(size), dtype=np.uint8) if src else None, size)
+                piece = group.bcast_array(_read(src, size) if group.rank == 0 else None, size)
                 if out is not None:
                     h.update(piece)
                     try:

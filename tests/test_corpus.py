@@ -621,3 +621,25 @@ def test_stage_data_waits_for_another_job_staging_into_the_same_folder(tmp_path)
     os.close(fd)
     worker.join(30)
     assert done and sorted(os.listdir(root / "corpus")) == [".mpicorr-staged.json", "a.jsonl"]
+
+
+def test_stage_data_names_a_shard_removed_or_cut_while_staging(tmp_path, monkeypatch):
+    """A shard removed after rank 0 listed it is one UserError line naming it (it was a FileNotFoundError:
+    exit 1 in the middle of the broadcasts); one cut short is reported by the SHA-256 check, with rank 0
+    still sending every listed byte (zeros past the end), so every rank takes part in the same broadcasts."""
+    from mpicorr import stage
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        write_jsonl(str(folder / name), ["one document", "two documents"])
+    listed, sent = stage.describe, []
+    bcast = Comm.bcast_array
+    monkeypatch.setattr(Comm, "bcast_array", lambda self, a, size: sent.append((len(a), size)) or bcast(self, a, size))
+    for change, message in ((os.remove, "cannot read .*a.jsonl \\(No such file"), (
+            lambda p: os.truncate(p, 5), "a.jsonl arrived with a different SHA-256")):
+        monkeypatch.setattr(stage, "describe", lambda files: [listed(files), change(files[0][0])][0])
+        with pytest.raises(UserError, match=message):
+            stage.stage_corpus(corpus.open_corpus(str(folder)), str(tmp_path / "local"), Comm())
+        write_jsonl(str(folder / "a.jsonl"), ["one document", "two documents"])
+        assert all(n == size for n, size in sent)
