@@ -28,6 +28,7 @@ from .dist import Comm
 from .errors import UserError
 
 STAMP = ".mpicorr-staged.json"
+LOCK = ".mpicorr-stage.lock"  # in DIR: held by the node's writer while it copies
 MARK = ".mpicorr-staging"  # marks a staging folder until the stamp does (a partial copy has no stamp yet)
 PIECE = 64 << 20  # bytes per broadcast
 HASH_PIECE, HASH_THREADS = 8 << 20, 8  # files hashed at once, each read in pieces of this size
@@ -260,12 +261,13 @@ def _read(src, size: int) -> np.ndarray:
 
 
 def _lock(root: str, option: str) -> tuple[int | None, str | None]:
-    """An exclusive lock on the folder that holds the copies (flock, waiting for it; released when the process
-    ends, even by kill -9): two jobs staging into one node's DIR at once would delete and write each other's
-    staging folder. Nothing is locked where the filesystem has no such locks. (fd, None) or (None, error)."""
+    """An exclusive lock on LOCK in the folder that holds the copies (flock, waiting for it; released when the
+    process ends, even by kill -9): two jobs staging into one node's DIR at once would delete and write each
+    other's staging folder. A file of its own, not DIR: a run whose --out is DIR holds DIR's lock for hours.
+    Nothing is locked where the filesystem has no such locks. (fd, None) or (None, error)."""
     try:
         os.makedirs(root, exist_ok=True)
-        fd = os.open(root, os.O_RDONLY)
+        fd = os.open(os.path.join(root, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         return None, f"{option}: cannot create {root} ({exc.strerror}); choose a writable folder"
     try:

@@ -608,16 +608,20 @@ def test_stage_data_waits_for_another_job_staging_into_the_same_folder(tmp_path)
     folder = tmp_path / "corpus"
     folder.mkdir()
     write_jsonl(str(folder / "a.jsonl"), ["one document"])
+    from mpicorr import outputs
+
     root = tmp_path / "local"
     root.mkdir()
-    fd = os.open(root, os.O_RDONLY)
+    with outputs.locked(str(root)):  # a run whose --out is DIR: no wait
+        stage.stage_corpus(corpus.open_corpus(str(folder)), str(root / "first"), Comm())
+    fd = os.open(root / stage.LOCK, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the other job, copying now
     done = []
     worker = threading.Thread(target=lambda: done.append(stage.stage_corpus(corpus.open_corpus(str(folder)),
                                                                             str(root), Comm())))
     worker.start()
     time.sleep(1)
-    assert os.listdir(root) == [] and not done, "staged while another job held the folder"
+    assert sorted(os.listdir(root)) == [stage.LOCK, "first"] and not done, "staged while another job held DIR"
     os.close(fd)
     worker.join(30)
     assert done and sorted(os.listdir(root / "corpus")) == [".mpicorr-staged.json", "a.jsonl"]
