@@ -138,16 +138,21 @@ def read_data(cfg: Config, comm: Comm, counting: bool = True) -> Data:
     models.quiet_transformers()
     source = comm.checked(lambda: data.open_corpus(cfg.data, cfg.text_field), root_only=True)
     manifest = None
+    listed = None
+    if counting and cfg.stage_data and cfg.stage_model:
+        comm.checked(lambda: stage.check_apart(cfg.model, cfg.stage_model, cfg.data, cfg.stage_data), root_only=True)
     if counting and cfg.stage_data:
         source, listed = stage.stage_corpus(source, cfg.stage_data, comm)
-        manifest = Background(lambda: listed) if comm.rank == 0 else None
     elif counting and comm.rank == 0 and cfg.max_tokens is None:
         manifest = Background(source.manifest)  # hashed while pass 1 reads
     check_shards(cfg, source, comm)
     layout = data.scan(source, tokenizer, cfg.ctx, cfg.chunking, cfg.max_tokens, comm)
-    if counting and comm.rank == 0 and manifest is None:
+    read = None if cfg.max_tokens is None else len(layout.shard_first)
+    if counting and comm.rank == 0 and listed is not None:
+        manifest = Background(lambda: listed[:read])  # staging hashed every shard; --max-tokens: those read
+    elif counting and comm.rank == 0 and manifest is None:
         # --max-tokens: the identity is the shards pass 1 opened; the rest is never read, not even hashed.
-        manifest = Background(lambda: source.manifest(len(layout.shard_first)))
+        manifest = Background(lambda: source.manifest(read))
     return Data(source, layout, tokenizer, manifest)
 
 

@@ -13,6 +13,7 @@ is refused.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from .dist import Comm
 from .errors import UserError
 
 STAMP = ".mpicorr-staged.json"
+LOCK = ".mpicorr-stage.lock"  # in DIR: held by the node's writer while it copies
 MARK = ".mpicorr-staging"  # marks a staging folder until the stamp does (a partial copy has no stamp yet)
 PIECE = 64 << 20  # bytes per broadcast
 HASH_PIECE, HASH_THREADS = 8 << 20, 8  # files hashed at once, each read in pieces of this size
@@ -114,6 +116,16 @@ def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = 
     return stage(files, staged_name(model) if comm.rank == 0 else None, root, comm, "--stage-model", leader)[0]
 
 
+def check_apart(model: str, model_root: str, spec: str, data_root: str) -> None:
+    """--stage-model and --stage-data copy to different folders, neither inside the other: otherwise staging
+    the model (after the corpus) replaces the corpus's copy, which then cannot be read, at every run."""
+    paths = [os.path.realpath(os.path.join(model_root, staged_name(model))),
+             os.path.realpath(os.path.join(data_root, folder_name(spec)))]
+    if paths[0] == paths[1] or _inside(*paths) or _inside(*paths[::-1]):
+        raise UserError(f"--stage-data {data_root}: the corpus's copy {paths[1]} and --stage-model's {paths[0]} "
+                        f"would overlap; give the two options different folders")
+
+
 def stage_corpus(corpus: Corpus, root: str, comm: Comm, leader: bool | None = None) -> tuple[Corpus, list[dict]]:
     """--stage-data: make rank 0's shards of `corpus` available as root/<name>/<shard name> on every node
     (<name>: --data's last path name, a glob's folder's); return the corpus read from there (the same shards,
@@ -133,7 +145,8 @@ def stage(files: list[tuple[str, str]] | None, name: str | None, root: str, comm
 
     `files` and `name` matter on rank 0 only; `option` names the option in messages; `leader` (default: local
     rank 0) marks the one rank per node that writes the copy. Every rank must call this."""
-    comm.checked(lambda: _check_names(files, option), root_only=True)
+    comm.checked(lambda: _check_names(files, option) or _check_place(files, os.path.join(root, name), option),
+                 root_only=True)
     name, listing = comm.bcast((name, describe(files)) if comm.rank == 0 else None)
     target = os.path.join(root, name)
     leader = comm.local_rank == 0 if leader is None else leader
@@ -147,6 +160,23 @@ def _check_names(files: list[tuple[str, str]], option: str) -> None:
     for _, rel in files:
         if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
             raise UserError(f"{option}: {rel} lies outside the folder staged; give files under one folder")
+
+
+def _check_place(files: list[tuple[str, str]], target: str, option: str) -> None:
+    """The copy is the source's own folder, or lies apart from it: a copy inside the folder it copies would be
+    read as part of it by the next run (a corpus or model that grows at every run), and a source file inside
+    the copy would be deleted when the copy is replaced."""
+    real = os.path.realpath(target)
+    for path, rel in files:
+        full, rel = os.path.normpath(os.path.abspath(path)), os.path.normpath(rel)
+        base = os.path.realpath(full[: -len(rel)] if full.endswith(os.sep + rel) else os.path.dirname(full))
+        if real != base and (_inside(real, base) or _inside(os.path.realpath(full), real)):
+            raise UserError(f"{option}: the copy {target} and the folder it copies, {base}, lie one inside the "
+                            f"other; choose a {option} folder outside {base}")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _copy(files: list[tuple[str, str]] | None, target: str, listing: list[dict], comm: Comm, option: str,
@@ -175,6 +205,22 @@ def made_here(folder: str) -> bool:
         os.path.exists(os.path.join(folder, name)) for name in (STAMP, MARK))
 
 
+def unlisted(folder: str) -> str | None:
+    """The first file (or link) under a finished copy that its stamp does not list, relative to it: a user's
+    file that replacing the copy would delete. None when there is none (or no copy)."""
+    try:
+        with open(os.path.join(folder, STAMP)) as fh:
+            listed = {f["path"] for f in json.load(fh)}
+    except (OSError, ValueError, TypeError, KeyError):
+        listed = set()  # no stamp (a missing folder, or only the mark): nothing of the user's is expected
+    for root, dirs, names in os.walk(folder):
+        for name in sorted(names) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel not in listed and name not in (STAMP, MARK):
+                return rel
+    return None
+
+
 def _raise(error: str | None) -> None:
     if error is not None:
         raise UserError(error)
@@ -183,13 +229,66 @@ def _raise(error: str | None) -> None:
 def _transfer(sources: list[str] | None, target: str, files: list[dict], group: Comm, write: bool,
               option: str) -> str | None:
     """Broadcast every file from the group's rank 0 (which reads `sources`, one path per entry of `files`);
-    writers check and install the copy. An error string (no exception: every member must take part in every
-    broadcast, or the others would wait forever)."""
-    tmp, error = f"{target}.staging", None
+    writers check and install the copy, holding a lock on its folder. An error string (no exception: every
+    member must take part in every broadcast, or the others would wait forever)."""
+    fd, error = _lock(os.path.dirname(target) or ".", option) if write else (None, None)
+    try:
+        # Another job on this node (same DIR) may have made the copy while this one waited for the lock.
+        write = write and error is None and not is_staged(target, files)
+        return _write(sources, target, files, group, write, option, error)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _source(path: str, option: str, error: str | None):
+    """Rank 0's open source file, or None and the error (a file removed since it was listed)."""
+    try:
+        return open(path, "rb"), error
+    except OSError as exc:
+        return None, error or f"{option}: cannot read {path} ({exc.strerror}); rerun once it is in place"
+
+
+def _read(src, size: int) -> np.ndarray:
+    """The next `size` bytes of a source; zeros past its end, or in place of a file that cannot be read (cut or
+    removed since it was listed): every member takes part in the same broadcasts, and the writers' SHA-256
+    check reports the difference."""
+    try:
+        data = src.read(size) if src else b""
+    except OSError:
+        data = b""
+    return np.frombuffer(data.ljust(size, b"\0"), dtype=np.uint8)
+
+
+def _lock(root: str, option: str) -> tuple[int | None, str | None]:
+    """An exclusive lock on LOCK in the folder that holds the copies (flock, waiting for it; released when the
+    process ends, even by kill -9): two jobs staging into one node's DIR at once would delete and write each
+    other's staging folder. A file of its own, not DIR: a run whose --out is DIR holds DIR's lock for hours.
+    Nothing is locked where the filesystem has no such locks. (fd, None) or (None, error)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        fd = os.open(os.path.join(root, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        return None, f"{option}: cannot create {root} ({exc.strerror}); choose a writable folder"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    return fd, None
+
+
+def _write(sources: list[str] | None, target: str, files: list[dict], group: Comm, write: bool, option: str,
+           error: str | None) -> str | None:
+    """_transfer's broadcasts, once the writer holds the lock (or could not: `error`)."""
+    tmp = f"{target}.staging"
     foreign = [f for f in (target, tmp) if write and not made_here(f)]
+    extra = write and not foreign and unlisted(target)
     if foreign:
         error, write = (f"{option}: {foreign[0]} exists and was not made by {option}; move it away or "
                         f"choose another (node-local) {option} folder"), False
+    elif extra:
+        error, write = (f"{option}: {target} holds files {option} did not put there ({extra}); move them "
+                        f"away or choose another (node-local) {option} folder"), False
     if write:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -202,10 +301,11 @@ def _transfer(sources: list[str] | None, target: str, files: list[dict], group: 
         if write:
             os.makedirs(os.path.dirname(os.path.join(tmp, f["path"])), exist_ok=True)
             out = open(os.path.join(tmp, f["path"]), "wb")
-        with open(sources[i], "rb") if group.rank == 0 else nullcontext() as src:
+        src, error = _source(sources[i], option, error) if group.rank == 0 else (None, error)
+        with src or nullcontext():
             for offset in range(0, max(f["size"], 1), PIECE):
                 size = min(PIECE, f["size"] - offset)
-                piece = group.bcast_array(np.frombuffer(src.read(size), dtype=np.uint8) if src else None, size)
+                piece = group.bcast_array(_read(src, size) if group.rank == 0 else None, size)
                 if out is not None:
                     h.update(piece)
                     try:

@@ -518,3 +518,132 @@ def test_max_tokens_hashes_only_the_shards_it_read(llama, corpora, monkeypatch):
     listed = got.manifest.result()
     assert len(got.layout.shard_first) == 1 and [m["name"] for m in listed] == ["a.jsonl.gz"]
     assert [os.path.basename(p) for p in hashed] == ["a.jsonl.gz"]
+
+
+def test_stage_data_with_max_tokens_has_the_identity_of_the_run_without(llama, corpora, monkeypatch, tmp_path):
+    """--max-tokens with --stage-data: the identity is that of the shards pass 1 opened, as without staging
+    (before, the manifest listed every staged shard: another data_sha256, so --resume across the two refused)."""
+    from mpicorr import run
+    from mpicorr.config import Config
+
+    monkeypatch.setattr(data, "ROUND_DOCS", 2)
+    cfg = Config(model=llama, data=corpora["mixed"], ctx=CTX, max_tokens=2 * CTX)
+    plain = run.read_data(cfg, Comm()).manifest.result()
+    staged = run.read_data(Config(**{**cfg.__dict__, "stage_data": str(tmp_path)}), Comm()).manifest.result()
+    assert [m["name"] for m in plain] == ["a.jsonl.gz"] and staged == plain
+
+
+def test_stage_data_refuses_a_copy_inside_the_source(tmp_path):
+    """--stage-data DIR where DIR/<name> lies inside the data's folder (DIR = the data folder itself, or the
+    folder holding a text file), or holds it: refused, nothing written. Before, DIR = the corpus folder put the
+    copy at corpus/corpus, which the next run read as part of the corpus (twice the tokens) and staged again
+    inside itself, changing the user's data folder at every run."""
+    from mpicorr import stage
+
+    folder = tmp_path / "corpus"
+    (folder / "deep").mkdir(parents=True)
+    write_jsonl(str(folder / "a.jsonl"), ["one document"])
+    write_jsonl(str(folder / "deep" / "corpus.jsonl"), ["another"])
+    (tmp_path / "notes.txt").write_text("plain text")
+    (tmp_path / "x" / "x").mkdir(parents=True)
+    write_jsonl(str(tmp_path / "x" / "x" / "b.jsonl"), ["inside"])
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for spec, root in ((folder, folder), (tmp_path / "notes.txt", tmp_path), (folder, folder / "deep"),
+                       (tmp_path / "x" / "x", tmp_path)):
+        source = corpus.open_corpus(str(spec))
+        with pytest.raises(UserError, match="lie one inside the other; choose a --stage-data folder outside"):
+            stage.stage_corpus(source, str(root), Comm())
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    staged = stage.stage_corpus(corpus.open_corpus(str(folder)), str(tmp_path), Comm())[0]  # the source itself
+    assert [s.path for s in staged.shards] == [str(folder / "a.jsonl"), str(folder / "deep" / "corpus.jsonl")]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_stage_data_and_stage_model_refuse_one_copy_over_the_other(llama, tmp_path):
+    """--stage-model and --stage-data in the same DIR with a model and a corpus folder of the same name (or one
+    copy inside the other): refused before anything is copied. Before, the model's copy replaced the corpus's
+    after pass 1, and pass 2 could not open the shards (at every run, each copied again)."""
+    from mpicorr import run
+    from mpicorr.config import Config
+
+    folder = tmp_path / os.path.basename(llama)
+    folder.mkdir()
+    write_jsonl(str(folder / "a.jsonl"), documents())
+    for model_root, data_root in ((tmp_path / "S", tmp_path / "S"), (tmp_path / "S", tmp_path / "S" / "llama")):
+        cfg = Config(model=llama, data=str(folder), ctx=CTX, stage_model=str(model_root), stage_data=str(data_root))
+        with pytest.raises(UserError, match="would overlap; give the two options different folders"):
+            run.read_data(cfg, Comm())
+        assert not os.path.exists(model_root)
+
+
+def test_stage_data_keeps_a_copy_that_holds_files_of_the_user(tmp_path):
+    """A staged copy that holds files staging did not put there (a user's --out inside it, notes) is refused,
+    not replaced, when the source changed: before, the whole folder was deleted with the user's files."""
+    from mpicorr import stage
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(str(folder / "a.jsonl"), ["one document"])
+    root = tmp_path / "local"
+    staged = stage.stage_corpus(corpus.open_corpus(str(folder)), str(root), Comm())[0]
+    results = root / "corpus" / "results"
+    results.mkdir()
+    (results / "summary.h5").write_text("the user's outputs")
+    assert stage.stage_corpus(corpus.open_corpus(str(folder)), str(root), Comm())[0] == staged  # reused
+    write_jsonl(str(folder / "a.jsonl"), ["another document"])
+    with pytest.raises(UserError, match="holds files --stage-data did not put there"):
+        stage.stage_corpus(corpus.open_corpus(str(folder)), str(root), Comm())
+    assert (results / "summary.h5").read_text() == "the user's outputs"
+
+
+def test_stage_data_waits_for_another_job_staging_into_the_same_folder(tmp_path):
+    """Two jobs on one node staging into the same DIR: the second waits for the first's lock on DIR (before,
+    each deleted and wrote the other's <name>.staging, and one could install the other's partial copy), then
+    finds the copy made and writes nothing."""
+    import fcntl
+    import threading
+    import time
+    from mpicorr import stage
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(str(folder / "a.jsonl"), ["one document"])
+    from mpicorr import outputs
+
+    root = tmp_path / "local"
+    root.mkdir()
+    with outputs.locked(str(root)):  # a run whose --out is DIR: no wait
+        stage.stage_corpus(corpus.open_corpus(str(folder)), str(root / "first"), Comm())
+    fd = os.open(root / stage.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the other job, copying now
+    done = []
+    worker = threading.Thread(target=lambda: done.append(stage.stage_corpus(corpus.open_corpus(str(folder)),
+                                                                            str(root), Comm())))
+    worker.start()
+    time.sleep(1)
+    assert sorted(os.listdir(root)) == [stage.LOCK, "first"] and not done, "staged while another job held DIR"
+    os.close(fd)
+    worker.join(30)
+    assert done and sorted(os.listdir(root / "corpus")) == [".mpicorr-staged.json", "a.jsonl"]
+
+
+def test_stage_data_names_a_shard_removed_or_cut_while_staging(tmp_path, monkeypatch):
+    """A shard removed after rank 0 listed it is one UserError line naming it (it was a FileNotFoundError:
+    exit 1 in the middle of the broadcasts); one cut short is reported by the SHA-256 check, with rank 0
+    still sending every listed byte (zeros past the end), so every rank takes part in the same broadcasts."""
+    from mpicorr import stage
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        write_jsonl(str(folder / name), ["one document", "two documents"])
+    listed, sent = stage.describe, []
+    bcast = Comm.bcast_array
+    monkeypatch.setattr(Comm, "bcast_array", lambda self, a, size: sent.append((len(a), size)) or bcast(self, a, size))
+    for change, message in ((os.remove, "cannot read .*a.jsonl \\(No such file"), (
+            lambda p: os.truncate(p, 5), "a.jsonl arrived with a different SHA-256")):
+        monkeypatch.setattr(stage, "describe", lambda files: [listed(files), change(files[0][0])][0])
+        with pytest.raises(UserError, match=message):
+            stage.stage_corpus(corpus.open_corpus(str(folder)), str(tmp_path / "local"), Comm())
+        write_jsonl(str(folder / "a.jsonl"), ["one document", "two documents"])
+        assert all(n == size for n, size in sent)
