@@ -279,48 +279,75 @@ def _lock(root: str, option: str) -> tuple[int | None, str | None]:
 
 def _write(sources: list[str] | None, target: str, files: list[dict], group: Comm, write: bool, option: str,
            error: str | None) -> str | None:
-    """_transfer's broadcasts, once the writer holds the lock (or could not: `error`)."""
+    """_transfer's broadcasts, once the writer holds the lock (or could not: `error`). Every rank of `group`
+    takes part in every broadcast, whatever goes wrong, so that none waits on another."""
     tmp = f"{target}.staging"
-    foreign = [f for f in (target, tmp) if write and not made_here(f)]
-    extra = write and not foreign and unlisted(target)
-    if foreign:
-        error, write = (f"{option}: {foreign[0]} exists and was not made by {option}; move it away or "
-                        f"choose another (node-local) {option} folder"), False
-    elif extra:
-        error, write = (f"{option}: {target} holds files {option} did not put there ({extra}); move them "
-                        f"away or choose another (node-local) {option} folder"), False
     if write:
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            open(os.path.join(tmp, MARK), "wb").close()
-        except OSError as exc:
-            error, write = f"{option}: cannot create {tmp} ({exc.strerror}); choose a writable folder", False
+        error = _refusal(target, tmp, option) or _begin(tmp, option)
+        write = error is None
     for i, f in enumerate(files):
-        h, out = hashlib.sha256(), None
-        if write:
-            os.makedirs(os.path.dirname(os.path.join(tmp, f["path"])), exist_ok=True)
-            out = open(os.path.join(tmp, f["path"]), "wb")
-        src, error = _source(sources[i], option, error) if group.rank == 0 else (None, error)
-        with src or nullcontext():
-            for offset in range(0, max(f["size"], 1), PIECE):
-                size = min(PIECE, f["size"] - offset)
-                piece = group.bcast_array(_read(src, size) if group.rank == 0 else None, size)
-                if out is not None:
-                    h.update(piece)
-                    try:
-                        out.write(piece.tobytes())
-                    except OSError as exc:
-                        error = error or (f"{option}: writing {tmp} failed ({exc.strerror}); free space or "
-                                          f"choose another folder")
-        if out is not None:
-            out.close()
-            if error is None and h.hexdigest() != f["sha256"]:
-                error = f"{option}: {f['path']} arrived with a different SHA-256; rerun to copy it again"
+        error = _receive(sources[i] if group.rank == 0 else None, tmp if write else None, f, group, option, error)
     if write and error is None:
-        with open(os.path.join(tmp, STAMP), "w") as fh:
-            json.dump(files, fh)
-        os.remove(os.path.join(tmp, MARK))  # the stamp marks it now: a finished copy holds the files staged only
-        shutil.rmtree(target, ignore_errors=True)  # missing, or made here (checked above)
-        os.replace(tmp, target)
+        _install(tmp, target, files)
     return error
+
+
+def _refusal(target: str, tmp: str, option: str) -> str | None:
+    """Why the writer must not replace `target` (or its staging folder): a folder it did not make, or a copy
+    holding files the stamp does not list; None when it may."""
+    foreign = [f for f in (target, tmp) if not made_here(f)]
+    if foreign:
+        return (f"{option}: {foreign[0]} exists and was not made by {option}; move it away or choose another "
+                f"(node-local) {option} folder")
+    extra = unlisted(target)
+    if extra:
+        return (f"{option}: {target} holds files {option} did not put there ({extra}); move them away or choose "
+                f"another (node-local) {option} folder")
+    return None
+
+
+def _begin(tmp: str, option: str) -> str | None:
+    """A fresh staging folder with its mark; the error when it cannot be made."""
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # a staging folder (checked by _refusal): a leftover of a killed copy
+        os.makedirs(tmp)
+        open(os.path.join(tmp, MARK), "wb").close()
+    except OSError as exc:
+        return f"{option}: cannot create {tmp} ({exc.strerror}); choose a writable folder"
+    return None
+
+
+def _receive(source: str | None, tmp: str | None, f: dict, group: Comm, option: str,
+             error: str | None) -> str | None:
+    """Broadcast one file from rank 0 (`source`) in pieces; a writer (`tmp` given) stores it under tmp and
+    checks its SHA-256. Returns the first error so far."""
+    h, out = hashlib.sha256(), None
+    if tmp is not None:
+        os.makedirs(os.path.dirname(os.path.join(tmp, f["path"])), exist_ok=True)
+        out = open(os.path.join(tmp, f["path"]), "wb")
+    src, error = _source(source, option, error) if group.rank == 0 else (None, error)
+    with src or nullcontext():
+        for offset in range(0, max(f["size"], 1), PIECE):
+            size = min(PIECE, f["size"] - offset)
+            piece = group.bcast_array(_read(src, size) if group.rank == 0 else None, size)
+            if out is not None:
+                h.update(piece)
+                try:
+                    out.write(piece.tobytes())
+                except OSError as exc:
+                    error = error or (f"{option}: writing {tmp} failed ({exc.strerror}); free space or choose "
+                                      f"another folder")
+    if out is not None:
+        out.close()
+        if error is None and h.hexdigest() != f["sha256"]:
+            error = f"{option}: {f['path']} arrived with a different SHA-256; rerun to copy it again"
+    return error
+
+
+def _install(tmp: str, target: str, files: list[dict]) -> None:
+    """Stamp the finished copy and rename it into place."""
+    with open(os.path.join(tmp, STAMP), "w") as fh:
+        json.dump(files, fh)
+    os.remove(os.path.join(tmp, MARK))  # the stamp marks it now: a finished copy holds the files staged only
+    shutil.rmtree(target, ignore_errors=True)  # missing, or made here (checked by _refusal)
+    os.replace(tmp, target)
