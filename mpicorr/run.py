@@ -488,15 +488,22 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
         run_locked(cfg, comm, held, live)
 
 
-def run_locked(cfg: Config, comm: Comm, held: ExitStack, live: bool) -> None:
-    """run(), holding (on rank 0) what prepare puts into `held` until it returns."""
+def place(cfg: Config, comm: Comm) -> tuple[list[str], list[str], list[str]]:
+    """(every rank's host, this rank's devices, every rank's device label): each rank takes its GPU(s), makes
+    the first current, and rank 0 refuses two ranks on one GPU."""
     hosts = comm.allgather(comm.host)
     mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))
-    device = mine[0]  # the dtype, the token ids and any counts outside a device map go here
-    models.make_current(device)
+    models.make_current(mine[0])
     devices = comm.allgather(models.device_label(mine))
     gpus = comm.allgather([models.device_identity(d) for d in mine])
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
+    return hosts, mine, devices
+
+
+def run_locked(cfg: Config, comm: Comm, held: ExitStack, live: bool) -> None:
+    """run(), holding (on rank 0) what prepare puts into `held` until it returns."""
+    hosts, mine, devices = place(cfg, comm)
+    device = mine[0]  # the dtype, the token ids and any counts outside a device map go here
     src = read_data(cfg, comm)
     job = comm.checked(lambda: prepare(cfg, hosts, src, held), root_only=True)
     if comm.rank == 0:
