@@ -63,6 +63,7 @@ CHUNKINGS = ("concat", "document")
 ROUND_DOCS = 4096        # documents per pass-1 round at most: one small sum over the ranks each
 ROUND_CHARS = 1 << 23    # characters per pass-1 round at most (a round's text is held on every rank)
 ENCODE_DOCS = 256        # documents tokenized per call (their token id lists are held until counted)
+KEEP_TOKENS = 1 << 24    # token ids a rank keeps from pass 1 for pass 2 (int32: 64 MB at most)
 
 
 @dataclass(frozen=True)
@@ -110,17 +111,41 @@ def available_chunks(chunking: str, lengths: np.ndarray, ctx: int) -> int:
     return int((lengths // ctx).sum())
 
 
-def scan(corpus, tokenizer, ctx: int, chunking: str, max_tokens: int | None, comm) -> Layout:
+class Kept:
+    """Token ids of documents this rank tokenized in pass 1, kept for its pass 2 (the earliest documents, up to
+    `budget` tokens in all), so that those are not tokenized twice: one rank counting a corpus that fits (a
+    wikitext-2 file) tokenizes it once. Pass 2 takes each one out as it uses it."""
+
+    def __init__(self, budget: int = KEEP_TOKENS):
+        self.budget, self.ids = budget, {}
+
+    def offer(self, doc: int, ids: list[int]) -> None:
+        """Keep document `doc`'s ids if they fit in what is left of the budget (offered in document order)."""
+        if len(ids) <= self.budget:
+            array = np.asarray(ids, dtype=np.int64)
+            self.ids[doc] = array.astype(np.int32) if not len(array) or array.max() < 1 << 31 else array
+            self.budget -= len(array)
+        else:
+            self.budget = 0  # the earliest only: pass 2 reads forward, so those are used first
+
+    def take(self, doc: int) -> np.ndarray | None:
+        """Document `doc`'s ids (int64), forgotten here, or None if they were not kept."""
+        ids = self.ids.pop(doc, None)
+        return None if ids is None else ids.astype(np.int64)
+
+
+def scan(corpus, tokenizer, ctx: int, chunking: str, max_tokens: int | None, comm, keep: Kept | None = None) -> Layout:
     """Pass 1, on every rank of `comm` together: each rank tokenizes the documents with index % size == rank,
     a sum over the ranks per round of ROUND_DOCS documents gives every rank every count. Stops early once
-    --max-tokens worth of chunks is known."""
+    --max-tokens worth of chunks is known. `keep`: where this rank keeps the ids it tokenized, for pass 2."""
     bos = tokenizer.bos_token_id
     extra = 1 if chunking == "document" and bos is not None else 0
     want = None if max_tokens is None else max_tokens // ctx
     counts, shard_first, tokens, chunks, done = [], [], 0, 0, False
     docs = _numbered(corpus, shard_first)
     while not done and (want is None or chunks < want):
-        block, done = comm.checked(lambda: _round(docs, tokenizer, comm.rank, comm.size))
+        first = sum(len(c) for c in counts)
+        block, done = comm.checked(lambda: _round(docs, tokenizer, comm.rank, comm.size, first, keep))
         block = comm.allreduce_sum(block)
         counts.append(block)
         tokens += int(block.sum())
@@ -145,10 +170,10 @@ def _numbered(corpus, shard_first: list[int]):
             index += 1
 
 
-def _round(docs, tokenizer, rank: int, size: int) -> tuple[np.ndarray, bool]:
-    """The next ROUND_DOCS documents (fewer when they reach ROUND_CHARS characters): this rank's token counts
-    of its share (0 elsewhere), and whether the corpus ended. Every rank reads the same documents, so all agree
-    on where a round ends."""
+def _round(docs, tokenizer, rank: int, size: int, first: int = 0, keep: Kept | None = None) -> tuple[np.ndarray, bool]:
+    """The next ROUND_DOCS documents (fewer when they reach ROUND_CHARS characters; the first is document
+    `first`): this rank's token counts of its share (0 elsewhere), and whether the corpus ended. Every rank
+    reads the same documents, so all agree on where a round ends. `keep` is offered this rank's ids."""
     texts, chars, ended = [], 0, True
     for text in docs:
         texts.append(text)
@@ -160,7 +185,10 @@ def _round(docs, tokenizer, rank: int, size: int) -> tuple[np.ndarray, bool]:
     mine = range(rank, len(texts), size)
     for i in range(0, len(mine), ENCODE_DOCS):
         part = mine[i : i + ENCODE_DOCS]
-        counts[part.start : part.stop : size] = [len(ids) for ids in encode(tokenizer, [texts[j] for j in part])]
+        for j, ids in zip(part, encode(tokenizer, [texts[j] for j in part])):
+            counts[j] = len(ids)
+            if keep is not None:
+                keep.offer(first + j, ids)
     return counts, ended
 
 
@@ -174,8 +202,9 @@ class ChunkSource:
     the ones needed are read but not tokenized; whole shards before them are not even opened. Asking for an
     earlier chunk than the last reopens the corpus at that chunk's shard (correct, only slower)."""
 
-    def __init__(self, corpus, layout: Layout, tokenizer):
+    def __init__(self, corpus, layout: Layout, tokenizer, kept: Kept | None = None):
         self.corpus, self.layout, self.tokenizer = corpus, layout, tokenizer
+        self.kept = kept or Kept(0)                              # ids pass 1 kept on this rank
         self.doc_end = np.cumsum(layout.doc_tokens)              # concat: end offset of each document
         self.doc_chunks = layout.doc_chunks                      # document: chunks of each document
         self.chunk_end = np.cumsum(self.doc_chunks)              # document: end chunk of each document
@@ -215,15 +244,19 @@ class ChunkSource:
         return np.concatenate([[bos], ids[j * ctx : (j + 1) * ctx - 1]]).astype(np.int64)
 
     def _ids(self, first: int, last: int):
-        """(index, token ids) of documents first..last, tokenized together; the last one is kept, since the
-        next batch often starts inside it."""
+        """(index, token ids) of documents first..last, tokenized together (those pass 1 kept are not tokenized
+        again); the last one is kept, since the next batch often starts inside it."""
         if self.cached is not None and self.cached[0] == first:
             yield self.cached
             first += 1
             if first > last:
                 return
         texts = self._texts(first, last)
-        for d, ids in zip(range(first, last + 1), encode(self.tokenizer, texts)):
+        kept = [self.kept.take(d) for d in range(first, last + 1)]
+        todo = [text for text, ids in zip(texts, kept) if ids is None]
+        fresh = iter(encode(self.tokenizer, todo) if todo else [])
+        for d, ids in zip(range(first, last + 1), kept):
+            ids = next(fresh) if ids is None else ids
             if len(ids) != self.layout.doc_tokens[d]:
                 raise UserError(f"--data {self.corpus.spec}: document {d} changed while the run read it "
                                 f"({len(ids)} tokens, {self.layout.doc_tokens[d]} before); rerun on an unchanging "

@@ -94,10 +94,11 @@ class Data:
     layout: data.Layout
     tokenizer: object
     manifest: "Background | None" = None
+    kept: data.Kept | None = None  # this rank's token ids from pass 1, for the first source()
 
     def source(self) -> data.ChunkSource:
         """A forward cursor over the chunks, for one rank's batches."""
-        return data.ChunkSource(self.corpus, self.layout, self.tokenizer)
+        return data.ChunkSource(self.corpus, self.layout, self.tokenizer, self.kept)
 
 
 class Background:
@@ -146,14 +147,15 @@ def read_data(cfg: Config, comm: Comm, counting: bool = True) -> Data:
     elif counting and comm.rank == 0 and cfg.max_tokens is None:
         manifest = Background(source.manifest)  # hashed while pass 1 reads
     check_shards(cfg, source, comm)
-    layout = data.scan(source, tokenizer, cfg.ctx, cfg.chunking, cfg.max_tokens, comm)
+    kept = data.Kept() if counting else None
+    layout = data.scan(source, tokenizer, cfg.ctx, cfg.chunking, cfg.max_tokens, comm, kept)
     read = None if cfg.max_tokens is None else len(layout.shard_first)
     if counting and comm.rank == 0 and listed is not None:
         manifest = Background(lambda: listed[:read])  # staging hashed every shard; --max-tokens: those read
     elif counting and comm.rank == 0 and manifest is None:
         # --max-tokens: the identity is the shards pass 1 opened; the rest is never read, not even hashed.
         manifest = Background(lambda: source.manifest(read))
-    return Data(source, layout, tokenizer, manifest)
+    return Data(source, layout, tokenizer, manifest, kept)
 
 
 def check_shards(cfg: Config, corpus: data.Corpus, comm: Comm) -> None:

@@ -131,6 +131,30 @@ def test_chunk_source_equals_brute_force_chunks(corpora, tokenizer, monkeypatch,
         assert layout.skipped() == (int((lengths < CTX).sum()), int((lengths % CTX).sum())) and layout.skipped()[0]
 
 
+@pytest.mark.parametrize("chunking", ["concat", "document"])
+@pytest.mark.parametrize("budget", ["all", "some"])
+def test_ids_kept_from_pass_1_are_not_tokenized_again(corpora, tokenizer, monkeypatch, chunking, budget):
+    """Pass 2 takes the ids pass 1 kept (every document, or the first two within a budget that the third
+    would exceed) instead of tokenizing those documents again, and gives the same chunks as a source that
+    kept nothing."""
+    monkeypatch.setattr(data, "ROUND_DOCS", 5)
+    c = corpus.open_corpus(corpora["mixed"])
+    first = [len(ids) for ids in data.encode(tokenizer, documents()[:3])]
+    kept = data.Kept(data.KEEP_TOKENS if budget == "all" else first[0] + first[1] + first[2] - 1)
+    layout = data.scan(c, tokenizer, CTX, chunking, None, Comm(), kept)
+    held = sorted(kept.ids)
+    assert held == (list(range(len(documents()))) if budget == "all" else [0, 1])
+    encoded: list[str] = []
+    real = data.encode
+    monkeypatch.setattr(data, "encode", lambda tok, texts: encoded.extend(texts) or real(tok, texts))
+    got = data.ChunkSource(c, layout, tokenizer, kept).get(0, layout.chunks)
+    with_kept, taken = len(encoded), set(held) - set(kept.ids)
+    encoded.clear()
+    assert np.array_equal(got, data.ChunkSource(c, layout, tokenizer).get(0, layout.chunks))
+    assert taken and with_kept == len(encoded) - len(taken)  # the second source tokenized all it needed
+    assert with_kept == 0 if budget == "all" else with_kept > 0
+
+
 def counted(folder: str) -> dict[str, bytes]:
     return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".zstd")}
 
