@@ -129,7 +129,10 @@ class Kept:
             self.budget = 0  # the earliest only: pass 2 reads forward, so those are used first
 
     def take(self, doc: int) -> np.ndarray | None:
-        """Document `doc`'s ids (int64), forgotten here, or None if they were not kept."""
+        """Document `doc`'s ids (int64), or None if they were not kept; they and those of every earlier
+        document (which pass 2, reading forward, will not ask for: another rank's chunks) are forgotten."""
+        for earlier in [d for d in self.ids if d < doc]:
+            del self.ids[earlier]
         ids = self.ids.pop(doc, None)
         return None if ids is None else ids.astype(np.int64)
 

@@ -147,12 +147,20 @@ def test_ids_kept_from_pass_1_are_not_tokenized_again(corpora, tokenizer, monkey
     encoded: list[str] = []
     real = data.encode
     monkeypatch.setattr(data, "encode", lambda tok, texts: encoded.extend(texts) or real(tok, texts))
+    used = []
+    take = kept.take
+    kept.take = lambda d: used.append(d) or take(d) if d in kept.ids else take(d)
     got = data.ChunkSource(c, layout, tokenizer, kept).get(0, layout.chunks)
-    with_kept, taken = len(encoded), set(held) - set(kept.ids)
+    with_kept = len(encoded)
     encoded.clear()
     assert np.array_equal(got, data.ChunkSource(c, layout, tokenizer).get(0, layout.chunks))
-    assert taken and with_kept == len(encoded) - len(taken)  # the second source tokenized all it needed
+    assert used and with_kept == len(encoded) - len(used)  # the second source tokenized all it needed
     assert with_kept == 0 if budget == "all" else with_kept > 0
+    kept = data.Kept()
+    data.scan(c, tokenizer, CTX, chunking, None, Comm(), kept)
+    source = data.ChunkSource(c, layout, tokenizer, kept)
+    source.get(layout.chunks - 1, layout.chunks)  # a later start forgets the documents before it
+    assert source.cached[0] > 0 and all(d > source.cached[0] for d in kept.ids)
 
 
 def counted(folder: str) -> dict[str, bytes]:
