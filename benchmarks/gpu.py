@@ -152,7 +152,7 @@ def model(args) -> None:
     built = random_mistral(folder, torch.bfloat16, [args.device])
     options = argparse.Namespace(model=folder, data=args.data, ctx=args.ctx, chunks=args.chunks,
                                  batch_size=args.batch_size, device=args.device, dtype="bfloat16",
-                                 work=args.work, extra=args.extra,
+                                 work=args.work, extra=args.extra, repeat=1,
                                  warmup=["--site-module", r"model\.layers\.0\.mlp\.down_proj"])  # one layer to write
     result = overhead.measure(built, options)
     print(json.dumps({**result, "memory_cap_gib": args.memory_gib, "products": triangle.product_kind(args.device)

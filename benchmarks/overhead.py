@@ -8,7 +8,8 @@ batches of the same chunks (the run's data convention), `use_cache=False`, logit
 them. Then `mpicorr run` in this process on that same model object (models.load_model is replaced for this
 process only), after a one-batch warm-up run that compiles the kernels (as a user's second run finds them
 cached). Prints one JSON line: the bare forward seconds, the run's seconds after loading (counting, then
-reducing and writing every file), their ratio, and peak memory.
+reducing and writing every file), their ratio, and peak memory; with --repeat N, the pair (bare forward, run)
+is measured N times in turn, and the line gives the median pair and every ratio.
 """
 
 from __future__ import annotations
@@ -80,25 +81,34 @@ def timed_run(model, args: argparse.Namespace, chunks: int, out: str) -> tuple[f
 
 
 def measure(model, args: argparse.Namespace) -> dict:
-    """Bare forward passes, then the run, on one model object; the JSON fields."""
+    """Bare forward passes, then the run, on one model object, `--repeat` times in turn; the JSON fields (the
+    figures of the median pair when repeated: on a shared machine one pair can be off by several per cent)."""
     work = batches(args.model, args.data, args.ctx, args.chunks, args.batch_size)
     chunks = sum(len(b) for b in work)
     bare_forward(model, work[:1], args.device)  # warm-up: first-call costs of the model's kernels
-    bare = bare_forward(model, work, args.device)
     scratch = os.path.join(args.work, "warm-up")
     warm = argparse.Namespace(**{**vars(args), "extra": [*args.extra, *getattr(args, "warmup", [])]})
     timed_run(model, warm, args.batch_size, scratch)  # compiles the counting kernels once, as a cache would
     shutil.rmtree(scratch, ignore_errors=True)
+    pairs = [pair(model, args, work, chunks) for _ in range(args.repeat)]
+    ratios = [p["ratio"] for p in pairs]
+    fields = sorted(pairs, key=lambda p: p["ratio"])[(len(pairs) - 1) // 2]
+    return {"chunks": chunks, "ctx": args.ctx, "batch_size": args.batch_size, "device": args.device, **fields,
+            **({"ratios": ratios} if args.repeat > 1 else {}),
+            "peak_device_bytes": torch.cuda.max_memory_allocated(args.device) if args.device.startswith("cuda") else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def pair(model, args: argparse.Namespace, work: list[torch.Tensor], chunks: int) -> dict:
+    """One measurement: the bare forward passes, then the run right after them."""
+    bare = bare_forward(model, work, args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(args.device)
     after_load, text = timed_run(model, args, chunks, os.path.join(args.work, "out"))
     phases = re.search(r"counted .* in ([\d.]+) s, reduced and wrote them in ([\d.]+) s", text)
-    return {"chunks": chunks, "ctx": args.ctx, "batch_size": args.batch_size, "device": args.device,
-            "bare_forward_s": round(bare, 2), "run_after_load_s": round(after_load, 2),
+    return {"bare_forward_s": round(bare, 2), "run_after_load_s": round(after_load, 2),
             "ratio": round(after_load / bare, 2),
-            "counting_s": phases and float(phases[1]), "writing_s": phases and float(phases[2]),
-            "peak_device_bytes": torch.cuda.max_memory_allocated(args.device) if args.device.startswith("cuda") else None,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "counting_s": phases and float(phases[1]), "writing_s": phases and float(phases[2])}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (default: cpu)")
     p.add_argument("--dtype", default="auto", help="the run's --dtype (default: auto)")
     p.add_argument("--work", default="/tmp/mpicorr-overhead", help="folder for the outputs")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure bare forward then run this many times in turn and report the median pair's "
+                        "figures, with every ratio (default: 1)")
     p.add_argument("extra", nargs="*", help="more run options, after --")
     return p
 

@@ -1,9 +1,11 @@
 """`mpicorr bench`: synthetic profiles, the JSON record, and that its exactness check can fail."""
 
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_main
 from mpicorr import bench
@@ -129,3 +131,23 @@ def test_writes_profile_names_the_zstd_level_and_workers_it_timed(monkeypatch, c
     with pytest.raises(SystemExit):
         writes.main()
     assert "the files' level, 1)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_overhead_repeats_bare_forward_and_run_in_turn(monkeypatch, llama, sample_path, tmp_path):
+    """benchmarks/overhead.py --repeat 3: three (bare forward, run) pairs in turn on one model object, each
+    run a real `mpicorr run`; the line gives the median pair's figures and every ratio."""
+    from mpicorr import models
+    overhead = load_benchmark("overhead")
+    args = overhead.parser().parse_args(["--model", llama, "--data", sample_path, "--ctx", "16", "--chunks", "3",
+                                         "--repeat", "3", "--work", str(tmp_path)])
+    model = models.load_model(llama, torch.float32, ["cpu"])
+    monkeypatch.setattr(models, "load_model", models.load_model)  # timed_run replaces it: restored afterwards
+    bare, runs = [], []
+    real_bare, real_run = overhead.bare_forward, overhead.timed_run
+    monkeypatch.setattr(overhead, "bare_forward", lambda *a: bare.append(len(a[1])) or real_bare(*a))
+    monkeypatch.setattr(overhead, "timed_run", lambda *a: runs.append(a[2]) or real_run(*a))
+    got = overhead.measure(model, args)
+    assert bare == [1, 3, 3, 3] and runs == [1, 3, 3, 3]  # warm-ups, then the pairs
+    assert len(got["ratios"]) == 3 and got["ratio"] == sorted(got["ratios"])[1]
+    assert got["chunks"] == 3 and got["counting_s"] is not None and got["run_after_load_s"] > 0
+    assert os.path.exists(os.path.join(tmp_path, "out", "summary.h5"))
