@@ -52,11 +52,12 @@ def worker(args) -> None:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
     started = time.monotonic()
     source = corpus.open_corpus(args.worker)
-    layout = data.scan(source, tokenizer, CTX, "concat", None, comm)
+    kept = data.Kept()  # as a run keeps its pass-1 ids for pass 2
+    layout = data.scan(source, tokenizer, CTX, "concat", None, comm, kept)
     scanned = time.monotonic()
     share = -(-layout.chunks // comm.size)
     first, last = comm.rank * share, min(layout.chunks, (comm.rank + 1) * share)
-    chunks = data.ChunkSource(source, layout, tokenizer)
+    chunks = data.ChunkSource(source, layout, tokenizer, kept)
     first_batch, checksum = None, 0
     for b0 in range(first, last, BATCH):
         ids = chunks.get(b0, min(b0 + BATCH, last))
