@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import __version__, models, outputs, plan, predictor_data, summary
+from . import __version__, filetools, models, outputs, plan, predictor_data, summary
 from .config import Config
 from .counting import fired
 from .errors import UserError
@@ -415,7 +415,8 @@ SAME_DUMP = ("model", "data_sha256", "ctx", "site", "thresholds", "dtype", "valu
 
 def sum_dumps(out: str, inputs: list[str], force: bool = False, command: str = "") -> str:
     """Merge dumps of disjoint chunk ranges (--part shares, --chunk-start/--chunks jobs) into the folder `out`:
-    shards hard-linked (copied across filesystems), one index; as if one run had dumped them all."""
+    shards hard-linked (copied across filesystems), one index; as if one run had dumped them all. `out` is
+    locked meanwhile, as a run locks its --dump folder."""
     indexes = [predictor_data.read_index(folder) for folder in inputs]
     for path, index in zip(inputs[1:], indexes[1:]):
         for key in SAME_DUMP:
@@ -427,7 +428,13 @@ def sum_dumps(out: str, inputs: list[str], force: bool = False, command: str = "
     if sum(b - a for a, b in merged) != sum(b - a for a, b in ranges):
         raise UserError(f"sum: the dumps {', '.join(inputs)} share chunks; merge only disjoint chunk ranges")
     check_folder(out, force, False)
-    os.makedirs(out, exist_ok=True)
+    with filetools.claimed(out):  # as a run locks its --dump folder: neither writes into the other's
+        check_folder(out, force, False)  # again, holding the lock
+        return _merge_dumps(out, inputs, indexes, merged, command)
+
+
+def _merge_dumps(out: str, inputs: list[str], indexes: list[dict], merged: list[plan.Batch], command: str) -> str:
+    """sum_dumps writing into `out`, once checked and locked."""
     for name in os.listdir(out):
         os.remove(os.path.join(out, name))
     shards = []
