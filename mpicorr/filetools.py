@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -284,10 +284,12 @@ def claimed(out: str) -> Iterator[bool]:
 
 
 @contextmanager
-def staged_folder(out: str) -> Iterator[str]:
+def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs,
+                  last: str = summary.SUMMARY) -> Iterator[str]:
     """A temporary folder beside `out` to write into, `out` held (claimed) meanwhile; on success its files
-    replace `out`'s outputs (the folder is renamed into place when this sum made `out`), summary.h5 last; it
-    is removed on every exit."""
+    replace `out`'s outputs (the folder is renamed into place when this sum made `out`; else `clear` deletes
+    the old outputs), `last` (the file that marks a finished folder: summary.h5, a dump's index) last; it is
+    removed on every exit."""
     parent, name = os.path.split(os.path.abspath(out))
     tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
     with claimed(out) as made:
@@ -295,7 +297,7 @@ def staged_folder(out: str) -> Iterator[str]:
         try:
             yield tmp
             try:
-                install(tmp, out, made)
+                install(tmp, out, made, clear, last)
             except OSError as exc:
                 raise UserError(f"{out}: cannot move the merged outputs into place ({exc.strerror}); "
                                 f"check the folder's permissions") from None
@@ -303,18 +305,19 @@ def staged_folder(out: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def install(tmp: str, out: str, made: bool = False) -> None:
+def install(tmp: str, out: str, made: bool = False, clear: Callable[[str], None] = outputs.clear_outputs,
+            last: str = summary.SUMMARY) -> None:
     """Move a finished output folder into place: a rename when `out` does not exist or is the empty folder
-    this process made (claimed), else `out`'s old outputs are removed and each new file renamed in
-    (summary.h5, which marks a finished folder, last). A user's folder is never replaced, even empty."""
+    this process made (claimed), else `clear` removes `out`'s old outputs and each new file is renamed in
+    (`last`, which marks a finished folder, last). A user's folder is never replaced, even empty."""
     if not os.path.exists(out) or made and not os.listdir(out):
         os.rename(tmp, out)  # onto an empty folder too (POSIX): the whole folder appears at once
         return
-    outputs.clear_outputs(out)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == summary.SUMMARY):
+    clear(out)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == last):
         src, dest = os.path.join(tmp, name), os.path.join(out, name)
         if os.path.isdir(src) and os.path.isdir(dest):
-            install(src, dest)
+            install(src, dest, False, clear, last)
         else:
             os.replace(src, dest)
 

@@ -193,6 +193,29 @@ def test_sum_of_dumps_refuses_a_folder_a_run_is_dumping_into(part_dumps, tmp_pat
     ok(run_main(["sum", merged, *part_dumps, "--force"]))  # the lock went with its holder
 
 
+def test_failed_sum_of_dumps_leaves_its_output_as_it_was(part_dumps, tmp_path):
+    """`sum` of dumps wrote into OUT itself: with --force it first deleted the earlier dump there, so a merge
+    that then failed (here: a shard an input's index lists is missing) lost it and left OUT half-written
+    (shards, no index), and a missing OUT was left half-made; the failure was a FileNotFoundError (exit 1).
+    It writes into a hidden folder beside OUT and moves it into place at the end: one line naming the shard,
+    exit 2, OUT as it was (or absent), nothing left beside it."""
+    import shutil
+    broken = shutil.copytree(part_dumps[1], tmp_path / "broken")
+    shard = read_index(str(broken))["shards"][0]["file"]
+    os.remove(broken / shard)
+    merged = tmp_path / "merged"
+    ok(run_main(["sum", str(merged), *part_dumps]))
+    before, inode, tokens = files_of(merged), os.stat(merged).st_ino, content(str(merged))
+    one_error_line(run_main(["sum", str(merged), part_dumps[0], str(broken), "--force"]),
+                   f"{broken / shard}: cannot read (No such file or directory)")
+    assert files_of(merged) == before and os.stat(merged).st_ino == inode
+    one_error_line(run_main(["sum", str(tmp_path / "new"), part_dumps[0], str(broken)]), str(broken / shard))
+    assert sorted(os.listdir(tmp_path)) == ["broken", "merged"]
+    ok(run_main(["sum", str(merged), *part_dumps, "--force"]))  # the dump's files replaced, the folder kept
+    assert os.stat(merged).st_ino == inode and sorted(files_of(merged)) == sorted(before)
+    same_content(content(str(merged)), tokens)
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_dump(llama, sample_path, tmp_path):
     from test_resume import kill_rank_after_checkpoint
 
