@@ -21,14 +21,12 @@ import hashlib
 import io
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Iterator
 
 from .errors import UserError
+from .hashing import sha256_file, sha256_files
 
-HASH_THREADS = 8          # shards hashed at once (hashlib releases the GIL on large updates)
-HASH_BLOCK = 1 << 22      # bytes read per hash update
 ZSTD_BLOCK = 1 << 17      # compressed bytes read at a time from a .zst shard (text expands about 4-10x)
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz", ".json.gz": "jsonl.gz",
             ".jsonl.zst": "jsonl.zst", ".jsonl.zstd": "jsonl.zst", ".json.zst": "jsonl.zst",
@@ -74,8 +72,7 @@ class Corpus:
     def manifest(self, count: int | None = None) -> list[dict]:
         """Name, size and SHA-256 of every shard (or of the first `count`), hashed on a few threads."""
         shards = self.shards[:count]
-        with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(shards)))) as pool:
-            hashes = list(pool.map(lambda s: file_sha256(s.path), shards))
+        hashes = sha256_files([s.path for s in shards], file_sha256)  # its errors name --data
         return [{"name": s.name, "bytes": s.size, "sha256": h} for s, h in zip(shards, hashes)]
 
     def moved(self, base: str) -> "Corpus":
@@ -107,15 +104,11 @@ def data_sha256(corpus: Corpus, manifest: list[dict]) -> str:
 
 
 def file_sha256(path: str) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file's bytes (hashing.sha256_file); one that cannot be read is a UserError naming --data."""
     try:
-        with open(path, "rb") as fh:
-            while block := fh.read(HASH_BLOCK):
-                digest.update(block)
+        return sha256_file(path)
     except OSError as exc:
         raise UserError(f"--data {path}: cannot read ({exc.strerror}); give readable shards") from None
-    return digest.hexdigest()
 
 
 def open_corpus(spec: str, text_field: str = "text") -> Corpus:

@@ -26,17 +26,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import __version__, models, outputs, plan, predictor_data, summary
+from . import __version__, filetools, models, outputs, plan, predictor_data, summary
 from .config import Config
 from .counting import fired
 from .errors import UserError
-from .files import atomic_path, atomic_write
+from .files import atomic_path, atomic_write, temporary
 
 INDEX, FORMAT, SHARD_FORMAT = predictor_data.INDEX, predictor_data.FORMAT, predictor_data.SHARD_FORMAT
 ALL = 1 << 64          # a bound above every key: every token is dumped
 BLOCK = 1 << 22        # positions hashed at a time while drawing the sample (32 MB of keys)
 SHARD_BYTES = 1 << 30  # a rank writes a shard once it holds this much (host memory), or at each checkpoint
-OURS = re.compile(r"(index\.json|shard-[\w-]+\.safetensors|\.(index\.json|shard-[\w-]+\.safetensors)\.tmp\d+)")
+FILES = r"index\.json|shard-[\w-]+\.safetensors"  # a dump's files; OURS adds their temporaries
+OURS = re.compile(rf"{FILES}|{temporary(FILES)}")
 GB = 1e9
 
 
@@ -415,7 +416,8 @@ SAME_DUMP = ("model", "data_sha256", "ctx", "site", "thresholds", "dtype", "valu
 
 def sum_dumps(out: str, inputs: list[str], force: bool = False, command: str = "") -> str:
     """Merge dumps of disjoint chunk ranges (--part shares, --chunk-start/--chunks jobs) into the folder `out`:
-    shards hard-linked (copied across filesystems), one index; as if one run had dumped them all."""
+    shards hard-linked (copied across filesystems), one index; as if one run had dumped them all. Staged and
+    locked as filetools.sum_runs is: a failed merge leaves `out` as it was."""
     indexes = [predictor_data.read_index(folder) for folder in inputs]
     for path, index in zip(inputs[1:], indexes[1:]):
         for key in SAME_DUMP:
@@ -427,19 +429,32 @@ def sum_dumps(out: str, inputs: list[str], force: bool = False, command: str = "
     if sum(b - a for a, b in merged) != sum(b - a for a, b in ranges):
         raise UserError(f"sum: the dumps {', '.join(inputs)} share chunks; merge only disjoint chunk ranges")
     check_folder(out, force, False)
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):
-        os.remove(os.path.join(out, name))
+    # Written into a hidden folder beside `out`, moved into place at the end (as `sum` of run folders does):
+    # a merge that fails leaves `out` as it was; `out` is locked meanwhile, as a run locks its --dump folder.
+    with filetools.staged_folder(out, clear_dump, INDEX) as tmp:
+        check_folder(out, force, False)  # again, holding the lock
+        os.makedirs(tmp)
+        return _merge_dumps(tmp, out, inputs, indexes, merged, command)
+
+
+def clear_dump(folder: str) -> None:
+    """Delete a dump's files (and their temporaries) in `folder`: what a merge with --force replaces."""
+    outputs.remove(folder, FILES)
+
+
+def _merge_dumps(tmp: str, out: str, inputs: list[str], indexes: list[dict], merged: list[plan.Batch],
+                 command: str) -> str:
+    """sum_dumps writing into `tmp` (`out` is the name its line gives)."""
     shards = []
     for k, (folder, index) in enumerate(zip(inputs, indexes)):
         for entry in index["shards"]:
             name = f"shard-m{k}-{entry['file'][len('shard-'):]}"
-            link_or_copy(os.path.join(folder, entry["file"]), os.path.join(out, name))
+            link_or_copy(os.path.join(folder, entry["file"]), os.path.join(tmp, name))
             shards.append({**entry, "file": name})
     index = {**indexes[0], "chunk_ranges": [list(r) for r in merged], "tokens": sum(e["tokens"] for e in shards),
              "shards": shards, "merged_from": [os.path.abspath(p) for p in inputs], "command": command,
              "mpicorr_version": __version__, "created": summary.now()}
-    save_index(out, index)
+    save_index(tmp, index)
     return (f"{out}: {len(inputs)} dumps merged, chunks {plan.format_ranges(merged)}, {index['tokens']} tokens, "
             f"{len(shards)} shards")
 
@@ -449,5 +464,11 @@ def link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
+        try:
+            with atomic_path(dst) as tmp:  # a full disk or a folder not writable: a UserError naming dst
+                shutil.copyfile(src, tmp)
+        except OSError as exc:
+            if exc.filename != src:
+                raise
+            raise UserError(f"{src}: cannot read ({exc.strerror}); the dump's index lists this shard: restore "
+                            f"it or dump again") from None

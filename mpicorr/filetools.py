@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -223,13 +223,14 @@ def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "p
     """Merge run folders into `out`: matrices added, summary.h5 recomputed from the summed raw sums. Runs that
     counted several thresholds are merged per threshold, into OUT/threshold-<T>. Everything is written into
     a temporary folder beside `out` and moved into place at the end, so a failed merge leaves `out` as it was;
-    with --force the outputs a run or a merge wrote there are replaced, other files in it are kept."""
+    with --force the outputs a run or a merge wrote there are replaced, other files in it are kept. `out` is
+    locked meanwhile, as a run locks its --out."""
     check_sum_paths(out, inputs)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out}: is a file; merging run folders writes a folder: give a folder name")
-    if outputs.present(out) and not force:
-        raise UserError(f"{out}: already holds outputs; choose another folder or add --force")
     with staged_folder(out) as tmp:
+        if outputs.present(out) and not force:  # checked holding the lock: no other sum writes it meanwhile
+            raise UserError(f"{out}: already holds outputs; choose another folder or add --force")
         return _merge_runs(tmp, out, inputs, command)
 
 
@@ -261,34 +262,62 @@ def _merge_runs(tmp: str, out: str, inputs: list[str], command: str) -> str:
 
 
 @contextmanager
-def staged_folder(out: str) -> Iterator[str]:
-    """A temporary folder beside `out` to write into; on success its files replace `out`'s outputs (the
-    folder is renamed into place when `out` does not exist), summary.h5 last; it is removed on every exit."""
+def claimed(out: str) -> Iterator[bool]:
+    """Hold, while `sum` writes the folder `out`, the lock a run holds on its --out (outputs.locked): a run or
+    another sum using `out` now is refused in one line, before anything is written. A lock needs the folder,
+    so a missing `out` is made here, and removed again (if still empty) when the sum fails. Yields whether
+    this sum made it."""
+    try:
+        os.makedirs(out)
+        made = True
+    except FileExistsError:
+        made = False  # the user's folder, or another sum's that has just made it: the lock tells them apart
+    except OSError as exc:
+        raise UserError(f"sum {out}: cannot create the folder ({exc.strerror}); choose a writable place") from None
+    with outputs.locked(out, "sum", "another output folder"):
+        try:
+            yield made
+        except BaseException:
+            if made and not os.listdir(out):
+                os.rmdir(out)
+            raise
+
+
+@contextmanager
+def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs,
+                  last: str = summary.SUMMARY) -> Iterator[str]:
+    """A temporary folder beside `out` to write into, `out` held (claimed) meanwhile; on success its files
+    replace `out`'s outputs (the folder is renamed into place when this sum made `out`; else `clear` deletes
+    the old outputs), `last` (the file that marks a finished folder: summary.h5, a dump's index) last; it is
+    removed on every exit."""
     parent, name = os.path.split(os.path.abspath(out))
     tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
-    try:
-        yield tmp
+    with claimed(out) as made:
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
         try:
-            install(tmp, out)
-        except OSError as exc:
-            raise UserError(f"{out}: cannot move the merged outputs into place ({exc.strerror}); "
-                            f"check the folder's permissions") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            yield tmp
+            try:
+                install(tmp, out, made, clear, last)
+            except OSError as exc:
+                raise UserError(f"{out}: cannot move the merged outputs into place ({exc.strerror}); "
+                                f"check the folder's permissions") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def install(tmp: str, out: str) -> None:
-    """Move a finished output folder into place: a rename when `out` does not exist, else `out`'s old outputs
-    are removed and each new file renamed in (summary.h5, which marks a finished folder, last)."""
-    if not os.path.exists(out):
-        os.rename(tmp, out)
+def install(tmp: str, out: str, made: bool = False, clear: Callable[[str], None] = outputs.clear_outputs,
+            last: str = summary.SUMMARY) -> None:
+    """Move a finished output folder into place: a rename when `out` does not exist or is the empty folder
+    this process made (claimed), else `clear` removes `out`'s old outputs and each new file is renamed in
+    (`last`, which marks a finished folder, last). A user's folder is never replaced, even empty."""
+    if not os.path.exists(out) or made and not os.listdir(out):
+        os.rename(tmp, out)  # onto an empty folder too (POSIX): the whole folder appears at once
         return
-    outputs.clear_outputs(out)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == summary.SUMMARY):
+    clear(out)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == last):
         src, dest = os.path.join(tmp, name), os.path.join(out, name)
         if os.path.isdir(src) and os.path.isdir(dest):
-            install(src, dest)
+            install(src, dest, False, clear, last)
         else:
             os.replace(src, dest)
 

@@ -9,7 +9,8 @@ empty; never a folder wholesale (OUT may hold the user's own files):
     OUT/checkpoints/g<G>-r<R>.ckpt
     and the temporary of each (files.atomic_path: .<name>.tmp<pid>)
 
-While a run uses OUT, its rank 0 holds a lock on the folder (locked), so a second run into OUT is refused.
+While a run uses OUT, its rank 0 holds a lock on the folder (locked), and so does a `sum` writing into it: a
+second run or sum into OUT is refused.
 
 A run is finished when every output folder that holds its matrix files also holds summary.h5: rank 0 writes
 summary.h5 last, after every matrix file, and deletes the checkpoints only after that.
@@ -178,19 +179,20 @@ def check_space(where: str, label: str, needed: int, reclaim: int = 0) -> None:
 
 
 @contextmanager
-def locked(out: str, option: str = "--out") -> Iterator[None]:
+def locked(out: str, option: str = "--out", instead: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the folder OUT (flock, which the kernel releases when the process ends, even
-    by kill -9): a second run into OUT (or into the same --dump folder, `option`) at the same time would
-    replace this one's checkpoints (shards) and mix its outputs with this one's. Where the filesystem has no
-    such locks (some network mounts), nothing is locked."""
+    by kill -9): a second run into OUT (or into the same --dump folder, `option`), or a `sum` into it, at the
+    same time would replace this one's checkpoints (shards) and mix its outputs with this one's. A refusal
+    names `option` and OUT and says to choose `instead` (default: another `option`). Where the filesystem has
+    no such locks (some network mounts), nothing is locked."""
     fd = os.open(out, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise UserError(f"{option} {out}: another mpicorr run is using this folder now; wait until it "
-                                f"ends or choose another {option}") from None
+                raise UserError(f"{option} {out}: another mpicorr run or sum is using this folder now; wait "
+                                f"until it ends or choose {instead or 'another ' + option}") from None
         yield
     finally:
         os.close(fd)

@@ -4,7 +4,7 @@ For clusters without a shared filesystem (as in the original, where only the mas
 the data). What is copied is a list of rank 0's files, each under a relative path: the model folder's files
 (stage_model), or the corpus's shards under their manifest names (stage_corpus). Rank 0 lists them (path,
 size, SHA-256 of every file); one rank per node (local rank 0) checks its copy against that list (sizes and
-SHA-256s: see sha256s for the cost) and, if it differs, receives the files in pieces broadcast from rank 0,
+SHA-256s: see mpicorr.hashing for the cost) and, if it differs, receives the files in pieces broadcast from rank 0,
 checks each file's SHA-256 and renames the finished folder into place. A stamp file records the list, so a
 later run skips nodes whose copy still hashes the same. Only folders staging made (holding the stamp, or the
 mark a staging folder gets first) are ever replaced or deleted: a folder of the same name that the user owns
@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
@@ -26,12 +25,12 @@ import numpy as np
 from .corpus import Corpus, folder_name
 from .dist import Comm
 from .errors import UserError
+from .hashing import sha256_files
 
 STAMP = ".mpicorr-staged.json"
 LOCK = ".mpicorr-stage.lock"  # in DIR: held by the node's writer while it copies
 MARK = ".mpicorr-staging"  # marks a staging folder until the stamp does (a partial copy has no stamp yet)
 PIECE = 64 << 20  # bytes per broadcast
-HASH_PIECE, HASH_THREADS = 8 << 20, 8  # files hashed at once, each read in pieces of this size
 
 
 def resolve(model: str) -> str:
@@ -69,26 +68,7 @@ def manifest(folder: str) -> list[dict]:
 def describe(files: list[tuple[str, str]]) -> list[dict]:
     """The staging list of (path, relative path) pairs: each relative path with its file's size and SHA-256."""
     return [{"path": rel, "size": os.path.getsize(p), "sha256": sha}
-            for (p, rel), sha in zip(files, sha256s([p for p, _ in files]))]
-
-
-def sha256s(paths: list[str]) -> list[str]:
-    """The SHA-256 of each file, several files at once (hashlib releases the GIL). What it costs: one read of
-    the files, at the disk's speed when a model has several shards (a 14 GB model in 8 shards on a local NVMe
-    drive: about 5-10 s), paid by rank 0 on the source and by each node on its staged copy at every run;
-    small beside loading the model, and the only way to notice bytes changed in place."""
-    if not paths:
-        return []
-    with ThreadPoolExecutor(min(HASH_THREADS, len(paths))) as pool:
-        return list(pool.map(_sha256, paths))
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while piece := fh.read(HASH_PIECE):
-            h.update(piece)
-    return h.hexdigest()
+            for (p, rel), sha in zip(files, sha256_files([p for p, _ in files]))]
 
 
 def is_staged(folder: str, files: list[dict]) -> bool:
@@ -103,7 +83,7 @@ def is_staged(folder: str, files: list[dict]) -> bool:
     if not all(os.path.isfile(p) and os.path.getsize(p) == size for p, size in paths):
         return False
     # The stamp and sizes say a copy finished; only the hashes show bytes changed in place since.
-    return sha256s([p for p, _ in paths]) == [f["sha256"] for f in files]
+    return sha256_files([p for p, _ in paths]) == [f["sha256"] for f in files]
 
 
 def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = None) -> str:

@@ -552,6 +552,35 @@ def test_max_tokens_hashes_only_the_shards_it_read(llama, corpora, monkeypatch):
     assert [os.path.basename(p) for p in hashed] == ["a.jsonl.gz"]
 
 
+def test_manifest_and_staging_hash_with_the_one_hasher(tmp_path, monkeypatch):
+    """corpus and stage had a hasher each (two read loops, two thread pools); mpicorr.hashing is the one both
+    use (torch- and MPI-free): a file read in many pieces, an empty file, any order of files, each caller
+    wording its own error for a file that cannot be read."""
+    import hashlib
+    from mpicorr import hashing, stage
+
+    monkeypatch.setattr(hashing, "PIECE", 7)  # many pieces per file, a piece cut inside a line
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    texts = {"a.txt": "", "b.txt": "x", "c.txt": tiny.sample_text()[:1000], "d.txt": "y" * 7}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    want = [hashlib.sha256(t.encode()).hexdigest() for t in texts.values()]
+    paths = [str(folder / n) for n in texts]
+    assert hashing.sha256_files(paths) == want and hashing.sha256_files(paths[::-1]) == want[::-1]
+    assert hashing.sha256_files([]) == [] and hashing.sha256_file(paths[2]) == want[2]
+    assert [m["sha256"] for m in corpus.open_corpus(str(folder)).manifest()] == want
+    assert [f["sha256"] for f in stage.manifest(str(folder))] == want
+    os.remove(paths[1])
+    with pytest.raises(FileNotFoundError):
+        hashing.sha256_files(paths)
+    with pytest.raises(UserError, match=f"--data {paths[1]}: cannot read .No such file or directory.; give"):
+        corpus.file_sha256(paths[1])
+    code = ("import sys, mpicorr.hashing, mpicorr.corpus; "
+            "sys.exit(sorted({'torch', 'mpi4py'} & set(sys.modules)) != [])")
+    assert subprocess.run([sys.executable, "-c", code], env=cli_env()).returncode == 0
+
+
 def test_stage_data_with_max_tokens_has_the_identity_of_the_run_without(llama, corpora, monkeypatch, tmp_path):
     """--max-tokens with --stage-data: the identity is that of the shards pass 1 opened, as without staging
     (before, the manifest listed every staged shard: another data_sha256, so --resume across the two refused)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,6 +16,29 @@ import pytest
 from conftest import MPIRUN, cli_env
 from mpicorr import dist
 from mpicorr.errors import UserError
+
+
+@pytest.fixture
+def source_folder():
+    """Makes a folder to stage: make(c, name, files) creates, on rank 0 of `c`, the folder `name` in a fresh
+    temporary folder holding `files` (relative path: bytes or text; subfolders made) and returns its path;
+    None on the other ranks (staging reads rank 0's files only)."""
+    def make(c: dist.Comm, name: str, files: dict[str, bytes | str]) -> str | None:
+        if c.rank != 0:
+            return None
+        base = os.path.join(tempfile.mkdtemp(), name)
+        for rel, content in files.items():
+            path = os.path.join(base, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb" if isinstance(content, bytes) else "w") as fh:
+                fh.write(content)
+        return base
+    return make
+
+
+def jsonl(*docs: str) -> str:
+    """A jsonl shard's text: one {"text": doc} line per document."""
+    return "".join(f'{{"text": "{d}"}}\n' for d in docs)
 
 
 class BaseComm:
@@ -69,19 +93,14 @@ class BaseComm:
             assert sorted(told) == [(r, ("hello", r)) for r in range(c.size)]
 
 
-    def test_stage_model_broadcasts_files(self, monkeypatch):
+    def test_stage_model_broadcasts_files(self, monkeypatch, source_folder):
         """Every rank acts as a node's leader with its own folder, so rank 1 receives over MPI."""
-        import tempfile
         from mpicorr import stage
         c = self.comm()
         monkeypatch.setattr(stage, "PIECE", 1000)  # several pieces per file
-        source = None
-        if c.rank == 0:
-            source = os.path.join(tempfile.mkdtemp(), "model")
-            os.makedirs(os.path.join(source, "sub"))
-            rng = np.random.default_rng(0)
-            for name, size in (("config.json", 10), ("empty", 0), ("sub/weights.bin", 4321)):
-                open(os.path.join(source, name), "wb").write(rng.bytes(size))
+        rng = np.random.default_rng(0)
+        source = source_folder(c, "model", {name: rng.bytes(size) for name, size in
+                                            (("config.json", 10), ("empty", 0), ("sub/weights.bin", 4321))})
         root = tempfile.mkdtemp()
         got = stage.stage_model(source, root, c, leader=True)
         assert got == os.path.join(root, "model")
@@ -99,17 +118,12 @@ class BaseComm:
         assert stage.stage_model(source, root, c, leader=True) == got  # copied again
         assert stage.manifest(got) == files
 
-    def test_stage_model_never_deletes_a_folder_it_did_not_make(self):
+    def test_stage_model_never_deletes_a_folder_it_did_not_make(self, source_folder):
         """A folder of the model's name (or of its staging folder's) that staging did not make is refused,
         not replaced (issue 17 item 1: before, shutil.rmtree deleted it)."""
-        import tempfile
         from mpicorr import stage
         c = self.comm()
-        source = None
-        if c.rank == 0:
-            source = os.path.join(tempfile.mkdtemp(), "model")
-            os.makedirs(source)
-            open(os.path.join(source, "config.json"), "w").write("{}")
+        source = source_folder(c, "model", {"config.json": "{}"})
         for name in ("model", "model.staging"):
             root = tempfile.mkdtemp()
             os.makedirs(os.path.join(root, name))
@@ -118,23 +132,16 @@ class BaseComm:
                 stage.stage_model(source, root, c, leader=True)
             assert open(os.path.join(root, name, "mine.txt")).read() == "the user's own"
 
-    def test_stage_corpus_copies_the_shards(self, monkeypatch, tmp_path):
+    def test_stage_corpus_copies_the_shards(self, monkeypatch, source_folder):
         """--stage-data: rank 0's shards (a folder's, under their relative names) reach every leader's folder;
         the staged corpus has the source's documents, manifest and data identity; a second call reuses the
         copy; a shard changed at the source (same size) is copied again."""
-        import tempfile
         from mpicorr import corpus, stage
         c = self.comm()
         monkeypatch.setattr(stage, "PIECE", 100)  # several pieces per shard
-        source = None
-        if c.rank == 0:
-            base = os.path.join(tempfile.mkdtemp(), "shards")
-            os.makedirs(os.path.join(base, "sub"))
-            for name, docs in (("a.jsonl", ["one", "two"]), ("sub/b.jsonl", ["three " * 40])):
-                with open(os.path.join(base, name), "w") as fh:
-                    fh.writelines(f'{{"text": "{d}"}}\n' for d in docs)
-            source = corpus.open_corpus(base)
-        source = c.bcast(source)  # as run.read_data: rank 0's corpus on every rank
+        base = source_folder(c, "shards", {"a.jsonl": jsonl("one", "two"), "sub/b.jsonl": jsonl("three " * 40)})
+        # as run.read_data: rank 0's corpus on every rank
+        source = c.bcast(corpus.open_corpus(base) if c.rank == 0 else None)
         listed = c.bcast(source.manifest() if c.rank == 0 else None)
         root = tempfile.mkdtemp()
         staged, got = stage.stage_corpus(source, root, c, leader=True)
@@ -153,19 +160,14 @@ class BaseComm:
         assert got != listed and staged.manifest() == got
         assert list(staged.documents()) == ["ONE", "two", "three " * 40]
 
-    def test_stage_corpus_names_a_text_file_and_a_glob(self, tmp_path):
+    def test_stage_corpus_names_a_text_file_and_a_glob(self, source_folder):
         """A text file is staged as DIR/<file name>/<file name>; a glob's shards under its folder's name,
         with their paths relative to that folder."""
-        import tempfile
         from mpicorr import corpus, stage
         c = self.comm()
-        specs = None
-        if c.rank == 0:
-            base = os.path.join(tempfile.mkdtemp(), "web")
-            os.makedirs(os.path.join(base, "2024"))
-            open(os.path.join(base, "2024", "x.jsonl"), "w").write('{"text": "a"}\n')
-            open(os.path.join(base, "notes.txt"), "w").write("plain text")
-            specs = [corpus.open_corpus(os.path.join(base, "notes.txt")), corpus.open_corpus(base + "/*/*.jsonl")]
+        base = source_folder(c, "web", {"2024/x.jsonl": jsonl("a"), "notes.txt": "plain text"})
+        specs = [corpus.open_corpus(os.path.join(base, "notes.txt")), corpus.open_corpus(base + "/*/*.jsonl")] \
+            if c.rank == 0 else None
         plain, globbed = c.bcast(specs)
         root = tempfile.mkdtemp()
         staged = stage.stage_corpus(plain, root, c, leader=True)[0]

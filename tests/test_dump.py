@@ -161,6 +161,61 @@ def test_parts_sum_to_the_whole_dump(rank_dumps, tmp_path):
     one_error_line(run_main(["sum", merged, rank_dumps["part0"], rank_dumps["part1"]]), "already holds a dump")
 
 
+@pytest.fixture(scope="module")
+def part_dumps(llama, sample_path, tmp_path_factory) -> list[str]:
+    """Two --part shares of one small dump (1 rank each, in this process): inputs for `sum`."""
+    base = tmp_path_factory.mktemp("parts")
+    for k in range(2):
+        ok(run_main(["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "8",
+                     "--part", f"{k}/2", "--out", str(base / f"out{k}"), "--dump", str(base / f"part{k}"),
+                     "--dump-rate", "0.5"]))
+    return [str(base / f"part{k}") for k in range(2)]
+
+
+def files_of(folder) -> dict[str, tuple[int, bytes]]:
+    """Each file of a folder: its inode and bytes (a file rewritten in place or replaced shows)."""
+    return {n: (os.stat(os.path.join(folder, n)).st_ino, open(os.path.join(folder, n), "rb").read())
+            for n in sorted(os.listdir(folder))}
+
+
+def test_sum_of_dumps_refuses_a_folder_a_run_is_dumping_into(part_dumps, tmp_path):
+    """`sum` of dumps took no lock: with --force it emptied a folder a run was dumping into (the run's shards
+    deleted) and wrote its own beside the run's. It holds the run's lock on the folder now: refused in one
+    line, nothing touched."""
+    from mpicorr.outputs import locked
+    merged = str(tmp_path / "merged")
+    ok(run_main(["sum", merged, *part_dumps]))
+    before = files_of(merged)
+    with locked(merged, "--dump"):  # what a run dumping into this folder holds for its whole run
+        one_error_line(run_main(["sum", merged, *part_dumps, "--force"]),
+                       f"sum {merged}: another mpicorr run or sum is using this folder now")
+    assert files_of(merged) == before and sorted(os.listdir(tmp_path)) == ["merged"]
+    ok(run_main(["sum", merged, *part_dumps, "--force"]))  # the lock went with its holder
+
+
+def test_failed_sum_of_dumps_leaves_its_output_as_it_was(part_dumps, tmp_path):
+    """`sum` of dumps wrote into OUT itself: with --force it first deleted the earlier dump there, so a merge
+    that then failed (here: a shard an input's index lists is missing) lost it and left OUT half-written
+    (shards, no index), and a missing OUT was left half-made; the failure was a FileNotFoundError (exit 1).
+    It writes into a hidden folder beside OUT and moves it into place at the end: one line naming the shard,
+    exit 2, OUT as it was (or absent), nothing left beside it."""
+    import shutil
+    broken = shutil.copytree(part_dumps[1], tmp_path / "broken")
+    shard = read_index(str(broken))["shards"][0]["file"]
+    os.remove(broken / shard)
+    merged = tmp_path / "merged"
+    ok(run_main(["sum", str(merged), *part_dumps]))
+    before, inode, tokens = files_of(merged), os.stat(merged).st_ino, content(str(merged))
+    one_error_line(run_main(["sum", str(merged), part_dumps[0], str(broken), "--force"]),
+                   f"{broken / shard}: cannot read (No such file or directory)")
+    assert files_of(merged) == before and os.stat(merged).st_ino == inode
+    one_error_line(run_main(["sum", str(tmp_path / "new"), part_dumps[0], str(broken)]), str(broken / shard))
+    assert sorted(os.listdir(tmp_path)) == ["broken", "merged"]
+    ok(run_main(["sum", str(merged), *part_dumps, "--force"]))  # the dump's files replaced, the folder kept
+    assert os.stat(merged).st_ino == inode and sorted(files_of(merged)) == sorted(before)
+    same_content(content(str(merged)), tokens)
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_dump(llama, sample_path, tmp_path):
     from test_resume import kill_rank_after_checkpoint
 
@@ -340,5 +395,5 @@ def test_a_second_run_into_the_same_dump_folder_is_refused(llama, sample_path, t
     second = run_main([*common, "--out", str(tmp_path / "b"), "--force"])
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    one_error_line(second, f"--dump {dump}: another mpicorr run is using this folder")
+    one_error_line(second, f"--dump {dump}: another mpicorr run or sum is using this folder")
     assert read_index(dump)["chunk_ranges"] == [[0, 20]] and not os.path.exists(tmp_path / "b" / "summary.h5")

@@ -284,3 +284,31 @@ def test_sum_refuses_int64_overflow_of_the_raw_sums(three_runs, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"act_sumsq_fixed of block_0 overflows int64 ({a}, {b})" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_sum_refuses_a_folder_a_run_or_another_sum_is_using(llama, sample_path, three_runs, tmp_path):
+    """`sum` took no lock: two sums into one folder at once, or a sum into the --out of a running run, mixed
+    their outputs (and the later one replaced the other's without --force). It holds the run's lock on its
+    output folder now: while a run (or sum) holds it, a sum is refused in one line and touches nothing, and
+    a run into a folder a sum is writing is refused in turn."""
+    from mpicorr.outputs import locked
+    from test_errors import one_error_line
+    a, b, c = three_runs
+    out = tmp_path / "m"
+    assert run_main(["sum", str(out), a, b]).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    before = sha256_of(str(out))
+    with locked(str(out)):  # what a run into --out m holds for its whole run
+        result = run_main(["sum", str(out), a, c, "--force"])
+    one_error_line(result, f"sum {out}: another mpicorr run or sum is using this folder now; wait until it ends "
+                           f"or choose another output folder")
+    assert sha256_of(str(out)) == before and sorted(os.listdir(tmp_path)) == ["m"]
+    fresh = tmp_path / "fresh"
+    with filetools.claimed(str(fresh)) as made:  # another sum has just made the missing folder and holds it
+        assert made
+        one_error_line(run_main(["sum", str(fresh), a, b]), f"sum {fresh}: another mpicorr run or sum is using")
+        one_error_line(run_main(["run", "--model", llama, "--data", sample_path, "--out", str(fresh), "--ctx",
+                                 "64", "--chunks", "2"]), f"--out {fresh}: another mpicorr run or sum is using")
+        assert os.listdir(fresh) == []
+    assert run_main(["sum", str(out), a, c, "--force"]).returncode == 0  # the lock went with its holder
+    assert (out / "notes.txt").read_text() == "mine" and run_main(["verify", str(out)]).returncode == 0

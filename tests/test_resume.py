@@ -319,7 +319,7 @@ def test_a_second_run_into_the_same_out_is_refused(llama, tmp_path):
     second = run_main(args(llama, data, out, "--chunks", "20", "--resume"))
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
-    one_error_line(second, f"--out {out}: another mpicorr run is using this folder")
+    one_error_line(second, f"--out {out}: another mpicorr run or sum is using this folder")
     assert filetools.verify_run(out).startswith(f"{out}: ok, 2 layers, 20 chunks")
     ok(run_main(args(llama, data, out, "--chunks", "4", "--force")))  # the lock went with the first run
 
