@@ -324,6 +324,24 @@ def test_a_second_run_into_the_same_out_is_refused(llama, tmp_path):
     ok(run_main(args(llama, data, out, "--chunks", "4", "--force")))  # the lock went with the first run
 
 
+def test_outputs_finished_between_the_check_and_the_lock_are_seen(llama, tmp_path, monkeypatch, capsys):
+    """A run checked --out, then locked it: a run or sum that finished in between left outputs the first check
+    did not see, and this run would have replaced them without --force. --out is checked again under the lock."""
+    from mpicorr import __main__ as cli, outputs as output_files
+    data, out, done = tiny.sample_path(), str(tmp_path / "o"), str(tmp_path / "done")
+    ok(run_main(args(llama, data, done, "--chunks", "2")))
+    real = output_files.locked
+
+    def another_run_finishes_first(folder, *rest, **kw):
+        shutil.copytree(done, folder, dirs_exist_ok=True)  # what the other run left as the lock came free
+        return real(folder, *rest, **kw)
+
+    monkeypatch.setattr(output_files, "locked", another_run_finishes_first)
+    assert cli.main(args(llama, data, out, "--chunks", "2")) == 2
+    assert f"--out {out}: already holds outputs of a run" in capsys.readouterr().err
+    assert filetools.verify_run(out).startswith(f"{out}: ok, 2 layers, 2 chunks")
+
+
 def checkpoint_files(out: str) -> list[str]:
     folder = checkpoint.folder(out)
     return [n for n in os.listdir(folder) if n.endswith(".ckpt")] if os.path.isdir(folder) else []
