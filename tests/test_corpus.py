@@ -163,6 +163,25 @@ def test_ids_kept_from_pass_1_are_not_tokenized_again(corpora, tokenizer, monkey
     assert source.cached[0] > 0 and all(d > source.cached[0] for d in kept.ids)
 
 
+def test_kept_ids_go_with_the_first_source(corpora, tokenizer):
+    """run.Data hands pass 1's kept ids to its first source() and keeps no reference: once that source is done
+    (counting ends), ids it never asked for are freed, not held through the reduce and the writing."""
+    import gc
+    import weakref
+
+    from mpicorr import run
+
+    c = corpus.open_corpus(corpora["jsonl"])
+    kept = data.Kept()
+    layout = data.scan(c, tokenizer, CTX, "concat", None, Comm(), kept)
+    held, gone = run.Data(c, layout, tokenizer, None, kept), weakref.ref(kept)
+    source = held.source()
+    assert source.kept is kept and len(kept.ids) == len(documents())
+    del kept, source
+    gc.collect()
+    assert gone() is None and held.source().kept.ids == {}
+
+
 def rewritten(path: str, docs: list[str], tokenizer) -> tuple[str, str]:
     """Two rewrites of a jsonl of `docs` for after pass 1: (one document with other text of the same token count,
     one document longer), each as the file's new contents."""
