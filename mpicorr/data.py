@@ -64,7 +64,8 @@ CHUNKINGS = ("concat", "document")
 ROUND_DOCS = 4096        # documents per pass-1 round at most: one small sum over the ranks each
 ROUND_CHARS = 1 << 23    # characters per pass-1 round at most (a round's text is held on every rank)
 ENCODE_DOCS = 256        # documents tokenized per call (their token id lists are held until counted)
-KEEP_TOKENS = 1 << 24    # token ids a rank keeps from pass 1 for pass 2 (int32: 64 MB at most)
+KEEP_TOKENS = 1 << 24    # token ids a rank keeps from pass 1 for pass 2 (int32: 64 MB at most, overheads included)
+KEEP_DOC_COST = 80       # what a kept document costs beyond its ids, in ids (its array, digest, dict entry: ~280 bytes)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def available_chunks(chunking: str, lengths: np.ndarray, ctx: int) -> int:
 
 class Kept:
     """Token ids of documents this rank tokenized in pass 1, kept for its pass 2 (the earliest documents, up to
-    `budget` tokens in all), so that those are not tokenized twice: one rank counting a corpus that fits (a
+    `budget` int32 ids' worth of memory in all, each document's overhead counted as KEEP_DOC_COST ids), so that those are not tokenized twice: one rank counting a corpus that fits (a
     wikitext-2 file) tokenizes it once. Pass 2 takes each one out as it uses it.
 
     Each kept document also keeps a digest of its text: pass 2 still reads every document it uses, and takes the
@@ -128,11 +129,12 @@ class Kept:
     def offer(self, doc: int, ids: list[int], text: str) -> None:
         """Keep document `doc`'s ids (tokenized from `text`) if they fit in what is left of the budget (offered in
         document order)."""
-        if len(ids) <= self.budget:
+        cost = len(ids) + KEEP_DOC_COST  # a corpus of short documents would otherwise hold ~70x its ids' bytes
+        if cost <= self.budget:
             array = np.asarray(ids, dtype=np.int64)
             small = not len(array) or array.max() < 1 << 31
             self.ids[doc] = (array.astype(np.int32) if small else array, text_digest(text))
-            self.budget -= len(array)
+            self.budget -= cost
         else:
             self.budget = 0  # the earliest only: pass 2 reads forward, so those are used first
 

@@ -140,7 +140,7 @@ def test_ids_kept_from_pass_1_are_not_tokenized_again(corpora, tokenizer, monkey
     monkeypatch.setattr(data, "ROUND_DOCS", 5)
     c = corpus.open_corpus(corpora["mixed"])
     first = [len(ids) for ids in data.encode(tokenizer, documents()[:3])]
-    kept = data.Kept(data.KEEP_TOKENS if budget == "all" else first[0] + first[1] + first[2] - 1)
+    kept = data.Kept(data.KEEP_TOKENS if budget == "all" else sum(first) + 3 * data.KEEP_DOC_COST - 1)
     layout = data.scan(c, tokenizer, CTX, chunking, None, Comm(), kept)
     held = sorted(kept.ids)
     assert held == (list(range(len(documents()))) if budget == "all" else [0, 1])
@@ -161,6 +161,27 @@ def test_ids_kept_from_pass_1_are_not_tokenized_again(corpora, tokenizer, monkey
     source = data.ChunkSource(c, layout, tokenizer, kept)
     source.get(layout.chunks - 1, layout.chunks)  # a later start forgets the documents before it
     assert source.cached[0] > 0 and all(d > source.cached[0] for d in kept.ids)
+
+
+@pytest.mark.parametrize("tokens", [1, 1000])
+def test_kept_ids_stay_within_their_memory_budget(tokens):
+    """Kept holds at most 4 bytes per id of its budget, Python's per-document overheads (array, digest, dict
+    entry) included: a corpus of one-token documents does not hold ~70x that; ids below 2**31 are int32."""
+    import tracemalloc
+
+    budget = 100_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = data.Kept(budget)
+        for doc in range(2 * budget // tokens):
+            kept.offer(doc, [doc % 384 + (1 << 31) * (doc == 5)] * tokens, "x")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0 < held <= 4 * budget and len(kept.ids) > 5, held
+    assert {ids.dtype for d, (ids, _) in kept.ids.items() if d != 5} == {np.dtype(np.int32)}
+    assert kept.ids[5][0].dtype == np.int64 and kept.take(5, "x")[0] == 5 + (1 << 31)
 
 
 def test_kept_ids_go_with_the_first_source(corpora, tokenizer):
