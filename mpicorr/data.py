@@ -11,6 +11,7 @@ all ranks together, and a ChunkSource on each rank tokenizes only the documents 
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -63,7 +64,8 @@ CHUNKINGS = ("concat", "document")
 ROUND_DOCS = 4096        # documents per pass-1 round at most: one small sum over the ranks each
 ROUND_CHARS = 1 << 23    # characters per pass-1 round at most (a round's text is held on every rank)
 ENCODE_DOCS = 256        # documents tokenized per call (their token id lists are held until counted)
-KEEP_TOKENS = 1 << 24    # token ids a rank keeps from pass 1 for pass 2 (int32: 64 MB at most)
+KEEP_TOKENS = 1 << 24    # token ids a rank keeps from pass 1 for pass 2 (int32: 64 MB at most, overheads included)
+KEEP_DOC_COST = 80       # what a kept document costs beyond its ids, in ids (its array, digest, dict entry: ~280 bytes)
 
 
 @dataclass(frozen=True)
@@ -113,28 +115,42 @@ def available_chunks(chunking: str, lengths: np.ndarray, ctx: int) -> int:
 
 class Kept:
     """Token ids of documents this rank tokenized in pass 1, kept for its pass 2 (the earliest documents, up to
-    `budget` tokens in all), so that those are not tokenized twice: one rank counting a corpus that fits (a
-    wikitext-2 file) tokenizes it once. Pass 2 takes each one out as it uses it."""
+    `budget` int32 ids' worth of memory in all, each document's overhead counted as KEEP_DOC_COST ids), so that those are not tokenized twice: one rank counting a corpus that fits (a
+    wikitext-2 file) tokenizes it once. Pass 2 takes each one out as it uses it.
+
+    Each kept document also keeps a digest of its text: pass 2 still reads every document it uses, and takes the
+    ids only if that text is the one pass 1 tokenized. A document rewritten in between is tokenized again, so the
+    run counts what it reads now and its length check ("changed while the run read it") fires as it would
+    without keeping; otherwise the rank that happened to keep it would count the old text, the others the new."""
 
     def __init__(self, budget: int = KEEP_TOKENS):
         self.budget, self.ids = budget, {}
 
-    def offer(self, doc: int, ids: list[int]) -> None:
-        """Keep document `doc`'s ids if they fit in what is left of the budget (offered in document order)."""
-        if len(ids) <= self.budget:
+    def offer(self, doc: int, ids: list[int], text: str) -> None:
+        """Keep document `doc`'s ids (tokenized from `text`) if they fit in what is left of the budget (offered in
+        document order)."""
+        cost = len(ids) + KEEP_DOC_COST  # a corpus of short documents would otherwise hold ~70x its ids' bytes
+        if cost <= self.budget:
             array = np.asarray(ids, dtype=np.int64)
-            self.ids[doc] = array.astype(np.int32) if not len(array) or array.max() < 1 << 31 else array
-            self.budget -= len(array)
+            small = not len(array) or array.max() < 1 << 31
+            self.ids[doc] = (array.astype(np.int32) if small else array, text_digest(text))
+            self.budget -= cost
         else:
             self.budget = 0  # the earliest only: pass 2 reads forward, so those are used first
 
-    def take(self, doc: int) -> np.ndarray | None:
-        """Document `doc`'s ids (int64), or None if they were not kept; they and those of every earlier
-        document (which pass 2, reading forward, will not ask for: another rank's chunks) are forgotten."""
+    def take(self, doc: int, text: str) -> np.ndarray | None:
+        """Document `doc`'s ids (int64), or None if they were not kept or `text` is not the text they came from;
+        they and those of every earlier document (which pass 2, reading forward, will not ask for: another
+        rank's chunks) are forgotten."""
         for earlier in [d for d in self.ids if d < doc]:
             del self.ids[earlier]
-        ids = self.ids.pop(doc, None)
-        return None if ids is None else ids.astype(np.int64)
+        ids, digest = self.ids.pop(doc, (None, None))
+        return None if ids is None or digest != text_digest(text) else ids.astype(np.int64)
+
+
+def text_digest(text: str) -> bytes:
+    """A document's fingerprint: BLAKE2b-128 of its UTF-8 bytes (a small fraction of tokenizing it)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def scan(corpus, tokenizer, ctx: int, chunking: str, max_tokens: int | None, comm, keep: Kept | None = None) -> Layout:
@@ -191,7 +207,7 @@ def _round(docs, tokenizer, rank: int, size: int, first: int = 0, keep: Kept | N
         for j, ids in zip(part, encode(tokenizer, [texts[j] for j in part])):
             counts[j] = len(ids)
             if keep is not None:
-                keep.offer(first + j, ids)
+                keep.offer(first + j, ids, texts[j])
     return counts, ended
 
 
@@ -255,7 +271,7 @@ class ChunkSource:
             if first > last:
                 return
         texts = self._texts(first, last)
-        kept = [self.kept.take(d) for d in range(first, last + 1)]
+        kept = [self.kept.take(d, text) for d, text in zip(range(first, last + 1), texts)]
         todo = [text for text, ids in zip(texts, kept) if ids is None]
         fresh = iter(encode(self.tokenizer, todo) if todo else [])
         for d, ids in zip(range(first, last + 1), kept):

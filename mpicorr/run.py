@@ -97,8 +97,11 @@ class Data:
     kept: data.Kept | None = None  # this rank's token ids from pass 1, for the first source()
 
     def source(self) -> data.ChunkSource:
-        """A forward cursor over the chunks, for one rank's batches."""
-        return data.ChunkSource(self.corpus, self.layout, self.tokenizer, self.kept)
+        """A forward cursor over the chunks, for one rank's batches. The first one gets the kept ids, and only
+        it holds them: ids it never asked for (documents after this rank's last chunk) go with it, not at
+        the end of the run (through the reduce and the writing)."""
+        kept, self.kept = self.kept, None
+        return data.ChunkSource(self.corpus, self.layout, self.tokenizer, kept)
 
 
 class Background:

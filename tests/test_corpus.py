@@ -140,7 +140,7 @@ def test_ids_kept_from_pass_1_are_not_tokenized_again(corpora, tokenizer, monkey
     monkeypatch.setattr(data, "ROUND_DOCS", 5)
     c = corpus.open_corpus(corpora["mixed"])
     first = [len(ids) for ids in data.encode(tokenizer, documents()[:3])]
-    kept = data.Kept(data.KEEP_TOKENS if budget == "all" else first[0] + first[1] + first[2] - 1)
+    kept = data.Kept(data.KEEP_TOKENS if budget == "all" else sum(first) + 3 * data.KEEP_DOC_COST - 1)
     layout = data.scan(c, tokenizer, CTX, chunking, None, Comm(), kept)
     held = sorted(kept.ids)
     assert held == (list(range(len(documents()))) if budget == "all" else [0, 1])
@@ -149,7 +149,7 @@ def test_ids_kept_from_pass_1_are_not_tokenized_again(corpora, tokenizer, monkey
     monkeypatch.setattr(data, "encode", lambda tok, texts: encoded.extend(texts) or real(tok, texts))
     used = []
     take = kept.take
-    kept.take = lambda d: used.append(d) or take(d) if d in kept.ids else take(d)
+    kept.take = lambda d, text: used.append(d) or take(d, text) if d in kept.ids else take(d, text)
     got = data.ChunkSource(c, layout, tokenizer, kept).get(0, layout.chunks)
     with_kept = len(encoded)
     encoded.clear()
@@ -161,6 +161,102 @@ def test_ids_kept_from_pass_1_are_not_tokenized_again(corpora, tokenizer, monkey
     source = data.ChunkSource(c, layout, tokenizer, kept)
     source.get(layout.chunks - 1, layout.chunks)  # a later start forgets the documents before it
     assert source.cached[0] > 0 and all(d > source.cached[0] for d in kept.ids)
+
+
+@pytest.mark.parametrize("tokens", [1, 1000])
+def test_kept_ids_stay_within_their_memory_budget(tokens):
+    """Kept holds at most 4 bytes per id of its budget, Python's per-document overheads (array, digest, dict
+    entry) included: a corpus of one-token documents does not hold ~70x that; ids below 2**31 are int32."""
+    import tracemalloc
+
+    budget = 100_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = data.Kept(budget)
+        for doc in range(2 * budget // tokens):
+            kept.offer(doc, [doc % 384 + (1 << 31) * (doc == 5)] * tokens, "x")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0 < held <= 4 * budget and len(kept.ids) > 5, held
+    assert {ids.dtype for d, (ids, _) in kept.ids.items() if d != 5} == {np.dtype(np.int32)}
+    assert kept.ids[5][0].dtype == np.int64 and kept.take(5, "x")[0] == 5 + (1 << 31)
+
+
+def test_kept_ids_go_with_the_first_source(corpora, tokenizer):
+    """run.Data hands pass 1's kept ids to its first source() and keeps no reference: once that source is done
+    (counting ends), ids it never asked for are freed, not held through the reduce and the writing."""
+    import gc
+    import weakref
+
+    from mpicorr import run
+
+    c = corpus.open_corpus(corpora["jsonl"])
+    kept = data.Kept()
+    layout = data.scan(c, tokenizer, CTX, "concat", None, Comm(), kept)
+    held, gone = run.Data(c, layout, tokenizer, None, kept), weakref.ref(kept)
+    source = held.source()
+    assert source.kept is kept and len(kept.ids) == len(documents())
+    del kept, source
+    gc.collect()
+    assert gone() is None and held.source().kept.ids == {}
+
+
+def rewritten(path: str, docs: list[str], tokenizer) -> tuple[str, str]:
+    """Two rewrites of a jsonl of `docs` for after pass 1: (one document with other text of the same token count,
+    one document longer), each as the file's new contents."""
+    lengths = [len(ids) for ids in data.encode(tokenizer, docs)]
+    i, j = next((i, j) for i in range(len(docs)) for j in range(i + 1, len(docs))
+                if lengths[i] == lengths[j] and docs[i] != docs[j])
+    same = docs[:i] + [docs[j]] + docs[i + 1 :]
+    longer = docs[:i] + [docs[i] + " and then some more words ."] + docs[i + 1 :]
+    lines = lambda texts: "".join(json.dumps({"text": t}) + "\n" for t in texts)  # noqa: E731
+    return lines(same), lines(longer)
+
+
+@pytest.mark.parametrize("chunking", ["concat", "document"])
+def test_a_document_rewritten_after_pass_1_is_read_again_not_taken_from_pass_1(corpora, tokenizer, tmp_path,
+                                                                                 chunking):
+    """A document changed between the passes: its kept ids are not used. Other text of the same token count gives
+    the chunks of a source that kept nothing (the text read now, on whichever rank reads it); a longer text is
+    the "changed while the run read it" error, as without keeping."""
+    path = write_jsonl(str(tmp_path / "d.jsonl"), documents())
+    same, longer = rewritten(path, documents(), tokenizer)
+    for text, fails in ((same, False), (longer, True)):
+        write_jsonl(path, documents())
+        c = corpus.open_corpus(path)
+        kept = data.Kept()
+        layout = data.scan(c, tokenizer, CTX, chunking, None, Comm(), kept)
+        assert len(kept.ids) == len(documents())
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        if fails:
+            with pytest.raises(UserError, match="changed while the run read it"):
+                data.ChunkSource(c, layout, tokenizer, kept).get(0, layout.chunks)
+        else:
+            got = data.ChunkSource(c, layout, tokenizer, kept).get(0, layout.chunks)
+            assert np.array_equal(got, data.ChunkSource(c, layout, tokenizer).get(0, layout.chunks))
+
+
+def test_a_corpus_rewritten_between_the_passes_of_a_run_is_one_line(llama, tokenizer, tmp_path, monkeypatch):
+    """The whole run: a document that gets longer after pass 1 (ids kept on the only rank) ends it with the
+    one-line error and exit 2, nothing written."""
+    path = write_jsonl(str(tmp_path / "d.jsonl"), documents())
+    longer = rewritten(path, documents(), tokenizer)[1]
+    scan = data.scan
+
+    def scan_then_rewrite(*args, **kwargs):
+        layout = scan(*args, **kwargs)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(longer)
+        return layout
+
+    monkeypatch.setattr(data, "scan", scan_then_rewrite)
+    out = tmp_path / "out"
+    result = run_main(["run", "--model", llama, "--data", path, "--ctx", str(CTX), "--out", str(out)])
+    assert result.returncode == 2 and "changed while the run read it" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (out / "summary.h5").exists()
 
 
 def counted(folder: str) -> dict[str, bytes]:

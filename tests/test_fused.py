@@ -302,3 +302,42 @@ def test_compiled_cpu_statistics_equal_the_torch_reference(kernel, dtype):
     new.add(x)
     with pytest.raises(counting.UserError, match="layer 0: non-finite"):
         new.check()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_cpu_statistics_on_narrow_layers_with_one_or_two_threads(threads, dtype):
+    """kernels.fused_stats on layers narrower than its 4 blocks per thread (1, 2, 7 and 9 neurons: blocks of one
+    neuron or a few), on 1 and 2 numba threads, with seven thresholds (0 among them), subnormals, every
+    act_hist edge and x * 2**24 exactly halfway between integers (rounded to even), against the torch path;
+    then each bad value in each position raises the flag, and the largest legal magnitudes do not."""
+    if not counting.kernels.AVAILABLE:
+        pytest.skip("numba not installed")
+    import numba
+
+    before, thresholds = numba.get_num_threads(), (0.0, 2.0**-10, 0.25, 0.2995, 0.5, 1.0, 3.0)
+    halves = torch.tensor([(2 * k + 1) * 2.0**-25 for k in (0, 1, 2, 3, 100, 101, 1 << 20)], dtype=torch.float64)
+    values = torch.cat([special_values(dtype, thresholds), halves.to(dtype), -halves.to(dtype)])
+    below = torch.nextafter(torch.tensor(2.0**20, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        for width in (1, 2, 7, 9):
+            x = (torch.randn(-(-len(values) // width) + 2, width, generator=torch.Generator().manual_seed(width))).to(dtype)
+            x.view(-1)[: len(values)] = values
+            ref, new = (counting.LayerCounts(0, width, thresholds, torch.int32, "cpu", "auto", stats=s)
+                        for s in ("torch", "fused"))
+            assert new.fused == "numba"
+            for part in (x[:5], x[5:]):
+                ref.add(part)
+                new.add(part)
+            new.check()
+            assert_same(ref, new)
+            for position in range(2 * width):
+                for bad, flagged in ((float("nan"), 1), (-float("inf"), 1), (-(2.0**20), 1), (float(below), 0)):
+                    y = x[:2].clone()
+                    y.view(-1)[position] = bad
+                    lc = counting.LayerCounts(0, width, (0.5,), torch.int32, "cpu", "auto", stats="fused")
+                    lc.add(y)
+                    assert int(lc.flag[0]) == flagged, (width, position, bad)
+    finally:
+        numba.set_num_threads(before)
