@@ -7,7 +7,8 @@
     c.manifest()                      # [{"name", "bytes", "sha256"}] of every shard, hashed on threads
 
 Accepted: a plain text file (one document: the whole file, as mpicorr always read it), jsonl, jsonl.gz,
-jsonl.zst (one JSON object per line, the text in --text-field), parquet (the --text-field column, read one
+jsonl.zst (one JSON object per line, the text in --text-field; a .json file may also be one JSON array of such
+objects or of strings), parquet (the --text-field column, read one
 row group at a time), Arrow files (a Hugging Face dataset saved with save_to_disk, or the arrow files of the
 datasets cache), and a folder or glob of such shards (sorted by path; in a folder, .txt files are one
 document each). Bad input raises UserError naming the file and the line or row.
@@ -28,6 +29,7 @@ from .errors import UserError
 from .hashing import sha256_file, sha256_files
 
 ZSTD_BLOCK = 1 << 17      # compressed bytes read at a time from a .zst shard (text expands about 4-10x)
+ARRAY_LIMIT = 1 << 30     # bytes of a JSON array file read whole (parsing takes several times that in memory)
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz", ".json.gz": "jsonl.gz",
             ".jsonl.zst": "jsonl.zst", ".jsonl.zstd": "jsonl.zst", ".json.zst": "jsonl.zst",
             ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
@@ -298,10 +300,14 @@ class _Zstd(io.RawIOBase):
 
 
 def _jsonl_docs(shard: Shard, field: str) -> Iterator[str]:
-    """One document per non-blank line: the JSON object's `field`."""
+    """One document per non-blank line: the JSON object's `field`; or, when the file starts with `[` (a JSON
+    array, as `json.dump` of a list of records writes it), one per element: an object's `field`, or a string."""
     where = f"--data {shard.path}"
     try:
         with _open_lines(shard) as fh:
+            if _starts_array(fh):
+                yield from _array_texts(fh, field, where)
+                return
             for number, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
@@ -314,6 +320,40 @@ def _jsonl_docs(shard: Shard, field: str) -> Iterator[str]:
         raise UserError(f"{where}: cannot decompress ({exc}); the file is damaged or not zstd") from None
 
 
+def _starts_array(fh) -> bool:
+    """Whether the stream's first byte that is not white space is `[` (read nothing: peek)."""
+    head = fh.peek(4096) if hasattr(fh, "peek") else b""
+    return head.lstrip()[:1] == b"["
+
+
+def _array_texts(fh, field: str, where: str) -> Iterator[str]:
+    """The documents of a JSON array file, read whole (up to ARRAY_LIMIT bytes)."""
+    raw = fh.read(ARRAY_LIMIT + 1)
+    if len(raw) > ARRAY_LIMIT:
+        raise UserError(f"{where}: a JSON array of more than {ARRAY_LIMIT >> 30} GiB is read whole; convert it to "
+                        f"jsonl, one object per line (jq -c '.[]' FILE > FILE.jsonl)")
+    try:
+        items = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not UTF-8 (byte {exc.start}); convert the file to UTF-8") from None
+    except ValueError as exc:
+        raise UserError(f"{where}: not a JSON array ({exc}); fix the file or write it as jsonl") from None
+    for number, item in enumerate(items, 1):
+        text = item if isinstance(item, str) else _field(item, field, f"{where}: array item {number}")
+        _check_unicode(text, field, f"{where}: array item {number}")
+        yield text
+
+
+def _field(obj, field: str, where: str) -> str:
+    """A JSON object's text field, checked."""
+    if not isinstance(obj, dict) or field not in obj:
+        raise UserError(f"{where}: no \"{field}\" field; give --text-field with the field that holds the text")
+    if not isinstance(obj[field], str):
+        raise UserError(f"{where}: \"{field}\" is {type(obj[field]).__name__}, not a string; give "
+                        f"--text-field with the field that holds the text")
+    return obj[field]
+
+
 def _line_text(raw: bytes, field: str, where: str) -> str:
     try:
         line = raw.decode("utf-8")
@@ -323,14 +363,10 @@ def _line_text(raw: bytes, field: str, where: str) -> str:
         obj = json.loads(line)
     except ValueError as exc:
         raise UserError(f"{where}: not a JSON object ({exc}); fix or remove the line") from None
-    if not isinstance(obj, dict) or field not in obj:
-        raise UserError(f"{where}: no \"{field}\" field; give --text-field with the field that holds the text")
-    if not isinstance(obj[field], str):
-        raise UserError(f"{where}: \"{field}\" is {type(obj[field]).__name__}, not a string; give "
-                        f"--text-field with the field that holds the text")
+    text = _field(obj, field, where)
     if b"\\u" in raw:  # only a \uXXXX escape can leave a lone surrogate, which no tokenizer takes
-        _check_unicode(obj[field], field, where)
-    return obj[field]
+        _check_unicode(text, field, where)
+    return text
 
 
 def _check_unicode(text: str, field: str, where: str) -> None:

@@ -56,7 +56,8 @@ def write_parquet(path: str, docs: list[str], column: str = "text") -> str:
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, str]:
     """The same documents as: a folder of .txt files (one per document), one jsonl, jsonl.gz, jsonl.zst,
-    parquet (row groups of 7), a save_to_disk dataset, and a folder of mixed shards."""
+    parquet (row groups of 7), a save_to_disk dataset, a JSON array (indented, records and plain strings, as
+    json.dump writes a list), and a folder of mixed shards."""
     from datasets import Dataset
 
     base, docs = tmp_path_factory.mktemp("corpora"), documents()
@@ -70,10 +71,13 @@ def corpora(tmp_path_factory) -> dict[str, str]:
     write_parquet(str(mixed / "b.parquet"), thirds[1])
     write_zst(str(mixed / "c.jsonl.zst"), thirds[2])
     Dataset.from_dict({"text": docs}).save_to_disk(str(base / "hf"), max_shard_size="2KB")
+    items = [doc if i % 3 == 0 else {"id": i, "text": doc} for i, doc in enumerate(docs)]
+    (base / "d.json").write_text("\n  " + json.dumps(items, indent=2), encoding="utf-8")
     return {"txt": str(base / "txt"), "jsonl": write_jsonl(str(base / "d.jsonl"), docs),
             "gz": write_jsonl(str(base / "d.jsonl.gz"), docs, gzip.open), "zst": write_zst(str(base / "d.jsonl.zst"), docs),
             "parquet": write_parquet(str(base / "d.parquet"), docs), "hf": str(base / "hf"), "mixed": str(mixed),
-            "glob": str(mixed / "*"), "one": write_jsonl(str(base / "one.jsonl"), [tiny.sample_text()])}
+            "glob": str(mixed / "*"), "one": write_jsonl(str(base / "one.jsonl"), [tiny.sample_text()]),
+            "array": str(base / "d.json")}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +102,7 @@ def brute_chunks(tok, docs: list[str], ctx: int, chunking: str) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
-@pytest.mark.parametrize("kind", ["txt", "jsonl", "gz", "zst", "parquet", "hf", "mixed", "glob"])
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "gz", "zst", "parquet", "hf", "array", "mixed", "glob"])
 def test_every_format_reads_the_documents_in_order(corpora, kind):
     c = corpus.open_corpus(corpora[kind])
     assert list(c.documents()) == documents()
@@ -279,7 +283,7 @@ def test_corpus_counts_equal_plain_text(llama, sample_path, corpora, tmp_path):
     root = summary.read_summary(str(tmp_path / "plain" / "summary.h5"))[0]
     assert root["data_sha256"] == corpus.file_sha256(sample_path) and root["chunking"] == "concat"
     assert "data_manifest" not in root
-    for kind in ("txt", "jsonl", "zst", "parquet", "hf", "mixed"):
+    for kind in ("txt", "jsonl", "zst", "parquet", "hf", "array", "mixed"):
         ok(run_main(args + ["--data", corpora[kind], "--out", str(tmp_path / kind), "--ctx", str(CTX)]))
         assert counted(str(tmp_path / kind)) == counted(str(tmp_path / "txt")), kind
     root = summary.read_summary(str(tmp_path / "mixed" / "summary.h5"))[0]
@@ -341,6 +345,9 @@ def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
         (["--data", str(tmp_path / "no-such-*.jsonl")], "matches no file"),
         (["--data", write_parquet(str(tmp_path / "col.parquet"), ["a b c"], column="body")], "no column \"text\""),
         (["--data", jsonl("short.jsonl", [good])], "too short for one chunk"),
+        (["--data", jsonl("cut.json", [b'[{"text": "fine text here"},'])], "cut.json: not a JSON array"),
+        (["--data", jsonl("item.json", [b'[{"text": "a"}, {"body": "b"}]'])], "item.json: array item 2: no \"text\""),
+        (["--data", jsonl("nums.json", [b'["a", 7]'])], "nums.json: array item 2: no \"text\""),
         (["--data", jsonl("shortdoc.jsonl", [good] * 40), "--chunking", "document"], "every document is shorter"),
     ]
 
@@ -804,3 +811,20 @@ def test_stage_data_names_a_shard_removed_or_cut_while_staging(tmp_path, monkeyp
             stage.stage_corpus(corpus.open_corpus(str(folder)), str(tmp_path / "local"), Comm())
         write_jsonl(str(folder / "a.jsonl"), ["one document", "two documents"])
         assert all(n == size for n, size in sent)
+
+
+def test_json_array_limits_and_lone_surrogates(tmp_path, monkeypatch):
+    """A JSON array is read whole, so one past ARRAY_LIMIT bytes is refused, naming jsonl as the way out; an
+    item holding a lone surrogate is named like a jsonl line holding one; a .json that is jsonl stays jsonl."""
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([{"text": "x" * 100}] * 20))
+    monkeypatch.setattr(corpus, "ARRAY_LIMIT", 1000)
+    with pytest.raises(UserError, match="big.json: a JSON array of more than .* convert it to jsonl"):
+        list(corpus.open_corpus(str(big)).documents())
+    lone = tmp_path / "lone.json"
+    lone.write_text('["fine", {"text": "bad \\ud800 here"}]')
+    with pytest.raises(UserError, match="lone.json: array item 2: \"text\" holds a lone surrogate"):
+        list(corpus.open_corpus(str(lone)).documents())
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert list(corpus.open_corpus(str(lines)).documents()) == ["one", "two"]
