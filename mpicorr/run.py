@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, data, matrixfile, models, outputs, plan, schedule, stage, summary, triangle
+from . import __version__, checkpoint, cpus, data, matrixfile, models, outputs, plan, schedule, stage, summary, triangle
 from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part
 from .counting import (LayerCounts, MoeCounts, check_all, check_fixed_total, chunk_nll, count_dtype, fixed_maxima,
@@ -495,9 +495,15 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
 
 
 def place(cfg: Config, comm: Comm) -> tuple[list[str], list[str], list[str]]:
-    """(every rank's host, this rank's devices, every rank's device label): each rank takes its GPU(s), makes
-    the first current, and rank 0 refuses two ranks on one GPU."""
+    """(every rank's host, this rank's devices, every rank's device label): each rank sets its CPU threads to its
+    share of its host (mpicorr.cpus), takes its GPU(s), makes the first current, and rank 0 refuses two ranks on
+    one GPU."""
     hosts = comm.allgather(comm.host)
+    every = comm.allgather(cpus.found())
+    cpus.apply(cpus.share(*every[comm.rank], hosts.count(comm.host)))
+    note = cpus.binding_note(hosts, every)
+    if comm.rank == 0 and note:
+        print(note, flush=True)
     mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))
     models.make_current(mine[0])
     devices = comm.allgather(models.device_label(mine))

@@ -1,0 +1,64 @@
+"""How many CPU threads each rank uses: its share of its host, whatever mpirun's defaults did.
+
+Two defaults of a plain `mpirun` leave CPUs idle. Open MPI binds each rank to one core when it starts two ranks
+or fewer (`mpirun -n 1` on a 16-core machine counts on one core). And torch's OpenMP runtime, seeing
+OMPI_COMM_WORLD_LOCAL_SIZE in the environment, starts one thread per rank even when the rank may use every
+core (`mpirun --bind-to none`). So each rank sets torch's and numba's threads to its share: the cores it may run
+on, at most the host's cores divided by the ranks on the host, unless the user chose with OMP_NUM_THREADS or
+NUMBA_NUM_THREADS. A rank bound to fewer cores than that share is reported once, with the option that frees them.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def share(allowed: int, host: int, ranks_here: int) -> int:
+    """Threads for one rank that may run on `allowed` cores of a host of `host` cores shared by `ranks_here`
+    ranks."""
+    return max(1, min(allowed, host // max(ranks_here, 1)))
+
+
+def cores(cpus) -> int:
+    """Physical cores among these logical CPUs (hyperthreads of one core count once: a thread per core is what
+    the matrix products and the counting kernels run best with); the CPU count where Linux does not say."""
+    siblings = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as fh:
+                siblings.add(fh.read().strip())
+        except OSError:
+            return len(list(cpus))
+    return len(siblings)
+
+
+def found() -> tuple[int, int]:
+    """(cores this process may run on, cores of its host)."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return cores(mine), cores(range(os.cpu_count() or 1))
+
+
+def apply(threads: int) -> None:
+    """Use `threads` threads in torch and numba, except where the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)
+    if "NUMBA_NUM_THREADS" not in os.environ:
+        from . import kernels
+        if kernels.AVAILABLE:
+            import numba
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def binding_note(hosts: list[str], every: list[tuple[int, int]]) -> str | None:
+    """A warning line when some rank is bound to fewer cores than its share of its host. `every`: every rank's
+    found(), in rank order, as `hosts` names their hosts."""
+    for rank, (host, (mine, host_cores)) in enumerate(zip(hosts, every)):
+        ranks_here = hosts.count(host)
+        if mine < host_cores // ranks_here:
+            return (f"mpicorr: warning: rank {rank} on {host} may use {mine} of the host's {host_cores} cores "
+                    f"({ranks_here} rank(s) there; mpirun binds each rank to one core when it starts two or "
+                    f"fewer): counting on the CPU, reading the data and writing the outputs use only those; "
+                    f"start mpirun with --bind-to none to give each rank {host_cores // ranks_here}")
+    return None

@@ -1,0 +1,72 @@
+"""Each rank's CPU threads (mpicorr.cpus): its share of its host's cores, torch's MPI-induced single thread
+undone, the user's OMP_NUM_THREADS / NUMBA_NUM_THREADS kept, and a rank bound narrower than its share reported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpicorr import cpus
+from conftest import MPIRUN, ROOT, cli_env
+
+
+def test_share_is_the_allowed_cores_at_most_the_hosts_split_evenly():
+    assert cpus.share(16, 16, 1) == 16
+    assert cpus.share(16, 16, 2) == 8       # unbound ranks: an even split
+    assert cpus.share(1, 16, 2) == 1        # bound to a core: that core
+    assert cpus.share(4, 2, 3) == 1         # more ranks than cores: one each
+    assert cpus.share(1, 1, 0) == 1
+
+
+def test_binding_note_names_the_rank_host_and_option():
+    assert cpus.binding_note(["a", "a"], [(8, 16), (8, 16)]) is None
+    assert cpus.binding_note(["a", "b"], [(16, 16), (4, 4)]) is None
+    note = cpus.binding_note(["a", "b", "b"], [(16, 16), (1, 16), (1, 16)])
+    assert note.startswith("mpicorr: warning: rank 1 on b may use 1 of the host's 16 cores (2 rank(s) there")
+    assert note.endswith("start mpirun with --bind-to none to give each rank 8") and "\n" not in note
+
+
+def test_cores_counts_hyperthreads_once():
+    mine = os.sched_getaffinity(0)
+    assert 1 <= cpus.cores(mine) <= len(mine)
+    assert cpus.found()[0] <= cpus.found()[1] <= (os.cpu_count() or 1)
+
+
+THREADS = "import torch, numba; from mpicorr import cpus; cpus.apply(2); print(torch.get_num_threads(), numba.get_num_threads())"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("user, want", [({}, "2 2"), ({"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}, "1 1")])
+def test_apply_undoes_torchs_one_thread_under_mpi_but_keeps_the_users_choice(user, want):
+    """torch's OpenMP runtime starts one thread when OMPI_COMM_WORLD_LOCAL_SIZE is set (as under any mpirun);
+    apply(2) gives torch and numba two, unless the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS."""
+    env = {**cli_env(), "OMPI_COMM_WORLD_LOCAL_SIZE": "1", **user}
+    for key in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        if key not in user:
+            env.pop(key, None)
+    before = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    got = subprocess.run([sys.executable, "-c", THREADS], env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert before == "1" and got == want
+
+
+@pytest.mark.skipif(MPIRUN is None or len(os.sched_getaffinity(0)) < 2, reason="needs mpirun and two CPUs")
+def test_a_run_bound_to_one_core_says_so_once(llama, sample_path, tmp_path):
+    """mpirun -n 1 binds its rank to one core: the run says so in one warning line and names --bind-to none;
+    with --bind-to none it does not, and the counts are the same."""
+    bound, free = tmp_path / "bound", tmp_path / "free"
+    common = [sys.executable, "-m", "mpicorr", "run", "--model", llama, "--data", sample_path, "--ctx", "16",
+              "--chunks", "4", "--hostfile", "none"]
+    one = subprocess.run([MPIRUN, "--bind-to", "core", "-n", "1", *common, "--out", str(bound)], env=cli_env(),
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    two = subprocess.run([MPIRUN, "--bind-to", "none", "-n", "1", *common, "--out", str(free)], env=cli_env(),
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    warned = [line for line in one.stdout.splitlines() if line.startswith("mpicorr: warning:")]
+    assert len(warned) == 1 and "--bind-to none" in warned[0] and "mpicorr: warning" not in two.stdout
+    for name in ("correlations_block_0.zstd", "correlations_block_1.zstd"):
+        assert (bound / name).read_bytes() == (free / name).read_bytes()
