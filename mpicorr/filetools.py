@@ -33,6 +33,7 @@ def is_dump(folder: str) -> bool:
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
             "site": "site", "site_modules": "--model (its layers)", "dtype": "--dtype", "batch_size": "--batch-size"}
 INT64_MAX = (1 << 63) - 1
+STAGING = ".mpicorr-sum.tmp"  # + PID: a sum's staging folder inside an output folder that existed
 UINT64_MAX = (1 << 64) - 1
 
 
@@ -286,13 +287,12 @@ def claimed(out: str) -> Iterator[bool]:
 @contextmanager
 def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs,
                   last: str = summary.SUMMARY) -> Iterator[str]:
-    """A temporary folder beside `out` to write into, `out` held (claimed) meanwhile; on success its files
-    replace `out`'s outputs (the folder is renamed into place when this sum made `out`; else `clear` deletes
-    the old outputs), `last` (the file that marks a finished folder: summary.h5, a dump's index) last; it is
-    removed on every exit."""
-    parent, name = os.path.split(os.path.abspath(out))
-    tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    """A temporary folder to write into, `out` held (claimed) meanwhile; on success its files replace `out`'s
+    outputs (the folder is renamed into place when this sum made `out`; else `clear` deletes the old outputs),
+    `last` (the file that marks a finished folder: summary.h5, a dump's index) last; it is removed on every
+    exit. Where: staging_path."""
     with claimed(out) as made:
+        tmp = staging_path(out, made)
         shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
         try:
             yield tmp
@@ -303,6 +303,17 @@ def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs
                                 f"check the folder's permissions") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def staging_path(out: str, made: bool) -> str:
+    """Where a sum writes before its files are renamed into `out`: `.NAME.tmpPID` beside a folder this sum
+    made (renamed onto it whole), else `.mpicorr-sum.tmpPID` inside `out`, the one place sure to be on `out`'s
+    filesystem: a rename cannot cross filesystems, and `out` may be a mount point or a link to a folder on
+    another disk."""
+    if made:
+        parent, name = os.path.split(os.path.abspath(out))
+        return os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    return os.path.join(out, f"{STAGING}{os.getpid()}")
 
 
 def install(tmp: str, out: str, made: bool = False, clear: Callable[[str], None] = outputs.clear_outputs,
