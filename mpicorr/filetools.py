@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Callable, Iterator
 
 import numpy as np
@@ -266,22 +266,34 @@ def _merge_runs(tmp: str, out: str, inputs: list[str], command: str) -> str:
 def claimed(out: str) -> Iterator[bool]:
     """Hold, while `sum` writes the folder `out`, the lock a run holds on its --out (outputs.locked): a run or
     another sum using `out` now is refused in one line, before anything is written. A lock needs the folder,
-    so a missing `out` is made here, and removed again (if still empty) when the sum fails. Yields whether
-    this sum made it."""
+    so a missing `out` is made here (its missing parents too), and removed again (each if still empty) when
+    the sum fails. Yields whether this sum made it."""
+    made = _missing(out)
     try:
         os.makedirs(out)
-        made = True
     except FileExistsError:
-        made = False  # the user's folder, or another sum's that has just made it: the lock tells them apart
+        made = []  # the user's folder, or another sum's that has just made it: the lock tells them apart
     except OSError as exc:
         raise UserError(f"sum {out}: cannot create the folder ({exc.strerror}); choose a writable place") from None
+    if not os.path.isdir(out):  # a link to nothing (a file is refused before)
+        raise UserError(f"sum {out}: exists and is not a folder (a link to nothing?); give a folder name")
     with outputs.locked(out, "sum", "another output folder"):
         try:
-            yield made
+            yield bool(made)
         except BaseException:
-            if made and not os.listdir(out):
-                os.rmdir(out)
+            for folder in made:  # deepest first; a folder someone put a file in meanwhile is kept
+                with suppress(OSError):
+                    os.rmdir(folder)
             raise
+
+
+def _missing(path: str) -> list[str]:
+    """`path` and those of its parent folders that do not exist, deepest first."""
+    path, found = os.path.abspath(path), []
+    while not os.path.lexists(path):
+        found.append(path)
+        path = os.path.dirname(path)
+    return found
 
 
 @contextmanager

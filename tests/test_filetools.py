@@ -335,3 +335,17 @@ def test_sum_into_a_mount_point_or_a_link_to_another_disk(three_runs, small_disk
         assert open(f"{out}/notes.txt").read() == "mine"
         assert [n for n in os.listdir(out) if n.startswith(".")] == []
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_sum_into_a_link_to_nothing_or_under_missing_folders(three_runs, tmp_path):
+    """A link to nothing as OUT was an OSError (exit 1, 'FileNotFoundError'); a failed sum into a/b/OUT with a
+    and b missing removed OUT but left a/b, made by the sum. One line, exit 2; every folder the sum made goes."""
+    from test_errors import one_error_line
+    a, b, _ = three_runs
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    one_error_line(run_main(["sum", str(tmp_path / "dangling"), a, b]),
+                   f"sum {tmp_path / 'dangling'}: exists and is not a folder")
+    again = shutil.copytree(a, tmp_path / "again")  # the same chunks: refused once the sum holds OUT
+    one_error_line(run_main(["sum", str(tmp_path / "x" / "y" / "m"), a, str(again)]), "were also counted in")
+    assert sorted(os.listdir(tmp_path)) == ["again", "dangling"]
+    assert run_main(["sum", str(tmp_path / "x" / "y" / "m"), a, b]).returncode == 0
