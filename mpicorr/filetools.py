@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Callable, Iterator
 
 import numpy as np
@@ -33,6 +33,7 @@ def is_dump(folder: str) -> bool:
 SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "threshold": "--threshold",
             "site": "site", "site_modules": "--model (its layers)", "dtype": "--dtype", "batch_size": "--batch-size"}
 INT64_MAX = (1 << 63) - 1
+STAGING = ".mpicorr-sum.tmp"  # + PID: a sum's staging folder inside an output folder that existed
 UINT64_MAX = (1 << 64) - 1
 
 
@@ -265,34 +266,45 @@ def _merge_runs(tmp: str, out: str, inputs: list[str], command: str) -> str:
 def claimed(out: str) -> Iterator[bool]:
     """Hold, while `sum` writes the folder `out`, the lock a run holds on its --out (outputs.locked): a run or
     another sum using `out` now is refused in one line, before anything is written. A lock needs the folder,
-    so a missing `out` is made here, and removed again (if still empty) when the sum fails. Yields whether
-    this sum made it."""
+    so a missing `out` is made here (its missing parents too), and removed again (each if still empty) when
+    the sum fails. Yields whether this sum made it."""
+    made = _missing(out)
     try:
         os.makedirs(out)
-        made = True
     except FileExistsError:
-        made = False  # the user's folder, or another sum's that has just made it: the lock tells them apart
+        made = []  # the user's folder, or another sum's that has just made it: the lock tells them apart
     except OSError as exc:
         raise UserError(f"sum {out}: cannot create the folder ({exc.strerror}); choose a writable place") from None
+    if not os.path.isdir(out):  # a link to nothing (a file is refused before)
+        raise UserError(f"sum {out}: exists and is not a folder (a link to nothing?); give a folder name")
     with outputs.locked(out, "sum", "another output folder"):
         try:
-            yield made
+            yield bool(made)
         except BaseException:
-            if made and not os.listdir(out):
-                os.rmdir(out)
+            for folder in made:  # deepest first; a folder someone put a file in meanwhile is kept
+                with suppress(OSError):
+                    os.rmdir(folder)
             raise
+
+
+def _missing(path: str) -> list[str]:
+    """`path` and those of its parent folders that do not exist, deepest first."""
+    path, found = os.path.abspath(path), []
+    while not os.path.lexists(path):
+        found.append(path)
+        path = os.path.dirname(path)
+    return found
 
 
 @contextmanager
 def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs,
                   last: str = summary.SUMMARY) -> Iterator[str]:
-    """A temporary folder beside `out` to write into, `out` held (claimed) meanwhile; on success its files
-    replace `out`'s outputs (the folder is renamed into place when this sum made `out`; else `clear` deletes
-    the old outputs), `last` (the file that marks a finished folder: summary.h5, a dump's index) last; it is
-    removed on every exit."""
-    parent, name = os.path.split(os.path.abspath(out))
-    tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    """A temporary folder to write into, `out` held (claimed) meanwhile; on success its files replace `out`'s
+    outputs (the folder is renamed into place when this sum made `out`; else `clear` deletes the old outputs),
+    `last` (the file that marks a finished folder: summary.h5, a dump's index) last; it is removed on every
+    exit. Where: staging_path."""
     with claimed(out) as made:
+        tmp = staging_path(out, made)
         shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
         try:
             yield tmp
@@ -303,6 +315,17 @@ def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs
                                 f"check the folder's permissions") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def staging_path(out: str, made: bool) -> str:
+    """Where a sum writes before its files are renamed into `out`: `.NAME.tmpPID` beside a folder this sum
+    made (renamed onto it whole), else `.mpicorr-sum.tmpPID` inside `out`, the one place sure to be on `out`'s
+    filesystem: a rename cannot cross filesystems, and `out` may be a mount point or a link to a folder on
+    another disk."""
+    if made:
+        parent, name = os.path.split(os.path.abspath(out))
+        return os.path.join(parent, f".{name}.tmp{os.getpid()}")
+    return os.path.join(out, f"{STAGING}{os.getpid()}")
 
 
 def install(tmp: str, out: str, made: bool = False, clear: Callable[[str], None] = outputs.clear_outputs,

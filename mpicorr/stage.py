@@ -83,7 +83,10 @@ def is_staged(folder: str, files: list[dict]) -> bool:
     if not all(os.path.isfile(p) and os.path.getsize(p) == size for p, size in paths):
         return False
     # The stamp and sizes say a copy finished; only the hashes show bytes changed in place since.
-    return sha256_files([p for p, _ in paths]) == [f["sha256"] for f in files]
+    try:
+        return sha256_files([p for p, _ in paths]) == [f["sha256"] for f in files]
+    except OSError:  # a copied file this process cannot read: not a copy it can use, made again
+        return False
 
 
 def stage_model(model: str | None, root: str, comm: Comm, leader: bool | None = None) -> str:
@@ -125,14 +128,24 @@ def stage(files: list[tuple[str, str]] | None, name: str | None, root: str, comm
 
     `files` and `name` matter on rank 0 only; `option` names the option in messages; `leader` (default: local
     rank 0) marks the one rank per node that writes the copy. Every rank must call this."""
-    comm.checked(lambda: _check_names(files, option) or _check_place(files, os.path.join(root, name), option),
-                 root_only=True)
-    name, listing = comm.bcast((name, describe(files)) if comm.rank == 0 else None)
+    name, listing = comm.checked(lambda: _listed(files, name, root, option), root_only=True)
     target = os.path.join(root, name)
     leader = comm.local_rank == 0 if leader is None else leader
     error = _copy(files, target, listing, comm, option, leader)
     comm.checked(lambda: _raise(error))
     return target, listing
+
+
+def _listed(files: list[tuple[str, str]], name: str, root: str, option: str) -> tuple[str, list[dict]]:
+    """Rank 0: the checks of the relative paths and of the copy's place, then (name, the staging list); a
+    file it cannot read (hashing it) is a UserError naming `option` and the file, raised on every rank."""
+    _check_names(files, option)
+    _check_place(files, os.path.join(root, name), option)
+    try:
+        return name, describe(files)
+    except OSError as exc:
+        raise UserError(f"{option}: cannot read {exc.filename} ({exc.strerror}); make it readable on rank 0's "
+                        f"node") from None
 
 
 def _check_names(files: list[tuple[str, str]], option: str) -> None:

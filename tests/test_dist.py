@@ -132,6 +132,31 @@ class BaseComm:
                 stage.stage_model(source, root, c, leader=True)
             assert open(os.path.join(root, name, "mine.txt")).read() == "the user's own"
 
+    def test_stage_names_a_file_it_cannot_hash(self, monkeypatch, source_folder):
+        """A source file rank 0 cannot read while it lists it (hashing) was an OSError on rank 0 alone (exit 1,
+        MPI_Abort, no option named); a staged copy that cannot be read, one on its node's writer. Now the first
+        is one UserError on every rank naming the option and the file, the second a copy made again."""
+        import errno
+        from mpicorr import hashing, stage
+        c = self.comm()
+        source = source_folder(c, "model", {"config.json": "{}", "weights.bin": b"w" * 100})
+        root, blocked = tempfile.mkdtemp(), []
+
+        def sha256_file(path: str) -> str:
+            if path in blocked:
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return hashing.sha256_file(path)
+        monkeypatch.setattr(stage, "sha256_files", lambda paths: hashing.sha256_files(paths, sha256_file))
+        blocked[:] = [f"{source}/weights.bin"]
+        with pytest.raises(UserError, match=r"--stage-model: cannot read .*model/weights.bin \(Permission denied\)"):
+            stage.stage_model(source, root, c, leader=True)
+        blocked[:] = []
+        got = stage.stage_model(source, root, c, leader=True)
+        blocked[:] = [f"{got}/weights.bin"]  # this node's copy
+        assert stage.stage_model(source, root, c, leader=True) == got  # copied again
+        blocked[:] = []
+        assert stage.manifest(got) == c.bcast(stage.manifest(source) if c.rank == 0 else None)
+
     def test_stage_corpus_copies_the_shards(self, monkeypatch, source_folder):
         """--stage-data: rank 0's shards (a folder's, under their relative names) reach every leader's folder;
         the staged corpus has the source's documents, manifest and data identity; a second call reuses the
@@ -227,4 +252,4 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("28 passed") == 2, result.stdout
+    assert result.stdout.count("31 passed") == 2, result.stdout

@@ -19,6 +19,7 @@ from mpicorr.predictor_data import LayerData, read_index
 from conftest import MPIRUN, ROOT, cli_env, run_main
 from reference import reference_mlp_inputs, reference_run
 from test_errors import one_error_line
+from test_full_disk import small_disk  # noqa: F401 - a fixture
 from test_pipeline import ok
 
 CTX = 64
@@ -397,3 +398,15 @@ def test_a_second_run_into_the_same_dump_folder_is_refused(llama, sample_path, t
     assert first.returncode == 0, stderr
     one_error_line(second, f"--dump {dump}: another mpicorr run or sum is using this folder")
     assert read_index(dump)["chunk_ranges"] == [[0, 20]] and not os.path.exists(tmp_path / "b" / "summary.h5")
+
+
+def test_sum_of_dumps_into_a_mount_point(part_dumps, small_disk, tmp_path):
+    """A sum of dumps wrote into OUT itself before it was staged; staged beside OUT, a merge into a mount point
+    (or a link to a folder on another disk) always failed (EXDEV), with --force after deleting the earlier
+    dump there. It is staged inside a folder that existed: the merge lands, nothing hidden is left."""
+    disk = small_disk(64 << 20)
+    ok(run_main(["sum", disk, *part_dumps]))
+    ok(run_main(["sum", disk, *part_dumps, "--force"]))
+    assert sorted(os.listdir(disk)) == ["index.json", "shard-m0-g1-r0-0000.safetensors",
+                                        "shard-m1-g1-r0-0000.safetensors"]
+    assert read_index(disk)["tokens"] == sum(read_index(p)["tokens"] for p in part_dumps)

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import cli_env, run_cli, run_main
 from mpicorr import filetools, matrixfile, summary
+from test_full_disk import small_disk  # noqa: F401 - a fixture
 from test_pipeline import outputs
 from mpicorr.errors import UserError
 
@@ -312,3 +313,39 @@ def test_sum_refuses_a_folder_a_run_or_another_sum_is_using(llama, sample_path, 
         assert os.listdir(fresh) == []
     assert run_main(["sum", str(out), a, c, "--force"]).returncode == 0  # the lock went with its holder
     assert (out / "notes.txt").read_text() == "mine" and run_main(["verify", str(out)]).returncode == 0
+
+
+def test_sum_into_a_mount_point_or_a_link_to_another_disk(three_runs, small_disk, tmp_path):
+    """`sum` staged its output beside OUT and renamed it in: where OUT is a mount point or a link to a folder on
+    another disk the rename failed (EXDEV), always, and with --force only after the earlier merge there had been
+    deleted (lost, though 'a failed merge leaves ALL as it was'). A folder that existed is now staged inside
+    itself: the merge lands, the user's files stay, nothing hidden is left."""
+    a, b, c = three_runs
+    disk = small_disk(64 << 20)  # a mount point
+    os.makedirs(f"{disk}/elsewhere")
+    os.symlink(f"{disk}/elsewhere", tmp_path / "link")  # a link to a folder on another filesystem
+    for out in (disk, str(tmp_path / "link")):
+        assert run_main(["sum", out, a, b]).returncode == 0
+        with open(f"{out}/notes.txt", "w") as fh:
+            fh.write("mine")
+        result = run_main(["sum", out, a, c, "--force"])
+        assert result.returncode == 0, result.stderr
+        assert run_main(["verify", out]).returncode == 0
+        assert summary.read_summary(f"{out}/summary.h5")[0]["chunks"] == 4
+        assert open(f"{out}/notes.txt").read() == "mine"
+        assert [n for n in os.listdir(out) if n.startswith(".")] == []
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_sum_into_a_link_to_nothing_or_under_missing_folders(three_runs, tmp_path):
+    """A link to nothing as OUT was an OSError (exit 1, 'FileNotFoundError'); a failed sum into a/b/OUT with a
+    and b missing removed OUT but left a/b, made by the sum. One line, exit 2; every folder the sum made goes."""
+    from test_errors import one_error_line
+    a, b, _ = three_runs
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    one_error_line(run_main(["sum", str(tmp_path / "dangling"), a, b]),
+                   f"sum {tmp_path / 'dangling'}: exists and is not a folder")
+    again = shutil.copytree(a, tmp_path / "again")  # the same chunks: refused once the sum holds OUT
+    one_error_line(run_main(["sum", str(tmp_path / "x" / "y" / "m"), a, str(again)]), "were also counted in")
+    assert sorted(os.listdir(tmp_path)) == ["again", "dangling"]
+    assert run_main(["sum", str(tmp_path / "x" / "y" / "m"), a, b]).returncode == 0
