@@ -39,16 +39,18 @@ def found() -> tuple[int, int]:
 
 
 def apply(threads: int) -> None:
-    """Use `threads` threads in torch and numba, except where the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS."""
+    """Use `threads` threads in torch and numba, except where the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS.
+    numba first: its OpenMP layer runs in torch's OpenMP runtime (one libgomp.so.1 per process), so setting its
+    threads also sets torch's, which is then set to what torch should have."""
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads)
+    torch_threads = torch.get_num_threads() if "OMP_NUM_THREADS" in os.environ else threads
     if "NUMBA_NUM_THREADS" not in os.environ:
         from . import kernels
         if kernels.AVAILABLE:
             import numba
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(torch_threads)
 
 
 def binding_note(hosts: list[str], every: list[tuple[int, int]]) -> str | None:

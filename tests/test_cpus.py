@@ -39,10 +39,12 @@ THREADS = "import torch, numba; from mpicorr import cpus; cpus.apply(2); print(t
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-@pytest.mark.parametrize("user, want", [({}, "2 2"), ({"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}, "1 1")])
+@pytest.mark.parametrize("user, want", [({}, "2 2"), ({"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}, "1 1"),
+                                        ({"OMP_NUM_THREADS": "1"}, "1 2"), ({"NUMBA_NUM_THREADS": "1"}, "2 1")])
 def test_apply_undoes_torchs_one_thread_under_mpi_but_keeps_the_users_choice(user, want):
     """torch's OpenMP runtime starts one thread when OMPI_COMM_WORLD_LOCAL_SIZE is set (as under any mpirun);
-    apply(2) gives torch and numba two, unless the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS."""
+    apply(2) gives torch and numba two, unless the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS (each alone too:
+    numba's threads are set in torch's OpenMP runtime, which once gave torch numba's count)."""
     env = {**cli_env(), "OMPI_COMM_WORLD_LOCAL_SIZE": "1", **user}
     for key in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         if key not in user:
