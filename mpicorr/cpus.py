@@ -5,7 +5,8 @@ or fewer (`mpirun -n 1` on a 16-core machine counts on one core). And torch's Op
 OMPI_COMM_WORLD_LOCAL_SIZE in the environment, starts one thread per rank even when the rank may use every
 core (`mpirun --bind-to none`). So each rank sets torch's and numba's threads to its share: the cores it may run
 on, at most the host's cores divided by the ranks on the host, unless the user chose with OMP_NUM_THREADS or
-NUMBA_NUM_THREADS. A rank bound to fewer cores than that share is reported once, with the option that frees them.
+NUMBA_NUM_THREADS. Under mpirun, a rank bound to fewer cores than that share is reported once, with the option
+that frees them (under srun the CPUs are the job's allocation).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def apply(threads: int) -> None:
             import numba
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(torch_threads)
+
+
+def started_by_mpirun() -> bool:
+    """Whether Open MPI's mpirun (or mpiexec) started this process: its binding is then mpirun's default unless the
+    user chose one, whereas srun's CPUs are the job's allocation (--cpus-per-task), not to be second-guessed."""
+    return os.environ.get("OMPI_TOOL_NAME") in ("mpirun", "mpiexec") or "OMPI_MCA_orte_hnp_uri" in os.environ
 
 
 def binding_note(hosts: list[str], every: list[tuple[int, int]]) -> str | None:

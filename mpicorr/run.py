@@ -501,7 +501,7 @@ def place(cfg: Config, comm: Comm) -> tuple[list[str], list[str], list[str]]:
     hosts = comm.allgather(comm.host)
     every = comm.allgather(cpus.found())
     cpus.apply(cpus.share(*every[comm.rank], hosts.count(comm.host)))
-    note = cpus.binding_note(hosts, every)
+    note = cpus.binding_note(hosts, every) if cpus.started_by_mpirun() else None
     if comm.rank == 0 and note:
         print(note, flush=True)
     mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))

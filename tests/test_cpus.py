@@ -29,6 +29,18 @@ def test_binding_note_names_the_rank_host_and_option():
     assert note.endswith("start mpirun with --bind-to none to give each rank 8") and "\n" not in note
 
 
+def test_only_mpiruns_binding_is_reported(monkeypatch):
+    """srun's CPUs are the job's allocation: no advice to unbind them; Open MPI 5's and 4's mpirun are seen."""
+    for name in ("OMPI_TOOL_NAME", "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(name, raising=False)
+    assert not cpus.started_by_mpirun()
+    monkeypatch.setenv("OMPI_TOOL_NAME", "mpirun")
+    assert cpus.started_by_mpirun()
+    monkeypatch.delenv("OMPI_TOOL_NAME")
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "12345.0;tcp://10.0.0.1:4000")
+    assert cpus.started_by_mpirun()
+
+
 def test_cores_counts_hyperthreads_once():
     mine = os.sched_getaffinity(0)
     assert 1 <= cpus.cores(mine) <= len(mine)
