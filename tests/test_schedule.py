@@ -58,7 +58,10 @@ def test_dynamic_equals_static_and_a_slow_rank_does_less(llama, sample_path, tmp
     doc = json.load(open(dynamic / "run.json"))
     chunks = [r["chunks"] for r in doc["ranks"]]
     assert doc["schedule"] == "dynamic" and sum(chunks) == 24
-    assert chunks[1] < min(c for r, c in enumerate(chunks) if r != 1), chunks
+    # The slow rank does no more than any other and less than the fastest. (Not "less than every other": with
+    # 3 ranks on 2 cores a fast rank that starts late can get as little as the slow one, e.g. [22, 1, 1].)
+    others = [c for r, c in enumerate(chunks) if r != 1]
+    assert chunks[1] <= min(others) and chunks[1] < max(others), chunks
     assert "dynamic schedule: 24 batches" in result.stdout
     assert f"chunk 24/24 (100%) on {ranks} rank(s)" in result.stdout  # every rank's chunks reach rank 0
     table = result.stdout[result.stdout.index("rank  host  device  chunks"):].splitlines()
