@@ -34,9 +34,46 @@ def cores(cpus) -> int:
 
 
 def found() -> tuple[int, int]:
-    """(cores this process may run on, cores of its host)."""
+    """(cores this process may run on, cores of its host: its container's or job's CPU set where there is one)."""
     mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    return cores(mine), cores(range(os.cpu_count() or 1))
+    return cores(mine), cores(cgroup_cpus() or range(os.cpu_count() or 1))
+
+
+def cgroup_cpus() -> list[int] | None:
+    """The CPUs of this process's cgroup CPU set (a container's --cpuset-cpus, a job's allocation), which
+    mpirun's binding narrows; None where there is none to read (then the host's CPUs count)."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            lines = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
+        return None
+    for _, controllers, path in lines:
+        file = _cpuset_file(controllers, path.rstrip("/"))
+        try:
+            with open(file) as fh:
+                return cpu_list(fh.read()) or None
+        except (OSError, TypeError, ValueError):
+            continue
+    return None
+
+
+def _cpuset_file(controllers: str, path: str) -> str | None:
+    """Where a /proc/self/cgroup line's CPU set is: cgroup v2 (no controller named) or v1's cpuset hierarchy."""
+    if controllers == "":
+        return f"/sys/fs/cgroup{path}/cpuset.cpus.effective"
+    if "cpuset" in controllers.split(","):
+        return f"/sys/fs/cgroup/cpuset{path}/cpuset.effective_cpus"
+    return None
+
+
+def cpu_list(text: str) -> list[int]:
+    """The CPUs of a Linux CPU list such as '0-3,8,10-11'."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            out.extend(range(int(first), int(last or first) + 1))
+    return out
 
 
 def apply(threads: int) -> None:

@@ -41,6 +41,13 @@ def test_only_mpiruns_binding_is_reported(monkeypatch):
     assert cpus.started_by_mpirun()
 
 
+def test_cpu_lists_and_the_cgroup_set_parse():
+    assert cpus.cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11] and cpus.cpu_list("5") == [5]
+    assert cpus.cpu_list("") == []
+    found = cpus.cgroup_cpus()  # this machine's, if it has a CPU set; never more CPUs than the host has
+    assert found is None or 1 <= len(found) <= (os.cpu_count() or 1)
+
+
 def test_cores_counts_hyperthreads_once():
     mine = os.sched_getaffinity(0)
     assert 1 <= cpus.cores(mine) <= len(mine)
