@@ -12,6 +12,7 @@ all ranks together, and a ChunkSource on each rank tokenizes only the documents 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -115,8 +116,9 @@ def available_chunks(chunking: str, lengths: np.ndarray, ctx: int) -> int:
 
 class Kept:
     """Token ids of documents this rank tokenized in pass 1, kept for its pass 2 (the earliest documents, up to
-    `budget` int32 ids' worth of memory in all, each document's overhead counted as KEEP_DOC_COST ids), so that those are not tokenized twice: one rank counting a corpus that fits (a
-    wikitext-2 file) tokenizes it once. Pass 2 takes each one out as it uses it.
+    `budget` int32 ids' worth of memory in all, each document's overhead counted as KEEP_DOC_COST ids), so that
+    those are not tokenized twice: one rank counting a corpus that fits (a wikitext-2 file) tokenizes it once.
+    Pass 2 takes each one out as it uses it.
 
     Each kept document also keeps a digest of its text: pass 2 still reads every document it uses, and takes the
     ids only if that text is the one pass 1 tokenized. A document rewritten in between is tokenized again, so the
@@ -124,7 +126,7 @@ class Kept:
     without keeping; otherwise the rank that happened to keep it would count the old text, the others the new."""
 
     def __init__(self, budget: int = KEEP_TOKENS):
-        self.budget, self.ids = budget, {}
+        self.budget, self.ids = budget, OrderedDict()  # in document order: the earliest leave first, in O(1)
 
     def offer(self, doc: int, ids: list[int], text: str) -> None:
         """Keep document `doc`'s ids (tokenized from `text`) if they fit in what is left of the budget (offered in
@@ -142,8 +144,8 @@ class Kept:
         """Document `doc`'s ids (int64), or None if they were not kept or `text` is not the text they came from;
         they and those of every earlier document (which pass 2, reading forward, will not ask for: another
         rank's chunks) are forgotten."""
-        for earlier in [d for d in self.ids if d < doc]:
-            del self.ids[earlier]
+        while self.ids and next(iter(self.ids)) < doc:
+            self.ids.popitem(last=False)
         ids, digest = self.ids.pop(doc, (None, None))
         return None if ids is None or digest != text_digest(text) else ids.astype(np.int64)
 
