@@ -1,9 +1,16 @@
-"""Time rank 0's write phase on its own: LAYERS layers of synthetic counts written as a run writes them (the
-matrix files through run.UnitWriter, the summary.h5 groups), without a model.
+"""Time the write phase on its own: LAYERS layers of synthetic counts written as a run writes them (the
+matrix files through writing.UnitWriter, the summary.h5 groups), without a model.
 
     python benchmarks/writes.py --layers 32 --neurons 14336            # Mistral-7B's 32 x 14336
     python benchmarks/writes.py --profile --levels 1,3 --out /dev/shm/w      # each step alone; levels; tmpfs
     python benchmarks/writes.py --memory --threads 8 --layers 16 --neurons 4096  # rank 0's peak, in layers
+    mpirun --bind-to core -n 2 python benchmarks/writes.py --reduce --layers 8 --neurons 8192  # ranks share it
+
+--reduce (under mpirun): every rank holds the layers' counts and the whole write phase runs as in a run
+(writing.reduce_and_write_units): first with rank 0 compressing every unit (every reduce to rank 0, as before
+the ranks shared the work), then over the ranks a run chooses (rank 0 and each rank with cores of its own:
+`--bind-to core` on one host stands for several hosts), in turn --repeat times; rank 0 prints both, the ratio,
+each rank's peak memory, and whether both wrote the same bytes.
 
 --levels: the zstd levels to write the layers at (default: the files' own level, matrixfile.ZSTD_LEVEL = 1).
 --profile: first time each step of one layer's write alone: zstd on every CPU at each of --levels, zstd with
@@ -30,7 +37,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpicorr import counting, matrixfile, run, summary, triangle  # noqa: E402
+from mpicorr import counting, dist, matrixfile, summary, triangle, writing  # noqa: E402
 
 
 def synthetic(neurons: int, tokens: int, density: float, seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -61,7 +68,7 @@ def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | No
         summary.top_partners(np.ones(triangle.packed_size(width), dtype=np.int32), width)
     base = reset_peak()
     with summary.summary_writer(os.path.join(out, summary.SUMMARY)) as h5, \
-            run.UnitWriter(threads) as writer:
+            writing.UnitWriter(threads) as writer:
         for layer in range(args.layers):
             # --memory: each layer its own array, as the reduce hands rank 0 a new one per layer
             writer.submit(h5, out, counting.Unit(layer), args.neurons, stats, packed.copy() if args.memory else packed)
@@ -76,6 +83,73 @@ def write_all(args, packed: np.ndarray, stats: dict, out: str, threads: int | No
             "writer_threads": used[0], "zstd_threads": used[1], "cpus": len(os.sched_getaffinity(0)),
             **({"write_peak_bytes": grown, "write_peak_layers": round(grown / packed.nbytes, 2)}
                if args.memory and grown is not None else {})}
+
+
+class Held:
+    """A rank's counts of one layer as the write phase takes them (counting.LayerCounts' unit, width, stats()
+    and pairs[0].take())."""
+
+    def __init__(self, layer: int, packed: np.ndarray, stats: dict):
+        self.unit, self.width = counting.Unit(layer), len(stats["fire_count"])
+        self.flat = np.concatenate([stats[k] for k in ("fire_count", "active_hist", "act_sum", "act_sumsq",
+                                                       "act_hist")]).astype(np.int64)
+        self.pairs = [self]
+        self.packed = packed.copy()
+
+    def stats(self) -> np.ndarray:
+        return self.flat
+
+    def take(self) -> np.ndarray:
+        return self.packed
+
+
+def reduce_once(args, comm: dist.Comm, packed: np.ndarray, stats: dict, out: str, ranks: list[int]) -> float:
+    """Seconds of one whole write phase on every rank (from a barrier to rank 0's last file)."""
+    held = [Held(layer, packed, stats) for layer in range(args.layers)]
+    if comm.rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+    comm.allgather(None)
+    started = time.monotonic()
+    with writing.summary_writers([out], comm.rank == 0) as files, writing.UnitWriter(args.threads) as writer:
+        writing.reduce_and_write_units(comm, held, [out], files, writer, ranks)
+    seconds = time.monotonic() - started
+    return max(comm.allgather(seconds))
+
+
+def matrix_bytes(out: str) -> dict[str, str]:
+    """SHA-256 of each matrix file in `out`."""
+    digests = {}
+    for name in sorted(n for n in os.listdir(out) if n.endswith(".zstd")):
+        with open(os.path.join(out, name), "rb") as fh:
+            digests[name] = hashlib.sha256(fh.read()).hexdigest()
+    return digests
+
+
+def reduce_compare(args, packed: np.ndarray, stats: dict) -> None:
+    """--reduce: the write phase with rank 0 compressing every unit, then with the ranks a run chooses
+    (writing.compressing_ranks), in turn; rank 0 prints one JSON line."""
+    comm = dist.world()
+    hosts = comm.allgather(comm.host)
+    spread = writing.compressing_ranks(hosts, comm.allgather(sorted(os.sched_getaffinity(0))))
+    times: dict[str, list[float]] = {"rank0_only_s": [], "spread_s": []}
+    digests = {}
+    for _ in range(args.repeat):
+        for key, ranks in (("rank0_only_s", [0]), ("spread_s", spread)):
+            times[key].append(reduce_once(args, comm, packed, stats, args.out, ranks))
+            if comm.rank == 0:
+                digests[key] = matrix_bytes(args.out)
+    peaks = comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if comm.rank == 0:
+        shutil.rmtree(args.out, ignore_errors=True)
+        best = {k: min(v) for k, v in times.items()}
+        print(json.dumps({"ranks": comm.size, "hosts": len(set(hosts)), "compressing_ranks": spread,
+                          "cpus_per_rank": len(os.sched_getaffinity(0)), "layers": args.layers,
+                          "neurons": args.neurons, "counts_gb_per_rank": round(args.layers * packed.nbytes / 1e9, 2),
+                          **{k: [round(x, 2) for x in v] for k, v in times.items()},
+                          "speedup": round(best["rank0_only_s"] / best["spread_s"], 2),
+                          "same_bytes": digests["rank0_only_s"] == digests["spread_s"],
+                          "peak_rss_gb_per_rank": [round(x / 1e9, 2) for x in peaks]}), flush=True)
 
 
 def reset_peak() -> int | None:
@@ -161,8 +235,15 @@ def main() -> None:
                    help=f"first time each step of one layer's write alone: zstd on every CPU at each of --levels, "
                         f"zstd with one worker at the files' level ({matrixfile.ZSTD_LEVEL}), SHA-256, datasets, "
                         f"deflate, write and fsync")
+    p.add_argument("--reduce", action="store_true",
+                   help="under mpirun: the whole write phase, reduce included, with rank 0 owning every unit and "
+                        "then spread over the ranks, in turn; prints both and the ratio")
+    p.add_argument("--repeat", type=int, default=3, help="--reduce: pairs of measurements (default: 3; best shown)")
     args = p.parse_args()
     packed, stats = synthetic(args.neurons, args.tokens, args.density)
+    if args.reduce:
+        reduce_compare(args, packed, stats)
+        return
     outs, levels = args.out.split(","), [int(v) for v in args.levels.split(",")]
     args.out = outs[0]
     if args.profile:

@@ -39,6 +39,11 @@ def found() -> tuple[int, int]:
     return cores(mine), cores(cgroup_cpus() or range(os.cpu_count() or 1))
 
 
+def cpu_set() -> list[int]:
+    """The logical CPUs this process may run on (its binding), sorted."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def cgroup_cpus() -> list[int] | None:
     """The CPUs of this process's cgroup CPU set (a container's --cpuset-cpus, a job's allocation), which
     mpirun's binding narrows; None where there is none to read (then the host's CPUs count)."""

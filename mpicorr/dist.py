@@ -40,15 +40,34 @@ class Comm:
         """Every rank's object, in rank order, on every rank."""
         return [obj] if self.comm is None else self.comm.allgather(obj)
 
-    def reduce_sum(self, array: np.ndarray) -> np.ndarray | None:
-        """Element-wise sum of every rank's array on rank 0 (None elsewhere); on one rank, `array` itself (a
+    def reduce_sum(self, array: np.ndarray, root: int = 0) -> np.ndarray | None:
+        """Element-wise sum of every rank's array on rank `root` (None elsewhere); on one rank, `array` itself (a
         14336-wide layer's counts are 411 MB: no copy)."""
         array = np.ascontiguousarray(array)
         if self.comm is None or self.size == 1:
             return array
-        out = np.empty_like(array) if self.rank == 0 else None
-        self.comm.Reduce(array, out, op=MPI.SUM, root=0)
+        out = np.empty_like(array) if self.rank == root else None
+        self.comm.Reduce(array, out, op=MPI.SUM, root=root)
         return out
+
+    def send_bytes(self, meta: Any, data: memoryview | None, dest: int) -> None:
+        """Send a small picklable `meta` and then `data` (bytes of any length, or None) to rank `dest`, which
+        calls recv_bytes. The bytes go as buffers, PIECE at a time (no pickling, no 2 GiB message limit)."""
+        size = -1 if data is None else len(data)
+        self.comm.send((meta, size), dest=dest, tag=BYTES)
+        view = memoryview(data).cast("B") if data is not None else memoryview(b"")
+        for start in range(0, len(view), PIECE):
+            self.comm.Send(view[start : start + PIECE], dest=dest, tag=BYTES)
+
+    def recv_bytes(self, source: int) -> tuple[Any, np.ndarray | None]:
+        """(meta, uint8 array of the bytes, or None) sent by rank `source`'s send_bytes."""
+        meta, size = self.comm.recv(source=source, tag=BYTES)
+        if size < 0:
+            return meta, None
+        data = np.empty(size, dtype=np.uint8)
+        for start in range(0, size, PIECE):
+            self.comm.Recv(data[start : start + PIECE], source=source, tag=BYTES)
+        return meta, data
 
     def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
         """Element-wise sum of every rank's array, on every rank (small arrays: the corpus's token counts)."""
@@ -122,6 +141,8 @@ def local_rank(comm: Any) -> int:
 
 
 ASK, REPLY = 7101, 7102  # message tags of the Service
+BYTES = 7103  # message tag of send_bytes
+PIECE = 1 << 30  # bytes per message of send_bytes (MPI counts are C ints)
 POLL_S = 0.002  # the service thread polls (Iprobe + sleep) instead of busy-waiting in a blocking receive
 
 

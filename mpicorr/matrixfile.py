@@ -142,6 +142,23 @@ def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndar
     return sink.sha.hexdigest()
 
 
+def encode_file(block: int, width: int, trials: int, packed: np.ndarray, threads: int = 1) -> tuple[memoryview, str]:
+    """The bytes write_matrix writes (header and frame), in memory, and their SHA-256 (hex): for a rank that
+    compresses a layer which rank 0 then writes with write_encoded."""
+    _check_shape(packed, width)
+    buffer = io.BytesIO()
+    sink = _Sink(buffer)
+    sink.write(header_bytes(block, width, trials))
+    _compress(packed, sink, threads, count_dtype(trials))
+    return buffer.getbuffer(), sink.sha.hexdigest()
+
+
+def write_encoded(path: str, data) -> None:
+    """Write a matrix file's bytes made by encode_file, atomically (temporary name, fsync, rename)."""
+    with atomic_write(path) as fh:
+        fh.write(data)
+
+
 def parse_header(data: bytes, path: str) -> Header:
     """Decode and check the 20-byte header."""
     if len(data) < HEADER.size:

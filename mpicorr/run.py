@@ -11,20 +11,19 @@ import os
 import signal
 import threading
 import time
-from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections import defaultdict
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, cpus, data, matrixfile, models, outputs, plan, schedule, stage, summary, triangle
+from . import __version__, checkpoint, cpus, data, models, outputs, plan, schedule, stage, summary, triangle, writing
 from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part
 from .counting import (LayerCounts, MoeCounts, check_all, check_fixed_total, chunk_nll, count_dtype, fixed_maxima,
-                       split_stats, units)
+                       units)
 from .dist import Comm, Service
 from .errors import SharedError, Terminated, UserError
 from .hooks import feeding, recording
@@ -32,7 +31,6 @@ from .progress import JobProgress
 
 CHECKPOINT_SECONDS = 600.0   # default checkpoint interval: a crash loses at most about ten minutes
 FINAL_CHECKPOINT_SECONDS = 60.0  # before the reduce, save unsaved work older than this
-WRITE_THREADS = 8  # rank 0's output writers (each holds one unit's counts while it works)
 MANIFEST_ATTR_BYTES = 60_000  # HDF5 attributes stay under 64 KiB: a longer shard list is left out (data_sha256
 # still hashes it)
 TERM_WAIT_S = 10.0  # after a SIGTERM, how long a rank that saved waits for the others to save too
@@ -494,27 +492,41 @@ def run(cfg: Config, comm: Comm, live: bool = False) -> None:
         run_locked(cfg, comm, held, live)
 
 
-def place(cfg: Config, comm: Comm) -> tuple[list[str], list[str], list[str]]:
-    """(every rank's host, this rank's devices, every rank's device label): each rank sets its CPU threads to its
-    share of its host (mpicorr.cpus), takes its GPU(s), makes the first current, and rank 0 refuses two ranks on
-    one GPU."""
+@dataclass(frozen=True)
+class Placement:
+    """Where each rank runs: every rank's host and device label, this rank's devices, and who compresses the
+    outputs (writing.compressing_ranks), here on every logical CPU this rank may use."""
+
+    hosts: list[str]
+    mine: list[str]
+    devices: list[str]
+    writers: list[int]
+    write_cpus: int
+
+
+def place(cfg: Config, comm: Comm) -> Placement:
+    """Each rank sets its CPU threads to its share of its host (mpicorr.cpus), takes its GPU(s), makes the first
+    current, and rank 0 refuses two ranks on one GPU."""
     hosts = comm.allgather(comm.host)
     every = comm.allgather(cpus.found())
     cpus.apply(cpus.share(*every[comm.rank], hosts.count(comm.host)))
     note = cpus.binding_note(hosts, every) if cpus.started_by_mpirun() else None
     if comm.rank == 0 and note:
         print(note, flush=True)
+    cpu_sets = comm.allgather(cpus.cpu_set())
+    writers = writing.compressing_ranks(hosts, cpu_sets)
     mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))
     models.make_current(mine[0])
     devices = comm.allgather(models.device_label(mine))
     gpus = comm.allgather([models.device_identity(d) for d in mine])
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
-    return hosts, mine, devices
+    return Placement(hosts, mine, devices, writers, len(cpu_sets[comm.rank]))
 
 
 def run_locked(cfg: Config, comm: Comm, held: ExitStack, live: bool) -> None:
     """run(), holding (on rank 0) what prepare puts into `held` until it returns."""
-    hosts, mine, devices = place(cfg, comm)
+    placed = place(cfg, comm)
+    hosts, mine, devices = placed.hosts, placed.mine, placed.devices
     device = mine[0]  # the dtype, the token ids and any counts outside a device map go here
     src = read_data(cfg, comm)
     job = comm.checked(lambda: prepare(cfg, hosts, src, held), root_only=True)
@@ -546,7 +558,7 @@ def run_locked(cfg: Config, comm: Comm, held: ExitStack, live: bool) -> None:
     rows = schedule.rank_rows(reports, wall, cfg.ctx)
     if comm.rank == 0:
         print(schedule.format_rows(rows), flush=True)
-    reduce_and_write(cfg, comm, job, sites, tally, wall, needed, rows)
+    reduce_and_write(cfg, comm, job, sites, tally, wall, needed, rows, placed)
 
 
 def count_scheduled(cfg: Config, comm: Comm, job: Job, source: data.ChunkSource, model, sites, tally: Tally, device: str,
@@ -621,10 +633,10 @@ def guard_memory(fn, cfg: Config, device: str):
 
 
 def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, seconds: float, needed: int,
-                     rows: list[dict]) -> None:
-    """Sum every unit (layer, expert, router) onto rank 0, one at a time, and write the outputs there (one
-    folder per threshold): run.json, the matrix files, then each summary.h5 (the run is finished once they
-    are all in place), then the checkpoints are deleted."""
+                     rows: list[dict], placed: Placement) -> None:
+    """Sum every unit (layer, expert, router) over the ranks onto the compressing ranks in turn (mpicorr.writing)
+    and write the outputs on rank 0 (one folder per threshold): run.json, the matrix files, then each summary.h5
+    (the run is finished once they are all in place), then the checkpoints are deleted."""
     tokens = len(job.chunks) * cfg.ctx
     check_fixed_total(comm.allgather(fixed_maxima(tally.counts)), tally.counts)  # before anything is written
     folders = output_folders(cfg.out, cfg.threshold)
@@ -632,80 +644,16 @@ def reduce_and_write(cfg: Config, comm: Comm, job: Job, sites, tally: Tally, sec
     if comm.rank == 0:
         schedule.write_run_json(os.path.join(cfg.out, schedule.RUN_JSON), cfg.schedule, seconds, rows)
     started = time.monotonic()
-    with summary_writers(folders, comm.rank == 0) as files, UnitWriter() as writer:
-        for lc in units(tally.counts):
-            stats = comm.reduce_sum(lc.stats())
-            stats = split_stats(stats, lc.width, len(folders)) if comm.rank == 0 else None
-            for i, folder in enumerate(folders):
-                pairs = comm.reduce_sum(lc.pairs[i].take())
-                lc.pairs[i] = None  # free this rank's counts before the next unit's
-                if comm.rank == 0:
-                    writer.submit(files[i], folder, lc.unit, lc.width, stats[i], pairs)
+    with writing.summary_writers(folders, comm.rank == 0) as files, \
+            writing.UnitWriter(cpus=placed.write_cpus) as writer:
+        writing.reduce_and_write_units(comm, units(tally.counts), folders, files, writer, placed.writers)
         totals = comm.reduce_sum(np.array([tally.nll, tally.predictions], dtype=np.int64))
         for threshold, h5 in zip(cfg.threshold, files):
             h5.attrs.update(root_attributes(cfg, comm, job, sites, totals, threshold))
     if comm.rank == 0:
         outputs.clear_checkpoints(cfg.out)  # the outputs now hold everything
         report(cfg, summary.perplexity(int(totals[0]), int(totals[1])), tokens, sites, seconds,
-               time.monotonic() - started)
-
-
-def unit_outputs(folder: str, unit, width: int, stats: dict, pairs: np.ndarray,
-                 threads: int = 1) -> tuple[str, dict, dict]:
-    """Rank 0: write one unit's matrix file (not for routers), compressing on `threads` threads; return its
-    summary group (path, datasets ready to store, attributes). Its trials are the tokens it counted (an expert:
-    those routed to it), which the active-neuron histogram sums to."""
-    trials = int(stats["active_hist"].sum())
-    if unit.router:
-        data, attrs = summary.router_datasets(stats, pairs, width, trials)
-        return summary.group_path(unit), summary.compress_all(data), attrs
-    sha = matrixfile.write_matrix(os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert)),
-                                  unit.layer, width, trials, pairs, threads)
-    data, attrs = summary.layer_datasets(stats, pairs, width, trials)
-    return summary.group_path(unit), summary.compress_all(data), {**attrs, "matrix_sha256": sha}
-
-
-class UnitWriter:
-    """Rank 0's writes of reduced units on a few threads, each unit's zstd compression on a share of the
-    CPUs (compression, hashing, deflating the summary datasets and the compiled top-partner search release the
-    GIL), stored into the summary files in unit order (h5py is not thread-safe) with at most `threads` units in
-    flight, since each holds its counts."""
-
-    def __init__(self, threads: int | None = None):
-        cpus = len(os.sched_getaffinity(0))
-        self.threads = threads or max(1, min(WRITE_THREADS, cpus))
-        self.zstd_threads = max(1, cpus // self.threads)
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mpicorr-write")
-        self.pending: deque = deque()
-
-    def submit(self, h5, folder: str, unit, width: int, stats: dict, pairs: np.ndarray) -> None:
-        """Queue one unit's outputs; store finished ones while too many are in flight."""
-        self.pending.append((h5, self.pool.submit(unit_outputs, folder, unit, width, stats, pairs,
-                                                  self.zstd_threads)))
-        while len(self.pending) > self.threads:
-            self._store()
-
-    def _store(self) -> None:
-        h5, future = self.pending.popleft()
-        summary.write_group(h5, *future.result())
-
-    def __enter__(self) -> "UnitWriter":
-        return self
-
-    def __exit__(self, kind, *_) -> None:
-        try:
-            while kind is None and self.pending:
-                self._store()
-        finally:
-            self.pool.shutdown(cancel_futures=True)
-
-
-@contextmanager
-def summary_writers(folders: list[str], root: bool) -> Iterator[list]:
-    """summary.h5 writers, one per (existing) output folder, on rank 0; an empty list elsewhere."""
-    with ExitStack() as stack:
-        yield [stack.enter_context(summary.summary_writer(os.path.join(f, summary.SUMMARY))) for f in folders] \
-            if root else []
+               time.monotonic() - started, len(placed.writers))
 
 
 def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray, threshold: float) -> dict:
@@ -725,7 +673,8 @@ def root_attributes(cfg: Config, comm: Comm, job: Job, sites, totals: np.ndarray
     return {**attrs, **summary.nll_attributes(int(totals[0]), int(totals[1]))}
 
 
-def report(cfg: Config, ppl: float | None, tokens: int, sites, seconds: float, writing: float) -> None:
+def report(cfg: Config, ppl: float | None, tokens: int, sites, seconds: float, write_s: float,
+           writers: int) -> None:
     """The closing lines on rank 0."""
     if ppl is not None:
         print(f"mpicorr: perplexity {ppl:.4f} over {tokens} tokens")
@@ -735,5 +684,6 @@ def report(cfg: Config, ppl: float | None, tokens: int, sites, seconds: float, w
                                                             output_folders(cfg.out, cfg.threshold)) + ")"
     experts = sum(s.experts for s in sites)
     layers = f"{len({s.layer for s in sites})} layers" + (f" ({experts} experts)" if experts else "")
-    print(f"mpicorr: counted {layers} in {seconds:.1f} s, reduced and wrote them in {writing:.1f} s; outputs in "
-          f"{where}", flush=True)
+    spread = f" (compressed on {writers} ranks)" if writers > 1 else ""
+    print(f"mpicorr: counted {layers} in {seconds:.1f} s, reduced and wrote them in {write_s:.1f} s{spread}; "
+          f"outputs in {where}", flush=True)

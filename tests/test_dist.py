@@ -54,6 +54,28 @@ class BaseComm:
         else:
             assert got is None
 
+    def test_reduce_sum_to_another_root(self):
+        c = self.comm()
+        root = c.size - 1
+        got = c.reduce_sum(np.full(3, c.rank + 1, dtype=np.int64), root)
+        assert (got.tolist() == [c.size * (c.size + 1) // 2] * 3) if c.rank == root else got is None
+
+    def test_send_bytes_in_pieces(self, monkeypatch):
+        """Bytes longer than a message go in pieces; None and empty bytes arrive as they were sent."""
+        c = self.comm()
+        if c.size == 1:
+            return  # a rank sends to another one only
+        monkeypatch.setattr(dist, "PIECE", 7)
+        payloads = [bytes(range(20)), None, b""]
+        if c.rank == c.size - 1:
+            for i, data in enumerate(payloads):
+                c.send_bytes({"i": i}, None if data is None else memoryview(data), 0)
+        elif c.rank == 0:
+            for i, data in enumerate(payloads):
+                meta, got = c.recv_bytes(c.size - 1)
+                assert meta == {"i": i}
+                assert (got is None) if data is None else (got.dtype == np.uint8 and got.tobytes() == data)
+
     def test_allgather_and_bcast(self):
         c = self.comm()
         assert c.allgather(c.rank) == list(range(c.size))
@@ -252,4 +274,4 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("31 passed") == 2, result.stdout
+    assert result.stdout.count("37 passed") == 2, result.stdout
