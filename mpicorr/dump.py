@@ -194,6 +194,7 @@ def check_folder(folder: str, force: bool, resume: bool) -> None:
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--dump {folder}: exists and is not a folder; choose a new folder")
     names = os.listdir(folder) if os.path.isdir(folder) else []
+    names = [n for n in names if not filetools.STAGING_NAME.fullmatch(n)]  # a sum's staging folder: not a file
     foreign = sorted(n for n in names if not OURS.fullmatch(n))
     if foreign:
         raise UserError(f"--dump {folder}: holds files that are not a dump ({', '.join(foreign[:3])}); choose an "
@@ -433,7 +434,6 @@ def sum_dumps(out: str, inputs: list[str], force: bool = False, command: str = "
     # a merge that fails leaves `out` as it was; `out` is locked meanwhile, as a run locks its --dump folder.
     with filetools.staged_folder(out, clear_dump, INDEX) as tmp:
         check_folder(out, force, False)  # again, holding the lock
-        os.makedirs(tmp)
         return _merge_dumps(tmp, out, inputs, indexes, merged, command)
 
 

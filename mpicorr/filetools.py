@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import socket
 from contextlib import contextmanager, suppress
 from typing import Callable, Iterator
 
@@ -34,6 +36,8 @@ SAME_RUN = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "thresh
             "site": "site", "site_modules": "--model (its layers)", "dtype": "--dtype", "batch_size": "--batch-size"}
 INT64_MAX = (1 << 63) - 1
 STAGING = ".mpicorr-sum.tmp"  # + PID: a sum's staging folder inside an output folder that existed
+STAGING_NAME = re.compile(rf"{re.escape(STAGING)}\d+")
+MARK = ".mpicorr-staging.json"  # in a sum's staging folder: the host and PID of the sum writing it
 UINT64_MAX = (1 << 64) - 1
 
 
@@ -304,9 +308,11 @@ def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs
     `last` (the file that marks a finished folder: summary.h5, a dump's index) last; it is removed on every
     exit. Where: staging_path."""
     with claimed(out) as made:
+        remove_stale_staging(out)
         tmp = staging_path(out, made)
         shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
         try:
+            make_staging(tmp)
             yield tmp
             try:
                 install(tmp, out, made, clear, last)
@@ -328,11 +334,55 @@ def staging_path(out: str, made: bool) -> str:
     return os.path.join(out, f"{STAGING}{os.getpid()}")
 
 
+def make_staging(tmp: str) -> None:
+    """Make the staging folder, marked as this process's (MARK), so that a later sum into the same folder can
+    tell a leftover of a killed sum from anything else."""
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, MARK), "w", encoding="utf-8") as fh:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, fh)
+
+
+def remove_stale_staging(out: str) -> None:
+    """Delete what sums into `out` that were killed (kill -9, a node lost) left in their staging folders:
+    `.mpicorr-sum.tmpPID` inside `out`, `.NAME.tmpPID` beside it. Called holding `out`'s lock, so no sum writes
+    them now; still, only folders whose MARK names this host and a process that no longer runs are deleted
+    (a folder of a sum on another host, or an unmarked one, is left)."""
+    parent, name = os.path.split(os.path.abspath(out))
+    inside = [os.path.join(out, n) for n in os.listdir(out) if STAGING_NAME.fullmatch(n)]
+    beside = [os.path.join(parent, n) for n in os.listdir(parent) if re.fullmatch(rf"\.{re.escape(name)}\.tmp\d+", n)]
+    for folder in inside + beside:
+        if _stale(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stale(folder: str) -> bool:
+    """Whether `folder` is a marked staging folder of a process of this host that no longer runs."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return False
+    try:
+        with open(os.path.join(folder, MARK), encoding="utf-8") as fh:
+            mark = json.load(fh)
+        host, pid = mark["host"], int(mark["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs (as another user)
+        return False
+    return False
+
+
 def install(tmp: str, out: str, made: bool = False, clear: Callable[[str], None] = outputs.clear_outputs,
             last: str = summary.SUMMARY) -> None:
     """Move a finished output folder into place: a rename when `out` does not exist or is the empty folder
     this process made (claimed), else `clear` removes `out`'s old outputs and each new file is renamed in
     (`last`, which marks a finished folder, last). A user's folder is never replaced, even empty."""
+    with suppress(FileNotFoundError):
+        os.remove(os.path.join(tmp, MARK))  # the staging folder's, not an output
     if not os.path.exists(out) or made and not os.listdir(out):
         os.rename(tmp, out)  # onto an empty folder too (POSIX): the whole folder appears at once
         return

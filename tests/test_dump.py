@@ -217,6 +217,28 @@ def test_failed_sum_of_dumps_leaves_its_output_as_it_was(part_dumps, tmp_path):
     same_content(content(str(merged)), tokens)
 
 
+def test_sum_of_dumps_removes_what_a_killed_sum_left(part_dumps, tmp_path):
+    """A sum killed while merging into an existing dump folder left `.mpicorr-sum.tmpPID` in it, and every later
+    sum into that folder was refused ("holds files that are not a dump") until the user removed it by hand. The
+    next sum deletes it (marked by this host and a process that no longer runs) and merges."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from mpicorr import filetools
+    merged = tmp_path / "merged"
+    ok(run_main(["sum", str(merged), *part_dumps]))
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                             text=True).stdout)
+    stale = merged / f"{filetools.STAGING}{pid}"
+    os.makedirs(stale)
+    (stale / "shard-00000-r0.safetensors").write_bytes(b"partial")
+    (stale / filetools.MARK).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+    ok(run_main(["sum", str(merged), *part_dumps, "--force"]))
+    assert not stale.exists() and filetools.MARK not in os.listdir(merged)
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_dump(llama, sample_path, tmp_path):
     from test_resume import kill_rank_after_checkpoint
 

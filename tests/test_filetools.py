@@ -349,3 +349,58 @@ def test_sum_into_a_link_to_nothing_or_under_missing_folders(three_runs, tmp_pat
     one_error_line(run_main(["sum", str(tmp_path / "x" / "y" / "m"), a, str(again)]), "were also counted in")
     assert sorted(os.listdir(tmp_path)) == ["again", "dangling"]
     assert run_main(["sum", str(tmp_path / "x" / "y" / "m"), a, b]).returncode == 0
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def leftover(folder, host: str | None, pid: int | None) -> None:
+    """A staging folder as a killed sum leaves it: a partial output inside, marked by `host` and `pid` (no mark
+    when None)."""
+    os.makedirs(folder)
+    (folder / "correlations_block_0.zstd").write_bytes(b"partial" * 1000)
+    if host is not None:
+        (folder / filetools.MARK).write_text(json.dumps({"host": host, "pid": pid}))
+
+
+def test_sum_removes_what_killed_sums_left(three_runs, tmp_path):
+    """A sum killed while writing (kill -9, a lost node) left its staging folder, inside OUT or beside it, for
+    ever (its outputs: possibly GBs). The next sum into OUT deletes those marked as this host's by a process
+    that no longer runs; another host's, a running process's and unmarked folders are left."""
+    import socket
+    a, b, _ = three_runs
+    out, host = tmp_path / "m", socket.gethostname()
+    os.makedirs(out)
+    stale = [out / f"{filetools.STAGING}{dead_pid()}", tmp_path / f".m.tmp{dead_pid()}"]
+    kept = [out / f"{filetools.STAGING}1", tmp_path / ".m.tmp2", out / f"{filetools.STAGING}3"]
+    for folder in stale:
+        leftover(folder, host, int(folder.name.rsplit("tmp", 1)[1]))
+    leftover(kept[0], "another-host", dead_pid())
+    leftover(kept[1], host, os.getpid())  # a process that runs
+    leftover(kept[2], None, None)
+    assert run_main(["sum", str(out), a, b]).returncode == 0
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in kept)
+    assert filetools.MARK not in os.listdir(out) and run_main(["verify", str(out)]).returncode == 0
+
+
+def test_sum_killed_while_writing_is_cleaned_by_the_next(three_runs, tmp_path):
+    """A real kill -9 of a sum while it writes its staging folder; the next sum into OUT removes what it left
+    (for dumps: tests/test_dump.py)."""
+    a, b, _ = three_runs
+    out = tmp_path / "m"
+    slow = ("import sys, time; from mpicorr import filetools, __main__ as m\n"
+            "write = filetools.merge_unit\n"
+            "def merge_unit(*args):\n    write(*args); print('writing', flush=True); time.sleep(60)\n"
+            "filetools.merge_unit = merge_unit\nsys.exit(m.main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "sum", str(out), a, b], env=cli_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == "writing\n", proc.stderr.read()
+    proc.kill()
+    proc.wait()
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".m.tmp")]
+    assert left == [f".m.tmp{proc.pid}"] and os.listdir(out) == []
+    assert run_main(["sum", str(out), a, b]).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["m"] and run_main(["verify", str(out)]).returncode == 0
