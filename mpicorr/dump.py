@@ -188,20 +188,23 @@ def existing_parent(path: str) -> str:
     return path
 
 
-def check_folder(folder: str, force: bool, resume: bool) -> None:
+def check_folder(folder: str, force: bool, resume: bool, merging: bool = False) -> None:
     """Refuse a dump folder that holds files, unless --force (replace a dump) or --resume (continue one), and
-    a folder with files mpicorr did not write in any case."""
+    a folder with files mpicorr did not write in any case. `merging`: the folder is `sum`'s output (the lines
+    name `sum FOLDER`, and offer no --resume)."""
+    label = f"sum {folder}" if merging else f"--dump {folder}"
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"--dump {folder}: exists and is not a folder; choose a new folder")
+        raise UserError(f"{label}: exists and is not a folder; choose a new folder")
     names = os.listdir(folder) if os.path.isdir(folder) else []
     names = [n for n in names if not filetools.STAGING_NAME.fullmatch(n)]  # a sum's staging folder: not a file
     foreign = sorted(n for n in names if not OURS.fullmatch(n))
     if foreign:
-        raise UserError(f"--dump {folder}: holds files that are not a dump ({', '.join(foreign[:3])}); choose an "
+        raise UserError(f"{label}: holds files that are not a dump ({', '.join(foreign[:3])}); choose an "
                         f"empty or new folder")
     if names and not force and not resume:
-        raise UserError(f"--dump {folder}: already holds a dump; choose another folder, add --force to replace "
-                        f"it, or --resume to continue its run")
+        resume_hint = "" if merging else ", or --resume to continue its run"
+        raise UserError(f"{label}: already holds a dump; choose another folder, add --force to replace "
+                        f"it{resume_hint}")
 
 
 def open_folder(sample: Sample, ctx: int, resume: bool, finished: list[plan.Batch],
@@ -429,11 +432,11 @@ def sum_dumps(out: str, inputs: list[str], force: bool = False, command: str = "
     merged = plan.merge_ranges(ranges)
     if sum(b - a for a, b in merged) != sum(b - a for a, b in ranges):
         raise UserError(f"sum: the dumps {', '.join(inputs)} share chunks; merge only disjoint chunk ranges")
-    check_folder(out, force, False)
+    check_folder(out, force, False, merging=True)
     # Written into a hidden folder beside `out`, moved into place at the end (as `sum` of run folders does):
     # a merge that fails leaves `out` as it was; `out` is locked meanwhile, as a run locks its --dump folder.
     with filetools.staged_folder(out, clear_dump, INDEX) as tmp:
-        check_folder(out, force, False)  # again, holding the lock
+        check_folder(out, force, False, merging=True)  # again, holding the lock
         return _merge_dumps(tmp, out, inputs, indexes, merged, command)
 
 

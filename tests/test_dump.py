@@ -159,7 +159,9 @@ def test_parts_sum_to_the_whole_dump(rank_dumps, tmp_path):
     assert read_index(merged)["chunk_ranges"] == read_index(rank_dumps["one"])["chunk_ranges"]
     one_error_line(run_main(["sum", str(tmp_path / "twice"), rank_dumps["part0"], rank_dumps["one"]]),
                    "share chunks")
-    one_error_line(run_main(["sum", merged, rank_dumps["part0"], rank_dumps["part1"]]), "already holds a dump")
+    line = one_error_line(run_main(["sum", merged, rank_dumps["part0"], rank_dumps["part1"]]),
+                          f"sum {merged}: already holds a dump; choose another folder, add --force to replace it")
+    assert "--resume" not in line and "--dump" not in line  # a sum's line, not a run's
 
 
 @pytest.fixture(scope="module")
