@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import weakref
 
 import numpy as np
 import pytest
@@ -77,6 +78,60 @@ def expected_sums(size: int) -> list[np.ndarray]:
     return sum(counted(r)[0].pairs[0].take().astype(np.int64) for r in range(size))
 
 
+class Deferred:
+    """A writer thread's future whose call runs only when its result is asked for: writers slower than any
+    reduce, so that whatever a rank may hold waits, held, as long as the write phase lets it."""
+
+    def __init__(self, fn, args):
+        self.call, self.value = (fn, args), None
+
+    def done(self) -> bool:
+        return self.call is None
+
+    def result(self):
+        if self.call is not None:
+            (fn, args), self.call = self.call, None
+            self.value = fn(*args)
+        return self.value
+
+
+class DeferredPool:
+    def submit(self, fn, *args) -> Deferred:
+        return Deferred(fn, args)
+
+    def shutdown(self, **_) -> None:
+        pass
+
+
+def held_peak(c: dist.Comm, ranks: list[int], threads: int) -> int:
+    """The most reduced count arrays (int32 pairs, one per threshold and unit) this rank held at once while
+    the units were reduced and written with writers that never finish before they must."""
+    live, peak = [0], [0]
+    reduce_sum = c.reduce_sum
+
+    def freed() -> None:
+        live[0] -= 1
+
+    def tracked(array, root=0):
+        out = reduce_sum(array, root)
+        if out is not None and out.dtype == np.int32:
+            live[0] += 1
+            weakref.finalize(out, freed)
+            peak[0] = max(peak[0], live[0])
+        return out
+    c.reduce_sum = tracked
+    out = c.bcast(tempfile.mkdtemp() if c.rank == 0 else None)
+    folders = [os.path.join(out, f"t{i}") for i in range(len(THRESHOLDS))]
+    if c.rank == 0:
+        for folder in folders:
+            os.makedirs(folder)
+    with writing.summary_writers(folders, c.rank == 0) as files, writing.UnitWriter(threads, cpus=2) as writer:
+        writer.pool.shutdown()
+        writer.pool = DeferredPool()
+        writing.reduce_and_write_units(c, counted(c.rank), folders, files, writer, ranks)
+    return peak[0]
+
+
 class BaseWriting:
     def comm(self) -> dist.Comm:
         raise NotImplementedError
@@ -106,6 +161,14 @@ class BaseWriting:
                 layers = h5["layers"]
                 order = sorted(layers, key=lambda n: layers[n]["fire_count"].id.get_chunk_info(0).byte_offset)
             assert order == [str(layer) for layer in range(LAYERS)]
+
+    @pytest.mark.parametrize("threads", [1, 2, 4])
+    def test_a_rank_holds_the_counts_of_threads_plus_one_units(self, threads):
+        # README: writing holds up to 9 more packed layers per rank (8 writer threads, one being reduced), with
+        # any number of thresholds (each threshold's counts are a packed layer of their own)
+        c = self.comm()
+        for ranks in (list(range(c.size)), [0]):
+            assert held_peak(c, ranks, threads) <= threads + 1, ranks
 
 
 def test_compressing_ranks_are_those_with_cpus_of_their_own():
@@ -146,7 +209,7 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("9 passed") == 3, result.stdout
+    assert result.stdout.count("15 passed") == 3, result.stdout
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
