@@ -162,7 +162,7 @@ def reduce_and_write_units(comm: Comm, units: list, folders: list[str], files: l
     its units in flight to keep its writer threads busy (a unit takes one per folder), and holds the compressed
     files of at most writer.threads + len(folders) of them waiting; UnitWriter.start bounds the counts held."""
     ranks = ranks or [0]
-    lag = 0 if ranks == [0] else len(ranks) * max(1, writer.threads // len(folders))
+    lag = 0 if ranks == [0] else len(ranks) * max(1, agreed_threads(comm, writer, ranks) // len(folders))
     owned: dict[int, list[Future]] = {}
     for k, lc in enumerate(units):
         futures = reduce_unit(comm, lc, folders, owner(k, ranks), writer)
@@ -172,6 +172,14 @@ def reduce_and_write_units(comm: Comm, units: list, folders: list[str], files: l
             deliver(comm, units[k - lag].unit, folders, owner(k - lag, ranks), owned.pop(k - lag, []), files, writer)
     for j in range(max(0, len(units) - lag), len(units)):
         deliver(comm, units[j].unit, folders, owner(j, ranks), owned.pop(j, []), files, writer)
+
+
+def agreed_threads(comm: Comm, writer: UnitWriter, ranks: list[int]) -> int:
+    """The most writer threads of any rank of `ranks`, the same on every rank: ranks with different numbers of
+    CPUs (hosts of different sizes) must still take each unit to rank 0 at the same point, or an owner sending a
+    unit that rank 0 does not yet receive waits, and rank 0 with it in the next reduce."""
+    every = comm.allgather(writer.threads)
+    return max(every[r] for r in ranks)
 
 
 def reduce_unit(comm: Comm, lc, folders: list[str], root: int, writer: UnitWriter) -> list[Future]:
