@@ -105,22 +105,32 @@ class DeferredPool:
 
 
 def held_peak(c: dist.Comm, ranks: list[int], threads: int) -> int:
-    """The most reduced count arrays (int32 pairs, one per threshold and unit) this rank held at once while
-    the units were reduced and written with writers that never finish before they must."""
+    """The most large arrays this rank held at once (reduced counts: int32 pairs, one per threshold and unit;
+    on rank 0 also the compressed files received) while the units were reduced and written with writers that
+    never finish before they must."""
     live, peak = [0], [0]
-    reduce_sum = c.reduce_sum
+    reduce_sum, recv_bytes = c.reduce_sum, c.recv_bytes
 
     def freed() -> None:
         live[0] -= 1
 
-    def tracked(array, root=0):
+    def held(array) -> None:
+        live[0] += 1
+        weakref.finalize(array, freed)
+        peak[0] = max(peak[0], live[0])
+
+    def reduced(array, root=0):
         out = reduce_sum(array, root)
         if out is not None and out.dtype == np.int32:
-            live[0] += 1
-            weakref.finalize(out, freed)
-            peak[0] = max(peak[0], live[0])
+            held(out)
         return out
-    c.reduce_sum = tracked
+
+    def received(source):
+        group, data = recv_bytes(source)
+        if data is not None:
+            held(data)
+        return group, data
+    c.reduce_sum, c.recv_bytes = reduced, received
     out = c.bcast(tempfile.mkdtemp() if c.rank == 0 else None)
     folders = [os.path.join(out, f"t{i}") for i in range(len(THRESHOLDS))]
     if c.rank == 0:
