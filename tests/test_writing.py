@@ -201,7 +201,7 @@ class BaseWriting:
         c = self.comm()
         if c.size > 1:
             c.comm = Synchronous(c.comm)
-        faulthandler.dump_traceback_later(30, exit=True)  # a deadlock ends this rank, and so the job
+        faulthandler.dump_traceback_later(60, exit=True)  # a deadlock ends this rank, and so the job
         try:
             spread = write(c, list(range(c.size)), (1, 4, 2)[c.rank % 3])
         finally:
