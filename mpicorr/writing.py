@@ -159,8 +159,9 @@ def reduce_and_write_units(comm: Comm, units: list, folders: list[str], files: l
     among `ranks` (compressing_ranks; default: rank 0 alone), compress it there and write it on rank 0 (`files`:
     rank 0's summary.h5 writers, one per folder). Each rank frees its own counts of a unit once they are sent. A
     unit is taken to rank 0 `lag` units after its reduce: its owner has that long to compress it, with enough of
-    its units in flight to keep its writer threads busy (a unit takes one per folder), and holds the compressed
-    files of at most writer.threads + len(folders) of them waiting; UnitWriter.start bounds the counts held."""
+    its units in flight to keep its writer threads busy (a unit takes one per folder), and holds at most as many
+    compressed files waiting as the most writer threads of any owner, plus len(folders); UnitWriter.start bounds
+    the counts held."""
     ranks = ranks or [0]
     lag = 0 if ranks == [0] else len(ranks) * max(1, agreed_threads(comm, writer, ranks) // len(folders))
     owned: dict[int, list[Future]] = {}
