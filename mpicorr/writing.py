@@ -96,8 +96,10 @@ def write_received(folder: str, unit, data: np.ndarray | None, group: tuple) -> 
 class UnitWriter:
     """One rank's writer threads: up to `threads` units at once, each unit's zstd compression on a share of
     `cpus` (compression, hashing, deflating the summary datasets and the compiled top-partner search release the
-    GIL). On rank 0, finished groups are stored into the summary files in unit order (h5py is not thread-safe)
-    with at most `threads` units waiting, since each holds its counts or its frame."""
+    GIL). A unit waits for a free thread before it starts (each holds its counts or its frame until done), so a
+    rank whose writers fall behind holds `threads` units and the one it reduces, not every unit handed to it. On
+    rank 0, finished groups are stored into the summary files in unit order (h5py is not thread-safe) with at
+    most `threads` units waiting."""
 
     def __init__(self, threads: int | None = None, cpus: int | None = None):
         cpus = cpus or len(os.sched_getaffinity(0))
@@ -105,10 +107,17 @@ class UnitWriter:
         self.zstd_threads = max(1, cpus // self.threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mpicorr-write")
         self.pending: deque = deque()
+        self.started: deque = deque()  # futures of start() that may not be done, oldest first
 
     def start(self, fn, *args) -> Future:
-        """Run fn(*args) on a writer thread."""
-        return self.pool.submit(fn, *args)
+        """Run fn(*args) on a writer thread once fewer than `threads` earlier calls are unfinished (waiting for
+        the oldest: the pool runs them in order), so that no call waits in the pool's queue holding its
+        arguments (a unit's counts). An error of the call waited for is raised here."""
+        while self.started and (self.started[0].done() or len(self.started) >= self.threads):
+            self.started.popleft().result()
+        future = self.pool.submit(fn, *args)
+        self.started.append(future)
+        return future
 
     def store(self, h5, future: Future) -> None:
         """Queue a unit's group for `h5` (a future of (path, datasets, attributes)); store finished ones while
@@ -149,10 +158,12 @@ def reduce_and_write_units(comm: Comm, units: list, folders: list[str], files: l
     """Reduce every unit (counting.LayerCounts: its stats, then its pairs per threshold folder) onto its owner
     among `ranks` (compressing_ranks; default: rank 0 alone), compress it there and write it on rank 0 (`files`:
     rank 0's summary.h5 writers, one per folder). Each rank frees its own counts of a unit once they are sent. A
-    unit is taken to rank 0 `lag` units after its reduce, which leaves its owner that long to compress it and
-    bounds what each rank holds to about writer.threads units."""
+    unit is taken to rank 0 `lag` units after its reduce: its owner has that long to compress it, with enough of
+    its units in flight to keep its writer threads busy (a unit takes one per folder), and holds at most as many
+    compressed files waiting as the most writer threads of any owner, plus len(folders); UnitWriter.start bounds
+    the counts held."""
     ranks = ranks or [0]
-    lag = 0 if ranks == [0] else len(ranks) * writer.threads
+    lag = 0 if ranks == [0] else len(ranks) * max(1, agreed_threads(comm, writer, ranks) // len(folders))
     owned: dict[int, list[Future]] = {}
     for k, lc in enumerate(units):
         futures = reduce_unit(comm, lc, folders, owner(k, ranks), writer)
@@ -162,6 +173,14 @@ def reduce_and_write_units(comm: Comm, units: list, folders: list[str], files: l
             deliver(comm, units[k - lag].unit, folders, owner(k - lag, ranks), owned.pop(k - lag, []), files, writer)
     for j in range(max(0, len(units) - lag), len(units)):
         deliver(comm, units[j].unit, folders, owner(j, ranks), owned.pop(j, []), files, writer)
+
+
+def agreed_threads(comm: Comm, writer: UnitWriter, ranks: list[int]) -> int:
+    """The most writer threads of any rank of `ranks`, the same on every rank: ranks with different numbers of
+    CPUs (hosts of different sizes) must still take each unit to rank 0 at the same point, or an owner sending a
+    unit that rank 0 does not yet receive waits, and rank 0 with it in the next reduce."""
+    every = comm.allgather(writer.threads)
+    return max(every[r] for r in ranks)
 
 
 def reduce_unit(comm: Comm, lc, folders: list[str], root: int, writer: UnitWriter) -> list[Future]:

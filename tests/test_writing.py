@@ -9,10 +9,12 @@ that both compress.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
 import sys
 import tempfile
+import weakref
 
 import numpy as np
 import pytest
@@ -77,6 +79,84 @@ def expected_sums(size: int) -> list[np.ndarray]:
     return sum(counted(r)[0].pairs[0].take().astype(np.int64) for r in range(size))
 
 
+class Deferred:
+    """A writer thread's future whose call runs only when its result is asked for: writers slower than any
+    reduce, so that whatever a rank may hold waits, held, as long as the write phase lets it."""
+
+    def __init__(self, fn, args):
+        self.call, self.value = (fn, args), None
+
+    def done(self) -> bool:
+        return self.call is None
+
+    def result(self):
+        if self.call is not None:
+            (fn, args), self.call = self.call, None
+            self.value = fn(*args)
+        return self.value
+
+
+class DeferredPool:
+    def submit(self, fn, *args) -> Deferred:
+        return Deferred(fn, args)
+
+    def shutdown(self, **_) -> None:
+        pass
+
+
+def held_peak(c: dist.Comm, ranks: list[int], threads: int) -> int:
+    """The most large arrays this rank held at once (reduced counts: int32 pairs, one per threshold and unit;
+    on rank 0 also the compressed files received) while the units were reduced and written with writers that
+    never finish before they must."""
+    live, peak = [0], [0]
+    reduce_sum, recv_bytes = c.reduce_sum, c.recv_bytes
+
+    def freed() -> None:
+        live[0] -= 1
+
+    def held(array) -> None:
+        live[0] += 1
+        weakref.finalize(array, freed)
+        peak[0] = max(peak[0], live[0])
+
+    def reduced(array, root=0):
+        out = reduce_sum(array, root)
+        if out is not None and out.dtype == np.int32:
+            held(out)
+        return out
+
+    def received(source):
+        group, data = recv_bytes(source)
+        if data is not None:
+            held(data)
+        return group, data
+    c.reduce_sum, c.recv_bytes = reduced, received
+    out = c.bcast(tempfile.mkdtemp() if c.rank == 0 else None)
+    folders = [os.path.join(out, f"t{i}") for i in range(len(THRESHOLDS))]
+    if c.rank == 0:
+        for folder in folders:
+            os.makedirs(folder)
+    with writing.summary_writers(folders, c.rank == 0) as files, writing.UnitWriter(threads, cpus=2) as writer:
+        writer.pool.shutdown()
+        writer.pool = DeferredPool()
+        writing.reduce_and_write_units(c, counted(c.rank), folders, files, writer, ranks)
+    return peak[0]
+
+
+class Synchronous:
+    """An mpi4py communicator whose buffer sends wait until their receive starts (MPI_Ssend), as a large frame's
+    do: a rank that sends a unit before rank 0 takes it then waits, whatever the message size."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+    def Send(self, *args, **kwargs):
+        return self.comm.Ssend(*args, **kwargs)
+
+
 class BaseWriting:
     def comm(self) -> dist.Comm:
         raise NotImplementedError
@@ -106,6 +186,29 @@ class BaseWriting:
                 layers = h5["layers"]
                 order = sorted(layers, key=lambda n: layers[n]["fire_count"].id.get_chunk_info(0).byte_offset)
             assert order == [str(layer) for layer in range(LAYERS)]
+
+    @pytest.mark.parametrize("threads", [1, 3])
+    def test_a_rank_holds_the_counts_of_threads_plus_one_units(self, threads):
+        # README: writing holds up to 9 more packed layers per rank (8 writer threads, one being reduced), with
+        # any number of thresholds (each threshold's counts are a packed layer of their own)
+        c = self.comm()
+        peaks = [held_peak(c, ranks, threads) for ranks in (list(range(c.size)), [0])]  # both on every rank
+        assert max(peaks) <= threads + 1, peaks
+
+    def test_ranks_with_different_writer_threads(self):
+        # hosts of different sizes, or ranks bound to different numbers of cores (min(8, CPUs) writer threads
+        # each): every rank must still take each unit to rank 0 at the same point, else they wait for each other
+        c = self.comm()
+        if c.size > 1:
+            c.comm = Synchronous(c.comm)
+        faulthandler.dump_traceback_later(60, exit=True)  # a deadlock ends this rank, and so the job
+        try:
+            spread = write(c, list(range(c.size)), (1, 4, 2)[c.rank % 3])
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        alone = write(c, [0], 2)
+        if c.rank == 0:
+            assert contents(spread) == contents(alone)
 
 
 def test_compressing_ranks_are_those_with_cpus_of_their_own():
@@ -146,7 +249,7 @@ def test_under_mpirun():
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
                             cwd=os.path.dirname(os.path.abspath(__file__)))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("9 passed") == 3, result.stdout
+    assert result.stdout.count("15 passed") == 3, result.stdout
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
