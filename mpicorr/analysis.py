@@ -282,11 +282,12 @@ def layer_row(layer: int, trials: int, fire_count: np.ndarray) -> dict:
             "always_on": int((fire_count >= trials).sum()) if trials else 0}
 
 
-def script_parser(doc: str, what: str | None = "outputs") -> argparse.ArgumentParser:
-    """The arguments analysis scripts share: RUN_DIR, --layers and (unless what is None) --out."""
+def script_parser(doc: str, what: str | None = "outputs", layers: str = "all") -> argparse.ArgumentParser:
+    """The arguments analysis scripts share: RUN_DIR, --layers (layers: its default, as --help says) and
+    (unless what is None) --out."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder with correlations_block_<L>.zstd (and summary.h5)")
-    p.add_argument("--layers", help="layers: 3, 0,4,8 or 0-7 (default: all)")
+    p.add_argument("--layers", help=f"layers: 3, 0,4,8 or 0-7 (default: {layers})")
     p.add_argument("--expert", type=int, help="MoE models: analyse expert E of each block, from "
                                               "correlations_block_<L>_expert_<E>.zstd (default: the dense blocks)")
     if what is not None:

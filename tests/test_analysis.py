@@ -112,6 +112,16 @@ def test_scripts_run_on_original_format_folder(tmp_path):
     assert {"cofiring_top_pairs.csv", "clusters.h5", "bundles.h5"}.issubset(os.listdir(tmp_path / "report"))
 
 
+def test_heatmap_help_names_its_default_layer(tmp_path):
+    """heatmap.py draws only the first layer without --layers or --all, and its --help says so (it said
+    'default: all', the other scripts' default)."""
+    run = planted_run(str(tmp_path))
+    assert script("heatmap.py", run, "--pixels", "10").stdout.split() == [str(tmp_path / "heatmap_lift_0.png")]
+    helptext = " ".join(script("heatmap.py", "--help").stdout.split())
+    assert "(default: the first layer; --all: every layer)" in helptext
+    assert "(default: all)" in " ".join(script("firing.py", "--help").stdout.split())
+
+
 def test_report_on_a_run_folder(tmp_path, llama, sample_path):
     from conftest import run_main
     out = tmp_path / "run"
