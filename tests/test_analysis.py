@@ -122,6 +122,17 @@ def test_heatmap_help_names_its_default_layer(tmp_path):
     assert "(default: all)" in " ".join(script("firing.py", "--help").stdout.split())
 
 
+def test_firing_thresholds_refused_before_any_output(tmp_path):
+    """firing.py --thresholds that cannot be answered (here: no summary.h5, so no histograms) is one line
+    and exit 2 with nothing printed or written; the table and the --out folder came before the error."""
+    os.makedirs(tmp_path / "run")
+    run = planted_run(str(tmp_path / "run"))
+    result = script("firing.py", run, "--thresholds", "0.5", "--out", tmp_path / "fig")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().endswith("no summary.h5, so no activation histograms (the original tool wrote none)")
+    assert not os.path.exists(tmp_path / "fig")
+
+
 def test_report_on_a_run_folder(tmp_path, llama, sample_path):
     from conftest import run_main
     out = tmp_path / "run"
