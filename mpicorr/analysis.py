@@ -138,9 +138,12 @@ def select(paths: dict[int, str], layers: str | None) -> dict[int, str]:
     for part in layers.split(","):
         lo, _, hi = part.strip().partition("-")
         try:
-            wanted.update(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
         except ValueError:
             raise UserError(f"--layers {layers}: give layer numbers like 3, 0,4,8 or 0-7") from None
+        if last < first:  # an empty range would leave no layer, and the scripts' figures would fail on none
+            raise UserError(f"--layers {layers}: the range {part.strip()} holds no layer; give the lower number first")
+        wanted.update(range(first, last + 1))
     missing = sorted(wanted - set(paths))
     if missing:
         raise UserError(f"--layers {layers}: no matrix file for layer {missing[0]} (have {min(paths)}..{max(paths)})")

@@ -160,6 +160,7 @@ def test_report_on_a_run_folder(tmp_path, llama, sample_path):
     ("heatmap.py", [], "no correlations_block"),
     ("heatmap.py", ["--layers", "7"], "--layers 7: no matrix file for layer 7"),
     ("heatmap.py", ["--layers", "x"], "--layers x: give layer numbers"),
+    ("firing.py", ["--layers", "1-0"], "--layers 1-0: the range 1-0 holds no layer"),  # was a traceback
     ("heatmap.py", ["--order", "cluster"], "run analysis/clusters.py first"),
     ("cofiring.py", ["--top", "0"], "--top 0"),
     ("clusters.py", ["--clusters", "0"], "--clusters 0"),
