@@ -24,16 +24,19 @@ def format_row(r: dict) -> str:
             f"  {r['dead']:4d}  {r['always_on']:9d}")
 
 
-def print_thresholds(run_dir: str, layers: str | None, thresholds: str, expert: int | None = None) -> None:
-    """Per layer, the density (share of neurons firing per token) each threshold would give."""
+def threshold_table(run_dir: str, layers: str | None, thresholds: str, expert: int | None = None) -> list[str]:
+    """Per layer, the density (share of neurons firing per token) each threshold would give: the printed
+    lines, all computed first so that a threshold that is not a bin edge fails before anything is printed."""
     try:
         values = [float(t) for t in thresholds.split(",")]
     except ValueError:
         raise UserError(f"--thresholds {thresholds}: give numbers like 0.25,0.5,1") from None
     hists = analysis.activation_histograms(run_dir, layers, expert)
-    print("layer  " + "  ".join(f"T={t:<6g}" for t in values))
+    lines = ["layer  " + "  ".join(f"T={t:<6g}" for t in values)]
     for layer, (hist, edges) in hists.items():
-        print(f"{layer:5d}  " + "  ".join(f"{analysis.threshold_density(hist, edges, t):8.4f}" for t in values))
+        lines.append(f"{layer:5d}  " + "  ".join(f"{analysis.threshold_density(hist, edges, t):8.4f}"
+                                                for t in values))
+    return lines
 
 
 def main() -> int:
@@ -45,13 +48,14 @@ def main() -> int:
 
     def body() -> None:
         layers = analysis.firing(args.run_dir, args.layers, args.expert)
+        table = threshold_table(args.run_dir, args.layers, args.thresholds, args.expert) if args.thresholds else []
         os.makedirs(out, exist_ok=True)
         rows = [analysis.layer_row(lf.layer, lf.trials, lf.fire_count) for lf in layers]
         print(HEADER)
         for r in rows:
             print(format_row(r))
-        if args.thresholds:
-            print_thresholds(args.run_dir, args.layers, args.thresholds, args.expert)
+        for line in table:
+            print(line)
         figures.rank_frequency(layers, os.path.join(out, "firing_rank_frequency.png"))
         figures.coverage(layers, os.path.join(out, "firing_coverage.png"))
         figures.depth(rows, os.path.join(out, "firing_depth.png"))

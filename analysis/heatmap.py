@@ -35,7 +35,7 @@ def order_for(lm: analysis.LayerMatrix, kind: str, cluster_perm: dict):
 
 
 def main() -> int:
-    p = analysis.script_parser(__doc__, "images")
+    p = analysis.script_parser(__doc__, "images", layers="the first layer; --all: every layer")
     p.add_argument("--all", action="store_true", help="draw every layer and a contact sheet heatmaps_<measure>.png")
     p.add_argument("--measure", default="lift", choices=MEASURES, help="what to draw")
     p.add_argument("--order", default="frequency", choices=tuple(ORDER_NAMES), help="how neurons are ordered")

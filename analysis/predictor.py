@@ -10,6 +10,7 @@ firing density). Reads only the dump (mpicorr.predictor_data); --save writes the
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
@@ -41,6 +42,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def pick_device(name: str) -> str:
+    """--device as torch names it ('auto' resolved); one line, not torch's traceback, for a device string torch
+    does not take or a GPU this machine does not have."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 first")
+    return name
+
+
 def check(args: argparse.Namespace) -> None:
     if args.rank < 1 or args.epochs < 1 or args.batch_size < 1:
         raise UserError("--rank, --epochs and --batch-size must be whole numbers >= 1")
@@ -55,7 +70,7 @@ def main() -> int:
 
     def body() -> None:
         check(args)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        device = pick_device(args.device)
         data = LayerData(args.dump, args.layer, args.threshold)
         if len(data) < 2:
             raise UserError(f"{args.dump}: layer {args.layer} has {len(data)} token(s); dump more to train")

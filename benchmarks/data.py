@@ -76,7 +76,7 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="5e6,5e7", help="corpus sizes in tokens, comma-separated")
     parser.add_argument("--ranks", type=int, default=2, help="ranks of each mpirun (default: 2)")
     parser.add_argument("--work", default="/tmp/mpicorr-data-bench", help="folder for the corpora and tokenizer")

@@ -82,7 +82,11 @@ def file_command(args: argparse.Namespace, command: str) -> None:
         folders = [os.path.isdir(path) for path in args.files]
         if any(folders) and not all(folders):
             raise UserError("sum: give either matrix files or run folders, not both")
-        if all(folders) and any(filetools.is_dump(path) for path in args.files):
+        dumps = [filetools.is_dump(path) for path in args.files]
+        if any(dumps) and not all(dumps):
+            raise UserError(f"sum: {args.files[dumps.index(True)]} is a --dump folder and "
+                            f"{args.files[dumps.index(False)]} is not; merge run folders and dump folders apart")
+        if all(folders) and any(dumps):
             from . import dump  # imports torch: only for dumps
             print(dump.sum_dumps(args.out, args.files, args.force, command))
             return

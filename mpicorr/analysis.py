@@ -138,9 +138,12 @@ def select(paths: dict[int, str], layers: str | None) -> dict[int, str]:
     for part in layers.split(","):
         lo, _, hi = part.strip().partition("-")
         try:
-            wanted.update(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
         except ValueError:
             raise UserError(f"--layers {layers}: give layer numbers like 3, 0,4,8 or 0-7") from None
+        if last < first:  # an empty range would leave no layer, and the scripts' figures would fail on none
+            raise UserError(f"--layers {layers}: the range {part.strip()} holds no layer; give the lower number first")
+        wanted.update(range(first, last + 1))
     missing = sorted(wanted - set(paths))
     if missing:
         raise UserError(f"--layers {layers}: no matrix file for layer {missing[0]} (have {min(paths)}..{max(paths)})")
@@ -282,11 +285,12 @@ def layer_row(layer: int, trials: int, fire_count: np.ndarray) -> dict:
             "always_on": int((fire_count >= trials).sum()) if trials else 0}
 
 
-def script_parser(doc: str, what: str | None = "outputs") -> argparse.ArgumentParser:
-    """The arguments analysis scripts share: RUN_DIR, --layers and (unless what is None) --out."""
+def script_parser(doc: str, what: str | None = "outputs", layers: str = "all") -> argparse.ArgumentParser:
+    """The arguments analysis scripts share: RUN_DIR, --layers (layers: its default, as --help says) and
+    (unless what is None) --out."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="folder with correlations_block_<L>.zstd (and summary.h5)")
-    p.add_argument("--layers", help="layers: 3, 0,4,8 or 0-7 (default: all)")
+    p.add_argument("--layers", help=f"layers: 3, 0,4,8 or 0-7 (default: {layers})")
     p.add_argument("--expert", type=int, help="MoE models: analyse expert E of each block, from "
                                               "correlations_block_<L>_expert_<E>.zstd (default: the dense blocks)")
     if what is not None:

@@ -12,6 +12,7 @@ is done before); the result is then compared with a plain per-row reference on s
 from __future__ import annotations
 
 import json
+import re
 import resource
 import time
 
@@ -101,5 +102,7 @@ def main(args) -> None:
     """Run from parsed arguments and print one JSON line."""
     if args.neurons < 1 or args.tokens < 1 or args.layers < 1 or not 0 <= args.density <= 1:
         raise UserError("bench: --neurons, --tokens and --layers must be >= 1 and --density in [0, 1]")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):  # else torch's error about its device types
+        raise UserError(f"--device {args.device!r}: choose cpu, cuda or cuda:N")
     print(json.dumps(bench(args.neurons, args.tokens, args.density, args.profile, args.device, args.layers,
                            args.kernel)), flush=True)

@@ -609,7 +609,10 @@ def announce(cfg: Config, comm: Comm, job: Job, devices: list[str]) -> None:
     """Rank 0's opening lines: what is counted, resumed, and the plan."""
     print(f"mpicorr {__version__}: {len(job.chunks)} chunks [{job.chunk_start}, "
           f"{job.chunk_start + len(job.chunks)}) of {job.available} x {cfg.ctx} tokens on {comm.size} rank(s)")
-    if cfg.resume:
+    if cfg.resume and not job.resumed:
+        # The SLURM scripts always pass --resume; a first attempt should not read like a resume.
+        print(f"mpicorr: --resume: no checkpoint in {checkpoint.folder(cfg.out)}; starting from the first chunk")
+    elif cfg.resume:
         done = sum(b - a for ck in job.resumed for a, b in ck.finished)
         print(f"mpicorr: resuming from {len(job.resumed)} checkpoint(s) in {checkpoint.folder(cfg.out)}: "
               f"{done} chunks finished, {len(job.chunks) - done} to count")

@@ -112,6 +112,27 @@ def test_scripts_run_on_original_format_folder(tmp_path):
     assert {"cofiring_top_pairs.csv", "clusters.h5", "bundles.h5"}.issubset(os.listdir(tmp_path / "report"))
 
 
+def test_heatmap_help_names_its_default_layer(tmp_path):
+    """heatmap.py draws only the first layer without --layers or --all, and its --help says so (it said
+    'default: all', the other scripts' default)."""
+    run = planted_run(str(tmp_path))
+    assert script("heatmap.py", run, "--pixels", "10").stdout.split() == [str(tmp_path / "heatmap_lift_0.png")]
+    helptext = " ".join(script("heatmap.py", "--help").stdout.split())
+    assert "(default: the first layer; --all: every layer)" in helptext
+    assert "(default: all)" in " ".join(script("firing.py", "--help").stdout.split())
+
+
+def test_firing_thresholds_refused_before_any_output(tmp_path):
+    """firing.py --thresholds that cannot be answered (here: no summary.h5, so no histograms) is one line
+    and exit 2 with nothing printed or written; the table and the --out folder came before the error."""
+    os.makedirs(tmp_path / "run")
+    run = planted_run(str(tmp_path / "run"))
+    result = script("firing.py", run, "--thresholds", "0.5", "--out", tmp_path / "fig")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().endswith("no summary.h5, so no activation histograms (the original tool wrote none)")
+    assert not os.path.exists(tmp_path / "fig")
+
+
 def test_report_on_a_run_folder(tmp_path, llama, sample_path):
     from conftest import run_main
     out = tmp_path / "run"
@@ -139,6 +160,7 @@ def test_report_on_a_run_folder(tmp_path, llama, sample_path):
     ("heatmap.py", [], "no correlations_block"),
     ("heatmap.py", ["--layers", "7"], "--layers 7: no matrix file for layer 7"),
     ("heatmap.py", ["--layers", "x"], "--layers x: give layer numbers"),
+    ("firing.py", ["--layers", "1-0"], "--layers 1-0: the range 1-0 holds no layer"),  # was a traceback
     ("heatmap.py", ["--order", "cluster"], "run analysis/clusters.py first"),
     ("cofiring.py", ["--top", "0"], "--top 0"),
     ("clusters.py", ["--clusters", "0"], "--clusters 0"),

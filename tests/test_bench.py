@@ -25,6 +25,26 @@ def test_bench_prints_one_checked_json_line(kernel, profile):
     assert abs(record["density"] - 0.05) < 0.01
 
 
+def test_bench_refuses_a_device_torch_does_not_name():
+    """--device gpu: one line naming the choices (it was torch's RuntimeError listing its device types)."""
+    result = run_main(["bench", "--neurons", "64", "--tokens", "64", "--device", "gpu"])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "mpicorr: error: --device 'gpu': choose cpu, cuda or cuda:N\n"
+
+
+def test_data_benchmark_help_gives_its_whole_first_paragraph():
+    """benchmarks/data.py --help: its description is the docstring's first paragraph, as in the other scripts
+    (it was the first line only, cut mid-sentence at 'data.scan, shared')."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "data.py"), "--help"],
+                            capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "static share of the batches), under mpirun." in " ".join(result.stdout.split())
+
+
 def test_powerlaw_profile_is_skewed_with_the_requested_mean():
     fired = bench.synthetic(2000, 4000, 0.03, "powerlaw")
     freq = np.sort(fired.mean(0))[::-1]

@@ -353,6 +353,21 @@ def test_trainer_script(planted, tmp_path, capsys, one_thread):
     assert torch.load(tmp_path / "p.pt")["down.weight"].shape == (8, 32)
     code, out, err = script([dump, "--layer", "9"], capsys)
     assert code == 2 and err.count("\n") == 1 and "no layer 9" in err
+    code, out, err = script([dump, "--layer", "0", "--device", "gpu"], capsys)  # was torch's traceback, exit 1
+    assert code == 2 and err == "predictor.py: error: --device 'gpu': choose auto, cpu, cuda or cuda:N\n"
+
+
+@pytest.mark.parametrize("device,needle", [
+    ("cuda", "--device cuda: CUDA is not available on this machine; use --device cpu"),
+    ("cuda:0", "--device cuda:0: CUDA is not available on this machine; use --device cpu"),
+    ("gpu", "--device 'gpu': choose auto, cpu, cuda or cuda:N"),
+])
+def test_trainer_script_refuses_a_device_it_cannot_use(tmp_path, capsys, monkeypatch, device, needle):
+    """predictor.py --device cuda on a machine without CUDA, or a device torch does not name: one line, exit 2,
+    before the dump is read (it was torch's traceback from moving the model, exit 1)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = script([str(tmp_path), "--layer", "0", "--device", device], capsys)
+    assert (code, out) == (2, "") and err == f"predictor.py: error: {needle}\n"
 
 
 @pytest.mark.parametrize("extra,needles", [

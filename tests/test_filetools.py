@@ -37,6 +37,21 @@ def test_sum_adds_counts_and_trials(tmp_path):
         filetools.sum_files(str(tmp_path / "s.zstd"), [str(tmp_path / "a.zstd")])
 
 
+def test_sum_refuses_a_run_folder_beside_a_dump_folder(tmp_path):
+    """A run folder and a --dump folder given to one sum: one line naming both (it said the run folder had
+    'no index.json', as if it were meant to be a dump), exit 2, nothing written."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "correlations_block_0.zstd").write_bytes(b"")
+    (tmp_path / "dump").mkdir()
+    (tmp_path / "dump" / "index.json").write_text("{}")
+    for inputs in (["run", "dump"], ["dump", "run"]):
+        result = run_main(["sum", str(tmp_path / "all"), *(str(tmp_path / i) for i in inputs)])
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"sum: {tmp_path / 'dump'} is a --dump folder and {tmp_path / 'run'} is not; merge run folders and " \
+               "dump folders apart" in result.stderr
+    assert not os.path.exists(tmp_path / "all")
+
+
 def test_sum_refuses_mixed_blocks(tmp_path):
     matrixfile.write_matrix(str(tmp_path / "a.zstd"), 0, 2, 1, np.zeros(3))
     matrixfile.write_matrix(str(tmp_path / "b.zstd"), 1, 2, 1, np.zeros(3))

@@ -177,6 +177,16 @@ def test_resume_refuses_other_options_and_finished_runs(llama, tmp_path):
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume")), "nothing to resume")
 
 
+def test_resume_without_checkpoints_says_it_starts(llama, tmp_path):
+    """--resume on an empty --out (the SLURM scripts always pass it) starts, and says so rather than
+    'resuming from 0 checkpoint(s) ...: 0 chunks finished'."""
+    out = str(tmp_path / "out")
+    result = ok(run_main(args(llama, tiny.sample_path(), out, "--chunks", "2", "--resume")))
+    assert f"mpicorr: --resume: no checkpoint in {checkpoint.folder(out)}; starting from the first chunk" \
+        in result.stdout
+    assert "resuming from" not in result.stdout
+
+
 def test_damaged_checkpoint_is_named(llama, tmp_path):
     data = tiny.sample_path()
     out = str(tmp_path / "out")

@@ -90,6 +90,26 @@ def test_hostfile_helper_expands_tasks_per_node(tmp_path):
     assert [(h.host, h.slots, h.weight) for h in hosts] == [("gpu01", 2, 1.0), ("gpu02", 2, 3.0), ("cpu07", 1, 1.0)]
 
 
+@pytest.mark.parametrize("out", [["--out", "runs/big"], ["--out=runs/big"]])
+def test_array_script_takes_out_in_either_spelling(tmp_path, out):
+    """slurm/array.sbatch with stand-ins for sbatch and launch.sh: task K writes OUT/part-K and the merge
+    reads OUT/part-*, whether --out is given as '--out DIR' or '--out=DIR' (the latter once reached every
+    task unchanged, so all tasks wrote DIR itself and the merge found no parts)."""
+    for name in ("sbatch", "launch.sh"):
+        (tmp_path / name).write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "MPICORR_SLURM_DIR": str(tmp_path),
+           "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2",
+           "SLURM_ARRAY_JOB_ID": "7"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "slurm", "array.sbatch"), "--model", "M", *out,
+                             "--data", "D"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sbatch, launch = result.stdout.splitlines()
+    assert "sum 'runs/big/merged' 'runs/big'/part-*" in sbatch
+    assert launch == "launch.sh --part 0/2 --out runs/big/part-0 --resume --model M --data D"
+    assert not os.path.exists(tmp_path / "runs" / "7")
+
+
 def test_sbatch_scripts_ask_for_sigterm_before_the_time_limit():
     """mpicorr saves a checkpoint on SIGTERM while counting; SLURM sends one before the kill only when asked
     (--signal), with time to finish a batch and save."""
