@@ -686,7 +686,8 @@ def report(cfg: Config, ppl: float | None, tokens: int, sites, seconds: float, w
         where += " (one folder per threshold: " + ", ".join(os.path.basename(f) for f in
                                                             output_folders(cfg.out, cfg.threshold)) + ")"
     experts = sum(s.experts for s in sites)
-    layers = f"{len({s.layer for s in sites})} layers" + (f" ({experts} experts)" if experts else "")
+    n = len({s.layer for s in sites})
+    layers = f"{n} layer{'s' if n != 1 else ''}" + (f" ({experts} experts)" if experts else "")
     spread = f" (compressed on {writers} ranks)" if writers > 1 else ""
     print(f"mpicorr: counted {layers} in {seconds:.1f} s, reduced and wrote them in {write_s:.1f} s{spread}; "
           f"outputs in {where}", flush=True)
