@@ -138,10 +138,14 @@ def dispatch(argv: list[str], comm) -> None:
         from .plan import MAX_RANKS
         if not 1 <= args.ranks <= MAX_RANKS:
             raise SharedError(f"--ranks {args.ranks}: must be a whole number from 1 to {MAX_RANKS}")
-        print(comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True))
+        text = comm.checked(lambda: dry_plan(cfg, args.ranks), root_only=True)
+        if comm.rank == 0:  # under mpirun: said once, not once per rank
+            print(text)
     elif args.cmd == "inspect":
         from .models import describe
-        print(comm.checked(lambda: describe(args.model, args.site_module, args.site), root_only=True))
+        text = comm.checked(lambda: describe(args.model, args.site_module, args.site), root_only=True)
+        if comm.rank == 0:
+            print(text)
     elif args.cmd == "bench":
         from .bench import main as bench_main
         bench_main(args)
@@ -169,6 +173,14 @@ LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK
 def launched() -> bool:
     """Whether an MPI launcher (mpirun, srun) started this process."""
     return any(v in os.environ for v in LAUNCHER_VARIABLES)
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher (mpirun, srun) numbered it, without starting MPI; 0 when none did."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def live_progress() -> bool:
@@ -213,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     comm, previous = Alone(), threading.excepthook
     try:
+        if argv[:1] and argv[0] in FILE_COMMANDS and launched_rank() > 0:
+            return 0  # `mpirun -n N ... sum`: the file commands, which never start MPI, run once (on rank 0)
         if not (argv[:1] and argv[0] in FILE_COMMANDS):  # the file commands never start MPI
             if not launched():
                 precheck(argv)

@@ -419,3 +419,16 @@ def test_sum_killed_while_writing_is_cleaned_by_the_next(three_runs, tmp_path):
     assert left == [f".m.tmp{proc.pid}"] and os.listdir(out) == []
     assert run_main(["sum", str(out), a, b]).returncode == 0
     assert sorted(os.listdir(tmp_path)) == ["m"] and run_main(["verify", str(out)]).returncode == 0
+
+
+def test_commands_under_mpirun_run_once(llama, sample_path, three_runs, tmp_path):
+    """`mpirun -n 2 python -m mpicorr sum ...` ran the sum on both ranks, which raced for the output folder (one
+    refused by the other's lock, mpirun's status an error), and `plan` printed its table once per rank."""
+    a, b, _ = three_runs
+    merged = tmp_path / "m"
+    result = run_cli(["sum", str(merged), a, b], ranks=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("2 runs merged") == 1 and run_main(["verify", str(merged)]).returncode == 0
+    result = run_cli(["plan", "--model", llama, "--data", sample_path, "--ctx", "64", "--ranks", "3"], ranks=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("rank  host") <= 1 and result.stdout.count("chunks of") == 1, result.stdout
