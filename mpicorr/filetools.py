@@ -312,7 +312,7 @@ def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs
         tmp = staging_path(out, made)
         shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
         try:
-            make_staging(tmp)
+            make_staging(tmp, out)
             yield tmp
             try:
                 install(tmp, out, made, clear, last)
@@ -334,12 +334,16 @@ def staging_path(out: str, made: bool) -> str:
     return os.path.join(out, f"{STAGING}{os.getpid()}")
 
 
-def make_staging(tmp: str) -> None:
-    """Make the staging folder, marked as this process's (MARK), so that a later sum into the same folder can
-    tell a leftover of a killed sum from anything else."""
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, MARK), "w", encoding="utf-8") as fh:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, fh)
+def make_staging(tmp: str, out: str) -> None:
+    """Make the staging folder of a sum into `out`, marked as this process's (MARK), so that a later sum into the
+    same folder can tell a leftover of a killed sum from anything else."""
+    try:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, MARK), "w", encoding="utf-8") as fh:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, fh)
+    except OSError as exc:  # a full disk, a folder we may not write
+        raise UserError(f"sum {out}: cannot write there ({exc.strerror}); free space or choose a writable folder "
+                        f"on another disk") from None
 
 
 def remove_stale_staging(out: str) -> None:
@@ -348,11 +352,19 @@ def remove_stale_staging(out: str) -> None:
     them now; still, only folders whose MARK names this host and a process that no longer runs are deleted
     (a folder of a sum on another host, or an unmarked one, is left)."""
     parent, name = os.path.split(os.path.abspath(out))
-    inside = [os.path.join(out, n) for n in os.listdir(out) if STAGING_NAME.fullmatch(n)]
-    beside = [os.path.join(parent, n) for n in os.listdir(parent) if re.fullmatch(rf"\.{re.escape(name)}\.tmp\d+", n)]
+    inside = [os.path.join(out, n) for n in _listing(out) if STAGING_NAME.fullmatch(n)]
+    beside = [os.path.join(parent, n) for n in _listing(parent) if re.fullmatch(rf"\.{re.escape(name)}\.tmp\d+", n)]
     for folder in inside + beside:
         if _stale(folder):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _listing(folder: str) -> list[str]:
+    """The names in `folder`; none where it cannot be listed (a parent folder the user may not read)."""
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 def _stale(folder: str) -> bool:

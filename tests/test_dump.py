@@ -145,7 +145,11 @@ def test_ranks_and_schedules_give_identical_dumps(rank_dumps):
     for name in ("static", "dynamic", "three"):
         index = read_index(rank_dumps[name])
         ranks = {e["file"].split("-")[2] for e in index["shards"]}
-        assert ranks == ({"r0", "r1"} if name != "three" else {"r0", "r1", "r2"}), "every rank writes shards"
+        # every rank that counted chunks writes shards (under --schedule dynamic on a loaded machine, rank 0 can
+        # take every batch before rank 1 has loaded its model)
+        with open(os.path.join(os.path.dirname(rank_dumps[name]), f"out-{name}", "run.json")) as fh:
+            counted = {f"r{r['rank']}" for r in json.load(fh)["ranks"] if r["chunks"]}
+        assert ranks == counted and counted >= ({"r0", "r1"} if name == "static" else {"r0"}), (name, ranks, counted)
         same_content(content(rank_dumps[name]), one)
 
 

@@ -394,7 +394,7 @@ def test_sum_removes_what_killed_sums_left(three_runs, tmp_path):
     for folder in stale:
         leftover(folder, host, int(folder.name.rsplit("tmp", 1)[1]))
     leftover(kept[0], "another-host", dead_pid())
-    leftover(kept[1], host, os.getpid())  # a process that runs
+    leftover(kept[1], host, os.getppid())  # a process that runs (this one's parent)
     leftover(kept[2], None, None)
     assert run_main(["sum", str(out), a, b]).returncode == 0
     assert not any(f.exists() for f in stale) and all(f.exists() for f in kept)

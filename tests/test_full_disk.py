@@ -4,6 +4,7 @@ test mounts: root only, skipped elsewhere. Runs in child processes: before, HDF5
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -113,11 +114,18 @@ def test_sum_on_a_full_disk(llama, small_disk, tmp_path):
         ok(run_main(run_args(llama, part, "--chunk-start", start)))
     disk = small_disk(64 << 10)
     merged = os.path.join(disk, "m")
-    line = one_error_line(run_cli(["sum", merged, *parts]), f"sum {merged}: not enough disk space", "64.0 KiB free")
+    # 60 KiB: the staging folder's mark (.mpicorr-staging.json) takes one 4 KiB page of the 64 KiB tmpfs
+    line = one_error_line(run_cli(["sum", merged, *parts]), f"sum {merged}: not enough disk space", "60.0 KiB free")
     assert not os.path.exists(os.path.join(merged, summary.SUMMARY)), line
     result = without_check(["sum", merged, *parts, "--force"], str(tmp_path))
     one_error_line(result, "No space left on device")
     assert not leftovers(disk) and not os.path.exists(os.path.join(merged, summary.SUMMARY))
+    # a disk so full that not even the staging folder's mark fits: one line, not an OSError (exit 1)
+    with open(os.path.join(disk, "filler"), "wb", buffering=0) as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"x" * 4096)
+    one_error_line(run_cli(["sum", merged, *parts, "--force"]), f"sum {merged}: cannot write there")
+    assert os.listdir(disk) == ["filler"]  # neither the folder this sum made nor its staging folder left
 
 
 def test_read_only_folders_inside_out(llama, small_disk, tmp_path):
