@@ -196,3 +196,11 @@ def locked(out: str, option: str = "--out", instead: str | None = None) -> Itera
         yield
     finally:
         os.close(fd)
+
+
+def check_unlocked(folder: str, option: str = "--out") -> None:
+    """Refuse at once a folder that a running run or sum holds (locked), before a run's long first steps
+    (reading the whole corpus in pass 1); the run takes the lock itself later. A missing folder passes."""
+    if os.path.isdir(folder):
+        with locked(folder, option):
+            pass

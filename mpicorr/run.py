@@ -523,11 +523,19 @@ def place(cfg: Config, comm: Comm) -> Placement:
     return Placement(hosts, mine, devices, writers, len(cpu_sets[comm.rank]))
 
 
+def check_folders_free(cfg: Config) -> None:
+    """Rank 0, before pass 1 (minutes on a large corpus): refuse an --out or --dump another run or sum holds."""
+    outputs.check_unlocked(cfg.out)
+    if cfg.dump:
+        outputs.check_unlocked(cfg.dump, "--dump")
+
+
 def run_locked(cfg: Config, comm: Comm, held: ExitStack, live: bool) -> None:
     """run(), holding (on rank 0) what prepare puts into `held` until it returns."""
     placed = place(cfg, comm)
     hosts, mine, devices = placed.hosts, placed.mine, placed.devices
     device = mine[0]  # the dtype, the token ids and any counts outside a device map go here
+    comm.checked(lambda: check_folders_free(cfg), root_only=True)
     src = read_data(cfg, comm)
     job = comm.checked(lambda: prepare(cfg, hosts, src, held), root_only=True)
     if comm.rank == 0:

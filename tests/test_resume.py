@@ -334,6 +334,25 @@ def test_a_second_run_into_the_same_out_is_refused(llama, tmp_path):
     ok(run_main(args(llama, data, out, "--chunks", "4", "--force")))  # the lock went with the first run
 
 
+def test_a_folder_in_use_is_refused_before_the_corpus_is_read(llama, tmp_path):
+    """A run into an --out (or --dump) another run holds was refused only after its pass 1 had read the whole
+    corpus (minutes for a large one). It is refused first: here the corpus's bad line is never reached."""
+    from mpicorr.outputs import locked
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    out, dump = tmp_path / "o", tmp_path / "d"
+    os.makedirs(out)
+    os.makedirs(dump)
+    with locked(str(out)):
+        one_error_line(run_main(args(llama, str(bad), str(out), "--chunks", "2")),
+                       f"--out {out}: another mpicorr run or sum is using this folder")
+    with locked(str(dump), "--dump"):
+        one_error_line(run_main(args(llama, str(bad), str(out), "--chunks", "2", "--dump", str(dump), "--dump-rate",
+                                     "0.5")),
+                       f"--dump {dump}: another mpicorr run or sum is using this folder")
+    one_error_line(run_main(args(llama, str(bad), str(out), "--chunks", "2")), "line 2")  # unlocked: the data
+
+
 def test_outputs_finished_between_the_check_and_the_lock_are_seen(llama, tmp_path, monkeypatch, capsys):
     """A run checked --out, then locked it: a run or sum that finished in between left outputs the first check
     did not see, and this run would have replaced them without --force. --out is checked again under the lock."""
