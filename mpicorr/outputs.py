@@ -200,7 +200,8 @@ def locked(out: str, option: str = "--out", instead: str | None = None) -> Itera
 
 def check_unlocked(folder: str, option: str = "--out") -> None:
     """Refuse at once a folder that a running run or sum holds (locked), before a run's long first steps
-    (reading the whole corpus in pass 1); the run takes the lock itself later. A missing folder passes."""
-    if os.path.isdir(folder):
+    (reading the whole corpus in pass 1); the run takes the lock itself later. A missing folder passes, and one
+    it may not read (the run's own checks then name the problem)."""
+    if os.path.isdir(folder) and os.access(folder, os.R_OK):
         with locked(folder, option):
             pass
