@@ -130,27 +130,31 @@ def encode(block: int, width: int, trials: int, packed: np.ndarray) -> tuple[byt
     return header_bytes(block, width, trials), frame.getvalue()
 
 
+def _encode_into(fh, block: int, width: int, trials: int, packed: np.ndarray, threads: int) -> str:
+    """Write a matrix file's bytes (header, then the frame compressed on `threads` threads) to `fh`; their
+    SHA-256 (hex)."""
+    _check_shape(packed, width)
+    sink = _Sink(fh)
+    sink.write(header_bytes(block, width, trials))
+    _compress(packed, sink, threads, count_dtype(trials))
+    return sink.sha.hexdigest()
+
+
 def write_matrix(path: str, block: int, width: int, trials: int, packed: np.ndarray, threads: int = 1) -> str:
     """Write one matrix file atomically (temporary name, fsync, rename), compressing on `threads` threads
     (the bytes do not depend on it) with no copy of int32 counts (and of other counts, converted a piece at a
     time); return its SHA-256 (hex)."""
-    _check_shape(packed, width)
+    _check_shape(packed, width)  # before the temporary file is made
     with atomic_write(path) as fh:
-        sink = _Sink(fh)
-        sink.write(header_bytes(block, width, trials))
-        _compress(packed, sink, threads, count_dtype(trials))
-    return sink.sha.hexdigest()
+        return _encode_into(fh, block, width, trials, packed, threads)
 
 
 def encode_file(block: int, width: int, trials: int, packed: np.ndarray, threads: int = 1) -> tuple[memoryview, str]:
     """The bytes write_matrix writes (header and frame), in memory, and their SHA-256 (hex): for a rank that
     compresses a layer which rank 0 then writes with write_encoded."""
-    _check_shape(packed, width)
     buffer = io.BytesIO()
-    sink = _Sink(buffer)
-    sink.write(header_bytes(block, width, trials))
-    _compress(packed, sink, threads, count_dtype(trials))
-    return buffer.getbuffer(), sink.sha.hexdigest()
+    sha = _encode_into(buffer, block, width, trials, packed, threads)
+    return buffer.getbuffer(), sha
 
 
 def write_encoded(path: str, data) -> None:
