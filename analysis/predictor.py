@@ -10,12 +10,12 @@ firing density). Reads only the dump (mpicorr.predictor_data); --save writes the
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 import torch
 
 from mpicorr import analysis, predictor
+from mpicorr.config import check_device
 from mpicorr.errors import UserError
 from mpicorr.predictor_data import LayerData
 
@@ -45,10 +45,9 @@ def parser() -> argparse.ArgumentParser:
 def pick_device(name: str) -> str:
     """--device as torch names it ('auto' resolved); one line, not torch's traceback, for a device string torch
     does not take or a GPU this machine does not have."""
+    check_device(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise UserError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():

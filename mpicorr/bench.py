@@ -12,7 +12,6 @@ is done before); the result is then compared with a plain per-row reference on s
 from __future__ import annotations
 
 import json
-import re
 import resource
 import time
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from . import triangle
+from .config import check_device
 from .errors import UserError
 
 
@@ -102,7 +102,6 @@ def main(args) -> None:
     """Run from parsed arguments and print one JSON line."""
     if args.neurons < 1 or args.tokens < 1 or args.layers < 1 or not 0 <= args.density <= 1:
         raise UserError("bench: --neurons, --tokens and --layers must be >= 1 and --density in [0, 1]")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):  # else torch's error about its device types
-        raise UserError(f"--device {args.device!r}: choose cpu, cuda or cuda:N")
+    check_device(args.device, auto=False)  # else torch's error about its device types
     print(json.dumps(bench(args.neurons, args.tokens, args.density, args.profile, args.device, args.layers,
                            args.kernel)), flush=True)

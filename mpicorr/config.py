@@ -245,8 +245,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--site-module {cfg.site_module!r}: not a regular expression ({exc})") from None
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        raise UserError(f"--device {cfg.device!r}: choose auto, cpu, cuda or cuda:N")
+    check_device(cfg.device)
     if cfg.schedule not in SCHEDULES:
         raise UserError(f"--schedule {cfg.schedule!r}: choose static or dynamic")
     if cfg.kernel not in KERNELS:
@@ -257,6 +256,13 @@ def validate(cfg: Config) -> None:
     if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):
         raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only; use --kernel auto or gemm with --device cuda")
     _check_dump(cfg)
+
+
+def check_device(name: str, auto: bool = True) -> None:
+    """Refuse a --device torch would not take (or not as meant), in one line: cpu, cuda, cuda:N, and auto
+    where `auto`. For run, bench and analysis/predictor.py alike."""
+    if not (re.fullmatch(r"cpu|cuda(:\d+)?", name) or auto and name == "auto"):
+        raise UserError(f"--device {name!r}: choose {'auto, ' if auto else ''}cpu, cuda or cuda:N")
 
 
 def _check_dump(cfg: Config) -> None:

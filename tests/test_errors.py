@@ -69,6 +69,7 @@ def bad_files(llama, tmp_path_factory) -> dict[str, str]:
     (["--model", "MODEL", "--data", "DATA", "--hostfile", "HOSTFILE_OTHER"], ["HOSTFILE_OTHER", "no line for host"]),
     (["--model", "MODEL", "--data", "DATA", "--hostfile", "/nonexistent/hosts"], ["/nonexistent/hosts", "cannot read"]),
     (["--model", "MODEL", "--data", "DATA", "--device", "cuda"], ["CUDA is not available"]),
+    (["--model", "MODEL", "--data", "DATA", "--device", "cuda:x"], ["--device 'cuda:x': choose auto, cpu, cuda"]),
     (["--model", "MODEL", "--data", "DATA", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["--model", "MODEL", "--data", "DATA", "--checkpoint-every", "-1"], ["--checkpoint-every", ">= 0"]),
     (["--model", "MODEL", "--data", "DATA", "--part", "4/4"], ["--part '4/4'", "0 <= K < N"]),
