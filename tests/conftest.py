@@ -51,6 +51,17 @@ def run_cli(args: list[str], ranks: int | None = None, cwd: str | None = None,
     return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=cwd, timeout=timeout)
 
 
+def mpirun_pytest(test_file: str, ranks: int) -> str:
+    """Run a test file's tests under `mpirun -n RANKS` (each rank one pytest, the communicator classes on
+    COMM_WORLD as well); its output, once every rank passed."""
+    cmd = [MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           os.path.abspath(test_file)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
+                            cwd=os.path.dirname(os.path.abspath(test_file)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 def run_main(args: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
     """`python -m mpicorr ARGS` in this process (fast: no interpreter and torch start-up), for error paths.
 

@@ -6,14 +6,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 import pytest
 
-from conftest import MPIRUN, cli_env
+from conftest import MPIRUN, mpirun_pytest
 from mpicorr import dist
 from mpicorr.errors import UserError
 
@@ -269,9 +267,5 @@ class TestNoMPI(BaseComm):
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
 @pytest.mark.skipif("OMPI_COMM_WORLD_SIZE" in os.environ, reason="already under mpirun")
 def test_under_mpirun():
-    cmd = [MPIRUN, "--oversubscribe", "-n", "2", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           os.path.abspath(__file__)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("37 passed") == 2, result.stdout
+    stdout = mpirun_pytest(__file__, 2)
+    assert stdout.count("37 passed") == 2, stdout

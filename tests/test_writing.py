@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MPIRUN, cli_env, run_main
+from conftest import MPIRUN, cli_env, mpirun_pytest, run_main
 from mpicorr import dist, matrixfile, summary, tiny, writing
 from mpicorr.counting import LayerCounts, split_stats
 from mpicorr.units import Unit
@@ -42,13 +42,19 @@ def counted(rank: int) -> list[LayerCounts]:
     return units + [router]
 
 
-def write(c: dist.Comm, ranks: list[int], threads: int) -> str | None:
-    """Reduce and write this rank's counts through writing.reduce_and_write_units; rank 0's folder."""
+def threshold_folders(c: dist.Comm) -> tuple[str, list[str]]:
+    """A new output folder (rank 0's, named on every rank) and its folder per threshold, made on rank 0."""
     out = c.bcast(tempfile.mkdtemp() if c.rank == 0 else None)
     folders = [os.path.join(out, f"t{i}") for i in range(len(THRESHOLDS))]
     if c.rank == 0:
         for folder in folders:
             os.makedirs(folder)
+    return out, folders
+
+
+def write(c: dist.Comm, ranks: list[int], threads: int) -> str | None:
+    """Reduce and write this rank's counts through writing.reduce_and_write_units; rank 0's folder."""
+    out, folders = threshold_folders(c)
     with writing.summary_writers(folders, c.rank == 0) as files, writing.UnitWriter(threads, cpus=2) as writer:
         writing.reduce_and_write_units(c, counted(c.rank), folders, files, writer, ranks)
     return out if c.rank == 0 else None
@@ -131,11 +137,7 @@ def held_peak(c: dist.Comm, ranks: list[int], threads: int) -> int:
             held(data)
         return group, data
     c.reduce_sum, c.recv_bytes = reduced, received
-    out = c.bcast(tempfile.mkdtemp() if c.rank == 0 else None)
-    folders = [os.path.join(out, f"t{i}") for i in range(len(THRESHOLDS))]
-    if c.rank == 0:
-        for folder in folders:
-            os.makedirs(folder)
+    _, folders = threshold_folders(c)
     with writing.summary_writers(folders, c.rank == 0) as files, writing.UnitWriter(threads, cpus=2) as writer:
         writer.pool.shutdown()
         writer.pool = DeferredPool()
@@ -244,12 +246,8 @@ class TestWorld(BaseWriting):
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
 @pytest.mark.skipif("OMPI_COMM_WORLD_SIZE" in os.environ, reason="already under mpirun")
 def test_under_mpirun():
-    cmd = [MPIRUN, "--oversubscribe", "-n", "3", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           os.path.abspath(__file__)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("15 passed") == 3, result.stdout
+    stdout = mpirun_pytest(__file__, 3)
+    assert stdout.count("15 passed") == 3, stdout
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found")
