@@ -322,17 +322,20 @@ class Dumper:
     def flush(self) -> None:
         """Write the rows held so far as one shard (none if no token was sampled)."""
         if self.positions:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             name = f"{self.prefix}-{len(self.written):04d}.safetensors"
             ranges = plan.merge_ranges(self.covered)
             tensors = {"positions": torch.from_numpy(np.concatenate(self.positions))}
             tensors.update({k: torch.cat(v).contiguous() for k, v in self.parts.items()})
             meta = {"format": SHARD_FORMAT, "chunk_ranges": json.dumps(ranges)}
+            # Serialized here and written under mpicorr's own temporary name: safetensors' save_file writes a
+            # .tmpXXXXXX of its own beside the file, which a rank killed meanwhile left, and --resume then refused
+            # the folder as holding files that are not a dump. (Briefly holds the shard's bytes once more.)
+            data = save(tensors, metadata=meta)
             try:
-                with atomic_path(os.path.join(self.sample.folder, name)) as tmp:
-                    save_file(tensors, tmp, metadata=meta)
-                    os.chmod(tmp, 0o666 & ~umask())  # safetensors creates files 0600; readable like the rest
+                with atomic_write(os.path.join(self.sample.folder, name)) as fh:
+                    fh.write(data)
             except OSError as exc:
                 raise UserError(f"--dump {self.sample.folder}: cannot write {name} ({exc}); free space or "
                                 f"choose another folder, then --resume") from None
@@ -343,13 +346,6 @@ class Dumper:
         """Write what is left; the index entries of every shard this rank wrote."""
         self.flush()
         return self.written
-
-
-def umask() -> int:
-    """The process's umask (read by setting it, so set back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 class Tee:
