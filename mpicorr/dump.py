@@ -212,13 +212,11 @@ def open_folder(sample: Sample, ctx: int, resume: bool, finished: list[plan.Batc
     """Rank 0, once every check has passed: create the folder and lock it until `held` closes (another run
     dumping there now is refused), emptied of an earlier dump, or on --resume keep the shards the live
     checkpoints cover (`finished`) and delete the rest. The sample with the kept shards."""
-    try:
-        os.makedirs(sample.folder, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--dump {sample.folder}: cannot create the folder ({exc.strerror})") from None
+    made = outputs.make_folder(sample.folder, "--dump")
     if not os.access(sample.folder, os.W_OK):
         raise UserError(f"--dump {sample.folder}: folder is not writable; choose another folder")
     if held is not None:
+        held.enter_context(outputs.removed_if_failed(made))  # a run that fails before dumping leaves none
         held.enter_context(outputs.locked(sample.folder, "--dump"))
     if resume and not finished and os.path.exists(os.path.join(sample.folder, INDEX)):
         raise UserError(f"--dump {sample.folder}: holds a finished dump, and no checkpoint of an interrupted "

@@ -198,6 +198,44 @@ def locked(out: str, option: str = "--out", instead: str | None = None) -> Itera
         os.close(fd)
 
 
+def make_folder(path: str, option: str) -> list[str]:
+    """Create the folder `path` (and its missing parents) for `option`; return the folders this call made,
+    deepest first (none when it existed: the user's, or another command's that has just made it, which the
+    lock then tells apart), for removed_if_failed."""
+    made = missing(path)
+    try:
+        os.makedirs(path)
+    except FileExistsError:
+        return []
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot create the folder ({exc.strerror}); choose a writable "
+                        f"place") from None
+    return made
+
+
+def missing(path: str) -> list[str]:
+    """`path` and those of its parent folders that do not exist, deepest first."""
+    path, found = os.path.abspath(path), []
+    while not os.path.lexists(path):
+        found.append(path)
+        path = os.path.dirname(path)
+    return found
+
+
+@contextmanager
+def removed_if_failed(made: list[str]) -> Iterator[None]:
+    """Remove the folders a command made (make_folder), deepest first, if it fails: a run or sum that fails
+    before writing anything leaves no empty folder behind. Only folders still empty go: one that holds a
+    checkpoint, an output or a file someone put there is kept."""
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            with suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
 def check_unlocked(folder: str, option: str = "--out") -> None:
     """Refuse at once a folder that a running run or sum holds (locked), before a run's long first steps
     (reading the whole corpus in pass 1); the run takes the lock itself later. A missing folder passes, and one

@@ -203,7 +203,8 @@ def prepare(cfg: Config, hosts: list[str], src: Data, held: ExitStack) -> Job:
     sha = data.data_sha256(src.corpus, manifest)
     weights = hostfile_weights(cfg.hostfile, hosts)
     sample = dumping.plan_sample(cfg, src.layout.chunks, start, count) if cfg.dump else None
-    check_out(cfg.out, cfg.force, cfg.resume, cfg.threshold)  # makes --out, so that it can be locked
+    made = check_out(cfg.out, cfg.force, cfg.resume, cfg.threshold)  # makes --out, so that it can be locked
+    held.enter_context(outputs.removed_if_failed(made))  # a run that fails before writing leaves no empty --out
     held.enter_context(outputs.locked(cfg.out))
     check_out(cfg.out, cfg.force, cfg.resume, cfg.threshold)  # again: a run or sum that ended in between is seen
     work = plan.batches(start, count, cfg.batch_size)
@@ -293,10 +294,11 @@ def hostfile_weights(path: str | None, hosts: list[str]) -> list[float]:
     return plan.rank_weights(read_hostfile(path), hosts, hostfile_label(path))
 
 
-def check_out(out: str, force: bool, resume: bool = False, thresholds: tuple[float, ...] = (0.5,)) -> None:
+def check_out(out: str, force: bool, resume: bool = False, thresholds: tuple[float, ...] = (0.5,)) -> list[str]:
     """Create the output folder; refuse to overwrite another run's outputs or checkpoints unless told to.
     Matrix files without summary.h5 (written last) are a run that failed while writing, not a finished one.
-    A file where the run puts a folder (checkpoints/, threshold-<T>/) is refused now, not after counting."""
+    A file where the run puts a folder (checkpoints/, threshold-<T>/) is refused now, not after counting.
+    Returns the folders it made (outputs.make_folder)."""
     foreign = outputs.foreign(out)
     if foreign:  # a run writes a file by this name there, and --force deletes mpicorr's: never a user's file
         raise UserError(f"--out {out}: {foreign}: not written by mpicorr (a run writes its own "
@@ -316,10 +318,7 @@ def check_out(out: str, force: bool, resume: bool = False, thresholds: tuple[flo
     elif not resume and done:
         raise UserError(f"--out {out}: already holds outputs of a run; choose another folder or add --force"
                         if finished else f"{incomplete}; add --force to start over")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+    made = outputs.make_folder(out, "--out")
     if not os.access(out, os.W_OK):
         raise UserError(f"--out {out}: folder is not writable; choose another --out")
     for folder in [checkpoint.folder(out), *output_folders(out, thresholds), *outputs.holding(out)]:
@@ -329,6 +328,7 @@ def check_out(out: str, force: bool, resume: bool = False, thresholds: tuple[flo
         if os.path.isdir(folder) and not os.access(folder, os.W_OK):  # written, or its old outputs deleted
             raise UserError(f"--out {out}: {folder}: folder is not writable; make it writable or choose "
                             f"another --out")
+    return made
 
 
 def start_out(cfg: Config, needed: int) -> None:

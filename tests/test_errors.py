@@ -91,7 +91,7 @@ def test_bad_input_is_one_line_exit_2(llama, tiny_models, sample_path, bad_files
     result = run_main(["run", *args, "--out", str(out), "--ctx", str(CTX)] if "--ctx" not in args
                       else ["run", *args, "--out", str(out)], cwd=str(tmp_path))
     one_error_line(result, *[subst.get(n, n) for n in needles])
-    assert not out.exists() or not os.listdir(out)
+    assert not out.exists()
 
 
 def test_default_hostfile_is_named_and_hostfile_none_gives_equal_weights(llama, sample_path, tmp_path):
@@ -155,6 +155,24 @@ def test_output_folders_that_are_files_are_refused_before_counting(llama, sample
         result = run_main([*args, "--out", str(out), *extra])
         one_error_line(result, f"--out {out}: {out / name} is not a folder")
         assert "chunk " not in result.stdout and sorted(os.listdir(out)) == [name]
+
+
+def test_a_run_failing_after_making_its_folders_leaves_none(llama, sample_path, tmp_path):
+    """A run refused once it has made --out and --dump (here --stage-model finding the user's folder where it
+    would copy the model) removes both again, with their missing parents; before, both stayed, empty. A folder
+    that existed stays, and so does the user's folder."""
+    root = tmp_path / "node-local"
+    (root / os.path.basename(llama)).mkdir(parents=True)
+    (root / os.path.basename(llama) / "mine.txt").write_text("the user's own")
+    out, dump, kept = tmp_path / "new" / "out", tmp_path / "dump", tmp_path / "kept"
+    kept.mkdir()
+    args = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "2",
+            "--stage-model", str(root)]
+    one_error_line(run_main([*args, "--out", str(out), "--dump", str(dump), "--dump-tokens", "8"]),
+                   "was not made by --stage-model")
+    assert not (tmp_path / "new").exists() and not dump.exists()
+    one_error_line(run_main([*args, "--out", str(kept)]), "was not made by --stage-model")
+    assert kept.is_dir() and (root / os.path.basename(llama) / "mine.txt").read_text() == "the user's own"
 
 
 def test_shared_error_under_mpirun_is_reported_once(llama, sample_path, tmp_path):
