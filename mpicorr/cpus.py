@@ -6,12 +6,32 @@ OMPI_COMM_WORLD_LOCAL_SIZE in the environment, starts one thread per rank even w
 core (`mpirun --bind-to none`). So each rank sets torch's and numba's threads to its share: the cores it may run
 on, at most the host's cores divided by the ranks on the host, unless the user chose with OMP_NUM_THREADS or
 NUMBA_NUM_THREADS. Under mpirun, a rank bound to fewer cores than that share is reported once, with the option
-that frees them (under srun the CPUs are the job's allocation).
+that frees them (under srun the CPUs are the job's allocation). A third: with OMP_PROC_BIND or GOMP_CPU_AFFINITY
+set (common in HPC environments), importing torch pins the main thread to one CPU; restore() undoes that first.
 """
 
 from __future__ import annotations
 
 import os
+
+
+def _affinity() -> frozenset[int] | None:
+    return frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
+# The CPUs this process started with, read when mpicorr is imported (its __init__ imports this module first),
+# before torch: with OMP_PROC_BIND or GOMP_CPU_AFFINITY set, loading torch's OpenMP runtime pins the main thread
+# to one CPU, and every thread started from it afterwards (the writers, zstd's workers) would share that CPU.
+STARTED = _affinity()
+
+
+def restore() -> None:
+    """Give the main thread back the CPUs the process started with where OpenMP has pinned it to fewer since
+    (OMP_PROC_BIND, GOMP_CPU_AFFINITY); OpenMP's own worker threads keep their places. Never more than it
+    started with: mpirun's or srun's binding stays."""
+    now = _affinity()
+    if STARTED and now is not None and now < STARTED:
+        os.sched_setaffinity(0, STARTED)
 
 
 def share(allowed: int, host: int, ranks_here: int) -> int:

@@ -508,6 +508,7 @@ def place(cfg: Config, comm: Comm) -> Placement:
     """Each rank sets its CPU threads to its share of its host (mpicorr.cpus), takes its GPU(s), makes the first
     current, and rank 0 refuses two ranks on one GPU."""
     hosts = comm.allgather(comm.host)
+    cpus.restore()  # before reading the CPU set: OpenMP may have pinned this thread when torch loaded
     every = comm.allgather(cpus.found())
     cpus.apply(cpus.share(*every[comm.rank], hosts.count(comm.host)))
     note = cpus.binding_note(hosts, every) if cpus.started_by_mpirun() else None

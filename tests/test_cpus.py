@@ -78,16 +78,42 @@ def test_apply_undoes_torchs_one_thread_under_mpi_but_keeps_the_users_choice(use
 @pytest.mark.skipif(MPIRUN is None or len(os.sched_getaffinity(0)) < 2, reason="needs mpirun and two CPUs")
 def test_a_run_bound_to_one_core_says_so_once(llama, sample_path, tmp_path):
     """mpirun -n 1 binds its rank to one core: the run says so in one warning line and names --bind-to none;
-    with --bind-to none it does not, and the counts are the same."""
+    with --bind-to none it does not, also with OMP_PROC_BIND set (torch's OpenMP runtime pinned the main thread
+    to one CPU, and the run warned and used one), and the counts are the same."""
     bound, free = tmp_path / "bound", tmp_path / "free"
     common = [sys.executable, "-m", "mpicorr", "run", "--model", llama, "--data", sample_path, "--ctx", "16",
               "--chunks", "4", "--hostfile", "none"]
     one = subprocess.run([MPIRUN, "--bind-to", "core", "-n", "1", *common, "--out", str(bound)], env=cli_env(),
                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
-    two = subprocess.run([MPIRUN, "--bind-to", "none", "-n", "1", *common, "--out", str(free)], env=cli_env(),
+    two = subprocess.run([MPIRUN, "--bind-to", "none", "-n", "1", *common, "--out", str(free)],
+                         env={**cli_env(), "OMP_PROC_BIND": "true"},
                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     warned = [line for line in one.stdout.splitlines() if line.startswith("mpicorr: warning:")]
     assert len(warned) == 1 and "--bind-to none" in warned[0] and "mpicorr: warning" not in two.stdout
     for name in ("correlations_block_0.zstd", "correlations_block_1.zstd"):
         assert (bound / name).read_bytes() == (free / name).read_bytes()
+
+
+PINNED = """import os, threading
+import mpicorr, torch
+from mpicorr import cpus
+pinned = len(os.sched_getaffinity(0))
+cpus.restore()
+seen = []
+thread = threading.Thread(target=lambda: seen.append(len(os.sched_getaffinity(0))))
+thread.start(); thread.join()
+print(pinned, len(os.sched_getaffinity(0)), seen[0])"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("variable", [{"OMP_PROC_BIND": "true"}, {"GOMP_CPU_AFFINITY": "0-63"}])
+def test_restore_unpins_the_main_thread_that_openmp_pinned(variable):
+    """With OMP_PROC_BIND or GOMP_CPU_AFFINITY set, importing torch pins the main thread to one CPU (so the run
+    took itself to be bound to one core, and its writer threads shared it); restore() gives it back every CPU
+    the process started with, and threads started afterwards have them too."""
+    env = {**cli_env(), **variable}
+    got = subprocess.run([sys.executable, "-c", PINNED], env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+    every = str(len(os.sched_getaffinity(0)))
+    assert got == ["1", every, every]
