@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import cli_env, run_cli, run_main
+from conftest import MPIRUN, cli_env, run_cli, run_main
 from mpicorr import filetools, summary, tiny
 from test_errors import one_error_line
 from test_pipeline import ok
@@ -161,3 +161,16 @@ def test_write_to_a_read_only_folder_is_one_line(small_disk, tmp_path):
     with pytest.raises(UserError, match=r"x\.bin: cannot write \(Read-only file system\)"):
         with atomic_write(os.path.join(disk, "x.bin")) as fh:
             fh.write(b"data")
+
+
+@pytest.mark.skipif(MPIRUN is None or len(os.sched_getaffinity(0)) < 2, reason="needs mpirun and two CPUs")
+def test_disk_full_writing_a_file_another_rank_compressed(llama, small_disk, tmp_path):
+    """Two ranks bound to a core each both compress (writing.compressing_ranks): layer 1 is rank 1's, whose bytes
+    rank 0 receives and writes. The disk fills at that file: one line naming it, exit 2 (MPI_Abort ends rank 1
+    too, so mpirun neither hangs nor succeeds), no temporary left. 12 KiB: run.json and layer 0's file fit."""
+    out = os.path.join(small_disk(12 << 10), "o")
+    result = subprocess.run([MPIRUN, "--bind-to", "core", "-n", "2", sys.executable, "-c", NO_SPACE_CHECK,
+                             *run_args(llama, out, "--hostfile", "none")], env=cli_env(), capture_output=True,
+                            text=True, cwd=str(tmp_path), timeout=300)
+    one_error_line(result, "rank 0", f"{out}/correlations_block_1.zstd: cannot write (No space left on device")
+    assert not leftovers(out) and sorted(os.listdir(out)) == ["correlations_block_0.zstd", "run.json"]
