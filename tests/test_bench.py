@@ -161,7 +161,8 @@ def test_overhead_repeats_bare_forward_and_run_in_turn(monkeypatch, llama, sampl
     args = overhead.parser().parse_args(["--model", llama, "--data", sample_path, "--ctx", "16", "--chunks", "3",
                                          "--repeat", "3", "--work", str(tmp_path)])
     model = models.load_model(llama, torch.float32, ["cpu"])
-    monkeypatch.setattr(models, "load_model", models.load_model)  # timed_run replaces it: restored afterwards
+    monkeypatch.setattr(models, "load_model", models.load_model)  # timed_run replaces these: restored afterwards
+    monkeypatch.setattr(models, "check_weights", models.check_weights)
     bare, runs = [], []
     real_bare, real_run = overhead.bare_forward, overhead.timed_run
     monkeypatch.setattr(overhead, "bare_forward", lambda *a: bare.append(len(a[1])) or real_bare(*a))
@@ -171,3 +172,21 @@ def test_overhead_repeats_bare_forward_and_run_in_turn(monkeypatch, llama, sampl
     assert len(got["ratios"]) == 3 and got["ratio"] == sorted(got["ratios"])[1]
     assert got["chunks"] == 3 and got["counting_s"] is not None and got["run_after_load_s"] > 0
     assert os.path.exists(os.path.join(tmp_path, "out", "summary.h5"))
+
+
+def test_gpu_model_benchmark_runs_on_a_folder_without_weights(sample_path, tmp_path):
+    """benchmarks/gpu.py model (what benchmarks/gpu_all.sh runs for the 1.5x figure) builds Mistral-7B's shapes in
+    memory and writes no weights; the run's weight-file check, added after its last GPU run, refused that folder
+    ('no weights'), which only a GPU session would have found. Here on the CPU (--device cpu is the script's
+    check mode): one Mistral-shaped layer, two chunks of 32 tokens, the JSON line with its ratio."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "model", "--data",
+                             sample_path, "--chunks", "2", "--ctx", "32", "--layers", "1", "--batch-size", "1",
+                             "--vocab", "500", "--device", "cpu", "--work", str(tmp_path)],
+                            capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = json.loads([ln for ln in result.stdout.splitlines() if ln.startswith("{")][-1])
+    assert line["chunks"] == 2 and line["ratio"] > 0 and line["counting_s"] > 0 and line["device"] == "cpu"
