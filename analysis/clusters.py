@@ -18,6 +18,7 @@ from mpicorr import analysis, clusters, figures
 from mpicorr.errors import UserError
 
 HEADER = "layer  inside  random_inside  touched        random_touched  of K"
+DEFAULT_CLUSTERS = 8  # K without --clusters; a narrower layer (--site heads of a small model) gets its width
 
 
 def quality_row(r: clusters.LayerClusters) -> dict:
@@ -37,27 +38,45 @@ def format_row(r: dict) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared with report.py."""
-    p.add_argument("--clusters", type=int, default=8, help="clusters K per layer")
+    p.add_argument("--clusters", type=int, default=None,
+                   help=f"clusters K per layer (default: {DEFAULT_CLUSTERS}, or the layer's width where it has fewer "
+                        f"neurons, as --site heads of a small model; a K given here must fit every layer)")
     p.add_argument("--balanced", action="store_true", help="clusters of equal size (sizes differ by at most one)")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the random baseline")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse option values that cannot work, before any file is read."""
-    if args.clusters < 1:
+    if args.clusters is not None and args.clusters < 1:
         raise UserError(f"--clusters {args.clusters}: must be at least 1")
+
+
+def clusters_for(args: argparse.Namespace, width: int) -> int:
+    """K for a layer of `width` neurons: --clusters as given (cluster_layer refuses one larger than the
+    layer), else the default, or the width of a narrower layer."""
+    return args.clusters if args.clusters is not None else min(DEFAULT_CLUSTERS, width)
 
 
 def cluster(lm: analysis.LayerMatrix, args: argparse.Namespace) -> clusters.LayerClusters:
     """Cluster one layer."""
-    return clusters.cluster_layer(lm.layer, clusters.dense(lm.packed, lm.width), lm.trials, args.clusters,
-                                  args.balanced, args.seed)
+    return clusters.cluster_layer(lm.layer, clusters.dense(lm.packed, lm.width), lm.trials,
+                                  clusters_for(args, lm.width), args.balanced, args.seed)
+
+
+def narrowed(args: argparse.Namespace, results: list[clusters.LayerClusters]) -> str | None:
+    """The note that the default K was lowered to the width of narrower layers; None when it was not."""
+    few = {r.layer: len(r.labels) for r in results if len(r.labels) < DEFAULT_CLUSTERS}
+    if args.clusters is not None or not few:
+        return None
+    layers = ", ".join(f"{layer} ({width})" for layer, width in few.items())
+    return (f"--clusters not given: K = {DEFAULT_CLUSTERS}, lowered to the layer's width (one cluster per neuron) "
+            f"for the layers with fewer neurons: {layers}")
 
 
 def file_attributes(args: argparse.Namespace) -> dict:
-    """Root attributes of clusters.h5."""
-    return {"run_dir": os.path.abspath(args.run_dir), "clusters": args.clusters, "balanced": args.balanced,
-            "seed": args.seed, "affinity": "count"}
+    """Root attributes of clusters.h5 (`clusters`: the K asked; a narrower layer's is its width)."""
+    return {"run_dir": os.path.abspath(args.run_dir), "clusters": args.clusters or DEFAULT_CLUSTERS,
+            "balanced": args.balanced, "seed": args.seed, "affinity": "count"}
 
 
 def main() -> int:
@@ -76,6 +95,8 @@ def main() -> int:
         print(HEADER)
         for r in rows:
             print(format_row(r))
+        if note := narrowed(args, results):
+            print(note)
         clusters.write_clusters(os.path.join(out, clusters.CLUSTERS), results, file_attributes(args))
         figures.cluster_quality(rows, os.path.join(out, "cluster_quality.png"))
         print(f"outputs in {out}: {clusters.CLUSTERS}, cluster_quality.png")

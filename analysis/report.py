@@ -117,8 +117,9 @@ def draw_figures(layers: dict[int, dict], args: argparse.Namespace, folder: str)
     return {name: embed(p) for name, p in out.items()}
 
 
-def render(run_dir: str, meta: dict, layers: dict[int, dict], imgs: dict[str, str], args) -> str:
-    """The report's HTML."""
+def render(run_dir: str, meta: dict, layers: dict[int, dict], imgs: dict[str, str], args,
+           note: str | None = None) -> str:
+    """The report's HTML; `note`: clusters.py's word on a K lowered for narrow layers."""
     meta_rows = [[k, _plain(meta[k])] for k in META_KEYS if k in meta] or [["source", "matrix files only "
                                                                             "(original tool's format)"]]
     firing_rows = [[f["layer"], f["width"], f["trials"], f["density"], f["alpha"], f["coverage20"], f["dead"],
@@ -146,8 +147,9 @@ def render(run_dir: str, meta: dict, layers: dict[int, dict], imgs: dict[str, st
         imgs["distributions"],
         "<h2>Heatmaps</h2><p>Lift on one colour scale for all layers (red: fire together more than chance, "
         "blue: less, grey: no value), neurons by firing frequency:</p>", imgs["sheet_frequency"], "<p>The same, neurons in cluster order:</p>", imgs["sheet_cluster"],
-        f"<h2>Clusters</h2><p>K = {args.clusters}{' balanced' if args.balanced else ''} spectral clusters of the "
-        "co-firing graph; touched = clusters an average token touches (bounds from pairwise counts).</p>",
+        f"<h2>Clusters</h2><p>K = {args.clusters or clusters_script.DEFAULT_CLUSTERS}"
+        f"{' balanced' if args.balanced else ''} spectral clusters of the co-firing graph; touched = clusters an "
+        f"average token touches (bounds from pairwise counts).{html.escape(' ' + note) if note else ''}</p>",
         table(["layer", "K", "inside share", "random inside", "touched", "random touched"], quality_rows),
         imgs.get("quality", ""),
         f"<h2>Bundles</h2><p>Neurons j with P(j | i) ≥ {args.q} (pairs with support ≥ {args.min_support}).</p>",
@@ -188,10 +190,13 @@ def main() -> int:
                               {"q": args.q, "min_support": args.min_support, "run_dir": os.path.abspath(args.run_dir)})
         with tempfile.TemporaryDirectory() as tmp:
             imgs = draw_figures(layers, args, tmp)
-        page = render(args.run_dir, analysis.metadata(args.run_dir), layers, imgs, args)
+        note = clusters_script.narrowed(args, found)
+        page = render(args.run_dir, analysis.metadata(args.run_dir), layers, imgs, args, note)
         path = os.path.join(out, "report.html")
         with atomic_write(path) as fh:
             fh.write(page.encode())
+        if note:
+            print(note)
         print(f"{path} ({len(page) / 1e6:.1f} MB); data: cofiring_top_pairs.csv, {clusters.CLUSTERS}, {bundles.BUNDLES}")
 
     return analysis.run_script("report.py", body)

@@ -133,7 +133,7 @@ def dispatch(argv: list[str], comm) -> None:
     if args.cmd in FILE_COMMANDS:
         file_command(args, command)
     elif args.cmd == "plan":
-        from .run import dry_plan
+        from .preview import dry_plan
         cfg = shared_config(args, command, comm)
         from .plan import MAX_RANKS
         if not 1 <= args.ranks <= MAX_RANKS:

@@ -71,7 +71,8 @@ HELP = {
     "data": "what to count (required): a UTF-8 text file (one document, tokenized whole), a jsonl, jsonl.gz, "
             "jsonl.zst, parquet or arrow file, a folder or quoted glob of such shards (read in sorted order; "
             ".txt files in a folder are one document each), or a folder written by datasets' save_to_disk",
-    "text_field": "the JSON field, parquet or arrow column that holds each document's text (default: text)",
+    "text_field": "the JSON field, parquet or arrow column that holds each document's text (default: text; "
+                  "plain text has no fields: another value is refused there)",
     "chunking": "concat: the documents' tokens one after another, cut every --ctx tokens, BOS in place of each "
                 "chunk's first token; document: each document alone with BOS first, cut every --ctx tokens, "
                 "shorter documents and remainders dropped (default: concat)",

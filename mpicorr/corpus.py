@@ -33,6 +33,7 @@ ARRAY_LIMIT = 1 << 30     # bytes of a JSON array file read whole (parsing takes
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz", ".json.gz": "jsonl.gz",
             ".jsonl.zst": "jsonl.zst", ".jsonl.zstd": "jsonl.zst", ".json.zst": "jsonl.zst",
             ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+DEFAULT_TEXT_FIELD = "text"  # config.Config.text_field's default (config does not import this module)
 HF_STATE = "state.json"   # written by datasets' save_to_disk next to its arrow files
 HF_DICT = "dataset_dict.json"
 
@@ -116,6 +117,7 @@ def file_sha256(path: str) -> str:
 def open_corpus(spec: str, text_field: str = "text") -> Corpus:
     """Resolve --data into its shards (checked to exist and be readable; their contents are checked as they
     are read)."""
+    plain = False
     if _is_glob(spec):
         paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not paths:
@@ -126,10 +128,20 @@ def open_corpus(spec: str, text_field: str = "text") -> Corpus:
         shards = _folder_shards(spec)
     else:
         _check_readable(spec)
-        kind = _kind(spec)
-        return Corpus(spec, (Shard(spec, os.path.basename(spec), kind or "text", os.path.getsize(spec)),),
-                      text_field, plain=kind in (None, "text"))
-    return Corpus(spec, tuple(shards), text_field, plain=False)
+        kind = _kind(spec) or "text"
+        shards, plain = [Shard(spec, os.path.basename(spec), kind, os.path.getsize(spec))], kind == "text"
+    check_text_field(spec, shards, text_field, plain)
+    return Corpus(spec, tuple(shards), text_field, plain)
+
+
+def check_text_field(spec: str, shards: list[Shard], text_field: str, plain: bool) -> None:
+    """Refuse a --text-field other than the default where no shard has fields (plain text only): it would be
+    ignored, and the user meant a corpus with that field."""
+    if text_field == DEFAULT_TEXT_FIELD or any(s.kind != "text" for s in shards):
+        return
+    what = "a plain text file (one document, read whole)" if plain else "plain text files only (each one document)"
+    raise UserError(f"--text-field {text_field}: --data {spec} is {what}, which has no fields; leave out "
+                    f"--text-field (it names the JSON field or the parquet/Arrow column of a corpus)")
 
 
 def folder_name(spec: str) -> str:
@@ -306,12 +318,14 @@ def _jsonl_docs(shard: Shard, field: str) -> Iterator[str]:
     try:
         with _open_lines(shard) as fh:
             if _starts_array(fh):
-                yield from _array_texts(fh, field, where)
+                yield from _array_texts(fh, field, where, plain_hint(shard))
                 return
+            first = True  # a first line that is no JSON object: perhaps plain text under a .json name
             for number, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
-                yield _line_text(raw, field, f"{where}: line {number}")
+                yield _line_text(raw, field, f"{where}: line {number}", plain_hint(shard) if first else None)
+                first = False
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise UserError(f"{where}: cannot read ({exc}); the file is damaged or not {shard.kind}") from None
     except Exception as exc:
@@ -320,14 +334,23 @@ def _jsonl_docs(shard: Shard, field: str) -> Iterator[str]:
         raise UserError(f"{where}: cannot decompress ({exc}); the file is damaged or not zstd") from None
 
 
+def plain_hint(shard: Shard) -> str:
+    """What to do when a shard read as JSON by its name may be plain text (a .json file of prose)."""
+    name = os.path.basename(shard.path)
+    suffix = max((x for x in SUFFIXES if name.lower().endswith(x)), key=len)
+    fix = "rename it to .txt" if shard.kind == "jsonl" else "decompress it into a .txt file"
+    return f"a {suffix} file is read as JSON (an object per line, or an array): if {name} is plain text, {fix}"
+
+
 def _starts_array(fh) -> bool:
     """Whether the stream's first byte that is not white space is `[` (read nothing: peek)."""
     head = fh.peek(4096) if hasattr(fh, "peek") else b""
     return head.lstrip()[:1] == b"["
 
 
-def _array_texts(fh, field: str, where: str) -> Iterator[str]:
-    """The documents of a JSON array file, read whole (up to ARRAY_LIMIT bytes)."""
+def _array_texts(fh, field: str, where: str, hint: str) -> Iterator[str]:
+    """The documents of a JSON array file, read whole (up to ARRAY_LIMIT bytes); `hint`: what to do if the file
+    is plain text that starts with `[`."""
     raw = fh.read(ARRAY_LIMIT + 1)
     if len(raw) > ARRAY_LIMIT:
         raise UserError(f"{where}: a JSON array of more than {ARRAY_LIMIT >> 30} GiB is read whole; convert it to "
@@ -337,7 +360,7 @@ def _array_texts(fh, field: str, where: str) -> Iterator[str]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{where}: not UTF-8 (byte {exc.start}); convert the file to UTF-8") from None
     except ValueError as exc:
-        raise UserError(f"{where}: not a JSON array ({exc}); fix the file or write it as jsonl") from None
+        raise UserError(f"{where}: not a JSON array ({exc}); fix the file or write it as jsonl; {hint}") from None
     for number, item in enumerate(items, 1):
         text = item if isinstance(item, str) else _field(item, field, f"{where}: array item {number}")
         _check_unicode(text, field, f"{where}: array item {number}")
@@ -354,7 +377,8 @@ def _field(obj, field: str, where: str) -> str:
     return obj[field]
 
 
-def _line_text(raw: bytes, field: str, where: str) -> str:
+def _line_text(raw: bytes, field: str, where: str, hint: str | None = None) -> str:
+    """One JSON line's text; `hint`: what to do instead when it is no JSON object (the file's first line)."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -362,7 +386,9 @@ def _line_text(raw: bytes, field: str, where: str) -> str:
     try:
         obj = json.loads(line)
     except ValueError as exc:
-        raise UserError(f"{where}: not a JSON object ({exc}); fix or remove the line") from None
+        raise UserError(f"{where}: not a JSON object ({exc}); {hint or 'fix or remove the line'}") from None
+    if hint and not isinstance(obj, dict):
+        raise UserError(f"{where}: not a JSON object; {hint}")
     text = _field(obj, field, where)
     if b"\\u" in raw:  # only a \uXXXX escape can leave a lone surrogate, which no tokenizer takes
         _check_unicode(text, field, where)

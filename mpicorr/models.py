@@ -226,30 +226,28 @@ def _distinct(sites: list[Site]) -> list[Site]:
     return sites
 
 
-def resolve_device(device: str, local_rank: int) -> str:
-    """'auto' means this rank's local GPU (local rank modulo GPU count) when CUDA is there, else the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{local_rank % torch.cuda.device_count()}"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this node; use --device cpu")
-    return device
-
-
 def resolve_devices(device: str, local_rank: int, per_rank: int = 1) -> list[str]:
-    """This rank's devices: resolve_device's one, or with `per_rank` > 1 that many local GPUs, the
-    local_rank-th group of them (from N on with --device cuda:N)."""
+    """This rank's devices on this node (devices_for with the GPUs CUDA shows here)."""
+    return devices_for(device, local_rank, per_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def devices_for(device: str, local_rank: int, per_rank: int, gpus: int) -> list[str]:
+    """The devices of the rank of local rank `local_rank` on a node with `gpus` CUDA GPUs (0: none), for a run
+    and for `plan`: 'auto' is the local GPU (local rank modulo the GPU count) when there is one, else the CPU;
+    with `per_rank` > 1, that many GPUs, the local_rank-th group of them (from N on with --device cuda:N)."""
+    if per_rank == 1 and device == "auto":
+        return [f"cuda:{local_rank % gpus}"] if gpus else ["cpu"]
     if per_rank == 1:
-        return [resolve_device(device, local_rank)]
-    if not torch.cuda.is_available():
+        if device.startswith("cuda") and not gpus:
+            raise UserError(f"--device {device}: CUDA is not available on this node; use --device cpu")
+        return [device]
+    if not gpus:
         raise UserError(f"--gpus-per-rank {per_rank}: CUDA is not available on this node; use 1 (the default)")
-    count = torch.cuda.device_count()
     first = int(device.partition(":")[2]) if device.startswith("cuda:") else local_rank * per_rank
-    if first + per_rank > count:
+    if first + per_rank > gpus:
         raise UserError(f"--gpus-per-rank {per_rank}: local rank {local_rank} would need GPUs {first}..."
-                        f"{first + per_rank - 1}, but this node has {count}; start one rank per {per_rank} GPUs "
-                        f"(mpirun --map-by ppr:{max(count // per_rank, 1)}:node)")
+                        f"{first + per_rank - 1}, but this node has {gpus}; start one rank per {per_rank} GPUs "
+                        f"(mpirun --map-by ppr:{max(gpus // per_rank, 1)}:node)")
     return [f"cuda:{first + i}" for i in range(per_rank)]
 
 

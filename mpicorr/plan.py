@@ -232,6 +232,18 @@ def format_plan(plan: list[Assignment], devices: list[str], dynamic: bool = Fals
     return format_table(rows)
 
 
+def describe_dynamic(batches: list[Batch], batch_size: int) -> str:
+    """--schedule dynamic in words (the run's opening lines and `plan`): the batches in the order rank 0 hands
+    them out, one at a time to whichever rank asks, so no rank has a share known in advance."""
+    shown = [format_ranges([b]) for b in batches]
+    if len(shown) > 6:
+        shown = [*shown[:3], "...", *shown[-2:]]
+    chunks = sum(b - a for a, b in batches)
+    return (f"dynamic schedule: {len(batches)} batches of up to {batch_size} chunk(s), {chunks} chunks, handed out "
+            f"in this order as ranks ask: {' '.join(shown)}; a rank asks for the next when it is free (rank 0 counts "
+            f"too), so which rank counts which batch depends on their speeds, and hostfile weights are not used")
+
+
 def format_table(rows: list[tuple[str, ...]]) -> str:
     """Rows of strings as left-aligned columns two spaces apart (the first row is the header)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

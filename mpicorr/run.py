@@ -229,53 +229,6 @@ def identity(cfg: Config, data_sha256: str, start: int, count: int, text_field: 
                                   "values": cfg.dump_values}}
 
 
-def dry_plan(cfg: Config, ranks: int) -> str:
-    """The plan table for `ranks` ranks placed by slot over the hostfile (Open MPI's default), no model loaded."""
-    src = read_data(cfg, Comm(), counting=False)  # plan runs on rank 0 alone: pass 1 serially, no hashing
-    start, count = select_chunks(cfg, src.layout)
-    available = src.layout.chunks
-    if cfg.hostfile is None:
-        hosts, weights, devices = ["-"] * ranks, [1.0] * ranks, ["auto"] * ranks
-    else:
-        slots = plan.by_slot(read_hostfile(cfg.hostfile), ranks, hostfile_label(cfg.hostfile))
-        hosts = [line.host for line, _ in slots]
-        weights = [line.weight for line, _ in slots]
-        g = cfg.gpus_per_rank
-        devices = [f"gpu {local}" if g == 1 else f"gpu {local * g}-{local * g + g - 1}" for _, local in slots]
-    work = plan.make_plan(plan.batches(start, count, cfg.batch_size), hosts, weights)
-    head = (f"{cfg.data}: {available} chunks of {cfg.ctx} tokens; processing {count} "
-            f"[{start}, {start + count}) in batches of {cfg.batch_size} on {ranks} rank(s), weights from "
-            f"{hostfile_label(cfg.hostfile) if cfg.hostfile else 'no hostfile (all equal)'}; {data_line(cfg, src)}")
-    return head + "\n" + plan.format_plan(work, devices) + dump_estimate(cfg, available, start, count)
-
-
-def data_line(cfg: Config, src: Data) -> str:
-    """plan's words on the corpus: documents and tokens read, and what --chunking and --max-tokens leave."""
-    lay, shards = src.layout, len(src.corpus.shards)
-    line = (f"{len(lay.doc_tokens)} document(s) in {shards} shard(s), {lay.tokens()} tokens"
-            f"{'' if lay.complete else ' read (pass 1 stopped at --max-tokens ' + str(cfg.max_tokens) + ')'}, "
-            f"--chunking {cfg.chunking}")
-    if cfg.chunking == "document":
-        docs, tokens = lay.skipped()
-        line += f" ({docs} document(s) shorter than --ctx skipped, {tokens} tokens dropped in all)"
-    return line
-
-
-def dump_estimate(cfg: Config, available: int, start: int, count: int) -> str:
-    """plan's line on the --dump size (at the dtype of a run from this machine; 2 bytes on GPUs)."""
-    if not cfg.dump:
-        return ""
-    sample = dumping.draw(cfg, available, start, count)
-    line = dumping.describe(sample, cfg, dumping.run_dtype(cfg))[0]
-    if dumping.run_dtype(cfg) == "float32" and cfg.dtype == "auto":
-        line += f"; {dumping.human(dumping.describe(sample, cfg, 'bfloat16')[1])} on GPUs (bfloat16/float16)"
-    try:
-        dumping.check_sample(cfg, sample)
-    except UserError as exc:
-        line += f"\nthe run would refuse to start: {exc}"
-    return "\ndump: " + line
-
-
 def read_hostfile(path: str) -> list[plan.HostLine]:
     """The parsed hostfile."""
     try:
@@ -626,9 +579,9 @@ def announce(cfg: Config, comm: Comm, job: Job, devices: list[str]) -> None:
         print(f"mpicorr: resuming from {len(job.resumed)} checkpoint(s) in {checkpoint.folder(cfg.out)}: "
               f"{done} chunks finished, {len(job.chunks) - done} to count")
     if cfg.schedule == "dynamic":
-        batches = sum(len(a.batches) for a in job.plan)
-        print(f"mpicorr: dynamic schedule: {batches} batches of up to {cfg.batch_size} chunk(s), handed out as "
-              f"ranks ask\n{plan.format_plan(job.plan, devices, dynamic=True)}", flush=True)
+        batches = [b for a in job.plan for b in a.batches]
+        print(f"mpicorr: {plan.describe_dynamic(batches, cfg.batch_size)}\n"
+              f"{plan.format_plan(job.plan, devices, dynamic=True)}", flush=True)
     else:
         print(plan.format_plan(job.plan, devices), flush=True)
     if job.dump:

@@ -139,13 +139,19 @@ def stage(files: list[tuple[str, str]] | None, name: str | None, root: str, comm
 def _listed(files: list[tuple[str, str]], name: str, root: str, option: str) -> tuple[str, list[dict]]:
     """Rank 0: the checks of the relative paths and of the copy's place, then (name, the staging list); a
     file it cannot read (hashing it) is a UserError naming `option` and the file, raised on every rank."""
-    _check_names(files, option)
-    _check_place(files, os.path.join(root, name), option)
+    check_copy(files, os.path.join(root, name), option)
     try:
         return name, describe(files)
     except OSError as exc:
         raise UserError(f"{option}: cannot read {exc.filename} ({exc.strerror}); make it readable on rank 0's "
                         f"node") from None
+
+
+def check_copy(files: list[tuple[str, str]], target: str, option: str) -> None:
+    """Rank 0's checks of a copy before anything is read (a run's, and `plan`'s): every relative path stays
+    inside `target`, which lies apart from the files' folder (or is that folder)."""
+    _check_names(files, option)
+    _check_place(files, target, option)
 
 
 def _check_names(files: list[tuple[str, str]], option: str) -> None:

@@ -156,6 +156,35 @@ def test_report_on_a_run_folder(tmp_path, llama, sample_path):
     assert float(row[1]) == pytest.approx(layers[int(row[0])]["attrs"]["density"], abs=1e-4)
 
 
+def test_default_clusters_fit_a_heads_run_with_fewer_heads(tmp_path, llama, sample_path):
+    """--site heads of a 4-head model: report.py and clusters.py without --clusters once failed ('--clusters 8:
+    must be between 1 and the layer width 4'); the default K now drops to the width and says so, while an
+    explicit K that does not fit is still one line and exit 2."""
+    from conftest import run_main
+    out = tmp_path / "run"
+    assert run_main(["--model", llama, "--data", sample_path, "--out", str(out), "--ctx", "32", "--chunks", "8",
+                     "--site", "heads", "--threshold", "0.25", "--device", "cpu"]).returncode == 0
+    note = "--clusters not given: K = 8, lowered to the layer's width (one cluster per neuron) for the layers " \
+           "with fewer neurons: 0 (4), 1 (4)"
+    for name in ("report.py", "clusters.py"):
+        result = script(name, out, "--out", tmp_path / name, "--pixels" if name == "report.py" else "--seed", "16")
+        assert result.returncode == 0 and note in result.stdout.splitlines(), (name, result.stderr)
+        attrs, found = clusters.read_clusters(str(tmp_path / name / clusters.CLUSTERS))
+        assert attrs["clusters"] == 8 and [int(found[l].labels.max()) + 1 for l in (0, 1)] == [4, 4]
+    assert html_text(tmp_path / "report.py" / "report.html").count(note) == 1
+    for name in ("report.py", "clusters.py"):
+        result = script(name, out, "--clusters", "8", "--out", tmp_path / "refused")
+        assert result.returncode == 2 and result.stderr.strip().endswith(
+            "--clusters 8: must be between 1 and the layer width 4"), result.stderr
+    assert script("clusters.py", out, "--clusters", "2", "--out", tmp_path / "two").stdout.count("lowered") == 0
+
+
+def html_text(path) -> str:
+    """A page's text with HTML escapes undone."""
+    import html
+    return html.unescape(open(path, encoding="utf-8").read())
+
+
 @pytest.mark.parametrize("name,args,message", [
     ("heatmap.py", [], "no correlations_block"),
     ("heatmap.py", ["--layers", "7"], "--layers 7: no matrix file for layer 7"),

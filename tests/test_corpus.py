@@ -387,6 +387,33 @@ def test_bad_input_under_mpirun_is_one_line(llama, tmp_path):
     assert not out.exists()
 
 
+def test_plain_text_is_not_taken_for_fields_or_json(llama, sample_path, tmp_path):
+    """A --text-field on plain text was ignored without a word (the run counted the text file), and prose in a
+    .json file was refused as a broken JSON line that a user could not act on: each is now one line (exit 2,
+    nothing written) saying what to do. A folder with a shard that has fields keeps the --text-field."""
+    prose = tmp_path / "notes.json"
+    shutil.copy(sample_path, prose)
+    (tmp_path / "cite.json").write_text("[citation needed] prose that starts with a bracket\n" * 50)
+    (tmp_path / "nums.json").write_text("1984\nand then prose\n")
+    (tmp_path / "txt").mkdir()
+    shutil.copy(sample_path, tmp_path / "txt" / "a.txt")
+    cases = [(["--data", sample_path, "--text-field", "body"], f"--text-field body: --data {sample_path} is a "
+              "plain text file"),
+             (["--data", str(tmp_path / "txt"), "--text-field", "body"], "is plain text files only"),
+             (["--data", str(prose)], "notes.json: line 1: not a JSON object (Expecting value"),
+             (["--data", str(tmp_path / "cite.json")], "if cite.json is plain text, rename it to .txt"),
+             (["--data", str(tmp_path / "nums.json")], "if nums.json is plain text, rename it to .txt")]
+    for extra, named in cases:
+        out = tmp_path / "out"
+        result = run_main(["run", "--model", llama, "--ctx", str(CTX), "--out", str(out), *extra])
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (extra, result.stderr)
+        assert named in result.stderr and not out.exists(), (extra, result.stderr)
+    with pytest.raises(UserError, match="if notes.json is plain text, rename it to .txt"):
+        list(corpus.open_corpus(str(prose)).documents())
+    write_jsonl(str(tmp_path / "txt" / "b.jsonl"), ["x"])  # a shard with fields: the option means something
+    assert corpus.open_corpus(str(tmp_path / "txt"), "body").text_field == "body"
+
+
 def test_check_data_refuses_before_torch(tmp_path):
     from mpicorr import inputs
 

@@ -90,24 +90,40 @@ def test_hostfile_helper_expands_tasks_per_node(tmp_path):
     assert [(h.host, h.slots, h.weight) for h in hosts] == [("gpu01", 2, 1.0), ("gpu02", 2, 3.0), ("cpu07", 1, 1.0)]
 
 
+def array_task(tmp_path, args: list[str], task: int, first: int, count: int) -> list[str]:
+    """slurm/array.sbatch ARGS as task `task` of an array of `count` tasks from `first` (step 1), with
+    stand-ins for sbatch and launch.sh that print their arguments; its output lines (its log)."""
+    for name in ("sbatch", "launch.sh"):
+        (tmp_path / name).write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "MPICORR_SLURM_DIR": str(tmp_path),
+           "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(first),
+           "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_JOB_ID": "7"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "slurm", "array.sbatch"), *args], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
 @pytest.mark.parametrize("out", [["--out", "runs/big"], ["--out=runs/big"]])
 def test_array_script_takes_out_in_either_spelling(tmp_path, out):
     """slurm/array.sbatch with stand-ins for sbatch and launch.sh: task K writes OUT/part-K and the merge
     reads OUT/part-*, whether --out is given as '--out DIR' or '--out=DIR' (the latter once reached every
     task unchanged, so all tasks wrote DIR itself and the merge found no parts)."""
-    for name in ("sbatch", "launch.sh"):
-        (tmp_path / name).write_text(f'#!/bin/sh\necho {name} "$@"\n')
-        (tmp_path / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "MPICORR_SLURM_DIR": str(tmp_path),
-           "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2",
-           "SLURM_ARRAY_JOB_ID": "7"}
-    result = subprocess.run(["bash", os.path.join(ROOT, "slurm", "array.sbatch"), "--model", "M", *out,
-                             "--data", "D"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    sbatch, launch = result.stdout.splitlines()
+    _, sbatch, launch = array_task(tmp_path, ["--model", "M", *out, "--data", "D"], 0, 0, 2)
     assert "sum 'runs/big/merged' 'runs/big'/part-*" in sbatch
     assert launch == "launch.sh --part 0/2 --out runs/big/part-0 --resume --model M --data D"
     assert not os.path.exists(tmp_path / "runs" / "7")
+
+
+def test_an_array_task_log_names_its_part(tmp_path):
+    """The log is named by SLURM's task id (mpicorr-<array id>_<task id>.log), which is the part K only for an
+    array from 0: task 5 of --array=4-7 counts part 1/4. Its log's first line says so, so a user finds the
+    log of part K (the README said the logs were mpicorr-<array id>_<K>.log)."""
+    lines = array_task(tmp_path, ["--model", "M", "--out", "runs/big"], 5, 4, 4)
+    assert lines == ["mpicorr array job 7 task 5: part 1/4 into runs/big/part-1",
+                     "launch.sh --part 1/4 --out runs/big/part-1 --resume --model M"]
+    assert "#SBATCH --output=mpicorr-%A_%a.log" in open(os.path.join(ROOT, "slurm", "array.sbatch")).read()
 
 
 def test_sbatch_scripts_ask_for_sigterm_before_the_time_limit():
