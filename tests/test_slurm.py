@@ -90,19 +90,31 @@ def test_hostfile_helper_expands_tasks_per_node(tmp_path):
     assert [(h.host, h.slots, h.weight) for h in hosts] == [("gpu01", 2, 1.0), ("gpu02", 2, 3.0), ("cpu07", 1, 1.0)]
 
 
-def array_task(tmp_path, args: list[str], task: int, first: int, count: int) -> list[str]:
-    """slurm/array.sbatch ARGS as task `task` of an array of `count` tasks from `first` (step 1), with
-    stand-ins for sbatch and launch.sh that print their arguments; its output lines (its log)."""
+def array_task(tmp_path, args: list[str], task: int, first: int, count: int, last: int | None = None,
+               status: int = 0) -> list[str]:
+    """slurm/array.sbatch ARGS as task `task` of an array of `count` tasks from `first` (step 1) to `last` (a
+    list when that is not first + count - 1), with stand-ins for sbatch and launch.sh that print their
+    arguments; its output lines (its log), or with `status` != 0 its error lines."""
     for name in ("sbatch", "launch.sh"):
         (tmp_path / name).write_text(f'#!/bin/sh\necho {name} "$@"\n')
         (tmp_path / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "MPICORR_SLURM_DIR": str(tmp_path),
            "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(first),
-           "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_JOB_ID": "7"}
+           "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_JOB_ID": "7",
+           "SLURM_ARRAY_TASK_MAX": str(first + count - 1 if last is None else last)}
     result = subprocess.run(["bash", os.path.join(ROOT, "slurm", "array.sbatch"), *args], capture_output=True,
                             text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    assert result.returncode == status, result.stdout + result.stderr
+    return (result.stderr if status else result.stdout).splitlines()
+
+
+def test_an_array_given_as_a_list_is_refused(tmp_path):
+    """--array=1,3,7: part K is computed from the task id as if the ids were a range, so task 3 counted part 2/3
+    and task 7 part 6/3 (refused by the run), part 1 by no task, and the merge never ran; now every task ends
+    at once with one line saying to submit a range. No part is started and no merge submitted."""
+    lines = array_task(tmp_path, ["--model", "M", "--out", "runs/big"], 3, 1, 3, last=7, status=2)
+    assert lines == ["array.sbatch: --array must be a range (--array=A-B or A-B:S, with %M if you like), not a "
+                     "list; resubmit with --array=0-2"]
 
 
 @pytest.mark.parametrize("out", [["--out", "runs/big"], ["--out=runs/big"]])
