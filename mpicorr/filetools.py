@@ -83,14 +83,29 @@ def verify(path: str, sha256: str | None = None) -> None:
 
 
 def sum_files(out: str, inputs: list[str], force: bool = False) -> str:
-    """Add matrix files of one block and width (trials added) into `out` (written atomically); return a
-    summary line."""
+    """Add matrix files of one block and width (trials added) into `out` (written into a staging folder beside
+    it and renamed into place, `out` held meanwhile: claimed_file); return a summary line."""
     check_sum_paths(out, inputs)
+    check_file_out(out, force)
+    with claimed_file(out) as tmp:
+        check_file_out(out, force)  # again, holding the lock: a sum that ended, or a run's --out made, meanwhile
+        first, trials, total = add_files(inputs)
+        matrixfile.write_matrix(os.path.join(tmp, os.path.basename(out)), first.block, first.width, trials, total)
+        install_file(tmp, out)
+    return f"{out}: {len(inputs)} files summed, block {first.block}, width {first.width}, trials {trials}"
+
+
+def check_file_out(out: str, force: bool) -> None:
+    """Refuse an output matrix file that is a folder, or that exists without --force."""
     if os.path.isdir(out):
         raise UserError(f"{out}: is a folder; the sum of matrix files is one file: give a file name "
                         f"(or give run folders to merge them into a folder)")
     if os.path.exists(out) and not force:
         raise UserError(f"{out}: exists; choose another output name or add --force")
+
+
+def add_files(inputs: list[str]) -> tuple[matrixfile.Header, int, np.ndarray]:
+    """(the first file's header, the trials added, the counts added) of matrix files of one block and width."""
     total, first, trials = None, None, 0
     for path in inputs:
         header, packed = matrixfile.read_matrix(path)
@@ -104,8 +119,35 @@ def sum_files(out: str, inputs: list[str], force: bool = False) -> str:
         trials += header.trials
     if trials > UINT64_MAX:
         raise UserError(f"sum: {trials} trials do not fit the file's 64 bits ({', '.join(inputs)}); sum fewer files")
-    matrixfile.write_matrix(out, first.block, first.width, trials, total)
-    return f"{out}: {len(inputs)} files summed, block {first.block}, width {first.width}, trials {trials}"
+    return first, trials, total
+
+
+@contextmanager
+def claimed_file(out: str) -> Iterator[str]:
+    """Hold, while `sum` writes the matrix file `out`, its staging folder `.NAME.tmpPID` beside `out` (marked
+    as this process's: make_staging) locked as a run locks its --out (outputs.locked): another sum into `out`
+    (or a run whose --out it is) finds it locked and is refused, as this one is when another holds one
+    (outputs.sum_writing). The folders of killed sums hold no lock: they block
+    nothing, and those of this host go (remove_stale_staging). Yields the folder; removed on every exit."""
+    remove_stale_staging(out)
+    tmp = staging_path(out, True)
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
+    try:
+        make_staging(tmp, out)
+        with outputs.locked(tmp, f"sum {out}: its staging folder", "another output name"):
+            outputs.check_no_sum_writing(out, "sum", "another output name", own=tmp)
+            yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_file(tmp: str, out: str) -> None:
+    """Rename the summed file from the staging folder `tmp` onto `out`."""
+    try:
+        os.replace(os.path.join(tmp, os.path.basename(out)), out)
+    except OSError as exc:  # a folder made at `out` by someone who took no lock (EISDIR), permissions
+        raise UserError(f"sum {out}: cannot move the sum into place ({exc.strerror}); check that {out} is not a "
+                        f"folder and that its folder is writable") from None
 
 
 def check_sum_paths(out: str, inputs: list[str]) -> None:
@@ -283,6 +325,7 @@ def claimed(out: str) -> Iterator[bool]:
         raise UserError(f"sum {out}: exists and is not a folder (a link to nothing?); give a folder name")
     with outputs.locked(out, "sum", "another output folder"):
         try:
+            outputs.check_no_sum_writing(out, "sum", "another output folder")  # a sum of matrix files into `out`
             yield bool(made)
         except BaseException:
             for folder in made:  # deepest first; a folder someone put a file in meanwhile is kept
@@ -348,9 +391,9 @@ def make_staging(tmp: str, out: str) -> None:
 
 def remove_stale_staging(out: str) -> None:
     """Delete what sums into `out` that were killed (kill -9, a node lost) left in their staging folders:
-    `.mpicorr-sum.tmpPID` inside `out`, `.NAME.tmpPID` beside it. Called holding `out`'s lock, so no sum writes
-    them now; still, only folders whose MARK names this host and a process that no longer runs are deleted
-    (a folder of a sum on another host, or an unmarked one, is left)."""
+    `.mpicorr-sum.tmpPID` inside `out`, `.NAME.tmpPID` beside it. Only folders whose MARK names this host and a
+    process that no longer runs are deleted (a folder of a sum on another host, or an unmarked one, is left),
+    so a running sum's folder is never taken, with `out`'s lock held (sums of folders) or not (of files)."""
     parent, name = os.path.split(os.path.abspath(out))
     inside = [os.path.join(out, n) for n in _listing(out) if STAGING_NAME.fullmatch(n)]
     beside = [os.path.join(parent, n) for n in _listing(parent) if re.fullmatch(rf"\.{re.escape(name)}\.tmp\d+", n)]

@@ -421,6 +421,56 @@ def test_sum_killed_while_writing_is_cleaned_by_the_next(three_runs, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m"] and run_main(["verify", str(out)]).returncode == 0
 
 
+# A `sum` CLI in a child process that stops just before it writes its matrix file (after its checks), says
+# 'writing' and goes on when a line arrives on its stdin: a real sum, caught while it writes.
+SLOW_FILE_SUM = ("import sys; from mpicorr import matrixfile, __main__ as m\n"
+                 "write = matrixfile.write_matrix\n"
+                 "def write_matrix(*args):\n"
+                 "    print('writing', flush=True); sys.stdin.readline(); return write(*args)\n"
+                 "matrixfile.write_matrix = write_matrix\nsys.exit(m.main(sys.argv[1:]))\n")
+
+
+def slow_file_sum(out, *inputs) -> subprocess.Popen:
+    """SLOW_FILE_SUM started as `sum OUT IN...`, once it says it is writing."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_FILE_SUM, "sum", str(out), *inputs], env=cli_env(),
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == "writing\n", proc.stderr.read()
+    return proc
+
+
+def test_sum_of_matrix_files_refuses_an_out_another_sum_is_writing(llama, sample_path, tmp_path):
+    """`sum OUT.zstd A B` took no lock: a second sum into OUT while the first wrote passed the 'exists' check as
+    well, and the later rename replaced the other's file (--force or not); a run --out OUT meanwhile made a
+    folder there, onto which the sum's rename then failed. The sum now holds its staging folder beside OUT
+    locked: both are refused in one line, exit 2, nothing written. A sum killed -9 leaves the folder, unlocked:
+    it blocks nothing, and the next sum into OUT removes it (the staging folders' stale-mark rule)."""
+    from test_errors import one_error_line
+    rng = np.random.default_rng(5)
+    a, b = str(tmp_path / "a.zstd"), str(tmp_path / "b.zstd")
+    matrixfile.write_matrix(a, 2, 7, 30, symmetric_counts(rng, 7, 30))
+    matrixfile.write_matrix(b, 2, 7, 20, symmetric_counts(rng, 7, 20))
+    out = tmp_path / "s.zstd"
+    first = slow_file_sum(out, a, b)
+    busy = f"sum {out}: another mpicorr sum is writing this file now; wait until it ends or choose another output name"
+    one_error_line(run_main(["sum", str(out), b, a]), busy)
+    one_error_line(run_main(["sum", str(out), a, "--force"]), busy)
+    one_error_line(run_main(["run", "--model", llama, "--data", sample_path, "--out", str(out), "--ctx", "64",
+                             "--chunks", "2"]), f"--out {out}: another mpicorr sum is writing this file now")
+    assert not out.exists()
+    first.communicate("\n", timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert matrixfile.read_matrix(str(out))[0].trials == 50 and sorted(os.listdir(tmp_path)) == ["a.zstd", "b.zstd",
+                                                                                                 "s.zstd"]
+    killed = slow_file_sum(tmp_path / "k.zstd", a, b)
+    killed.kill()
+    killed.wait()
+    assert os.path.isdir(tmp_path / f".k.zstd.tmp{killed.pid}")  # marked, as the staging folders of sums are
+    assert run_main(["sum", str(tmp_path / "k.zstd"), a, b]).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["a.zstd", "b.zstd", "k.zstd", "s.zstd"]
+    digests = sha256_of(str(tmp_path))
+    assert digests["k.zstd"] == digests["s.zstd"]
+
+
 def test_commands_under_mpirun_run_once(llama, sample_path, three_runs, tmp_path):
     """`mpirun -n 2 python -m mpicorr sum ...` ran the sum on both ranks, which raced for the output folder (one
     refused by the other's lock, mpirun's status an error), and `plan` printed its table once per rank."""
