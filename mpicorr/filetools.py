@@ -246,9 +246,10 @@ def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:
     for path, root in zip(inputs[1:], roots[1:]):
         for key, option in SAME_RUN.items():
             default = SAME_RUN_DEFAULTS.get(key)
-            if _norm(root.get(key, default)) != _norm(roots[0].get(key, default)):
+            if not _matches(key, root.get(key, default), roots[0].get(key, default)):
+                hint = "; a relative --model is read from the folder sum runs in" if key == "model" else ""
                 raise UserError(f"{path}: different {option} from {inputs[0]} ({key} {root.get(key)!r} vs "
-                                f"{roots[0].get(key)!r}); only runs of one model, data and threshold add up")
+                                f"{roots[0].get(key)!r}); only runs of one model, data and threshold add up{hint}")
     seen: list[tuple[plan.Batch, str]] = []
     for path, root in zip(inputs, roots):
         if "nll_fixed" not in root:
@@ -264,6 +265,30 @@ def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:
 
 def _norm(value):
     return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _matches(key: str, a, b) -> bool:
+    """Whether two runs' root attribute `key` agree (SAME_RUN): equal, or for `model` one model folder."""
+    return _norm(a) == _norm(b) or key == "model" and same_model_folder(a, b)
+
+
+def same_model_folder(a, b) -> bool:
+    """Whether two runs' `model` attributes, as each run was given --model, name one existing local folder
+    (a relative path and an absolute one, a link to it): as a run reads --model, from the folder this process
+    runs in. A hub id, or a path that names no folder here, matches only the same string."""
+    if not (isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b)):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def merged_model(roots: list[dict]) -> str:
+    """The `model` a merge records: the runs' own when they all recorded one string, else (spellings of one
+    folder: same_model_folder) that folder's real path, so that it does not depend on the inputs' order."""
+    names = {root["model"] for root in roots}
+    return names.pop() if len(names) == 1 else os.path.realpath(roots[0]["model"])
 
 
 def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "python -m mpicorr sum") -> str:
@@ -501,11 +526,14 @@ def merge_router(h5, unit: Unit, inputs: list[str], entries: list[dict | None]) 
 
 
 def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Batch], tokens: int) -> dict:
-    """Root attributes of a merged summary: shared ones from the first run, sums and ranges recomputed."""
+    """Root attributes of a merged summary: shared ones from the run of the first chunks, `model` as
+    merged_model, sums and ranges recomputed, `merged_from` in chunk order: the same whatever the order the
+    inputs are given in (only `command` and `created` tell one merge from another)."""
+    inputs, roots = in_chunk_order(inputs, roots)
     first = roots[0]
-    keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
+    keep = ("data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
             "chunks_available", "dtype", "batch_size")
-    attrs = {key: first[key] for key in keep if key in first}
+    attrs = {"model": merged_model(roots), **{key: first[key] for key in keep if key in first}}
     attrs.update({key: first[key] for key in CORPUS_KEYS if key in first})
     chunks = sum(b - a for a, b in ranges)
     attrs.update({
@@ -518,3 +546,10 @@ def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Ba
     if abs(nll) > INT64_MAX:
         raise UserError(f"sum: nll_fixed overflows int64 ({', '.join(inputs)}); merge fewer runs")
     return {**attrs, **summary.nll_attributes(nll, sum(int(r["predictions"]) for r in roots))}
+
+
+def in_chunk_order(inputs: list[str], roots: list[dict]) -> tuple[list[str], list[dict]]:
+    """The runs (folders and root attributes) sorted by their first chunk (disjoint: check_mergeable), the
+    order a merge records them in whatever the order they were given in."""
+    order = sorted(range(len(inputs)), key=lambda i: run_ranges(roots[i])[0])
+    return [inputs[i] for i in order], [roots[i] for i in order]

@@ -218,6 +218,39 @@ def test_sum_files_refuses_a_count_past_64_bits(tmp_path):
     assert not (tmp_path / "s.zstd").exists()
 
 
+def test_sum_accepts_one_model_folder_spelt_two_ways(llama, sample_path, tiny_models, tmp_path, monkeypatch):
+    """Runs record --model as given, and `sum` matched them by that string: a part run with --model as a
+    relative path and one with the absolute path of the same folder were refused ('different --model'). Two
+    spellings of one existing folder now match (read from the folder sum runs in, as a run reads them), and
+    the merge records the folder's real path; another model folder is still refused. The merged summary is
+    the same bytes whatever the order the parts are given in (`created` and `command` set alike)."""
+    import h5py
+    from test_errors import one_error_line
+    parent, name = os.path.split(llama)
+    rel = tmp_path / "rel"
+    assert run_main(["run", "--model", name, "--data", sample_path, "--out", str(rel), "--ctx", "64",
+                     "--chunk-start", "0", "--chunks", "2"], cwd=parent).returncode == 0
+    absolute = run_folder(llama, sample_path, tmp_path / "abs", 2, 3)
+    assert summary.read_summary(f"{rel}/summary.h5")[0]["model"] == name
+    one = run_folder(llama, sample_path, tmp_path / "one", 0, 5)
+    monkeypatch.chdir(parent)
+    monkeypatch.setattr(summary, "now", lambda: "2027-01-01T00:00:00+00:00")
+    for out, parts in (("m1", [str(rel), absolute]), ("m2", [absolute, str(rel)])):
+        filetools.sum_runs(str(tmp_path / out), parts, command="python -m mpicorr sum")
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    assert sha256_of(str(m1)) == sha256_of(str(m2))
+    assert outputs(str(m1)) == outputs(one)
+    root = summary.read_summary(f"{m1}/summary.h5")[0]
+    assert root["model"] == os.path.realpath(llama) and list(root["merged_from"]) == [str(rel), absolute]
+    other = shutil.copytree(absolute, tmp_path / "other")
+    with h5py.File(other / "summary.h5", "r+") as h5:
+        h5.attrs["model"] = tiny_models["mistral"]  # a real folder, another model
+    one_error_line(run_main(["sum", str(tmp_path / "m3"), str(rel), str(other)], cwd=parent), "different --model")
+    one_error_line(run_main(["sum", str(tmp_path / "m3"), str(rel), absolute]),  # 'llama' names nothing here
+                   "different --model", "a relative --model is read from the folder sum runs in")
+    assert not (tmp_path / "m3").exists()
+
+
 @pytest.fixture(scope="module")
 def three_runs(llama, sample_path, tmp_path_factory):
     """Three disjoint runs of one experiment (chunks 0-1, 2-3, 4-5)."""
