@@ -539,13 +539,21 @@ def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Ba
     attrs.update({
         "chunk_start": ranges[0][0], "chunks": chunks, "tokens": tokens,
         "chunk_ranges": np.array(ranges, dtype=np.int64), "merged_from": [os.path.abspath(p) for p in inputs],
-        "ranks": sum(int(r.get("ranks", 0)) for r in roots),
+        "ranks": sum(int(r.get("ranks", 0)) for r in roots), "attempts": sum(run_attempts(r) for r in roots),
         "mpicorr_version": __version__, "created": summary.now(),
     })
     nll = sum(int(r["nll_fixed"]) for r in roots)
     if abs(nll) > INT64_MAX:
         raise UserError(f"sum: nll_fixed overflows int64 ({', '.join(inputs)}); merge fewer runs")
     return {**attrs, **summary.nll_attributes(nll, sum(int(r["predictions"]) for r in roots))}
+
+
+def run_attempts(root: dict) -> int:
+    """The run attempts (a first run and each --resume) that counted a run's chunks: its `attempts`; for a
+    merge written before merges recorded theirs, one per run it merged."""
+    if "attempts" in root:
+        return int(root["attempts"])
+    return len(root.get("merged_from", [])) or 1
 
 
 def in_chunk_order(inputs: list[str], roots: list[dict]) -> tuple[list[str], list[dict]]:

@@ -310,6 +310,40 @@ def test_sum_force_replaces_only_mpicorr_outputs(three_runs, tmp_path):
     assert run_main(["verify", str(out)]).returncode == 0
 
 
+def test_merged_summary_adds_the_runs_attempts(three_runs, llama, sample_path, tmp_path, monkeypatch):
+    """A run's summary.h5 records `attempts` (1, plus one per --resume); a merged one had none. It holds the
+    runs' attempts added now: a run stopped by SIGTERM after its first chunk and resumed (2 attempts) merged
+    with two uninterrupted ones gives 4, and a merge of that merge and a third run 5."""
+    import signal
+
+    from mpicorr import run as running
+    a, b, c = three_runs
+    part = ["run", "--model", llama, "--data", sample_path, "--out", str(tmp_path / "resumed"), "--ctx", "64",
+            "--chunk-start", "6", "--chunks", "3"]
+    after_batch = running.Saver.after_batch
+
+    def stop_after_the_first(self, tally, chunks):
+        after_batch(self, tally, chunks)
+        os.kill(os.getpid(), signal.SIGTERM)  # mpicorr's handler: finish the batch, save a checkpoint, exit 143
+    monkeypatch.setattr(running.Saver, "after_batch", stop_after_the_first)
+
+    def unhandled(*_):
+        raise RuntimeError("SIGTERM reached the test's handler")
+    previous = signal.signal(signal.SIGTERM, unhandled)  # without mpicorr's handler: fail, not kill pytest
+    try:
+        assert run_main(part).returncode == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert run_main([*part, "--resume"]).returncode == 0
+    attempts = [summary.read_summary(f"{run}/summary.h5")[0]["attempts"] for run in (a, b, tmp_path / "resumed")]
+    assert attempts == [1, 1, 2]
+    assert run_main(["sum", str(tmp_path / "m"), a, str(tmp_path / "resumed"), b]).returncode == 0
+    assert summary.read_summary(f"{tmp_path}/m/summary.h5")[0]["attempts"] == 4
+    assert run_main(["sum", str(tmp_path / "mm"), str(tmp_path / "m"), c]).returncode == 0
+    assert summary.read_summary(f"{tmp_path}/mm/summary.h5")[0]["attempts"] == 5
+
+
 def test_sum_refuses_other_dtype_or_batch_size(llama, sample_path, three_runs, tmp_path):
     a = three_runs[0]
     for option, value in (("--batch-size", "2"), ("--dtype", "float32")):
