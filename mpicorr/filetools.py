@@ -127,16 +127,22 @@ def claimed_file(out: str) -> Iterator[str]:
     """Hold, while `sum` writes the matrix file `out`, its staging folder `.NAME.tmpPID` beside `out` (marked
     as this process's: make_staging) locked as a run locks its --out (outputs.locked): another sum into `out`
     (or a run whose --out it is) finds it locked and is refused, as this one is when another holds one
-    (outputs.sum_writing). The folders of killed sums hold no lock: they block
-    nothing, and those of this host go (remove_stale_staging). Yields the folder; removed on every exit."""
+    (outputs.sum_writing). The folders of killed sums hold no lock: they block nothing, and those of this
+    host go (remove_stale_staging). Missing parent folders of `out` are made, and removed again (each if
+    still empty) when the sum fails. Yields the folder; removed on every exit."""
+    made = _missing(os.path.dirname(os.path.abspath(out)))
     remove_stale_staging(out)
     tmp = staging_path(out, True)
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
     try:
-        make_staging(tmp, out)
+        make_staging(tmp, out)  # and the missing parents
         with outputs.locked(tmp, f"sum {out}: its staging folder", "another output name"):
             outputs.check_no_sum_writing(out, "sum", "another output name", own=tmp)
             yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -353,10 +359,16 @@ def claimed(out: str) -> Iterator[bool]:
             outputs.check_no_sum_writing(out, "sum", "another output folder")  # a sum of matrix files into `out`
             yield bool(made)
         except BaseException:
-            for folder in made:  # deepest first; a folder someone put a file in meanwhile is kept
-                with suppress(OSError):
-                    os.rmdir(folder)
+            _remove_empty(made)
             raise
+
+
+def _remove_empty(made: list[str]) -> None:
+    """Remove the folders a failed sum made (_missing's list, deepest first); one that someone put a file in
+    meanwhile is kept."""
+    for folder in made:
+        with suppress(OSError):
+            os.rmdir(folder)
 
 
 def _missing(path: str) -> list[str]:

@@ -71,6 +71,19 @@ def test_verify_catches_impossible_counts(tmp_path, packed, trials, message):
         filetools.verify(path)
 
 
+def test_sum_of_matrix_files_into_missing_folders(tmp_path):
+    """`sum x/y/s.zstd A B` where x does not exist ended in an internal FileNotFoundError naming a temporary; the
+    folders are made now, as for a sum of run folders, and removed again when the sum fails."""
+    matrixfile.write_matrix(str(tmp_path / "a.zstd"), 0, 2, 1, np.ones(3))
+    matrixfile.write_matrix(str(tmp_path / "b.zstd"), 1, 2, 1, np.ones(3))
+    out = str(tmp_path / "x" / "y" / "s.zstd")
+    with pytest.raises(UserError, match="does not match"):
+        filetools.sum_files(out, [str(tmp_path / "a.zstd"), str(tmp_path / "b.zstd")])
+    assert sorted(os.listdir(tmp_path)) == ["a.zstd", "b.zstd"]
+    filetools.sum_files(out, [str(tmp_path / "a.zstd")])
+    assert os.listdir(tmp_path / "x" / "y") == ["s.zstd"] and matrixfile.read_matrix(out)[0].trials == 1
+
+
 def test_cli_info_and_verify(tmp_path):
     good = str(tmp_path / "correlations_block_3.zstd")
     matrixfile.write_matrix(good, 3, 2, 7, np.array([1, 1, 2]))
