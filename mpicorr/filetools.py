@@ -332,7 +332,7 @@ def _merge_runs(tmp: str, out: str, inputs: list[str], command: str) -> str:
             merge_unit(h5, tmp, Unit(layer, expert), inputs, [experts.get((layer, expert)) for experts, _ in moe])
         for layer in moe[0][1]:
             merge_router(h5, Unit(layer, router=True), inputs, [routers.get(layer) for _, routers in moe])
-        h5.attrs.update({**merged_attributes(inputs, roots, ranges, tokens), "command": command})
+        h5.attrs.update({**merged_attributes(*in_chunk_order(inputs, roots), ranges, tokens), "command": command})
     gaps = [(b, c) for (_, b), (c, _) in zip(ranges, ranges[1:])]  # merged ranges: all neighbours have gaps
     gap_text = "; gap (counted by no input): " + plan.format_ranges(gaps) if gaps else ""
     return (f"{out}: {len(inputs)} runs merged, chunks {plan.format_ranges(ranges)}, {tokens} tokens, "
@@ -538,10 +538,9 @@ def merge_router(h5, unit: Unit, inputs: list[str], entries: list[dict | None]) 
 
 
 def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Batch], tokens: int) -> dict:
-    """Root attributes of a merged summary: shared ones from the run of the first chunks, `model` as
-    merged_model, sums and ranges recomputed, `merged_from` in chunk order: the same whatever the order the
-    inputs are given in (only `command` and `created` tell one merge from another)."""
-    inputs, roots = in_chunk_order(inputs, roots)
+    """Root attributes of a merged summary: shared ones from the first run, `model` as merged_model, sums and
+    ranges recomputed. Given the runs in chunk order (in_chunk_order), they are the same whatever the order
+    the inputs were given in (only `command` and `created` tell one merge from another)."""
     first = roots[0]
     keep = ("data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
             "chunks_available", "dtype", "batch_size")
