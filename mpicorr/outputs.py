@@ -196,6 +196,17 @@ def locked(out: str, option: str = "--out", instead: str | None = None) -> Itera
         os.close(fd)
 
 
+def check_unlocked(folder: str, option: str = "--out") -> None:
+    """Refuse at once a folder that a running run or sum holds (locked), or that a sum of matrix files is
+    about to write as a file (sum_writing), before a run's long first steps (reading the whole corpus in pass
+    1); the run takes the lock itself later. A missing folder passes the first test, and one it may not read
+    (the run's own checks then name the problem)."""
+    check_no_sum_writing(folder, option)
+    if os.path.isdir(folder) and os.access(folder, os.R_OK):
+        with locked(folder, option):
+            pass
+
+
 def _take(fd: int) -> bool:
     """Lock the open file `fd` exclusively, without waiting: False when another open file holds the lock (a
     live process: the kernel drops a lock with its holder), True once held or where there are no such locks."""
@@ -242,14 +253,3 @@ def check_no_sum_writing(path: str, option: str, instead: str | None = None, own
     if sum_writing(path, own):
         raise UserError(f"{option} {path}: another mpicorr sum is writing this file now; wait until it ends or "
                         f"choose {instead or 'another ' + option}")
-
-
-def check_unlocked(folder: str, option: str = "--out") -> None:
-    """Refuse at once a folder that a running run or sum holds (locked), or that a sum of matrix files is
-    about to write as a file (sum_writing), before a run's long first steps (reading the whole corpus in pass
-    1); the run takes the lock itself later. A missing folder passes the first test, and one it may not read
-    (the run's own checks then name the problem)."""
-    check_no_sum_writing(folder, option)
-    if os.path.isdir(folder) and os.access(folder, os.R_OK):
-        with locked(folder, option):
-            pass
