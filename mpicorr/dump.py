@@ -419,7 +419,8 @@ def sum_dumps(out: str, inputs: list[str], force: bool = False, command: str = "
     indexes = [predictor_data.read_index(folder) for folder in inputs]
     for path, index in zip(inputs[1:], indexes[1:]):
         for key in SAME_DUMP:
-            if index[key] != indexes[0][key]:
+            if index[key] != indexes[0][key] and not (key == "model" and filetools.same_model_folder(
+                    index[key], indexes[0][key])):  # one model folder, spelt two ways
                 raise UserError(f"{path}: different {key} from {inputs[0]}; only dumps of one model, data and "
                                 f"sample add up")
     ranges = [tuple(r) for index in indexes for r in index["chunk_ranges"]]
@@ -448,7 +449,8 @@ def _merge_dumps(tmp: str, out: str, inputs: list[str], indexes: list[dict], mer
             name = f"shard-m{k}-{entry['file'][len('shard-'):]}"
             link_or_copy(os.path.join(folder, entry["file"]), os.path.join(tmp, name))
             shards.append({**entry, "file": name})
-    index = {**indexes[0], "chunk_ranges": [list(r) for r in merged], "tokens": sum(e["tokens"] for e in shards),
+    index = {**indexes[0], "model": filetools.merged_model(indexes), "chunk_ranges": [list(r) for r in merged],
+             "tokens": sum(e["tokens"] for e in shards),
              "shards": shards, "merged_from": [os.path.abspath(p) for p in inputs], "command": command,
              "mpicorr_version": __version__, "created": summary.now()}
     save_index(tmp, index)

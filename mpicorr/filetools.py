@@ -83,14 +83,29 @@ def verify(path: str, sha256: str | None = None) -> None:
 
 
 def sum_files(out: str, inputs: list[str], force: bool = False) -> str:
-    """Add matrix files of one block and width (trials added) into `out` (written atomically); return a
-    summary line."""
+    """Add matrix files of one block and width (trials added) into `out` (written into a staging folder beside
+    it and renamed into place, `out` held meanwhile: claimed_file); return a summary line."""
     check_sum_paths(out, inputs)
+    check_file_out(out, force)
+    with claimed_file(out) as tmp:
+        check_file_out(out, force)  # again, holding the lock: a sum that ended, or a run's --out made, meanwhile
+        first, trials, total = add_files(inputs)
+        matrixfile.write_matrix(os.path.join(tmp, os.path.basename(out)), first.block, first.width, trials, total)
+        install_file(tmp, out)
+    return f"{out}: {len(inputs)} files summed, block {first.block}, width {first.width}, trials {trials}"
+
+
+def check_file_out(out: str, force: bool) -> None:
+    """Refuse an output matrix file that is a folder, or that exists without --force."""
     if os.path.isdir(out):
         raise UserError(f"{out}: is a folder; the sum of matrix files is one file: give a file name "
                         f"(or give run folders to merge them into a folder)")
     if os.path.exists(out) and not force:
         raise UserError(f"{out}: exists; choose another output name or add --force")
+
+
+def add_files(inputs: list[str]) -> tuple[matrixfile.Header, int, np.ndarray]:
+    """(the first file's header, the trials added, the counts added) of matrix files of one block and width."""
     total, first, trials = None, None, 0
     for path in inputs:
         header, packed = matrixfile.read_matrix(path)
@@ -104,8 +119,41 @@ def sum_files(out: str, inputs: list[str], force: bool = False) -> str:
         trials += header.trials
     if trials > UINT64_MAX:
         raise UserError(f"sum: {trials} trials do not fit the file's 64 bits ({', '.join(inputs)}); sum fewer files")
-    matrixfile.write_matrix(out, first.block, first.width, trials, total)
-    return f"{out}: {len(inputs)} files summed, block {first.block}, width {first.width}, trials {trials}"
+    return first, trials, total
+
+
+@contextmanager
+def claimed_file(out: str) -> Iterator[str]:
+    """Hold, while `sum` writes the matrix file `out`, its staging folder `.NAME.tmpPID` beside `out` (marked
+    as this process's: make_staging) locked as a run locks its --out (outputs.locked): another sum into `out`
+    (or a run whose --out it is) finds it locked and is refused, as this one is when another holds one
+    (outputs.sum_writing). The folders of killed sums hold no lock: they block nothing, and those of this
+    host go (remove_stale_staging). Missing parent folders of `out` are made, and removed again (each if
+    still empty) when the sum fails. Yields the folder; removed on every exit."""
+    made = _missing(os.path.dirname(os.path.abspath(out)))
+    remove_stale_staging(out)
+    tmp = staging_path(out, True)
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
+    try:
+        make_staging(tmp, out)  # and the missing parents
+        with outputs.locked(tmp, f"sum {out}: its staging folder", "another output name"):
+            outputs.check_no_sum_writing(out, "sum", "another output name", own=tmp)
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_file(tmp: str, out: str) -> None:
+    """Rename the summed file from the staging folder `tmp` onto `out`."""
+    try:
+        os.replace(os.path.join(tmp, os.path.basename(out)), out)
+    except OSError as exc:  # a folder made at `out` by someone who took no lock (EISDIR), permissions
+        raise UserError(f"sum {out}: cannot move the sum into place ({exc.strerror}); check that {out} is not a "
+                        f"folder and that its folder is writable") from None
 
 
 def check_sum_paths(out: str, inputs: list[str]) -> None:
@@ -204,9 +252,10 @@ def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:
     for path, root in zip(inputs[1:], roots[1:]):
         for key, option in SAME_RUN.items():
             default = SAME_RUN_DEFAULTS.get(key)
-            if _norm(root.get(key, default)) != _norm(roots[0].get(key, default)):
+            if not _matches(key, root.get(key, default), roots[0].get(key, default)):
+                hint = "; a relative --model is read from the folder sum runs in" if key == "model" else ""
                 raise UserError(f"{path}: different {option} from {inputs[0]} ({key} {root.get(key)!r} vs "
-                                f"{roots[0].get(key)!r}); only runs of one model, data and threshold add up")
+                                f"{roots[0].get(key)!r}); only runs of one model, data and threshold add up{hint}")
     seen: list[tuple[plan.Batch, str]] = []
     for path, root in zip(inputs, roots):
         if "nll_fixed" not in root:
@@ -222,6 +271,30 @@ def check_mergeable(inputs: list[str], roots: list[dict]) -> list[plan.Batch]:
 
 def _norm(value):
     return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _matches(key: str, a, b) -> bool:
+    """Whether two runs' root attribute `key` agree (SAME_RUN): equal, or for `model` one model folder."""
+    return _norm(a) == _norm(b) or key == "model" and same_model_folder(a, b)
+
+
+def same_model_folder(a, b) -> bool:
+    """Whether two runs' `model` attributes, as each run was given --model, name one existing local folder
+    (a relative path and an absolute one, a link to it): as a run reads --model, from the folder this process
+    runs in. A hub id, or a path that names no folder here, matches only the same string."""
+    if not (isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b)):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def merged_model(roots: list[dict]) -> str:
+    """The `model` a merge records: the runs' own when they all recorded one string, else (spellings of one
+    folder: same_model_folder) that folder's real path, so that it does not depend on the inputs' order."""
+    names = {root["model"] for root in roots}
+    return names.pop() if len(names) == 1 else os.path.realpath(roots[0]["model"])
 
 
 def sum_runs(out: str, inputs: list[str], force: bool = False, command: str = "python -m mpicorr sum") -> str:
@@ -259,7 +332,7 @@ def _merge_runs(tmp: str, out: str, inputs: list[str], command: str) -> str:
             merge_unit(h5, tmp, Unit(layer, expert), inputs, [experts.get((layer, expert)) for experts, _ in moe])
         for layer in moe[0][1]:
             merge_router(h5, Unit(layer, router=True), inputs, [routers.get(layer) for _, routers in moe])
-        h5.attrs.update({**merged_attributes(inputs, roots, ranges, tokens), "command": command})
+        h5.attrs.update({**merged_attributes(*in_chunk_order(inputs, roots), ranges, tokens), "command": command})
     gaps = [(b, c) for (_, b), (c, _) in zip(ranges, ranges[1:])]  # merged ranges: all neighbours have gaps
     gap_text = "; gap (counted by no input): " + plan.format_ranges(gaps) if gaps else ""
     return (f"{out}: {len(inputs)} runs merged, chunks {plan.format_ranges(ranges)}, {tokens} tokens, "
@@ -283,12 +356,19 @@ def claimed(out: str) -> Iterator[bool]:
         raise UserError(f"sum {out}: exists and is not a folder (a link to nothing?); give a folder name")
     with outputs.locked(out, "sum", "another output folder"):
         try:
+            outputs.check_no_sum_writing(out, "sum", "another output folder")  # a sum of matrix files into `out`
             yield bool(made)
         except BaseException:
-            for folder in made:  # deepest first; a folder someone put a file in meanwhile is kept
-                with suppress(OSError):
-                    os.rmdir(folder)
+            _remove_empty(made)
             raise
+
+
+def _remove_empty(made: list[str]) -> None:
+    """Remove the folders a failed sum made (_missing's list, deepest first); one that someone put a file in
+    meanwhile is kept."""
+    for folder in made:
+        with suppress(OSError):
+            os.rmdir(folder)
 
 
 def _missing(path: str) -> list[str]:
@@ -348,9 +428,9 @@ def make_staging(tmp: str, out: str) -> None:
 
 def remove_stale_staging(out: str) -> None:
     """Delete what sums into `out` that were killed (kill -9, a node lost) left in their staging folders:
-    `.mpicorr-sum.tmpPID` inside `out`, `.NAME.tmpPID` beside it. Called holding `out`'s lock, so no sum writes
-    them now; still, only folders whose MARK names this host and a process that no longer runs are deleted
-    (a folder of a sum on another host, or an unmarked one, is left)."""
+    `.mpicorr-sum.tmpPID` inside `out`, `.NAME.tmpPID` beside it. Only folders whose MARK names this host and a
+    process that no longer runs are deleted (a folder of a sum on another host, or an unmarked one, is left),
+    so a running sum's folder is never taken, with `out`'s lock held (sums of folders) or not (of files)."""
     parent, name = os.path.split(os.path.abspath(out))
     inside = [os.path.join(out, n) for n in _listing(out) if STAGING_NAME.fullmatch(n)]
     beside = [os.path.join(parent, n) for n in _listing(parent) if re.fullmatch(rf"\.{re.escape(name)}\.tmp\d+", n)]
@@ -458,20 +538,37 @@ def merge_router(h5, unit: Unit, inputs: list[str], entries: list[dict | None]) 
 
 
 def merged_attributes(inputs: list[str], roots: list[dict], ranges: list[plan.Batch], tokens: int) -> dict:
-    """Root attributes of a merged summary: shared ones from the first run, sums and ranges recomputed."""
+    """Root attributes of a merged summary: shared ones from the first run, `model` as merged_model, sums and
+    ranges recomputed. Given the runs in chunk order (in_chunk_order), they are the same whatever the order
+    the inputs were given in (only `command` and `created` tell one merge from another)."""
     first = roots[0]
-    keep = ("model", "data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
+    keep = ("data", "data_sha256", "ctx", "threshold", "site", "site_modules", "moe_layers",
             "chunks_available", "dtype", "batch_size")
-    attrs = {key: first[key] for key in keep if key in first}
+    attrs = {"model": merged_model(roots), **{key: first[key] for key in keep if key in first}}
     attrs.update({key: first[key] for key in CORPUS_KEYS if key in first})
     chunks = sum(b - a for a, b in ranges)
     attrs.update({
         "chunk_start": ranges[0][0], "chunks": chunks, "tokens": tokens,
         "chunk_ranges": np.array(ranges, dtype=np.int64), "merged_from": [os.path.abspath(p) for p in inputs],
-        "ranks": sum(int(r.get("ranks", 0)) for r in roots),
+        "ranks": sum(int(r.get("ranks", 0)) for r in roots), "attempts": sum(run_attempts(r) for r in roots),
         "mpicorr_version": __version__, "created": summary.now(),
     })
     nll = sum(int(r["nll_fixed"]) for r in roots)
     if abs(nll) > INT64_MAX:
         raise UserError(f"sum: nll_fixed overflows int64 ({', '.join(inputs)}); merge fewer runs")
     return {**attrs, **summary.nll_attributes(nll, sum(int(r["predictions"]) for r in roots))}
+
+
+def run_attempts(root: dict) -> int:
+    """The run attempts (a first run and each --resume) that counted a run's chunks: its `attempts`; for a
+    merge written before merges recorded theirs, one per run it merged."""
+    if "attempts" in root:
+        return int(root["attempts"])
+    return len(root.get("merged_from", [])) or 1
+
+
+def in_chunk_order(inputs: list[str], roots: list[dict]) -> tuple[list[str], list[dict]]:
+    """The runs (folders and root attributes) sorted by their first chunk (disjoint: check_mergeable), the
+    order a merge records them in whatever the order they were given in."""
+    order = sorted(range(len(inputs)), key=lambda i: run_ranges(roots[i])[0])
+    return [inputs[i] for i in order], [roots[i] for i in order]

@@ -10,7 +10,8 @@ empty; never a folder wholesale (OUT may hold the user's own files):
     and the temporary of each (files.atomic_path: .<name>.tmp<pid>)
 
 While a run uses OUT, its rank 0 holds a lock on the folder (locked), and so does a `sum` writing into it: a
-second run or sum into OUT is refused.
+second run or sum into OUT is refused. A `sum` of matrix files, whose OUT is a file, locks its staging folder
+`.NAME.tmpPID` beside OUT instead (sum_writing): a run or sum into OUT meanwhile is refused as well.
 
 A run is finished when every output folder that holds its matrix files also holds summary.h5: rank 0 writes
 summary.h5 last, after every matrix file, and deletes the checkpoints only after that.
@@ -187,12 +188,9 @@ def locked(out: str, option: str = "--out", instead: str | None = None) -> Itera
     no such locks (some network mounts), nothing is locked."""
     fd = os.open(out, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise UserError(f"{option} {out}: another mpicorr run or sum is using this folder now; wait "
-                                f"until it ends or choose {instead or 'another ' + option}") from None
+        if not _take(fd):
+            raise UserError(f"{option} {out}: another mpicorr run or sum is using this folder now; wait "
+                            f"until it ends or choose {instead or 'another ' + option}")
         yield
     finally:
         os.close(fd)
@@ -237,9 +235,59 @@ def removed_if_failed(made: list[str]) -> Iterator[None]:
 
 
 def check_unlocked(folder: str, option: str = "--out") -> None:
-    """Refuse at once a folder that a running run or sum holds (locked), before a run's long first steps
-    (reading the whole corpus in pass 1); the run takes the lock itself later. A missing folder passes, and one
-    it may not read (the run's own checks then name the problem)."""
+    """Refuse at once a folder that a running run or sum holds (locked), or that a sum of matrix files is
+    about to write as a file (sum_writing), before a run's long first steps (reading the whole corpus in pass
+    1); the run takes the lock itself later. A missing folder passes the first test, and one it may not read
+    (the run's own checks then name the problem)."""
+    check_no_sum_writing(folder, option)
     if os.path.isdir(folder) and os.access(folder, os.R_OK):
         with locked(folder, option):
             pass
+
+
+def _take(fd: int) -> bool:
+    """Lock the open file `fd` exclusively, without waiting: False when another open file holds the lock (a
+    live process: the kernel drops a lock with its holder), True once held or where there are no such locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno not in (errno.EWOULDBLOCK, errno.EACCES)
+    return True
+
+
+def busy(folder: str) -> bool:
+    """Whether a running process holds `folder`'s lock (locked, or a matrix-file sum's on its staging folder);
+    a folder left by a process that ended is not busy. Tried by taking the lock and letting it go at once."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # gone meanwhile, or not ours to read: nobody we could wait for
+        return False
+    try:
+        return not _take(fd)
+    finally:
+        os.close(fd)
+
+
+def sum_writing(path: str, own: str | None = None) -> str | None:
+    """The staging folder of a `sum` of matrix files writing the file `path` now (another than `own`), if any:
+    `.NAME.tmpPID` beside `path`, which that sum holds locked while it writes (filetools.claimed_file); the
+    folder of a sum that was killed is not locked any more, and blocks nothing."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:  # a parent that does not exist (yet) or may not be read: no sum writes there
+        return None
+    rx = re.compile(temporary(re.escape(name)))
+    for found in (os.path.join(parent, n) for n in names if rx.fullmatch(n)):
+        if found != own and os.path.isdir(found) and not os.path.islink(found) and busy(found):
+            return found
+    return None
+
+
+def check_no_sum_writing(path: str, option: str, instead: str | None = None, own: str | None = None) -> None:
+    """Refuse `path` while a `sum` of matrix files writes a file by that name (sum_writing, other than `own`):
+    its rename at the end would fail on a run's folder, and two such sums would each replace the other's file.
+    The refusal names `option` and `path` and says to choose `instead` (default: another `option`)."""
+    if sum_writing(path, own):
+        raise UserError(f"{option} {path}: another mpicorr sum is writing this file now; wait until it ends or "
+                        f"choose {instead or 'another ' + option}")

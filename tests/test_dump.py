@@ -200,6 +200,24 @@ def test_sum_of_dumps_refuses_a_folder_a_run_is_dumping_into(part_dumps, tmp_pat
     ok(run_main(["sum", merged, *part_dumps, "--force"]))  # the lock went with its holder
 
 
+def test_sum_of_dumps_accepts_one_model_folder_spelt_two_ways(llama, tiny_models, part_dumps, tmp_path):
+    """As for run folders (tests/test_filetools.py): a dump whose --model was a relative path and one with the
+    absolute path of the same folder were refused ('different model'); they merge now, the index records the
+    folder's real path, and another model folder is still refused."""
+    import shutil
+    parent, name = os.path.split(llama)
+    rel, other = (shutil.copytree(part_dumps[1], tmp_path / n, copy_function=os.link) for n in ("rel", "other"))
+    for folder, model in ((rel, name), (other, tiny_models["mistral"])):
+        index = read_index(str(folder))
+        os.remove(folder / "index.json")  # a link to part_dumps[1]'s: not to be written through
+        (folder / "index.json").write_text(json.dumps({**index, "model": model}, indent=1))
+    ok(run_main(["sum", str(tmp_path / "m"), part_dumps[0], str(rel)], cwd=parent))
+    assert read_index(str(tmp_path / "m"))["model"] == os.path.realpath(llama)
+    one_error_line(run_main(["sum", str(tmp_path / "m2"), part_dumps[0], str(other)], cwd=parent),
+                   "different model")
+    assert not (tmp_path / "m2").exists()
+
+
 def test_failed_sum_of_dumps_leaves_its_output_as_it_was(part_dumps, tmp_path):
     """`sum` of dumps wrote into OUT itself: with --force it first deleted the earlier dump there, so a merge
     that then failed (here: a shard an input's index lists is missing) lost it and left OUT half-written

@@ -71,6 +71,19 @@ def test_verify_catches_impossible_counts(tmp_path, packed, trials, message):
         filetools.verify(path)
 
 
+def test_sum_of_matrix_files_into_missing_folders(tmp_path):
+    """`sum x/y/s.zstd A B` where x does not exist ended in an internal FileNotFoundError naming a temporary; the
+    folders are made now, as for a sum of run folders, and removed again when the sum fails."""
+    matrixfile.write_matrix(str(tmp_path / "a.zstd"), 0, 2, 1, np.ones(3))
+    matrixfile.write_matrix(str(tmp_path / "b.zstd"), 1, 2, 1, np.ones(3))
+    out = str(tmp_path / "x" / "y" / "s.zstd")
+    with pytest.raises(UserError, match="does not match"):
+        filetools.sum_files(out, [str(tmp_path / "a.zstd"), str(tmp_path / "b.zstd")])
+    assert sorted(os.listdir(tmp_path)) == ["a.zstd", "b.zstd"]
+    filetools.sum_files(out, [str(tmp_path / "a.zstd")])
+    assert os.listdir(tmp_path / "x" / "y") == ["s.zstd"] and matrixfile.read_matrix(out)[0].trials == 1
+
+
 def test_cli_info_and_verify(tmp_path):
     good = str(tmp_path / "correlations_block_3.zstd")
     matrixfile.write_matrix(good, 3, 2, 7, np.array([1, 1, 2]))
@@ -218,6 +231,39 @@ def test_sum_files_refuses_a_count_past_64_bits(tmp_path):
     assert not (tmp_path / "s.zstd").exists()
 
 
+def test_sum_accepts_one_model_folder_spelt_two_ways(llama, sample_path, tiny_models, tmp_path, monkeypatch):
+    """Runs record --model as given, and `sum` matched them by that string: a part run with --model as a
+    relative path and one with the absolute path of the same folder were refused ('different --model'). Two
+    spellings of one existing folder now match (read from the folder sum runs in, as a run reads them), and
+    the merge records the folder's real path; another model folder is still refused. The merged summary is
+    the same bytes whatever the order the parts are given in (`created` and `command` set alike)."""
+    import h5py
+    from test_errors import one_error_line
+    parent, name = os.path.split(llama)
+    rel = tmp_path / "rel"
+    assert run_main(["run", "--model", name, "--data", sample_path, "--out", str(rel), "--ctx", "64",
+                     "--chunk-start", "0", "--chunks", "2"], cwd=parent).returncode == 0
+    absolute = run_folder(llama, sample_path, tmp_path / "abs", 2, 3)
+    assert summary.read_summary(f"{rel}/summary.h5")[0]["model"] == name
+    one = run_folder(llama, sample_path, tmp_path / "one", 0, 5)
+    monkeypatch.chdir(parent)
+    monkeypatch.setattr(summary, "now", lambda: "2027-01-01T00:00:00+00:00")
+    for out, parts in (("m1", [str(rel), absolute]), ("m2", [absolute, str(rel)])):
+        filetools.sum_runs(str(tmp_path / out), parts, command="python -m mpicorr sum")
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    assert sha256_of(str(m1)) == sha256_of(str(m2))
+    assert outputs(str(m1)) == outputs(one)
+    root = summary.read_summary(f"{m1}/summary.h5")[0]
+    assert root["model"] == os.path.realpath(llama) and list(root["merged_from"]) == [str(rel), absolute]
+    other = shutil.copytree(absolute, tmp_path / "other")
+    with h5py.File(other / "summary.h5", "r+") as h5:
+        h5.attrs["model"] = tiny_models["mistral"]  # a real folder, another model
+    one_error_line(run_main(["sum", str(tmp_path / "m3"), str(rel), str(other)], cwd=parent), "different --model")
+    one_error_line(run_main(["sum", str(tmp_path / "m3"), str(rel), absolute]),  # 'llama' names nothing here
+                   "different --model", "a relative --model is read from the folder sum runs in")
+    assert not (tmp_path / "m3").exists()
+
+
 @pytest.fixture(scope="module")
 def three_runs(llama, sample_path, tmp_path_factory):
     """Three disjoint runs of one experiment (chunks 0-1, 2-3, 4-5)."""
@@ -275,6 +321,40 @@ def test_sum_force_replaces_only_mpicorr_outputs(three_runs, tmp_path):
                                        "notes.txt", "summary.h5"]
     assert (out / "notes.txt").read_text() == "mine" and os.listdir(out / "checkpoints") == ["model_step1000.pt"]
     assert run_main(["verify", str(out)]).returncode == 0
+
+
+def test_merged_summary_adds_the_runs_attempts(three_runs, llama, sample_path, tmp_path, monkeypatch):
+    """A run's summary.h5 records `attempts` (1, plus one per --resume); a merged one had none. It holds the
+    runs' attempts added now: a run stopped by SIGTERM after its first chunk and resumed (2 attempts) merged
+    with two uninterrupted ones gives 4, and a merge of that merge and a third run 5."""
+    import signal
+
+    from mpicorr import run as running
+    a, b, c = three_runs
+    part = ["run", "--model", llama, "--data", sample_path, "--out", str(tmp_path / "resumed"), "--ctx", "64",
+            "--chunk-start", "6", "--chunks", "3"]
+    after_batch = running.Saver.after_batch
+
+    def stop_after_the_first(self, tally, chunks):
+        after_batch(self, tally, chunks)
+        os.kill(os.getpid(), signal.SIGTERM)  # mpicorr's handler: finish the batch, save a checkpoint, exit 143
+    monkeypatch.setattr(running.Saver, "after_batch", stop_after_the_first)
+
+    def unhandled(*_):
+        raise RuntimeError("SIGTERM reached the test's handler")
+    previous = signal.signal(signal.SIGTERM, unhandled)  # without mpicorr's handler: fail, not kill pytest
+    try:
+        assert run_main(part).returncode == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert run_main([*part, "--resume"]).returncode == 0
+    attempts = [summary.read_summary(f"{run}/summary.h5")[0]["attempts"] for run in (a, b, tmp_path / "resumed")]
+    assert attempts == [1, 1, 2]
+    assert run_main(["sum", str(tmp_path / "m"), a, str(tmp_path / "resumed"), b]).returncode == 0
+    assert summary.read_summary(f"{tmp_path}/m/summary.h5")[0]["attempts"] == 4
+    assert run_main(["sum", str(tmp_path / "mm"), str(tmp_path / "m"), c]).returncode == 0
+    assert summary.read_summary(f"{tmp_path}/mm/summary.h5")[0]["attempts"] == 5
 
 
 def test_sum_refuses_other_dtype_or_batch_size(llama, sample_path, three_runs, tmp_path):
@@ -419,6 +499,56 @@ def test_sum_killed_while_writing_is_cleaned_by_the_next(three_runs, tmp_path):
     assert left == [f".m.tmp{proc.pid}"] and os.listdir(out) == []
     assert run_main(["sum", str(out), a, b]).returncode == 0
     assert sorted(os.listdir(tmp_path)) == ["m"] and run_main(["verify", str(out)]).returncode == 0
+
+
+# A `sum` CLI in a child process that stops just before it writes its matrix file (after its checks), says
+# 'writing' and goes on when a line arrives on its stdin: a real sum, caught while it writes.
+SLOW_FILE_SUM = ("import sys; from mpicorr import matrixfile, __main__ as m\n"
+                 "write = matrixfile.write_matrix\n"
+                 "def write_matrix(*args):\n"
+                 "    print('writing', flush=True); sys.stdin.readline(); return write(*args)\n"
+                 "matrixfile.write_matrix = write_matrix\nsys.exit(m.main(sys.argv[1:]))\n")
+
+
+def slow_file_sum(out, *inputs) -> subprocess.Popen:
+    """SLOW_FILE_SUM started as `sum OUT IN...`, once it says it is writing."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_FILE_SUM, "sum", str(out), *inputs], env=cli_env(),
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == "writing\n", proc.stderr.read()
+    return proc
+
+
+def test_sum_of_matrix_files_refuses_an_out_another_sum_is_writing(llama, sample_path, tmp_path):
+    """`sum OUT.zstd A B` took no lock: a second sum into OUT while the first wrote passed the 'exists' check as
+    well, and the later rename replaced the other's file (--force or not); a run --out OUT meanwhile made a
+    folder there, onto which the sum's rename then failed. The sum now holds its staging folder beside OUT
+    locked: both are refused in one line, exit 2, nothing written. A sum killed -9 leaves the folder, unlocked:
+    it blocks nothing, and the next sum into OUT removes it (the staging folders' stale-mark rule)."""
+    from test_errors import one_error_line
+    rng = np.random.default_rng(5)
+    a, b = str(tmp_path / "a.zstd"), str(tmp_path / "b.zstd")
+    matrixfile.write_matrix(a, 2, 7, 30, symmetric_counts(rng, 7, 30))
+    matrixfile.write_matrix(b, 2, 7, 20, symmetric_counts(rng, 7, 20))
+    out = tmp_path / "s.zstd"
+    first = slow_file_sum(out, a, b)
+    busy = f"sum {out}: another mpicorr sum is writing this file now; wait until it ends or choose another output name"
+    one_error_line(run_main(["sum", str(out), b, a]), busy)
+    one_error_line(run_main(["sum", str(out), a, "--force"]), busy)
+    one_error_line(run_main(["run", "--model", llama, "--data", sample_path, "--out", str(out), "--ctx", "64",
+                             "--chunks", "2"]), f"--out {out}: another mpicorr sum is writing this file now")
+    assert not out.exists()
+    first.communicate("\n", timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert matrixfile.read_matrix(str(out))[0].trials == 50 and sorted(os.listdir(tmp_path)) == ["a.zstd", "b.zstd",
+                                                                                                 "s.zstd"]
+    killed = slow_file_sum(tmp_path / "k.zstd", a, b)
+    killed.kill()
+    killed.wait()
+    assert os.path.isdir(tmp_path / f".k.zstd.tmp{killed.pid}")  # marked, as the staging folders of sums are
+    assert run_main(["sum", str(tmp_path / "k.zstd"), a, b]).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["a.zstd", "b.zstd", "k.zstd", "s.zstd"]
+    digests = sha256_of(str(tmp_path))
+    assert digests["k.zstd"] == digests["s.zstd"]
 
 
 def test_commands_under_mpirun_run_once(llama, sample_path, three_runs, tmp_path):
