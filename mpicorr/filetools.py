@@ -130,7 +130,7 @@ def claimed_file(out: str) -> Iterator[str]:
     (outputs.sum_writing). The folders of killed sums hold no lock: they block nothing, and those of this
     host go (remove_stale_staging). Missing parent folders of `out` are made, and removed again (each if
     still empty) when the sum fails. Yields the folder; removed on every exit."""
-    made = _missing(os.path.dirname(os.path.abspath(out)))
+    made = outputs.missing(os.path.dirname(os.path.abspath(out)))
     remove_stale_staging(out)
     tmp = staging_path(out, True)
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
@@ -141,7 +141,7 @@ def claimed_file(out: str) -> Iterator[str]:
             yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(made)
+        outputs.remove_empty(made)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -345,39 +345,14 @@ def claimed(out: str) -> Iterator[bool]:
     another sum using `out` now is refused in one line, before anything is written. A lock needs the folder,
     so a missing `out` is made here (its missing parents too), and removed again (each if still empty) when
     the sum fails. Yields whether this sum made it."""
-    made = _missing(out)
-    try:
-        os.makedirs(out)
-    except FileExistsError:
-        made = []  # the user's folder, or another sum's that has just made it: the lock tells them apart
-    except OSError as exc:
-        raise UserError(f"sum {out}: cannot create the folder ({exc.strerror}); choose a writable place") from None
+    made = outputs.make_folder(out, "sum")  # none when it existed: the user's, or another sum's (the lock decides)
     if not os.path.isdir(out):  # a link to nothing (a file is refused before)
         raise UserError(f"sum {out}: exists and is not a folder (a link to nothing?); give a folder name")
-    with outputs.locked(out, "sum", "another output folder"):
-        try:
-            outputs.check_no_sum_writing(out, "sum", "another output folder")  # a sum of matrix files into `out`
-            yield bool(made)
-        except BaseException:
-            _remove_empty(made)
-            raise
+    with outputs.locked(out, "sum", "another output folder"), outputs.removed_if_failed(made):
+        outputs.check_no_sum_writing(out, "sum", "another output folder")  # a sum of matrix files into `out`
+        yield bool(made)
 
 
-def _remove_empty(made: list[str]) -> None:
-    """Remove the folders a failed sum made (_missing's list, deepest first); one that someone put a file in
-    meanwhile is kept."""
-    for folder in made:
-        with suppress(OSError):
-            os.rmdir(folder)
-
-
-def _missing(path: str) -> list[str]:
-    """`path` and those of its parent folders that do not exist, deepest first."""
-    path, found = os.path.abspath(path), []
-    while not os.path.lexists(path):
-        found.append(path)
-        path = os.path.dirname(path)
-    return found
 
 
 @contextmanager

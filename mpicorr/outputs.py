@@ -224,14 +224,21 @@ def missing(path: str) -> list[str]:
 def removed_if_failed(made: list[str]) -> Iterator[None]:
     """Remove the folders a command made (make_folder), deepest first, if it fails: a run or sum that fails
     before writing anything leaves no empty folder behind. Only folders still empty go: one that holds a
-    checkpoint, an output or a file someone put there is kept."""
+    checkpoint, an output or a file someone put there is kept. Enter it after taking the folder's lock (locked),
+    so that the folders go while this command still holds it: none that another command has locked since."""
     try:
         yield
     except BaseException:
-        for folder in made:
-            with suppress(OSError):
-                os.rmdir(folder)
+        remove_empty(made)
         raise
+
+
+def remove_empty(made: list[str]) -> None:
+    """Remove the folders a failed command made (missing's list, deepest first); one that holds anything is
+    kept."""
+    for folder in made:
+        with suppress(OSError):
+            os.rmdir(folder)
 
 
 def check_unlocked(folder: str, option: str = "--out") -> None:
