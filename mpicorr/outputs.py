@@ -198,6 +198,29 @@ def locked(out: str, option: str = "--out", instead: str | None = None) -> Itera
         os.close(fd)
 
 
+def busy(folder: str) -> bool:
+    """Whether a run or sum holds FOLDER's lock (locked) now: readers (the analysis) keep away from files that
+    may be replaced under them. False where it cannot be told (no such folder, not readable, no locks)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close: a run may take it at once
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EACCES)
+    finally:
+        os.close(fd)
+    return False
+
+
+def started(out: str) -> bool:
+    """Whether OUT holds a run's own traces besides its outputs (mpicorr's run.json, checkpoints): matrix
+    files there without summary.h5 are a run that stopped while writing, not the original tool's folder."""
+    path = os.path.join(out, RUN_JSON)
+    return bool(checkpoints(out)) or (os.path.isfile(path) and _ours(path))
+
+
 def check_unlocked(folder: str, option: str = "--out") -> None:
     """Refuse at once a folder that a running run or sum holds (locked), before a run's long first steps
     (reading the whole corpus in pass 1); the run takes the lock itself later. A missing folder passes, and one

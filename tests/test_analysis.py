@@ -240,3 +240,32 @@ def test_swapped_files_of_an_original_folder_are_refused(tmp_path):
         analysis.firing(run)
     with pytest.raises(analysis.UserError, match="its header says block 1, its name block 0"):
         list(analysis.read_layers(analysis.matrix_paths(run)))
+
+
+def test_a_folder_a_run_is_using_or_stopped_writing_is_refused(tmp_path):
+    """A run holding the folder's lock (counting with --force beside the old outputs, or writing) and a run
+    that stopped while writing (matrix files and run.json, no summary.h5) were analysed as finished folders:
+    the first read files about to be replaced, the second a layer short without a word, as the original
+    tool's folder. Both are one line, exit 2, nothing written; the lock of a threshold-<T> folder's run is on
+    the folder above."""
+    from mpicorr import outputs
+    os.makedirs(tmp_path / "run")
+    os.makedirs(tmp_path / "multi" / "threshold-0.5")
+    run = with_summary(planted_run(str(tmp_path / "run"), layers=2))
+    part = with_summary(planted_run(str(tmp_path / "multi" / "threshold-0.5"), layers=2))
+    for folder, held, fig in ((run, run, tmp_path / "fig"), (part, str(tmp_path / "multi"), tmp_path / "fig1")):
+        with outputs.locked(held):
+            result = script("firing.py", folder, "--out", fig)
+        assert result.returncode == 2 and "an mpicorr run or sum is using this folder now" in result.stderr
+        assert result.stderr.count("\n") == 1 and not os.path.exists(fig)
+        assert script("firing.py", folder, "--out", fig).returncode == 0  # the lock has ended
+    os.remove(os.path.join(run, summary.SUMMARY))
+    os.remove(os.path.join(run, matrixfile.matrix_name(1)))
+    with open(os.path.join(run, "run.json"), "w") as fh:
+        json.dump({"format": "mpicorr-run-1", "ranks": []}, fh)
+    for name in ("firing.py", "heatmap.py", "routers.py"):
+        result = script(name, run, "--out", tmp_path / "fig2")
+        assert result.returncode == 2 and "its run has not finished writing" in result.stderr, result.stderr
+        assert not os.path.exists(tmp_path / "fig2")
+    os.remove(os.path.join(run, "run.json"))  # now the original tool's folder: matrix files only
+    assert script("firing.py", run, "--out", tmp_path / "fig2").returncode == 0
