@@ -50,8 +50,8 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
         raise UserError(f"{run_dir}: no {what} files")
     if summary.exists(run_dir):
         check_layer_list(run_dir, set(found), {l for l, x in summary_units(run_dir) if x == expert}, expert)
-    for layer, path in found.items():  # 20 bytes each: a renamed file is refused before any layer is analysed
-        check_block(layer, path)
+    for layer, path in found.items():  # a few bytes per 128 KiB: refused before any layer is analysed
+        check_block(layer, path, structure=True)
     return dict(sorted(found.items()))
 
 
@@ -121,9 +121,10 @@ def read_checked(layer: int, path: str, sha256: str | None = None) -> tuple[matr
     return matrixfile.read_matrix(path, sha256)
 
 
-def check_block(layer: int, path: str) -> None:
-    """The block in a matrix file's header must be the one in its name."""
-    block = matrixfile.read_header(path).block
+def check_block(layer: int, path: str, structure: bool = False) -> None:
+    """The block in a matrix file's header must be the one in its name; with `structure`, its frame must also
+    be whole (matrixfile.check_structure: a file cut short is found before any output is written)."""
+    block = (matrixfile.check_structure(path) if structure else matrixfile.read_header(path)).block
     if block != layer:
         raise UserError(f"{path}: its header says block {block}, its name block {layer}; the file was renamed "
                         f"or swapped: give it block {block}'s name or restore it")

@@ -269,3 +269,20 @@ def test_a_folder_a_run_is_using_or_stopped_writing_is_refused(tmp_path):
         assert not os.path.exists(tmp_path / "fig2")
     os.remove(os.path.join(run, "run.json"))  # now the original tool's folder: matrix files only
     assert script("firing.py", run, "--out", tmp_path / "fig2").returncode == 0
+
+
+def test_a_file_cut_short_is_refused_before_any_output(tmp_path):
+    """A matrix file cut short (truncate by hand, a full disk) was found only when its layer's turn came:
+    heatmap.py --all and export.py had written the earlier layers' files by then. Its frame is now walked
+    with the other files' headers, before anything is written."""
+    os.makedirs(tmp_path / "run")
+    run = planted_run(str(tmp_path / "run"), layers=3, width=600, tokens=300)
+    path = os.path.join(run, matrixfile.matrix_name(2))
+    os.truncate(path, os.path.getsize(path) // 2)
+    for name, args in (("heatmap.py", ["--all", "--pixels", "8", "--out", tmp_path / "fig"]),
+                       ("export.py", ["--powerinfer", tmp_path / "fig", "--metis", tmp_path / "fig"]),
+                       ("firing.py", ["--out", tmp_path / "fig"])):
+        result = script(name, run, *args)
+        assert result.returncode == 2 and "correlations_block_2.zstd: truncated" in result.stderr, result.stderr
+        assert result.stderr.count("error") == 1 and "layer 0" not in result.stderr
+        assert not os.path.exists(tmp_path / "fig")
