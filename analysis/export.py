@@ -31,21 +31,22 @@ def main() -> int:
     def body() -> None:
         if not (args.powerinfer or args.metis or args.permutation):
             raise UserError("nothing to export: give --powerinfer DIR, --metis DIR and/or --permutation FILE")
+        paths = analysis.select(analysis.matrix_paths(args.run_dir, args.expert), args.layers)
+        found = {}
+        if args.permutation:  # read and checked first: a missing or foreign clusters file writes nothing
+            found = clusters.clusters_for(args.clusters or os.path.join(args.run_dir, clusters.CLUSTERS),
+                                          analysis.widths(paths))
         if args.powerinfer:
             fire = {lf.layer: lf.fire_count for lf in analysis.firing(args.run_dir, args.layers, args.expert)}
-            paths = exporters.write_powerinfer(args.powerinfer, fire)
-            print(f"{len(paths)} PowerInfer activation files in {args.powerinfer}")
+            written = exporters.write_powerinfer(args.powerinfer, fire)
+            print(f"{len(written)} PowerInfer activation files in {args.powerinfer}")
         if args.metis:
             os.makedirs(args.metis, exist_ok=True)
-            paths = analysis.select(analysis.matrix_paths(args.run_dir, args.expert), args.layers)
             for lm in analysis.read_layers(paths, "exporting"):
                 path = os.path.join(args.metis, f"cofiring_{lm.layer}.graph")
                 edges = exporters.write_metis(path, lm.packed, lm.width, lm.trials, args.min_support, args.min_lift)
                 print(f"{path}: {lm.width} vertices, {edges} edges")
         if args.permutation:
-            _, found = clusters.read_clusters(args.clusters or os.path.join(args.run_dir, clusters.CLUSTERS))
-            if args.layers:
-                found = {l: found[l] for l in analysis.select(found, args.layers)}
             exporters.write_permutation(args.permutation, {l: c.permutation for l, c in found.items()},
                                         {l: c.labels for l, c in found.items()})
             print(f"{args.permutation}: permutations of {len(found)} layers")

@@ -29,8 +29,6 @@ def order_for(lm: analysis.LayerMatrix, kind: str, cluster_perm: dict):
         return analysis.frequency_order(lm.packed, lm.width)
     if kind == "spectral":
         return clusters.spectral_order(clusters.dense(lm.packed, lm.width))
-    if lm.layer not in cluster_perm:
-        raise UserError(f"--order cluster: the clusters file has no layer {lm.layer}; rerun clusters.py")
     return cluster_perm[lm.layer].permutation
 
 
@@ -52,7 +50,8 @@ def main() -> int:
         paths = analysis.select(paths, None if args.all else args.layers or str(next(iter(paths))))
         perms = {}
         if args.order == "cluster":
-            perms = clusters.read_clusters(args.clusters or os.path.join(args.run_dir, clusters.CLUSTERS))[1]
+            perms = clusters.clusters_for(args.clusters or os.path.join(args.run_dir, clusters.CLUSTERS),
+                                          analysis.widths(paths))
         os.makedirs(out, exist_ok=True)
         images, widths = {}, {}
         for lm in analysis.read_layers(paths, "drawing"):

@@ -130,6 +130,11 @@ def check_block(layer: int, path: str, structure: bool = False) -> None:
                         f"or swapped: give it block {block}'s name or restore it")
 
 
+def widths(paths: dict[int, str]) -> dict[int, int]:
+    """{layer: width} of matrix files, from their headers."""
+    return {layer: matrixfile.read_header(path).width for layer, path in paths.items()}
+
+
 def summary_entries(run_dir: str, expert: int | None = None) -> dict[int, dict]:
     """{block: its summary.h5 entry} (read_summary's layers, or expert E's of each MoE block)."""
     path = os.path.join(run_dir, summary.SUMMARY)

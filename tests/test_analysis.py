@@ -286,3 +286,33 @@ def test_a_file_cut_short_is_refused_before_any_output(tmp_path):
         assert result.returncode == 2 and "correlations_block_2.zstd: truncated" in result.stderr, result.stderr
         assert result.stderr.count("error") == 1 and "layer 0" not in result.stderr
         assert not os.path.exists(tmp_path / "fig")
+
+
+def test_a_clusters_file_that_does_not_fit_writes_nothing(tmp_path):
+    """export.py --permutation without clusters.h5 wrote the PowerInfer and METIS files first, then failed;
+    a clusters.h5 of other layers made heatmap.py --all --order cluster draw the earlier layers first; one of
+    another run (other widths) was a traceback in heatmap.py and a permutation of the wrong length, exit 0,
+    in export.py. Each is now one line, exit 2, before anything is written."""
+    for name in ("run", "narrow", "fig"):
+        os.makedirs(tmp_path / name)
+    run = planted_run(str(tmp_path / "run"), layers=2, width=40, tokens=200)
+    narrow = planted_run(str(tmp_path / "narrow"), layers=2, width=36, tokens=200)
+    assert script("clusters.py", run, "--clusters", "2", "--layers", "0", "--out", tmp_path / "one").returncode == 0
+    assert script("clusters.py", narrow, "--clusters", "2", "--out", tmp_path / "other").returncode == 0
+    out = ["--powerinfer", tmp_path / "fig" / "pi", "--metis", tmp_path / "fig" / "metis",
+           "--permutation", tmp_path / "fig" / "perm.json"]
+    cases = [("export.py", out, "clusters.h5: no such file; run analysis/clusters.py first"),
+             ("export.py", [*out, "--clusters", tmp_path / "one" / "clusters.h5"], "has no layer 1 (it holds layers 0)"),
+             ("export.py", [*out, "--clusters", tmp_path / "other" / "clusters.h5"],
+              "layer 0 has 36 neurons, the run's 40: the file belongs to another run"),
+             ("heatmap.py", ["--all", "--order", "cluster", "--clusters", tmp_path / "one" / "clusters.h5",
+                             "--out", tmp_path / "fig"], "has no layer 1"),
+             ("heatmap.py", ["--order", "cluster", "--clusters", tmp_path / "other" / "clusters.h5",
+                             "--out", tmp_path / "fig"], "layer 0 has 36 neurons, the run's 40")]
+    for name, args, message in cases:
+        result = script(name, run, *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        assert os.listdir(tmp_path / "fig") == []
+    result = script("export.py", run, "--layers", "0", "--permutation", tmp_path / "fig" / "perm.json",
+                    "--clusters", tmp_path / "one" / "clusters.h5")
+    assert result.returncode == 0 and list(json.load(open(tmp_path / "fig" / "perm.json"))["layers"]) == ["0"]
