@@ -31,6 +31,9 @@ def main() -> int:
     def body() -> None:
         if not (args.powerinfer or args.metis or args.permutation):
             raise UserError("nothing to export: give --powerinfer DIR, --metis DIR and/or --permutation FILE")
+        analysis.output_folder(args.powerinfer, "--powerinfer")
+        analysis.output_folder(args.metis, "--metis")
+        analysis.output_file(args.permutation, "--permutation")
         paths = analysis.select(analysis.matrix_paths(args.run_dir, args.expert), args.layers)
         found = {}
         if args.permutation:  # read and checked first: a missing or foreign clusters file writes nothing

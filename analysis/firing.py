@@ -47,6 +47,7 @@ def main() -> int:
     out = args.out or args.run_dir
 
     def body() -> None:
+        analysis.output_folder(args.out)
         layers = analysis.firing(args.run_dir, args.layers, args.expert)
         table = threshold_table(args.run_dir, args.layers, args.thresholds, args.expert) if args.thresholds else []
         os.makedirs(out, exist_ok=True)

@@ -43,6 +43,7 @@ def main() -> int:
     out = args.out or args.run_dir
 
     def body() -> None:
+        analysis.output_folder(args.out)
         if args.pixels < 1:
             raise UserError(f"--pixels {args.pixels}: must be at least 1")
         paths = analysis.matrix_paths(args.run_dir, args.expert)

@@ -38,6 +38,7 @@ def main() -> int:
     out = args.out or args.run_dir
 
     def body() -> None:
+        analysis.output_folder(args.out)
         found = analysis.routers(args.run_dir, args.layers)
         os.makedirs(out, exist_ok=True)
         print(HEADER)

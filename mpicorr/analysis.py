@@ -324,10 +324,30 @@ def script_parser(doc: str, what: str | None = "outputs", layers: str = "all") -
 
 
 def script_layers(args: argparse.Namespace) -> dict[int, str]:
-    """The selected layers' matrix files; creates the output folder."""
+    """The selected layers' matrix files; creates the output folder (checked first)."""
+    output_folder(args.out)
     paths = select(matrix_paths(args.run_dir, args.expert), args.layers)
     os.makedirs(args.out or args.run_dir, exist_ok=True)
     return paths
+
+
+def output_folder(path: str | None, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file (os.makedirs said only '[Errno 17] File
+    exists'); a missing one is made later. None: the option was not given."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {path}: is a file, not a folder; give a folder (it is made if missing)")
+
+
+def output_file(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output file that is a folder or whose folder does not exist (the write
+    would fail only at the end, after the work, naming a temporary file). None: the option was not given."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path}: there is no folder {folder}; make it first or give another path")
 
 
 def run_script(name: str, body) -> int:

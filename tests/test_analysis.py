@@ -316,3 +316,23 @@ def test_a_clusters_file_that_does_not_fit_writes_nothing(tmp_path):
     result = script("export.py", run, "--layers", "0", "--permutation", tmp_path / "fig" / "perm.json",
                     "--clusters", tmp_path / "one" / "clusters.h5")
     assert result.returncode == 0 and list(json.load(open(tmp_path / "fig" / "perm.json"))["layers"]) == ["0"]
+
+
+def test_an_output_path_of_the_wrong_kind_is_one_clear_line(tmp_path):
+    """--out naming a file was '[Errno 17] File exists: ...', and export.py --permutation naming a folder
+    '[Errno 21] Is a directory: .../.NAME.tmpPID -> ...' after the work; now each names the option, first."""
+    os.makedirs(tmp_path / "run")
+    run = planted_run(str(tmp_path / "run"), layers=1)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for name in ("firing.py", "cofiring.py", "heatmap.py", "clusters.py", "bundles.py", "report.py"):
+        result = script(name, run, "--out", afile)
+        assert result.returncode == 2 and result.stdout == "", (name, result.stdout)
+        assert result.stderr == f"{name}: error: --out {afile}: is a file, not a folder; give a folder (it is made if missing)\n"
+    cases = [(["--powerinfer", afile], f"--powerinfer {afile}: is a file, not a folder"),
+             (["--metis", tmp_path / "m", "--permutation", tmp_path], f"--permutation {tmp_path}: is a folder"),
+             (["--permutation", tmp_path / "no" / "p.json"], f"there is no folder {tmp_path / 'no'}")]
+    for args, message in cases:
+        result = script("export.py", run, *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert afile.read_text() == "mine" and not os.path.exists(tmp_path / "m")
