@@ -55,7 +55,7 @@ def main() -> int:
         bundles.write_bundles(os.path.join(out, bundles.BUNDLES), results,
                               {"q": args.q, "min_support": args.min_support, "run_dir": os.path.abspath(args.run_dir)})
         figures.bundle_sizes({b.layer: b.sizes() for b in results}, args.q, os.path.join(out, "bundle_sizes.png"),
-                             args.min_support)
+                             args.min_support, analysis.run_label(args.run_dir, args.expert))
         print(f"outputs in {out}: {bundles.BUNDLES}, bundle_sizes.png")
 
     return analysis.run_script("bundles.py", body)

@@ -77,7 +77,8 @@ def main() -> int:
         for r in rows:
             print(format_row(r))
         clusters.write_clusters(os.path.join(out, clusters.CLUSTERS), results, file_attributes(args))
-        figures.cluster_quality(rows, os.path.join(out, "cluster_quality.png"))
+        figures.cluster_quality(rows, os.path.join(out, "cluster_quality.png"),
+                                analysis.run_label(args.run_dir, args.expert))
         print(f"outputs in {out}: {clusters.CLUSTERS}, cluster_quality.png")
 
     return analysis.run_script("clusters.py", body)

@@ -70,7 +70,8 @@ def main() -> int:
             rows += layer_rows
             print(summary_line(lm.layer, hists[lm.layer], layer_rows, args.rank_by))
         write_csv(os.path.join(out, "cofiring_top_pairs.csv"), rows)
-        figures.distributions(hists, args.min_support, os.path.join(out, "cofiring_distributions.png"))
+        figures.distributions(hists, args.min_support, os.path.join(out, "cofiring_distributions.png"),
+                              analysis.run_label(args.run_dir, args.expert))
         print(f"outputs in {out}: cofiring_top_pairs.csv, cofiring_distributions.png")
 
     return analysis.run_script("cofiring.py", body)

@@ -57,9 +57,10 @@ def main() -> int:
             print(format_row(r))
         for line in table:
             print(line)
-        figures.rank_frequency(layers, os.path.join(out, "firing_rank_frequency.png"))
-        figures.coverage(layers, os.path.join(out, "firing_coverage.png"))
-        figures.depth(rows, os.path.join(out, "firing_depth.png"))
+        label = analysis.run_label(args.run_dir, args.expert)
+        figures.rank_frequency(layers, os.path.join(out, "firing_rank_frequency.png"), label)
+        figures.coverage(layers, os.path.join(out, "firing_coverage.png"), label)
+        figures.depth(rows, os.path.join(out, "firing_depth.png"), label)
         print(f"figures in {out}: firing_rank_frequency.png, firing_coverage.png, firing_depth.png")
 
     return analysis.run_script("firing.py", body)

@@ -54,6 +54,7 @@ def main() -> int:
             perms = clusters.clusters_for(args.clusters or os.path.join(args.run_dir, clusters.CLUSTERS),
                                           analysis.widths(paths))
         os.makedirs(out, exist_ok=True)
+        label = analysis.run_label(args.run_dir, args.expert)
         images, widths = {}, {}
         for lm in analysis.read_layers(paths, "drawing"):
             order = order_for(lm, args.order, perms)
@@ -61,10 +62,11 @@ def main() -> int:
                                                 min(args.pixels, 4096), args.measure)
             widths[lm.layer] = lm.width
             print(figures.heatmap(images[lm.layer], lm.width, lm.layer, args.measure, ORDER_NAMES[args.order],
-                                  os.path.join(out, f"heatmap_{args.measure}_{lm.layer}.png")))
+                                  os.path.join(out, f"heatmap_{args.measure}_{lm.layer}.png"), label))
         if args.all:
             print(figures.contact_sheet(images, widths, args.measure,
-                                        os.path.join(out, f"heatmaps_{args.measure}.png"), ORDER_NAMES[args.order]))
+                                        os.path.join(out, f"heatmaps_{args.measure}.png"), ORDER_NAMES[args.order],
+                                        label))
 
     return analysis.run_script("heatmap.py", body)
 

@@ -98,22 +98,23 @@ def draw_figures(layers: dict[int, dict], args: argparse.Namespace, folder: str)
     firing_layers = [d["fire"] for d in layers.values()]
     path = lambda name: os.path.join(folder, name)  # noqa: E731
     widths = {l: d["width"] for l, d in layers.items()}
+    label = analysis.run_label(args.run_dir, args.expert)
     out = {
-        "rank_frequency": figures.rank_frequency(firing_layers, path("rf.png")),
-        "coverage": figures.coverage(firing_layers, path("cov.png")),
-        "depth": figures.depth(rows, path("depth.png")),
+        "rank_frequency": figures.rank_frequency(firing_layers, path("rf.png"), label),
+        "coverage": figures.coverage(firing_layers, path("cov.png"), label),
+        "depth": figures.depth(rows, path("depth.png"), label),
         "distributions": figures.distributions({l: d["hist"] for l, d in layers.items()}, args.min_support,
-                                               path("dist.png")),
+                                               path("dist.png"), label),
         "sheet_frequency": figures.contact_sheet({l: d["freq_image"] for l, d in layers.items()}, widths, "lift",
-                                                 path("sheet_f.png"), "neurons by firing frequency"),
+                                                 path("sheet_f.png"), "neurons by firing frequency", label),
         "sheet_cluster": figures.contact_sheet({l: d["cluster_image"] for l, d in layers.items()}, widths, "lift",
-                                               path("sheet_c.png"), "neurons in cluster order"),
+                                               path("sheet_c.png"), "neurons in cluster order", label),
         "bundles": figures.bundle_sizes({l: d["bundles"].sizes() for l, d in layers.items()}, args.q,
-                                        path("bundles.png"), args.min_support),
+                                        path("bundles.png"), args.min_support, label),
     }
     quality = [d["quality"] for d in layers.values() if d["quality"] is not None]
     if quality:
-        out["quality"] = figures.cluster_quality(quality, path("quality.png"))
+        out["quality"] = figures.cluster_quality(quality, path("quality.png"), label)
     return {name: embed(p) for name, p in out.items()}
 
 

@@ -195,6 +195,21 @@ def metadata(run_dir: str) -> dict:
     return attrs
 
 
+def run_label(run_dir: str, expert: int | None = None) -> str:
+    """What the figures' titles add to say which counts they show: the expert, and the firing rule from
+    summary.h5 (|x| >= T; a head's output norm for --site heads). The original tool's folders record none."""
+    parts = [f"expert {expert}"] if expert is not None else []
+    if summary.exists(run_dir):
+        import h5py
+
+        with h5py.File(os.path.join(run_dir, summary.SUMMARY), "r") as h5:
+            attrs = dict(h5.attrs)
+        if "threshold" in attrs:
+            what = "head norm" if str(attrs.get("site", "")) == "heads" else "|x|"
+            parts.append(f"{what} ≥ {float(attrs['threshold']):g}")
+    return ", ".join(parts)
+
+
 def firing(run_dir: str, layers: str | None = None, expert: int | None = None) -> list[LayerFiring]:
     """Per-layer firing counts (--layers selects; --expert E: that expert's): from summary.h5 when present,
     else the matrix diagonals."""

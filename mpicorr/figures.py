@@ -24,6 +24,11 @@ UNDEFINED_WHY = {"phi": "a neuron that never or always fires", "freq": None, "co
 LIFT_PERCENTILE = 99.5
 
 
+def titled(title: str, label: str) -> str:
+    """A title with the run's label (analysis.run_label: the firing rule, the expert) in parentheses."""
+    return f"{title} ({label})" if label else title
+
+
 def _save(fig, path: str, dpi: int = DPI) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
@@ -37,7 +42,7 @@ def _colours(n: int):
     return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
 
 
-def rank_frequency(layers, path: str) -> str:
+def rank_frequency(layers, path: str, label: str = "") -> str:
     """Log-log rank-frequency curves, one per layer, coloured by depth."""
     fig, ax = plt.subplots(figsize=(7, 5))
     for colour, lf in zip(_colours(len(layers)), layers):
@@ -45,7 +50,7 @@ def rank_frequency(layers, path: str) -> str:
         alpha = analysis.powerlaw_exponent(lf.fire_count)
         ax.loglog(np.arange(1, len(counts) + 1), counts, color=colour,
                   label=f"layer {lf.layer} (α={alpha:.2f})" if len(layers) <= 8 else None)
-    ax.set(xlabel="neuron rank (most frequent first)", ylabel="firing count", title="Rank-frequency of neuron firing")
+    ax.set(xlabel="neuron rank (most frequent first)", ylabel="firing count", title=titled("Rank-frequency of neuron firing", label))
     ax.xaxis.set_major_formatter(PLAIN)
     ax.yaxis.set_major_formatter(PLAIN)
     if len(layers) <= 8:
@@ -53,20 +58,20 @@ def rank_frequency(layers, path: str) -> str:
     return _save(fig, path)
 
 
-def coverage(layers, path: str) -> str:
+def coverage(layers, path: str, label: str = "") -> str:
     """Share of all firings made by the most frequent x % of neurons."""
     fig, ax = plt.subplots(figsize=(6, 5))
     for colour, lf in zip(_colours(len(layers)), layers):
         x, y = analysis.coverage_curve(lf.fire_count)
         ax.plot(100 * x, 100 * y, lw=1, color=colour, label=f"layer {lf.layer}" if len(layers) <= 8 else None)
     ax.plot([0, 100], [0, 100], "k:", lw=1, label="uniform")
-    ax.axvline(20, color="grey", lw=0.5)
-    ax.set(xlabel="most frequent neurons (%)", ylabel="share of all firings (%)", title="Firing coverage")
+    ax.axvline(20, color="grey", lw=0.5, label="top 20 %")
+    ax.set(xlabel="most frequent neurons (%)", ylabel="share of all firings (%)", title=titled("Firing coverage", label))
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def depth(rows: list[dict], path: str) -> str:
+def depth(rows: list[dict], path: str, label: str = "") -> str:
     """Density, power-law exponent and top-20 % coverage against layer, each axis from 0 (a small change must
     not look like a cliff)."""
     fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
@@ -86,7 +91,7 @@ def depth(rows: list[dict], path: str) -> str:
         ax.yaxis.label.set_size(8)
     axes[-1].set_xlabel("layer")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle("Firing across depth")
+    fig.suptitle(titled("Firing across depth", label))
     return _save(fig, path)
 
 
@@ -149,12 +154,12 @@ def _undefined_legend(fig, images: list[np.ndarray], kind: str) -> None:
                fontsize=9)
 
 
-def heatmap(image: np.ndarray, width: int, layer: int, kind: str, order_name: str, path: str) -> str:
+def heatmap(image: np.ndarray, width: int, layer: int, kind: str, order_name: str, path: str, label: str = "") -> str:
     """One layer's heatmap with axis labels, a colour bar and, where cells have no value, a legend for them."""
     fig, ax = plt.subplots(figsize=(8, 7), layout="constrained")
     norm, cmap, extend = colour_scale([image], kind)
     _colour_bar(fig, _show(ax, image, width, norm, cmap), ax, kind, extend)
-    ax.set(xlabel=f"neuron j ({order_name})", ylabel=f"neuron i ({order_name})", title=f"layer {layer}: {kind}")
+    ax.set(xlabel=f"neuron j ({order_name})", ylabel=f"neuron i ({order_name})", title=titled(f"layer {layer}: {kind}", label))
     _undefined_legend(fig, [image], kind)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -162,7 +167,7 @@ def heatmap(image: np.ndarray, width: int, layer: int, kind: str, order_name: st
 
 
 def contact_sheet(images: dict[int, np.ndarray], widths: dict[int, int], kind: str, path: str,
-                  order_name: str | None = None) -> str:
+                  order_name: str | None = None, label: str = "") -> str:
     """All layers' heatmaps in one grid on one colour scale, with neuron axes and one colour bar."""
     n = len(images)
     cols = min(4, int(np.ceil(np.sqrt(n))))
@@ -183,14 +188,14 @@ def contact_sheet(images: dict[int, np.ndarray], widths: dict[int, int], kind: s
         if k + cols >= n:
             ax.set_xlabel("neuron j", fontsize=8)
     _colour_bar(fig, shown, axes.ravel()[:n].tolist(), kind, extend)
-    fig.suptitle(f"{kind}, all layers" + (f" ({order_name})" if order_name else ""))
+    fig.suptitle(titled(f"{kind}, all layers", ", ".join(filter(None, (order_name, label)))))
     _undefined_legend(fig, list(images.values()), kind)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, path: str) -> str:
+def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, path: str, label: str = "") -> str:
     """Distribution of each co-firing measure over pairs, one line per layer."""
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     labels = {"cond": "P(j | i)", "pmi": "PMI = log2 lift", "phi": "phi coefficient", "jaccard": "Jaccard"}
@@ -205,11 +210,11 @@ def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, pat
         ax.set(xlabel=labels[kind], ylabel="share of pairs")
     if len(hists) <= 8:
         axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"Co-firing measures over pairs that co-fire on >= {min_support} tokens")
+    fig.suptitle(titled(f"Co-firing measures over pairs that co-fire on >= {min_support} tokens", label))
     return _save(fig, path)
 
 
-def cluster_quality(rows: list[dict], path: str) -> str:
+def cluster_quality(rows: list[dict], path: str, label: str = "") -> str:
     """Inside-cluster co-firing share and clusters touched per token, clusters vs random, across layers. The
     touched counts are bounds (from pairwise counts): drawn as intervals side by side, not as bands that hide
     each other, on an axis from 0 to K."""
@@ -217,30 +222,32 @@ def cluster_quality(rows: list[dict], path: str) -> str:
     layers = np.array([r["layer"] for r in rows], dtype=float)
     k = max(int(r["clusters"]) for r in rows)
     styles = (("", "o-", "C0", f"{k} spectral clusters"), ("random_", "s--", "C1", "random partition, same sizes"))
-    for key, style, colour, label in styles:
-        axes[0].plot(layers, [100 * r[f"{key}inside_share"] for r in rows], style, color=colour, label=label)
+    for key, style, colour, name in styles:
+        axes[0].plot(layers, [100 * r[f"{key}inside_share"] for r in rows], style, color=colour, label=name)
     axes[0].set(ylabel="co-firing mass inside clusters (%)", ylim=(0, 100))
     axes[0].legend(fontsize=8)
     shift = 0.12 if len(rows) > 1 else 0.04
-    for (key, _, colour, label), dx in zip(styles, (-shift, shift)):
+    for (key, _, colour, name), dx in zip(styles, (-shift, shift)):
         lo = np.array([r[f"{key}touched_low"] for r in rows])
         hi = np.array([r[f"{key}touched_high"] for r in rows])
-        axes[1].vlines(layers + dx, lo, hi, color=colour, lw=6, alpha=0.75, label=label)
+        axes[1].vlines(layers + dx, lo, hi, color=colour, lw=6, alpha=0.75, label=name)
         axes[1].plot(np.repeat(layers + dx, 2), np.concatenate([lo, hi]).reshape(2, -1).T.ravel(), "_",
                      color=colour, ms=12)
     axes[1].axhline(k, color="grey", ls=":", lw=1)
     axes[1].set(xlabel="layer", ylabel="clusters touched per token", ylim=(0, k + 0.5))
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Cluster quality, K = {k} (bars: lower to upper bound from pairwise counts)", fontsize=11)
+    fig.suptitle(titled(f"Cluster quality, K = {k}", label) + "\nbars: lower to upper bound from pairwise counts",
+                 fontsize=11)
     return _save(fig, path)
 
 
-def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support: int | None = None) -> str:
+def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support: int | None = None,
+                 label: str = "") -> str:
     """Distribution of the sizes of non-empty bundles per layer (the legend gives the share of neurons with
     one); a run without any bundle says so instead of drawing empty axes."""
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    title = f"Bundle sizes, q = {q}"
+    title = titled(f"Bundle sizes, q = {q}", label)
     if not any((s > 0).any() for s in sizes.values()):
         support = f" with support ≥ {min_support}" if min_support else ""
         ax.text(0.5, 0.5, f"no bundles at q = {q}:\nno neuron i has a partner j with P(j | i) ≥ {q}{support}",

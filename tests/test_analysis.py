@@ -336,3 +336,42 @@ def test_an_output_path_of_the_wrong_kind_is_one_clear_line(tmp_path):
         result = script("export.py", run, *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert afile.read_text() == "mine" and not os.path.exists(tmp_path / "m")
+
+
+def test_figure_titles_name_the_firing_rule_and_the_expert(tmp_path, monkeypatch):
+    """The figures' titles said neither the threshold nor, with --expert, the expert ('layer 0: lift' for
+    expert 1 of block 0): every figure now adds analysis.run_label, from summary.h5's threshold and site."""
+    import h5py
+
+    from mpicorr import figures, measures
+    run = with_summary(planted_run(str(tmp_path), layers=2, width=40, tokens=200))
+    with h5py.File(os.path.join(run, summary.SUMMARY), "a") as h5:
+        h5.attrs.update(threshold=0.5, site="ffn")
+    assert analysis.run_label(run) == "|x| ≥ 0.5" and analysis.run_label(run, 2) == "expert 2, |x| ≥ 0.5"
+    with h5py.File(os.path.join(run, summary.SUMMARY), "a") as h5:
+        h5.attrs.update(threshold=1.5, site="heads")
+    assert analysis.run_label(run) == "head norm ≥ 1.5"
+    os.makedirs(tmp_path / "original")
+    assert analysis.run_label(planted_run(str(tmp_path / "original"), layers=1)) == ""
+    titles = []
+    close = figures.plt.close
+    monkeypatch.setattr(figures.plt, "close", lambda fig: (titles.append(
+        " ".join([fig._suptitle.get_text() if fig._suptitle else ""] + [ax.get_title() for ax in fig.axes])),
+        close(fig)))
+    fire = analysis.firing(run)
+    rows = [analysis.layer_row(f.layer, f.trials, f.fire_count) for f in fire]
+    image = np.ones((4, 4))
+    quality = dict(layer=0, clusters=2, **{f"{pre}{k}": 0.5 for pre in ("", "random_")
+                                           for k in ("inside_share", "touched_low", "touched_high")})
+    hists = {0: {kind: np.ones(len(edges) - 1) for kind, edges in measures.BINS.items()}}
+    png = str(tmp_path / "f.png")
+    figures.rank_frequency(fire, png, "LABEL")
+    figures.coverage(fire, png, "LABEL")
+    figures.depth(rows, png, "LABEL")
+    figures.heatmap(image, 4, 0, "lift", "in Fiedler order", png, "LABEL")
+    figures.contact_sheet({0: image}, {0: 4}, "lift", png, "in Fiedler order", "LABEL")
+    figures.distributions(hists, 10, png, "LABEL")
+    figures.cluster_quality([quality], png, "LABEL")
+    figures.bundle_sizes({0: np.zeros(4, dtype=int)}, 0.8, png, 10, "LABEL")
+    figures.bundle_sizes({0: np.arange(4)}, 0.8, png, 10, "LABEL")
+    assert len(titles) == 9 and all("(LABEL)" in t or "(in Fiedler order, LABEL)" in t for t in titles), titles
