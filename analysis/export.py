@@ -23,7 +23,8 @@ def main() -> int:
     p.add_argument("--powerinfer", metavar="DIR", help="write PowerInfer's activation_<L>.pt files here")
     p.add_argument("--metis", metavar="DIR", help="write one METIS graph cofiring_<L>.graph per layer here")
     p.add_argument("--permutation", metavar="FILE", help="write the cluster permutations as JSON here")
-    p.add_argument("--clusters", help="clusters.h5 for --permutation (default: RUN_DIR/clusters.h5)")
+    p.add_argument("--clusters", help="clusters.h5 for --permutation (default: RUN_DIR/clusters.h5; with "
+                                      "--expert E, RUN_DIR/clusters_expert_E.h5)")
     p.add_argument("--min-support", type=int, default=1, help="METIS: keep edges that co-fire on >= this many tokens")
     p.add_argument("--min-lift", type=float, default=0.0, help="METIS: keep edges with lift >= this (0: all)")
     args = p.parse_args()
@@ -37,8 +38,8 @@ def main() -> int:
         paths = analysis.select(analysis.matrix_paths(args.run_dir, args.expert), args.layers)
         found = {}
         if args.permutation:  # read and checked first: a missing or foreign clusters file writes nothing
-            found = clusters.clusters_for(args.clusters or os.path.join(args.run_dir, clusters.CLUSTERS),
-                                          analysis.widths(paths))
+            default = os.path.join(args.run_dir, analysis.output_name(clusters.CLUSTERS, args.expert))
+            found = clusters.clusters_for(args.clusters or default, analysis.widths(paths))
         if args.powerinfer:
             fire = {lf.layer: lf.fire_count for lf in analysis.firing(args.run_dir, args.layers, args.expert)}
             written = exporters.write_powerinfer(args.powerinfer, fire)

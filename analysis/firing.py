@@ -58,10 +58,11 @@ def main() -> int:
         for line in table:
             print(line)
         label = analysis.run_label(args.run_dir, args.expert)
-        figures.rank_frequency(layers, os.path.join(out, "firing_rank_frequency.png"), label)
-        figures.coverage(layers, os.path.join(out, "firing_coverage.png"), label)
-        figures.depth(rows, os.path.join(out, "firing_depth.png"), label)
-        print(f"figures in {out}: firing_rank_frequency.png, firing_coverage.png, firing_depth.png")
+        names = [analysis.output_name(f"firing_{what}.png", args.expert) for what in ("rank_frequency", "coverage", "depth")]
+        figures.rank_frequency(layers, os.path.join(out, names[0]), label)
+        figures.coverage(layers, os.path.join(out, names[1]), label)
+        figures.depth(rows, os.path.join(out, names[2]), label)
+        print(f"figures in {out}: {', '.join(names)}")
 
     return analysis.run_script("firing.py", body)
 

@@ -142,7 +142,7 @@ def render(run_dir: str, meta: dict, layers: dict[int, dict], imgs: dict[str, st
                                  firing_rows),
         imgs["depth"], imgs["rank_frequency"], imgs["coverage"],
         f"<h2>Co-firing</h2><p>Pairs that co-fire on at least {args.min_support} tokens; the 5 strongest by "
-        f"{args.rank_by} per layer (all {args.top} in cofiring_top_pairs.csv).</p>",
+        f"{args.rank_by} per layer (all {args.top} in {analysis.output_name(cofiring.CSV, args.expert)}).</p>",
         table(["layer", "i", "j", "count", "P(j|i)", "P(i|j)", "lift", "phi", "Jaccard"], pair_rows),
         imgs["distributions"],
         "<h2>Heatmaps</h2><p>Lift on one colour scale for all layers (red: fire together more than chance, "
@@ -182,18 +182,20 @@ def main() -> int:
         layers = {}
         for lm in analysis.read_layers(paths):
             layers[lm.layer] = analyse(lm, args)
-        cofiring.write_csv(os.path.join(out, "cofiring_top_pairs.csv"), [p for d in layers.values() for p in d["pairs"]])
+        csv_name, clusters_h5, bundles_h5, page_name = (analysis.output_name(n, args.expert) for n in (
+            cofiring.CSV, clusters.CLUSTERS, bundles.BUNDLES, "report.html"))
+        cofiring.write_csv(os.path.join(out, csv_name), [p for d in layers.values() for p in d["pairs"]])
         found = [d["clusters"] for d in layers.values() if d["clusters"] is not None]
-        clusters.write_clusters(os.path.join(out, clusters.CLUSTERS), found, clusters_script.file_attributes(args))
-        bundles.write_bundles(os.path.join(out, bundles.BUNDLES), [d["bundles"] for d in layers.values()],
+        clusters.write_clusters(os.path.join(out, clusters_h5), found, clusters_script.file_attributes(args))
+        bundles.write_bundles(os.path.join(out, bundles_h5), [d["bundles"] for d in layers.values()],
                               {"q": args.q, "min_support": args.min_support, "run_dir": os.path.abspath(args.run_dir)})
         with tempfile.TemporaryDirectory() as tmp:
             imgs = draw_figures(layers, args, tmp)
         page = render(args.run_dir, analysis.metadata(args.run_dir), layers, imgs, args)
-        path = os.path.join(out, "report.html")
+        path = os.path.join(out, page_name)
         with atomic_write(path) as fh:
             fh.write(page.encode())
-        print(f"{path} ({len(page) / 1e6:.1f} MB); data: cofiring_top_pairs.csv, {clusters.CLUSTERS}, {bundles.BUNDLES}")
+        print(f"{path} ({len(page) / 1e6:.1f} MB); data: {csv_name}, {clusters_h5}, {bundles_h5}")
 
     return analysis.run_script("report.py", body)
 

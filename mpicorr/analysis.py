@@ -346,6 +346,15 @@ def script_layers(args: argparse.Namespace) -> dict[int, str]:
     return paths
 
 
+def output_name(name: str, expert: int | None) -> str:
+    """An analysis file's name; with --expert E, `_expert_<E>` before its extension (as the matrix files have
+    it), so that the dense blocks' analysis and each expert's can share a folder without replacing another's."""
+    if expert is None:
+        return name
+    stem, ext = os.path.splitext(name)
+    return f"{stem}_expert_{expert}{ext}"
+
+
 def output_folder(path: str | None, option: str = "--out") -> None:
     """Refuse, before any work, an output folder that is a file (os.makedirs said only '[Errno 17] File
     exists'); a missing one is made later. None: the option was not given."""

@@ -375,3 +375,37 @@ def test_figure_titles_name_the_firing_rule_and_the_expert(tmp_path, monkeypatch
     figures.bundle_sizes({0: np.zeros(4, dtype=int)}, 0.8, png, 10, "LABEL")
     figures.bundle_sizes({0: np.arange(4)}, 0.8, png, 10, "LABEL")
     assert len(titles) == 9 and all("(LABEL)" in t or "(in Fiedler order, LABEL)" in t for t in titles), titles
+
+
+def test_each_expert_has_its_own_output_names(tmp_path):
+    """With --expert E every script wrote the dense blocks' names (firing_*.png, clusters.h5, report.html, ...):
+    the analysis of expert 1 replaced expert 0's, or the shared experts' (Qwen2-MoE), in the same folder
+    without a word. Now `_expert_<E>` comes before the extension, as in the matrix files, and heatmap.py and
+    export.py find that expert's clusters file by default."""
+    os.makedirs(tmp_path / "dense")
+    planted_run(str(tmp_path / "dense"), layers=2, width=40, tokens=200)
+    run = tmp_path / "run"
+    os.makedirs(run)
+    os.makedirs(tmp_path / "narrow")
+    planted_run(str(tmp_path / "narrow"), layers=2, width=36, tokens=200)
+    for layer in (0, 1):  # expert 0 as wide as the dense layers, expert 1 narrower
+        os.link(tmp_path / "dense" / matrixfile.matrix_name(layer), run / matrixfile.matrix_name(layer, 0))
+        os.link(tmp_path / "narrow" / matrixfile.matrix_name(layer), run / matrixfile.matrix_name(layer, 1))
+    for expert in ("0", "1"):
+        for name, args in (("firing.py", []), ("cofiring.py", ["--min-support", "2"]),
+                           ("clusters.py", ["--clusters", "2"]), ("bundles.py", ["--min-support", "2"]),
+                           ("heatmap.py", ["--all", "--order", "cluster", "--pixels", "8"]),
+                           ("report.py", ["--clusters", "2", "--pixels", "8"])):
+            result = script(name, run, "--expert", expert, *args)
+            assert result.returncode == 0, (name, result.stderr)
+        result = script("export.py", run, "--expert", expert, "--permutation", run / f"perm{expert}.json")
+        assert result.returncode == 0, result.stderr
+    for e, width in ((0, 40), (1, 36)):
+        for name in ("firing_rank_frequency", "firing_coverage", "firing_depth", "cofiring_distributions",
+                     "cluster_quality", "bundle_sizes", "heatmap_lift_0", "heatmap_lift_1", "heatmaps_lift"):
+            assert is_png(run / f"{name}_expert_{e}.png"), name
+        assert len(clusters.read_clusters(str(run / f"clusters_expert_{e}.h5"))[1][0].labels) == width
+        assert len(bundles.read_bundles(str(run / f"bundles_expert_{e}.h5"))[1][0].indptr) == width + 1
+        assert (run / f"report_expert_{e}.html").exists() and (run / f"cofiring_top_pairs_expert_{e}.csv").exists()
+        assert len(json.load(open(run / f"perm{e}.json"))["layers"]["1"]["permutation"]) == width
+    assert not any(n in os.listdir(run) for n in ("clusters.h5", "report.html", "firing_depth.png"))
