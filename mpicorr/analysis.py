@@ -313,6 +313,21 @@ def heatmap(packed: np.ndarray, width: int, trials: int, order: np.ndarray, pixe
     return image
 
 
+def shrink(image: np.ndarray, n: int) -> np.ndarray:
+    """A [p, p] heatmap image reduced to [n, n] (n < p) by the means of square blocks of its cells, undefined
+    (NaN) cells left out, as heatmap() reduces a layer: drawing more cells than the figure has pixels would
+    drop whole rows and columns (nearest-neighbour resampling) rather than average them."""
+    p = image.shape[0]
+    if n >= p:
+        return image
+    edges = np.linspace(0, p, n + 1).astype(np.int64)[:-1]
+    defined = np.isfinite(image)
+    block_sum = lambda a: np.add.reduceat(np.add.reduceat(a, edges, axis=0), edges, axis=1)  # noqa: E731
+    sums, cells = block_sum(np.where(defined, image, 0.0)), block_sum(defined.astype(np.int64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cells > 0, sums / cells, np.nan)
+
+
 def layer_row(layer: int, trials: int, fire_count: np.ndarray) -> dict:
     """Per-layer firing numbers: density, exponent, top-20 % coverage, dead and always-on neurons."""
     width = len(fire_count)

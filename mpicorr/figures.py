@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -115,11 +117,14 @@ def colour_scale(images: list[np.ndarray], kind: str) -> tuple[Normalize, object
     return norm, cmap.with_extremes(bad=UNDEFINED), extend
 
 
+def _floor(image: np.ndarray, norm: Normalize) -> np.ndarray:
+    """On a log scale, lift 0 (never together) takes the lowest colour rather than none (NaN stays NaN)."""
+    return np.maximum(image, norm.vmin) if isinstance(norm, LogNorm) else image
+
+
 def _show(ax, image: np.ndarray, width: int, norm: Normalize, cmap):
-    """Draw a heatmap image over neuron indices 0..width; lift 0 (never together) takes the lowest colour."""
-    if isinstance(norm, LogNorm):
-        image = np.where(np.isnan(image), np.nan, np.maximum(image, norm.vmin))
-    return ax.imshow(image, norm=norm, cmap=cmap, extent=(0, width, width, 0), interpolation="nearest")
+    """Draw a heatmap image over neuron indices 0..width."""
+    return ax.imshow(_floor(image, norm), norm=norm, cmap=cmap, extent=(0, width, width, 0), interpolation="nearest")
 
 
 def _colour_bar(fig, mappable, axes, kind: str, extend: str):
@@ -154,14 +159,22 @@ def _undefined_legend(fig, images: list[np.ndarray], kind: str) -> None:
                fontsize=9)
 
 
+def _axes_pixels(fig, axes) -> float:
+    """The fewest pixels a side of these (square) image axes has at dpi 100, after the layout."""
+    fig.canvas.draw()
+    return min(min(ax.get_window_extent().width, ax.get_window_extent().height) for ax in axes) * 100 / fig.dpi
+
+
 def heatmap(image: np.ndarray, width: int, layer: int, kind: str, order_name: str, path: str, label: str = "") -> str:
-    """One layer's heatmap with axis labels, a colour bar and, where cells have no value, a legend for them."""
+    """One layer's heatmap with axis labels, a colour bar and, where cells have no value, a legend for them.
+    The PNG has at least one pixel per image cell (a larger dpi for a --pixels above the axes' 590 or so):
+    fewer would drop whole rows and columns of cells when drawn."""
     fig, ax = plt.subplots(figsize=(8, 7), layout="constrained")
     norm, cmap, extend = colour_scale([image], kind)
     _colour_bar(fig, _show(ax, image, width, norm, cmap), ax, kind, extend)
     ax.set(xlabel=f"neuron j ({order_name})", ylabel=f"neuron i ({order_name})", title=titled(f"layer {layer}: {kind}", label))
     _undefined_legend(fig, [image], kind)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100 * max(1.0, 1.02 * image.shape[0] / _axes_pixels(fig, [ax])))
     plt.close(fig)
     return path
 
@@ -188,8 +201,16 @@ def contact_sheet(images: dict[int, np.ndarray], widths: dict[int, int], kind: s
         if k + cols >= n:
             ax.set_xlabel("neuron j", fontsize=8)
     _colour_bar(fig, shown, axes.ravel()[:n].tolist(), kind, extend)
-    fig.suptitle(titled(f"{kind}, all layers", ", ".join(filter(None, (order_name, label)))))
+    # wrapped to the figure's width: one column of panels is narrower than the order's name and the label
+    fig.suptitle(textwrap.fill(titled(f"{kind}, all layers", ", ".join(filter(None, (order_name, label)))),
+                               int(10 * fig.get_figwidth())))
     _undefined_legend(fig, list(images.values()), kind)
+    # Each panel shows its layer averaged down to the panel's pixels: more cells than pixels would be
+    # drawn by dropping whole rows and columns of them.
+    panel = int(_axes_pixels(fig, axes.ravel()[:n]))
+    for ax, image in zip(axes.ravel(), images.values()):
+        if image.shape[0] > panel:
+            ax.images[0].set_data(_floor(analysis.shrink(image, panel), norm))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -409,3 +409,39 @@ def test_each_expert_has_its_own_output_names(tmp_path):
         assert (run / f"report_expert_{e}.html").exists() and (run / f"cofiring_top_pairs_expert_{e}.csv").exists()
         assert len(json.load(open(run / f"perm{e}.json"))["layers"]["1"]["permutation"]) == width
     assert not any(n in os.listdir(run) for n in ("clusters.h5", "report.html", "firing_depth.png"))
+
+
+def test_a_heatmap_png_shows_every_cell(tmp_path, monkeypatch):
+    """--pixels 1200 gave an 800 x 700 PNG whose axes hold some 590 pixels, so nearest-neighbour drawing
+    dropped half the rows and columns of cells (the default, 1024, a third of a 14336-wide layer's). The PNG
+    now has a pixel per cell: columns alternating between lift 1/2 and 2 show every alternation. A contact
+    sheet's panels show their layers averaged down to the panel's pixels (analysis.shrink)."""
+    from matplotlib.image import imread
+
+    from mpicorr import figures
+    p = 1200
+    image = np.tile(np.where(np.arange(p) % 2 == 0, 0.5, 2.0), (p, 1))
+    png = figures.heatmap(image, p, 0, "lift", "by index", str(tmp_path / "h.png"))
+    row = imread(png)[imread(png).shape[0] // 2, :, :3]
+    red = row[:, 0] > row[:, 2] + 0.2
+    blue = row[:, 2] > row[:, 0] + 0.2
+    side = np.where(red, 1, np.where(blue, -1, 0))
+    side = side[side != 0]
+    assert int((side[1:] != side[:-1]).sum()) >= p - 4  # the axes frame covers the outer columns
+    small = figures.heatmap(image[:40, :40], 40, 0, "lift", "by index", str(tmp_path / "s.png"))
+    assert imread(small).shape[:2] == (700, 800)  # a narrow layer keeps the usual size
+    shown = []
+    close = figures.plt.close
+    monkeypatch.setattr(figures.plt, "close", lambda fig: (shown.append(fig.axes[0].images[0].get_array()), close(fig)))
+    figures.contact_sheet({0: image}, {0: p}, "lift", str(tmp_path / "sheet.png"))
+    assert shown[0].shape[0] < 400 and np.allclose(shown[0][:, 1:-1], 1.25, atol=0.76)
+
+
+def test_shrink_averages_defined_cells():
+    image = np.array([[1.0, 3.0, 5.0], [np.nan, 2.0, 7.0], [4.0, np.nan, np.nan]])
+    assert np.allclose(analysis.shrink(image, 3), image, equal_nan=True)
+    half = analysis.shrink(np.arange(16.0).reshape(4, 4), 2)
+    assert half.tolist() == [[2.5, 4.5], [10.5, 12.5]]
+    one = analysis.shrink(image, 1)
+    assert one[0, 0] == pytest.approx(22 / 6)
+    assert np.isnan(analysis.shrink(np.full((4, 4), np.nan), 2)).all()
