@@ -244,6 +244,15 @@ class Router:
     tokens: int
     load: np.ndarray       # [E] tokens that chose each expert
     coselect: np.ndarray   # [E, E] tokens that chose both
+    top_k: int = 0         # experts each token chooses (summary.h5's selected_per_token; 0: not recorded)
+
+    def random_lift(self) -> float:
+        """The lift of every pair when each token chooses its top_k of the E experts at random: (k - 1) E /
+        (k (E - 1)), not 1, since exactly k are chosen (4/7 for 2 of 8); 1 where top_k is not recorded."""
+        experts = len(self.load)
+        if self.top_k < 1 or experts < 2:
+            return 1.0
+        return (self.top_k - 1) * experts / (self.top_k * (experts - 1))
 
     def lift(self) -> np.ndarray:
         """P(i and j chosen) / (P(i) P(j)): 1 = independent choices, > 1 chosen together; NaN on the diagonal
@@ -266,8 +275,8 @@ def routers(run_dir: str, layers: str | None = None) -> list[Router]:
     if not found:
         raise UserError(f"{run_dir}: no router counts; the run's model has no mixture-of-experts blocks")
     chosen = select({layer: "" for layer in found}, layers)
-    return [Router(l, int(e["attrs"]["tokens"]), e["load"].astype(np.int64), e["coselect"].astype(np.int64))
-            for l, e in found.items() if l in chosen]
+    return [Router(l, int(e["attrs"]["tokens"]), e["load"].astype(np.int64), e["coselect"].astype(np.int64),
+                   int(e["attrs"].get("selected_per_token", 0))) for l, e in found.items() if l in chosen]
 
 
 def powerlaw_exponent(fire_count: np.ndarray) -> float:

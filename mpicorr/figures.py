@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
@@ -292,25 +292,35 @@ def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support:
 
 
 def routers(found, path: str) -> str:
-    """Per MoE block, the lift of each expert pair's co-selection (log colour scale) and each expert's load."""
+    """Per MoE block, the lift of each expert pair's co-selection (log colour scale, white at the lift of
+    random top-k routing, which is below 1) and each expert's load (the dotted line: an even load, k / E)."""
     cols = min(len(found), 4)
     rows = -(-len(found) // cols)
     fig, axes = plt.subplots(2 * rows, cols, figsize=(3.4 * cols + 1, 5.2 * rows), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1] * rows}, layout="constrained")
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")  # grey: the diagonal and unused experts
+    centre = float(np.log2(found[0].random_lift()))  # blocks of one model route alike (E, k)
+    norm = TwoSlopeNorm(vcenter=centre, vmin=min(-2.0, centre - 1), vmax=max(2.0, centre + 1))
     for k, router in enumerate(found):
         top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
         with np.errstate(divide="ignore"):
-            image = top.imshow(np.log2(router.lift()), cmap=cmap, vmin=-2, vmax=2)
+            image = top.imshow(np.log2(router.lift()), cmap=cmap, norm=norm)
         top.set(title=f"block {router.layer}: log2 lift", xlabel="expert", ylabel="expert")
         for axis in (top.xaxis, top.yaxis, bottom.xaxis):
             axis.set_major_locator(MaxNLocator(integer=True))
         bottom.bar(np.arange(len(router.load)), router.load / max(router.tokens, 1), color="grey")
+        if router.top_k:
+            bottom.axhline(router.top_k / len(router.load), color="black", ls=":", lw=1)
         bottom.set(xlabel="expert", ylabel="share of tokens")
     for k in range(len(found), rows * cols):
         axes[2 * (k // cols), k % cols].axis("off")
         axes[2 * (k // cols) + 1, k % cols].axis("off")
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="log2 lift (0: chosen independently)")
+    random = (f"white: {found[0].top_k} of {len(found[0].load)} experts chosen at random, lift "
+              f"{found[0].random_lift():.2f}" if found[0].top_k else "white: lift 1")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label=f"log2 lift ({random})")
+    if found[0].top_k:
+        fig.suptitle("expert pairs chosen together (red) or apart (blue) more than random routing; "
+                     "dotted: an even load", fontsize=10)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

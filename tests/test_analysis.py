@@ -445,3 +445,25 @@ def test_shrink_averages_defined_cells():
     one = analysis.shrink(image, 1)
     assert one[0, 0] == pytest.approx(22 / 6)
     assert np.isnan(analysis.shrink(np.full((4, 4), np.nan), 2)).all()
+
+
+def test_routers_figure_is_white_at_random_routing(tmp_path, monkeypatch):
+    """routers.png was white at lift 1, 'chosen independently'; but a token chooses exactly k of E experts,
+    so random routing has lift (k - 1) E / (k (E - 1)) (the README's 0.57 for 2 of 8) and every pair of a
+    router choosing at random was drawn blue. White is now that lift, from summary.h5's selected_per_token."""
+    from mpicorr import figures
+    rng = np.random.default_rng(0)
+    tokens, experts, k = 20000, 8, 2
+    chosen = np.argsort(rng.random((tokens, experts)), axis=1)[:, :k]
+    onehot = np.zeros((tokens, experts), dtype=np.int64)
+    onehot[np.arange(tokens)[:, None], chosen] = 1
+    router = analysis.Router(0, tokens, onehot.sum(0), onehot.T @ onehot, k)
+    assert router.random_lift() == pytest.approx(4 / 7)
+    lift = router.lift()[~np.eye(experts, dtype=bool)]
+    assert np.allclose(lift, 4 / 7, rtol=0.08)
+    norms = []
+    close = figures.plt.close
+    monkeypatch.setattr(figures.plt, "close", lambda fig: (norms.append(fig.axes[0].images[0].norm), close(fig)))
+    figures.routers([router], str(tmp_path / "r.png"))
+    assert norms[0](np.log2(4 / 7)) == pytest.approx(0.5)  # the middle of RdBu: white
+    assert analysis.Router(0, 10, np.ones(4, dtype=np.int64), np.ones((4, 4), dtype=np.int64)).random_lift() == 1.0
