@@ -57,7 +57,8 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
 
 def check_settled(run_dir: str) -> None:
     """Refuse a folder that a run or sum is using now (it holds the lock: the files may be replaced while they
-    are read) and a run that stopped while writing (matrix files, no summary.h5, but run.json or checkpoints):
+    are read) and a run that stopped while writing (matrix files, no summary.h5, but run.json or checkpoints;
+    the folder above threshold-<T> folders holds run.json alone and is told apart by matrix_paths):
     read as the original tool's folder, it would be analysed a layer short without a word. A threshold-<T>
     folder's run keeps its lock, run.json and checkpoints in the folder above."""
     owners = [run_dir]
@@ -66,7 +67,8 @@ def check_settled(run_dir: str) -> None:
     if any(outputs.busy(folder) for folder in owners):
         raise UserError(f"{run_dir}: an mpicorr run or sum is using this folder now, and its files may be "
                         f"replaced while they are read; analyse it once that has ended")
-    if not summary.exists(run_dir) and any(outputs.started(folder) for folder in owners):
+    if (not summary.exists(run_dir) and matrixfile.exists_any(run_dir)
+            and any(outputs.started(folder) for folder in owners)):
         raise UserError(f"{run_dir}: its run has not finished writing (no summary.h5, which is written last); "
                         f"finish it with the run's command and --resume, then analyse it")
 

@@ -269,6 +269,11 @@ def test_a_folder_a_run_is_using_or_stopped_writing_is_refused(tmp_path):
         assert not os.path.exists(tmp_path / "fig2")
     os.remove(os.path.join(run, "run.json"))  # now the original tool's folder: matrix files only
     assert script("firing.py", run, "--out", tmp_path / "fig2").returncode == 0
+    with open(tmp_path / "multi" / "run.json", "w") as fh:  # a finished run of several thresholds
+        json.dump({"format": "mpicorr-run-1", "ranks": []}, fh)
+    result = script("firing.py", tmp_path / "multi")
+    assert result.returncode == 2 and "holds one run folder per threshold; give one of them" in result.stderr
+    assert script("firing.py", part, "--out", tmp_path / "fig3").returncode == 0
 
 
 def test_a_file_cut_short_is_refused_before_any_output(tmp_path):
