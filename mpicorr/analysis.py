@@ -45,6 +45,12 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
         raise UserError(f"{run_dir}: holds one run folder per threshold; give one of them, e.g. {parts[0]}")
     if not found and expert is None and any(EXPERT_RE.match(f) for f in names):
         raise UserError(f"{run_dir}: holds only the experts of MoE blocks; choose one with --expert E")
+    experts = sorted({int(m.group(2)) for f in names if (m := EXPERT_RE.match(f))})
+    if not found and expert is not None and not experts and any(MATRIX_RE.match(f) for f in names):
+        raise UserError(f"--expert {expert}: {run_dir} has no mixture-of-experts blocks; leave out --expert")
+    if not found and expert is not None and experts:
+        raise UserError(f"--expert {expert}: {run_dir} has no correlations_block_<L>_expert_{expert}.zstd files; "
+                        f"its MoE blocks have experts {_span(set(experts))}")
     if not found:
         what = "correlations_block_<L>.zstd" if expert is None else f"correlations_block_<L>_expert_{expert}.zstd"
         raise UserError(f"{run_dir}: no {what} files")
@@ -155,8 +161,9 @@ class LayerMatrix:
     packed: np.ndarray
 
 
-def select(paths: dict[int, str], layers: str | None) -> dict[int, str]:
-    """The layers named by a --layers option ("3", "0,4,8", "0-7"; None = all)."""
+def select(paths: dict[int, str], layers: str | None, what: str = "matrix file") -> dict[int, str]:
+    """The layers named by a --layers option ("3", "0,4,8", "0-7"; None = all); `what` names what a layer
+    lacks when it is not among them."""
     if layers is None:
         return paths
     wanted = set()
@@ -171,7 +178,7 @@ def select(paths: dict[int, str], layers: str | None) -> dict[int, str]:
         wanted.update(range(first, last + 1))
     missing = sorted(wanted - set(paths))
     if missing:
-        raise UserError(f"--layers {layers}: no matrix file for layer {missing[0]} (have {min(paths)}..{max(paths)})")
+        raise UserError(f"--layers {layers}: no {what} for layer {missing[0]} (have {_span(set(paths))})")
     return {l: p for l, p in paths.items() if l in wanted}
 
 
@@ -276,7 +283,7 @@ def routers(run_dir: str, layers: str | None = None) -> list[Router]:
     _, found = summary.read_moe(os.path.join(run_dir, summary.SUMMARY))
     if not found:
         raise UserError(f"{run_dir}: no router counts; the run's model has no mixture-of-experts blocks")
-    chosen = select({layer: "" for layer in found}, layers)
+    chosen = select({layer: "" for layer in found}, layers, "router (not an MoE block)")
     return [Router(l, int(e["attrs"]["tokens"]), e["load"].astype(np.int64), e["coselect"].astype(np.int64),
                    int(e["attrs"].get("selected_per_token", 0))) for l, e in found.items() if l in chosen]
 

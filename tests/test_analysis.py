@@ -472,3 +472,20 @@ def test_routers_figure_is_white_at_random_routing(tmp_path, monkeypatch):
     figures.routers([router], str(tmp_path / "r.png"))
     assert norms[0](np.log2(4 / 7)) == pytest.approx(0.5)  # the middle of RdBu: white
     assert analysis.Router(0, 10, np.ones(4, dtype=np.int64), np.ones((4, 4), dtype=np.int64)).random_lift() == 1.0
+
+
+def test_an_expert_or_layer_that_is_not_there_says_what_is(tmp_path):
+    """--expert on a dense run said 'no correlations_block_<L>_expert_0.zstd files', an expert past the last
+    did not say which there are, and routers.py --layers 9 spoke of a 'matrix file'."""
+    os.makedirs(tmp_path / "dense")
+    dense = planted_run(str(tmp_path / "dense"), layers=1)
+    result = script("firing.py", dense, "--expert", "0")
+    assert result.stderr == f"firing.py: error: --expert 0: {dense} has no mixture-of-experts blocks; leave out --expert\n"
+    moe = tmp_path / "moe"
+    os.makedirs(moe)
+    for e in (0, 1):
+        os.link(os.path.join(dense, matrixfile.matrix_name(0)), moe / matrixfile.matrix_name(0, e))
+    result = script("heatmap.py", moe, "--expert", "7")
+    assert result.returncode == 2 and result.stderr.endswith("its MoE blocks have experts 0, 1\n"), result.stderr
+    assert "--layers 9: no router (not an MoE block) for layer 9 (have 0, 2)" in str(pytest.raises(
+        analysis.UserError, analysis.select, {0: "", 2: ""}, "9", "router (not an MoE block)").value)
