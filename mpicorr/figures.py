@@ -11,12 +11,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, MaxNLocator, NullLocator  # noqa: E402
 
 from . import analysis, measures  # noqa: E402
 
 DPI = 110
 PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # log axes of counts: 1, 10, 100 rather than 10⁰, 10¹, 10²
+
+
+class _PlainLogMinor(LogFormatterSciNotation):
+    """Matplotlib's choice of which minor log ticks to label (all within a decade, a few within two), written
+    as plain numbers (4000, not 4×10³) like PLAIN's major ticks."""
+
+    def _non_decade_format(self, sign_string, base, fx, usetex):
+        return f"{sign_string}{float(base) ** fx:.4g}"
 # Heatmap cells whose measure is undefined: a grey that no colour map here uses (RdBu's middle is near-white).
 UNDEFINED = "#9a9a9a"
 # Why a measure can be undefined at a cell (the legend of heatmaps that have such cells).
@@ -38,6 +46,15 @@ def _save(fig, path: str, dpi: int = DPI) -> str:
     return path
 
 
+def _nothing(title: str, why: str, path: str) -> str:
+    """A figure that says why there is nothing to draw, instead of empty axes."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=12, transform=ax.transAxes)
+    ax.set_axis_off()
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def _colours(n: int):
     """n colours by depth; viridis without its pale yellow end, which vanishes on white."""
     cmap = plt.get_cmap("viridis")
@@ -53,8 +70,9 @@ def rank_frequency(layers, path: str, label: str = "") -> str:
         ax.loglog(np.arange(1, len(counts) + 1), counts, color=colour,
                   label=f"layer {lf.layer} (α={alpha:.2f})" if len(layers) <= 8 else None)
     ax.set(xlabel="neuron rank (most frequent first)", ylabel="firing count", title=titled("Rank-frequency of neuron firing", label))
-    ax.xaxis.set_major_formatter(PLAIN)
-    ax.yaxis.set_major_formatter(PLAIN)
+    for axis in (ax.xaxis, ax.yaxis):  # minor ticks too: a range within one decade labels only some of those
+        axis.set_major_formatter(PLAIN)
+        axis.set_minor_formatter(_PlainLogMinor(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     if len(layers) <= 8:
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -218,6 +236,10 @@ def contact_sheet(images: dict[int, np.ndarray], widths: dict[int, int], kind: s
 
 def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, path: str, label: str = "") -> str:
     """Distribution of each co-firing measure over pairs, one line per layer."""
+    title = titled(f"Co-firing measures over pairs that co-fire on >= {min_support} tokens", label)
+    if not any(h[kind].sum() for h in hists.values() for kind in measures.BINS):
+        return _nothing(title, f"no pair of neurons co-fires on {min_support} tokens or more in these layers:\n"
+                               f"count more tokens, or lower --min-support", path)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     labels = {"cond": "P(j | i)", "pmi": "PMI = log2 lift", "phi": "phi coefficient", "jaccard": "Jaccard"}
     colours = _colours(len(hists))
@@ -231,7 +253,7 @@ def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, pat
         ax.set(xlabel=labels[kind], ylabel="share of pairs")
     if len(hists) <= 8:
         axes[0, 0].legend(fontsize=7)
-    fig.suptitle(titled(f"Co-firing measures over pairs that co-fire on >= {min_support} tokens", label))
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -270,12 +292,10 @@ def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support:
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     title = titled(f"Bundle sizes, q = {q}", label)
     if not any((s > 0).any() for s in sizes.values()):
+        plt.close(fig)
         support = f" with support ≥ {min_support}" if min_support else ""
-        ax.text(0.5, 0.5, f"no bundles at q = {q}:\nno neuron i has a partner j with P(j | i) ≥ {q}{support}",
-                ha="center", va="center", fontsize=12, transform=ax.transAxes)
-        ax.set_axis_off()
-        ax.set_title(title)
-        return _save(fig, path)
+        return _nothing(title, f"no bundles at q = {q}:\nno neuron i has a partner j with P(j | i) ≥ {q}{support}",
+                        path)
     top = max(int(s.max()) for s in sizes.values() if len(s))
     bins = np.arange(1, top + 2) - 0.5 if top < 64 else np.unique(np.geomspace(1, top + 1, 40).astype(int)) - 0.5
     for colour, (layer, s) in zip(_colours(len(sizes)), sizes.items()):

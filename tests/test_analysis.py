@@ -489,3 +489,25 @@ def test_an_expert_or_layer_that_is_not_there_says_what_is(tmp_path):
     assert result.returncode == 2 and result.stderr.endswith("its MoE blocks have experts 0, 1\n"), result.stderr
     assert "--layers 9: no router (not an MoE block) for layer 9 (have 0, 2)" in str(pytest.raises(
         analysis.UserError, analysis.select, {0: "", 2: ""}, "9", "router (not an MoE block)").value)
+
+
+def test_figures_with_nothing_to_show_say_why_and_log_ticks_are_plain(tmp_path, monkeypatch):
+    """cofiring_distributions.png of a run where no pair reaches --min-support was four empty log axes (and
+    matplotlib's 'Data has no positive values' warning); it now says why, as bundle_sizes.png does. The
+    rank-frequency plot of counts within one decade labelled its minor ticks 4×10³, 3×10³: now 4000, 3000."""
+    from mpicorr import figures, measures
+    figs = []
+    close = figures.plt.close
+    def keep(fig):
+        fig.canvas.draw()
+        figs.append(([t.get_text() for t in fig.texts] + [t.get_text() for ax in fig.axes for t in ax.texts],
+                     [t.get_text() for ax in fig.axes for t in ax.yaxis.get_ticklabels(minor=True)]))
+        close(fig)
+    monkeypatch.setattr(figures.plt, "close", keep)
+    empty = {0: {kind: np.zeros(len(edges) - 1) for kind, edges in measures.BINS.items()}}
+    figures.distributions(empty, 10, str(tmp_path / "d.png"))
+    assert any("no pair of neurons co-fires on 10 tokens or more" in t for t in figs[0][0])
+    fire = [analysis.LayerFiring(0, 5000, np.linspace(4200, 1100, 200).astype(np.uint64))]
+    figures.rank_frequency(fire, str(tmp_path / "r.png"))
+    labels = [t for t in figs[1][1] if t]
+    assert "2000" in labels and not any("times" in t or "10^" in t for t in labels), labels
