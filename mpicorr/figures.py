@@ -289,13 +289,12 @@ def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support:
                  label: str = "") -> str:
     """Distribution of the sizes of non-empty bundles per layer (the legend gives the share of neurons with
     one); a run without any bundle says so instead of drawing empty axes."""
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     title = titled(f"Bundle sizes, q = {q}", label)
     if not any((s > 0).any() for s in sizes.values()):
-        plt.close(fig)
         support = f" with support ≥ {min_support}" if min_support else ""
         return _nothing(title, f"no bundles at q = {q}:\nno neuron i has a partner j with P(j | i) ≥ {q}{support}",
                         path)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     top = max(int(s.max()) for s in sizes.values() if len(s))
     bins = np.arange(1, top + 2) - 0.5 if top < 64 else np.unique(np.geomspace(1, top + 1, 40).astype(int)) - 0.5
     for colour, (layer, s) in zip(_colours(len(sizes)), sizes.items()):
