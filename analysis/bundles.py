@@ -52,11 +52,12 @@ def main() -> int:
         print(HEADER)
         for b in results:
             print(format_row(b.layer, bundles.size_stats(b)))
-        bundles.write_bundles(os.path.join(out, bundles.BUNDLES), results,
+        h5, png = (analysis.output_name(n, args.expert) for n in (bundles.BUNDLES, "bundle_sizes.png"))
+        bundles.write_bundles(os.path.join(out, h5), results,
                               {"q": args.q, "min_support": args.min_support, "run_dir": os.path.abspath(args.run_dir)})
-        figures.bundle_sizes({b.layer: b.sizes() for b in results}, args.q, os.path.join(out, "bundle_sizes.png"),
-                             args.min_support)
-        print(f"outputs in {out}: {bundles.BUNDLES}, bundle_sizes.png")
+        figures.bundle_sizes({b.layer: b.sizes() for b in results}, args.q, os.path.join(out, png),
+                             args.min_support, analysis.run_label(args.run_dir, args.expert))
+        print(f"outputs in {out}: {h5}, {png}")
 
     return analysis.run_script("bundles.py", body)
 

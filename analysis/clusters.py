@@ -97,9 +97,10 @@ def main() -> int:
             print(format_row(r))
         if note := narrowed(args, results):
             print(note)
-        clusters.write_clusters(os.path.join(out, clusters.CLUSTERS), results, file_attributes(args))
-        figures.cluster_quality(rows, os.path.join(out, "cluster_quality.png"))
-        print(f"outputs in {out}: {clusters.CLUSTERS}, cluster_quality.png")
+        h5, png = (analysis.output_name(n, args.expert) for n in (clusters.CLUSTERS, "cluster_quality.png"))
+        clusters.write_clusters(os.path.join(out, h5), results, file_attributes(args))
+        figures.cluster_quality(rows, os.path.join(out, png), analysis.run_label(args.run_dir, args.expert))
+        print(f"outputs in {out}: {h5}, {png}")
 
     return analysis.run_script("clusters.py", body)
 

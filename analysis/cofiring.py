@@ -21,6 +21,7 @@ from mpicorr.errors import UserError
 from mpicorr.files import atomic_path
 
 CSV_FIELDS = ("layer", "i", "j", "count", "p_i", "p_j", "p_j_given_i", "p_i_given_j", "lift", "pmi", "phi", "jaccard")
+CSV = "cofiring_top_pairs.csv"
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -69,9 +70,11 @@ def main() -> int:
             hists[lm.layer] = measures.histograms(lm.packed, lm.width, lm.trials, args.min_support)
             rows += layer_rows
             print(summary_line(lm.layer, hists[lm.layer], layer_rows, args.rank_by))
-        write_csv(os.path.join(out, "cofiring_top_pairs.csv"), rows)
-        figures.distributions(hists, args.min_support, os.path.join(out, "cofiring_distributions.png"))
-        print(f"outputs in {out}: cofiring_top_pairs.csv, cofiring_distributions.png")
+        csv_name, png = (analysis.output_name(n, args.expert) for n in (CSV, "cofiring_distributions.png"))
+        write_csv(os.path.join(out, csv_name), rows)
+        figures.distributions(hists, args.min_support, os.path.join(out, png),
+                              analysis.run_label(args.run_dir, args.expert))
+        print(f"outputs in {out}: {csv_name}, {png}")
 
     return analysis.run_script("cofiring.py", body)
 

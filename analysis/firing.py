@@ -47,6 +47,7 @@ def main() -> int:
     out = args.out or args.run_dir
 
     def body() -> None:
+        analysis.output_folder(args.out)
         layers = analysis.firing(args.run_dir, args.layers, args.expert)
         table = threshold_table(args.run_dir, args.layers, args.thresholds, args.expert) if args.thresholds else []
         os.makedirs(out, exist_ok=True)
@@ -56,10 +57,12 @@ def main() -> int:
             print(format_row(r))
         for line in table:
             print(line)
-        figures.rank_frequency(layers, os.path.join(out, "firing_rank_frequency.png"))
-        figures.coverage(layers, os.path.join(out, "firing_coverage.png"))
-        figures.depth(rows, os.path.join(out, "firing_depth.png"))
-        print(f"figures in {out}: firing_rank_frequency.png, firing_coverage.png, firing_depth.png")
+        label = analysis.run_label(args.run_dir, args.expert)
+        names = [analysis.output_name(f"firing_{what}.png", args.expert) for what in ("rank_frequency", "coverage", "depth")]
+        figures.rank_frequency(layers, os.path.join(out, names[0]), label)
+        figures.coverage(layers, os.path.join(out, names[1]), label)
+        figures.depth(rows, os.path.join(out, names[2]), label)
+        print(f"figures in {out}: {', '.join(names)}")
 
     return analysis.run_script("firing.py", body)
 

@@ -29,8 +29,6 @@ def order_for(lm: analysis.LayerMatrix, kind: str, cluster_perm: dict):
         return analysis.frequency_order(lm.packed, lm.width)
     if kind == "spectral":
         return clusters.spectral_order(clusters.dense(lm.packed, lm.width))
-    if lm.layer not in cluster_perm:
-        raise UserError(f"--order cluster: the clusters file has no layer {lm.layer}; rerun clusters.py")
     return cluster_perm[lm.layer].permutation
 
 
@@ -39,12 +37,14 @@ def main() -> int:
     p.add_argument("--all", action="store_true", help="draw every layer and a contact sheet heatmaps_<measure>.png")
     p.add_argument("--measure", default="lift", choices=MEASURES, help="what to draw")
     p.add_argument("--order", default="frequency", choices=tuple(ORDER_NAMES), help="how neurons are ordered")
-    p.add_argument("--clusters", help="clusters.h5 for --order cluster (default: RUN_DIR/clusters.h5)")
+    p.add_argument("--clusters", help="clusters.h5 for --order cluster (default: RUN_DIR/clusters.h5; with "
+                                      "--expert E, RUN_DIR/clusters_expert_E.h5)")
     p.add_argument("--pixels", type=int, default=1024, help="image side in matrix cells, at most 4096")
     args = p.parse_args()
     out = args.out or args.run_dir
 
     def body() -> None:
+        analysis.output_folder(args.out)
         if args.pixels < 1:
             raise UserError(f"--pixels {args.pixels}: must be at least 1")
         paths = analysis.matrix_paths(args.run_dir, args.expert)
@@ -52,8 +52,11 @@ def main() -> int:
         paths = analysis.select(paths, None if args.all else args.layers or str(next(iter(paths))))
         perms = {}
         if args.order == "cluster":
-            perms = clusters.read_clusters(args.clusters or os.path.join(args.run_dir, clusters.CLUSTERS))[1]
+            default = os.path.join(args.run_dir, analysis.output_name(clusters.CLUSTERS, args.expert))
+            perms = clusters.clusters_for(args.clusters or default, analysis.widths(paths))
         os.makedirs(out, exist_ok=True)
+        label = analysis.run_label(args.run_dir, args.expert)
+        name = lambda n: analysis.output_name(n, args.expert)  # noqa: E731
         images, widths = {}, {}
         for lm in analysis.read_layers(paths, "drawing"):
             order = order_for(lm, args.order, perms)
@@ -61,10 +64,11 @@ def main() -> int:
                                                 min(args.pixels, 4096), args.measure)
             widths[lm.layer] = lm.width
             print(figures.heatmap(images[lm.layer], lm.width, lm.layer, args.measure, ORDER_NAMES[args.order],
-                                  os.path.join(out, f"heatmap_{args.measure}_{lm.layer}.png")))
+                                  os.path.join(out, name(f"heatmap_{args.measure}_{lm.layer}.png")), label))
         if args.all:
             print(figures.contact_sheet(images, widths, args.measure,
-                                        os.path.join(out, f"heatmaps_{args.measure}.png"), ORDER_NAMES[args.order]))
+                                        os.path.join(out, name(f"heatmaps_{args.measure}.png")), ORDER_NAMES[args.order],
+                                        label))
 
     return analysis.run_script("heatmap.py", body)
 

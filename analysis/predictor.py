@@ -17,6 +17,7 @@ import torch
 from mpicorr import analysis, predictor
 from mpicorr.config import check_device
 from mpicorr.errors import UserError
+from mpicorr.files import atomic_path
 from mpicorr.predictor_data import LayerData
 
 
@@ -62,6 +63,7 @@ def check(args: argparse.Namespace) -> None:
         raise UserError(f"--holdout {args.holdout}: must be between 0 and 1")
     if not 0 < args.cutoff < 1:
         raise UserError(f"--cutoff {args.cutoff}: must be between 0 and 1")
+    analysis.output_file(args.save, "--save")  # before training: torch.save would fail only after it
 
 
 def main() -> int:
@@ -86,7 +88,8 @@ def main() -> int:
         print(f"at {predictor.RECALL_TARGET:.0%} recall (cut-off {s.cutoff99:.4g}, recall {s.recall99:.4f}): "
               f"{s.skipped99:.1%} of the FFN's neuron work skipped; an oracle skips {1 - s.density:.1%}")
         if args.save:
-            torch.save(model.state_dict(), args.save)
+            with atomic_path(args.save) as tmp:
+                torch.save(model.state_dict(), tmp)
             print(f"weights in {args.save}")
 
     return analysis.run_script("predictor.py", body)

@@ -98,22 +98,23 @@ def draw_figures(layers: dict[int, dict], args: argparse.Namespace, folder: str)
     firing_layers = [d["fire"] for d in layers.values()]
     path = lambda name: os.path.join(folder, name)  # noqa: E731
     widths = {l: d["width"] for l, d in layers.items()}
+    label = analysis.run_label(args.run_dir, args.expert)
     out = {
-        "rank_frequency": figures.rank_frequency(firing_layers, path("rf.png")),
-        "coverage": figures.coverage(firing_layers, path("cov.png")),
-        "depth": figures.depth(rows, path("depth.png")),
+        "rank_frequency": figures.rank_frequency(firing_layers, path("rf.png"), label),
+        "coverage": figures.coverage(firing_layers, path("cov.png"), label),
+        "depth": figures.depth(rows, path("depth.png"), label),
         "distributions": figures.distributions({l: d["hist"] for l, d in layers.items()}, args.min_support,
-                                               path("dist.png")),
+                                               path("dist.png"), label),
         "sheet_frequency": figures.contact_sheet({l: d["freq_image"] for l, d in layers.items()}, widths, "lift",
-                                                 path("sheet_f.png"), "neurons by firing frequency"),
+                                                 path("sheet_f.png"), "neurons by firing frequency", label),
         "sheet_cluster": figures.contact_sheet({l: d["cluster_image"] for l, d in layers.items()}, widths, "lift",
-                                               path("sheet_c.png"), "neurons in cluster order"),
+                                               path("sheet_c.png"), "neurons in cluster order", label),
         "bundles": figures.bundle_sizes({l: d["bundles"].sizes() for l, d in layers.items()}, args.q,
-                                        path("bundles.png"), args.min_support),
+                                        path("bundles.png"), args.min_support, label),
     }
     quality = [d["quality"] for d in layers.values() if d["quality"] is not None]
     if quality:
-        out["quality"] = figures.cluster_quality(quality, path("quality.png"))
+        out["quality"] = figures.cluster_quality(quality, path("quality.png"), label)
     return {name: embed(p) for name, p in out.items()}
 
 
@@ -142,7 +143,7 @@ def render(run_dir: str, meta: dict, layers: dict[int, dict], imgs: dict[str, st
                                  firing_rows),
         imgs["depth"], imgs["rank_frequency"], imgs["coverage"],
         f"<h2>Co-firing</h2><p>Pairs that co-fire on at least {args.min_support} tokens; the 5 strongest by "
-        f"{args.rank_by} per layer (all {args.top} in cofiring_top_pairs.csv).</p>",
+        f"{args.rank_by} per layer (all {args.top} in {analysis.output_name(cofiring.CSV, args.expert)}).</p>",
         table(["layer", "i", "j", "count", "P(j|i)", "P(i|j)", "lift", "phi", "Jaccard"], pair_rows),
         imgs["distributions"],
         "<h2>Heatmaps</h2><p>Lift on one colour scale for all layers (red: fire together more than chance, "
@@ -183,21 +184,23 @@ def main() -> int:
         layers = {}
         for lm in analysis.read_layers(paths):
             layers[lm.layer] = analyse(lm, args)
-        cofiring.write_csv(os.path.join(out, "cofiring_top_pairs.csv"), [p for d in layers.values() for p in d["pairs"]])
+        csv_name, clusters_h5, bundles_h5, page_name = (analysis.output_name(n, args.expert) for n in (
+            cofiring.CSV, clusters.CLUSTERS, bundles.BUNDLES, "report.html"))
+        cofiring.write_csv(os.path.join(out, csv_name), [p for d in layers.values() for p in d["pairs"]])
         found = [d["clusters"] for d in layers.values() if d["clusters"] is not None]
-        clusters.write_clusters(os.path.join(out, clusters.CLUSTERS), found, clusters_script.file_attributes(args))
-        bundles.write_bundles(os.path.join(out, bundles.BUNDLES), [d["bundles"] for d in layers.values()],
+        clusters.write_clusters(os.path.join(out, clusters_h5), found, clusters_script.file_attributes(args))
+        bundles.write_bundles(os.path.join(out, bundles_h5), [d["bundles"] for d in layers.values()],
                               {"q": args.q, "min_support": args.min_support, "run_dir": os.path.abspath(args.run_dir)})
         with tempfile.TemporaryDirectory() as tmp:
             imgs = draw_figures(layers, args, tmp)
         note = clusters_script.narrowed(args, found)
         page = render(args.run_dir, analysis.metadata(args.run_dir), layers, imgs, args, note)
-        path = os.path.join(out, "report.html")
+        path = os.path.join(out, page_name)
         with atomic_write(path) as fh:
             fh.write(page.encode())
         if note:
             print(note)
-        print(f"{path} ({len(page) / 1e6:.1f} MB); data: cofiring_top_pairs.csv, {clusters.CLUSTERS}, {bundles.BUNDLES}")
+        print(f"{path} ({len(page) / 1e6:.1f} MB); data: {csv_name}, {clusters_h5}, {bundles_h5}")
 
     return analysis.run_script("report.py", body)
 

@@ -4,7 +4,8 @@
 
 Prints one line per MoE block (tokens, smallest and largest expert load, the pair chosen together most
 often relative to chance) and writes routers.png: per block, log2 of the co-selection lift
-P(i and j) / (P(i) P(j)) of every expert pair, and each expert's share of the tokens. Reads summary.h5's
+P(i and j) / (P(i) P(j)) of every expert pair (white: the lift of k of E experts chosen at random, which is
+below 1), and each expert's share of the tokens. Reads summary.h5's
 routers/<L> groups (runs of Mixtral, Qwen2-MoE, Qwen3-MoE).
 """
 
@@ -38,6 +39,7 @@ def main() -> int:
     out = args.out or args.run_dir
 
     def body() -> None:
+        analysis.output_folder(args.out)
         found = analysis.routers(args.run_dir, args.layers)
         os.makedirs(out, exist_ok=True)
         print(HEADER)

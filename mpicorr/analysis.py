@@ -15,8 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
-from . import layout, matrixfile, measures, summary
-from .config import threshold_folders
+from . import layout, matrixfile, measures, outputs, summary
+from .config import THRESHOLD_DIR, threshold_folders
 from .progress import fmt_seconds
 from .errors import UserError
 
@@ -37,6 +37,7 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
     """{block: path} of the matrix files in a run folder (of expert E of each MoE block), in block order."""
     if not os.path.isdir(run_dir):
         raise UserError(f"{run_dir}: not a folder; give a run folder written by mpicorr or the original tool")
+    check_settled(run_dir)
     names = os.listdir(run_dir)
     pattern = MATRIX_RE if expert is None else re.compile(rf"correlations_block_(\d+)_expert_{expert}\.zstd$")
     found = {int(m.group(1)): os.path.join(run_dir, f) for f in names if (m := pattern.match(f))}
@@ -44,14 +45,38 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
         raise UserError(f"{run_dir}: holds one run folder per threshold; give one of them, e.g. {parts[0]}")
     if not found and expert is None and any(EXPERT_RE.match(f) for f in names):
         raise UserError(f"{run_dir}: holds only the experts of MoE blocks; choose one with --expert E")
+    experts = sorted({int(m.group(2)) for f in names if (m := EXPERT_RE.match(f))})
+    if not found and expert is not None and not experts and any(MATRIX_RE.match(f) for f in names):
+        raise UserError(f"--expert {expert}: {run_dir} has no mixture-of-experts blocks; leave out --expert")
+    if not found and expert is not None and experts:
+        raise UserError(f"--expert {expert}: {run_dir} has no correlations_block_<L>_expert_{expert}.zstd files; "
+                        f"its MoE blocks have experts {_span(set(experts))}")
     if not found:
         what = "correlations_block_<L>.zstd" if expert is None else f"correlations_block_<L>_expert_{expert}.zstd"
         raise UserError(f"{run_dir}: no {what} files")
     if summary.exists(run_dir):
         check_layer_list(run_dir, set(found), {l for l, x in summary_units(run_dir) if x == expert}, expert)
-    for layer, path in found.items():  # 20 bytes each: a renamed file is refused before any layer is analysed
-        check_block(layer, path)
+    for layer, path in found.items():  # a few bytes per 128 KiB: refused before any layer is analysed
+        check_block(layer, path, structure=True)
     return dict(sorted(found.items()))
+
+
+def check_settled(run_dir: str) -> None:
+    """Refuse a folder that a run or sum is using now (it holds the lock: the files may be replaced while they
+    are read) and a run that stopped while writing (matrix files, no summary.h5, but run.json or checkpoints;
+    the folder above threshold-<T> folders holds run.json alone and is told apart by matrix_paths):
+    read as the original tool's folder, it would be analysed a layer short without a word. A threshold-<T>
+    folder's run keeps its lock, run.json and checkpoints in the folder above."""
+    owners = [run_dir]
+    if os.path.basename(os.path.normpath(run_dir)).startswith(THRESHOLD_DIR):
+        owners.append(os.path.dirname(os.path.abspath(run_dir)))
+    if any(outputs.busy(folder) for folder in owners):
+        raise UserError(f"{run_dir}: an mpicorr run or sum is using this folder now, and its files may be "
+                        f"replaced while they are read; analyse it once that has ended")
+    if (not summary.exists(run_dir) and matrixfile.exists_any(run_dir)
+            and any(outputs.started(folder) for folder in owners)):
+        raise UserError(f"{run_dir}: its run has not finished writing (no summary.h5, which is written last); "
+                        f"finish it with the run's command and --resume, then analyse it")
 
 
 def check_layer_list(run_dir: str, files: set[int], listed: set[int], expert: int | None = None) -> None:
@@ -104,12 +129,18 @@ def read_checked(layer: int, path: str, sha256: str | None = None) -> tuple[matr
     return matrixfile.read_matrix(path, sha256)
 
 
-def check_block(layer: int, path: str) -> None:
-    """The block in a matrix file's header must be the one in its name."""
-    block = matrixfile.read_header(path).block
+def check_block(layer: int, path: str, structure: bool = False) -> None:
+    """The block in a matrix file's header must be the one in its name; with `structure`, its frame must also
+    be whole (matrixfile.check_structure: a file cut short is found before any output is written)."""
+    block = (matrixfile.check_structure(path) if structure else matrixfile.read_header(path)).block
     if block != layer:
         raise UserError(f"{path}: its header says block {block}, its name block {layer}; the file was renamed "
                         f"or swapped: give it block {block}'s name or restore it")
+
+
+def widths(paths: dict[int, str]) -> dict[int, int]:
+    """{layer: width} of matrix files, from their headers."""
+    return {layer: matrixfile.read_header(path).width for layer, path in paths.items()}
 
 
 def summary_entries(run_dir: str, expert: int | None = None) -> dict[int, dict]:
@@ -130,8 +161,9 @@ class LayerMatrix:
     packed: np.ndarray
 
 
-def select(paths: dict[int, str], layers: str | None) -> dict[int, str]:
-    """The layers named by a --layers option ("3", "0,4,8", "0-7"; None = all)."""
+def select(paths: dict[int, str], layers: str | None, what: str = "matrix file") -> dict[int, str]:
+    """The layers named by a --layers option ("3", "0,4,8", "0-7"; None = all); `what` names what a layer
+    lacks when it is not among them."""
     if layers is None:
         return paths
     wanted = set()
@@ -146,7 +178,7 @@ def select(paths: dict[int, str], layers: str | None) -> dict[int, str]:
         wanted.update(range(first, last + 1))
     missing = sorted(wanted - set(paths))
     if missing:
-        raise UserError(f"--layers {layers}: no matrix file for layer {missing[0]} (have {min(paths)}..{max(paths)})")
+        raise UserError(f"--layers {layers}: no {what} for layer {missing[0]} (have {_span(set(paths))})")
     return {l: p for l, p in paths.items() if l in wanted}
 
 
@@ -170,6 +202,21 @@ def metadata(run_dir: str) -> dict:
         return {}
     attrs, _ = summary.read_summary(os.path.join(run_dir, summary.SUMMARY))
     return attrs
+
+
+def run_label(run_dir: str, expert: int | None = None) -> str:
+    """What the figures' titles add to say which counts they show: the expert, and the firing rule from
+    summary.h5 (|x| >= T; a head's output norm for --site heads). The original tool's folders record none."""
+    parts = [f"expert {expert}"] if expert is not None else []
+    if summary.exists(run_dir):
+        import h5py
+
+        with h5py.File(os.path.join(run_dir, summary.SUMMARY), "r") as h5:
+            attrs = dict(h5.attrs)
+        if "threshold" in attrs:
+            what = "head norm" if str(attrs.get("site", "")) == "heads" else "|x|"
+            parts.append(f"{what} ≥ {float(attrs['threshold']):g}")
+    return ", ".join(parts)
 
 
 def firing(run_dir: str, layers: str | None = None, expert: int | None = None) -> list[LayerFiring]:
@@ -206,6 +253,15 @@ class Router:
     tokens: int
     load: np.ndarray       # [E] tokens that chose each expert
     coselect: np.ndarray   # [E, E] tokens that chose both
+    top_k: int = 0         # experts each token chooses (summary.h5's selected_per_token; 0: not recorded)
+
+    def random_lift(self) -> float:
+        """The lift of every pair when each token chooses its top_k of the E experts at random: (k - 1) E /
+        (k (E - 1)), not 1, since exactly k are chosen (4/7 for 2 of 8); 1 where top_k is not recorded."""
+        experts = len(self.load)
+        if self.top_k < 1 or experts < 2:
+            return 1.0
+        return (self.top_k - 1) * experts / (self.top_k * (experts - 1))
 
     def lift(self) -> np.ndarray:
         """P(i and j chosen) / (P(i) P(j)): 1 = independent choices, > 1 chosen together; NaN on the diagonal
@@ -220,14 +276,16 @@ class Router:
 
 def routers(run_dir: str, layers: str | None = None) -> list[Router]:
     """The routing of each MoE block (--layers selects) from summary.h5."""
+    if os.path.isdir(run_dir):
+        check_settled(run_dir)
     if not summary.exists(run_dir):
         raise UserError(f"{run_dir}: no summary.h5; router counts are only in runs written by mpicorr")
     _, found = summary.read_moe(os.path.join(run_dir, summary.SUMMARY))
     if not found:
         raise UserError(f"{run_dir}: no router counts; the run's model has no mixture-of-experts blocks")
-    chosen = select({layer: "" for layer in found}, layers)
-    return [Router(l, int(e["attrs"]["tokens"]), e["load"].astype(np.int64), e["coselect"].astype(np.int64))
-            for l, e in found.items() if l in chosen]
+    chosen = select({layer: "" for layer in found}, layers, "router (not an MoE block)")
+    return [Router(l, int(e["attrs"]["tokens"]), e["load"].astype(np.int64), e["coselect"].astype(np.int64),
+                   int(e["attrs"].get("selected_per_token", 0))) for l, e in found.items() if l in chosen]
 
 
 def powerlaw_exponent(fire_count: np.ndarray) -> float:
@@ -273,6 +331,21 @@ def heatmap(packed: np.ndarray, width: int, trials: int, order: np.ndarray, pixe
     return image
 
 
+def shrink(image: np.ndarray, n: int) -> np.ndarray:
+    """A [p, p] heatmap image reduced to [n, n] (n < p) by the means of square blocks of its cells, undefined
+    (NaN) cells left out, as heatmap() reduces a layer: drawing more cells than the figure has pixels would
+    drop whole rows and columns (nearest-neighbour resampling) rather than average them."""
+    p = image.shape[0]
+    if n >= p:
+        return image
+    edges = np.linspace(0, p, n + 1).astype(np.int64)[:-1]
+    defined = np.isfinite(image)
+    block_sum = lambda a: np.add.reduceat(np.add.reduceat(a, edges, axis=0), edges, axis=1)  # noqa: E731
+    sums, cells = block_sum(np.where(defined, image, 0.0)), block_sum(defined.astype(np.int64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cells > 0, sums / cells, np.nan)
+
+
 def layer_row(layer: int, trials: int, fire_count: np.ndarray) -> dict:
     """Per-layer firing numbers: density, exponent, top-20 % coverage, dead and always-on neurons."""
     width = len(fire_count)
@@ -299,10 +372,39 @@ def script_parser(doc: str, what: str | None = "outputs", layers: str = "all") -
 
 
 def script_layers(args: argparse.Namespace) -> dict[int, str]:
-    """The selected layers' matrix files; creates the output folder."""
+    """The selected layers' matrix files; creates the output folder (checked first)."""
+    output_folder(args.out)
     paths = select(matrix_paths(args.run_dir, args.expert), args.layers)
     os.makedirs(args.out or args.run_dir, exist_ok=True)
     return paths
+
+
+def output_name(name: str, expert: int | None) -> str:
+    """An analysis file's name; with --expert E, `_expert_<E>` before its extension (as the matrix files have
+    it), so that the dense blocks' analysis and each expert's can share a folder without replacing another's."""
+    if expert is None:
+        return name
+    stem, ext = os.path.splitext(name)
+    return f"{stem}_expert_{expert}{ext}"
+
+
+def output_folder(path: str | None, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file (os.makedirs said only '[Errno 17] File
+    exists'); a missing one is made later. None: the option was not given."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {path}: is a file, not a folder; give a folder (it is made if missing)")
+
+
+def output_file(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output file that is a folder or whose folder does not exist (the write
+    would fail only at the end, after the work, naming a temporary file). None: the option was not given."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path}: there is no folder {folder}; make it first or give another path")
 
 
 def run_script(name: str, body) -> int:

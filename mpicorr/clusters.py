@@ -273,6 +273,23 @@ def read_clusters(path: str) -> tuple[dict, dict[int, LayerClusters]]:
     return read_layer_groups(path, "mpicorr-clusters-1", "analysis/clusters.py", build)
 
 
+def clusters_for(path: str, widths: dict[int, int]) -> dict[int, LayerClusters]:
+    """The clusters of the layers {layer: width} from the clusters.h5 at `path`, which must hold every one of
+    them at that width: a file of other layers, or of another run or expert, would reorder the wrong neurons
+    (found before anything is written)."""
+    _, found = read_clusters(path)
+    for layer, width in widths.items():
+        if layer not in found:
+            have = ", ".join(map(str, sorted(found))) or "none"
+            raise UserError(f"{path}: has no layer {layer} (it holds layers {have}); run analysis/clusters.py "
+                            f"on the layers you want")
+        if len(found[layer].labels) != width:
+            raise UserError(f"{path}: layer {layer} has {len(found[layer].labels)} neurons, the run's "
+                            f"{width}: the file belongs to another run (or --expert); run analysis/clusters.py "
+                            f"on this one")
+    return {layer: found[layer] for layer in widths}
+
+
 def spectral_order(full: np.ndarray, seed: int = 0) -> np.ndarray:
     """The Fiedler ordering of one layer's neurons."""
     _, vecs = spectral(affinity(full), 2, seed)

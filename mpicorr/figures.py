@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, MaxNLocator, NullLocator  # noqa: E402
 
 from . import analysis, measures  # noqa: E402
 
 DPI = 110
 PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # log axes of counts: 1, 10, 100 rather than 10⁰, 10¹, 10²
+
+
+class _PlainLogMinor(LogFormatterSciNotation):
+    """Matplotlib's choice of which minor log ticks to label (all within a decade, a few within two), written
+    as plain numbers (4000, not 4×10³) like PLAIN's major ticks."""
+
+    def _non_decade_format(self, sign_string, base, fx, usetex):
+        return f"{sign_string}{float(base) ** fx:.4g}"
 # Heatmap cells whose measure is undefined: a grey that no colour map here uses (RdBu's middle is near-white).
 UNDEFINED = "#9a9a9a"
 # Why a measure can be undefined at a cell (the legend of heatmaps that have such cells).
@@ -24,11 +34,25 @@ UNDEFINED_WHY = {"phi": "a neuron that never or always fires", "freq": None, "co
 LIFT_PERCENTILE = 99.5
 
 
+def titled(title: str, label: str) -> str:
+    """A title with the run's label (analysis.run_label: the firing rule, the expert) in parentheses."""
+    return f"{title} ({label})" if label else title
+
+
 def _save(fig, path: str, dpi: int = DPI) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def _nothing(title: str, why: str, path: str) -> str:
+    """A figure that says why there is nothing to draw, instead of empty axes."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=12, transform=ax.transAxes)
+    ax.set_axis_off()
+    ax.set_title(title)
+    return _save(fig, path)
 
 
 def _colours(n: int):
@@ -37,7 +61,7 @@ def _colours(n: int):
     return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
 
 
-def rank_frequency(layers, path: str) -> str:
+def rank_frequency(layers, path: str, label: str = "") -> str:
     """Log-log rank-frequency curves, one per layer, coloured by depth."""
     fig, ax = plt.subplots(figsize=(7, 5))
     for colour, lf in zip(_colours(len(layers)), layers):
@@ -45,28 +69,29 @@ def rank_frequency(layers, path: str) -> str:
         alpha = analysis.powerlaw_exponent(lf.fire_count)
         ax.loglog(np.arange(1, len(counts) + 1), counts, color=colour,
                   label=f"layer {lf.layer} (α={alpha:.2f})" if len(layers) <= 8 else None)
-    ax.set(xlabel="neuron rank (most frequent first)", ylabel="firing count", title="Rank-frequency of neuron firing")
-    ax.xaxis.set_major_formatter(PLAIN)
-    ax.yaxis.set_major_formatter(PLAIN)
+    ax.set(xlabel="neuron rank (most frequent first)", ylabel="firing count", title=titled("Rank-frequency of neuron firing", label))
+    for axis in (ax.xaxis, ax.yaxis):  # minor ticks too: a range within one decade labels only some of those
+        axis.set_major_formatter(PLAIN)
+        axis.set_minor_formatter(_PlainLogMinor(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     if len(layers) <= 8:
         ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def coverage(layers, path: str) -> str:
+def coverage(layers, path: str, label: str = "") -> str:
     """Share of all firings made by the most frequent x % of neurons."""
     fig, ax = plt.subplots(figsize=(6, 5))
     for colour, lf in zip(_colours(len(layers)), layers):
         x, y = analysis.coverage_curve(lf.fire_count)
         ax.plot(100 * x, 100 * y, lw=1, color=colour, label=f"layer {lf.layer}" if len(layers) <= 8 else None)
     ax.plot([0, 100], [0, 100], "k:", lw=1, label="uniform")
-    ax.axvline(20, color="grey", lw=0.5)
-    ax.set(xlabel="most frequent neurons (%)", ylabel="share of all firings (%)", title="Firing coverage")
+    ax.axvline(20, color="grey", lw=0.5, label="top 20 %")
+    ax.set(xlabel="most frequent neurons (%)", ylabel="share of all firings (%)", title=titled("Firing coverage", label))
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def depth(rows: list[dict], path: str) -> str:
+def depth(rows: list[dict], path: str, label: str = "") -> str:
     """Density, power-law exponent and top-20 % coverage against layer, each axis from 0 (a small change must
     not look like a cliff)."""
     fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
@@ -86,7 +111,7 @@ def depth(rows: list[dict], path: str) -> str:
         ax.yaxis.label.set_size(8)
     axes[-1].set_xlabel("layer")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle("Firing across depth")
+    fig.suptitle(titled("Firing across depth", label))
     return _save(fig, path)
 
 
@@ -110,11 +135,14 @@ def colour_scale(images: list[np.ndarray], kind: str) -> tuple[Normalize, object
     return norm, cmap.with_extremes(bad=UNDEFINED), extend
 
 
+def _floor(image: np.ndarray, norm: Normalize) -> np.ndarray:
+    """On a log scale, lift 0 (never together) takes the lowest colour rather than none (NaN stays NaN)."""
+    return np.maximum(image, norm.vmin) if isinstance(norm, LogNorm) else image
+
+
 def _show(ax, image: np.ndarray, width: int, norm: Normalize, cmap):
-    """Draw a heatmap image over neuron indices 0..width; lift 0 (never together) takes the lowest colour."""
-    if isinstance(norm, LogNorm):
-        image = np.where(np.isnan(image), np.nan, np.maximum(image, norm.vmin))
-    return ax.imshow(image, norm=norm, cmap=cmap, extent=(0, width, width, 0), interpolation="nearest")
+    """Draw a heatmap image over neuron indices 0..width."""
+    return ax.imshow(_floor(image, norm), norm=norm, cmap=cmap, extent=(0, width, width, 0), interpolation="nearest")
 
 
 def _colour_bar(fig, mappable, axes, kind: str, extend: str):
@@ -149,20 +177,28 @@ def _undefined_legend(fig, images: list[np.ndarray], kind: str) -> None:
                fontsize=9)
 
 
-def heatmap(image: np.ndarray, width: int, layer: int, kind: str, order_name: str, path: str) -> str:
-    """One layer's heatmap with axis labels, a colour bar and, where cells have no value, a legend for them."""
+def _axes_pixels(fig, axes) -> float:
+    """The fewest pixels a side of these (square) image axes has at dpi 100, after the layout."""
+    fig.canvas.draw()
+    return min(min(ax.get_window_extent().width, ax.get_window_extent().height) for ax in axes) * 100 / fig.dpi
+
+
+def heatmap(image: np.ndarray, width: int, layer: int, kind: str, order_name: str, path: str, label: str = "") -> str:
+    """One layer's heatmap with axis labels, a colour bar and, where cells have no value, a legend for them.
+    The PNG has at least one pixel per image cell (a larger dpi for a --pixels above the axes' 590 or so):
+    fewer would drop whole rows and columns of cells when drawn."""
     fig, ax = plt.subplots(figsize=(8, 7), layout="constrained")
     norm, cmap, extend = colour_scale([image], kind)
     _colour_bar(fig, _show(ax, image, width, norm, cmap), ax, kind, extend)
-    ax.set(xlabel=f"neuron j ({order_name})", ylabel=f"neuron i ({order_name})", title=f"layer {layer}: {kind}")
+    ax.set(xlabel=f"neuron j ({order_name})", ylabel=f"neuron i ({order_name})", title=titled(f"layer {layer}: {kind}", label))
     _undefined_legend(fig, [image], kind)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100 * max(1.0, 1.02 * image.shape[0] / _axes_pixels(fig, [ax])))
     plt.close(fig)
     return path
 
 
 def contact_sheet(images: dict[int, np.ndarray], widths: dict[int, int], kind: str, path: str,
-                  order_name: str | None = None) -> str:
+                  order_name: str | None = None, label: str = "") -> str:
     """All layers' heatmaps in one grid on one colour scale, with neuron axes and one colour bar."""
     n = len(images)
     cols = min(4, int(np.ceil(np.sqrt(n))))
@@ -183,15 +219,27 @@ def contact_sheet(images: dict[int, np.ndarray], widths: dict[int, int], kind: s
         if k + cols >= n:
             ax.set_xlabel("neuron j", fontsize=8)
     _colour_bar(fig, shown, axes.ravel()[:n].tolist(), kind, extend)
-    fig.suptitle(f"{kind}, all layers" + (f" ({order_name})" if order_name else ""))
+    # wrapped to the figure's width: one column of panels is narrower than the order's name and the label
+    fig.suptitle(textwrap.fill(titled(f"{kind}, all layers", ", ".join(filter(None, (order_name, label)))),
+                               int(10 * fig.get_figwidth())))
     _undefined_legend(fig, list(images.values()), kind)
+    # Each panel shows its layer averaged down to the panel's pixels: more cells than pixels would be
+    # drawn by dropping whole rows and columns of them.
+    panel = int(_axes_pixels(fig, axes.ravel()[:n]))
+    for ax, image in zip(axes.ravel(), images.values()):
+        if image.shape[0] > panel:
+            ax.images[0].set_data(_floor(analysis.shrink(image, panel), norm))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, path: str) -> str:
+def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, path: str, label: str = "") -> str:
     """Distribution of each co-firing measure over pairs, one line per layer."""
+    title = titled(f"Co-firing measures over pairs that co-fire on >= {min_support} tokens", label)
+    if not any(h[kind].sum() for h in hists.values() for kind in measures.BINS):
+        return _nothing(title, f"no pair of neurons co-fires on {min_support} tokens or more in these layers:\n"
+                               f"count more tokens, or lower --min-support", path)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     labels = {"cond": "P(j | i)", "pmi": "PMI = log2 lift", "phi": "phi coefficient", "jaccard": "Jaccard"}
     colours = _colours(len(hists))
@@ -205,11 +253,11 @@ def distributions(hists: dict[int, dict[str, np.ndarray]], min_support: int, pat
         ax.set(xlabel=labels[kind], ylabel="share of pairs")
     if len(hists) <= 8:
         axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"Co-firing measures over pairs that co-fire on >= {min_support} tokens")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
-def cluster_quality(rows: list[dict], path: str) -> str:
+def cluster_quality(rows: list[dict], path: str, label: str = "") -> str:
     """Inside-cluster co-firing share and clusters touched per token, clusters vs random, across layers. The
     touched counts are bounds (from pairwise counts): drawn as intervals side by side, not as bands that hide
     each other, on an axis from 0 to K."""
@@ -217,37 +265,36 @@ def cluster_quality(rows: list[dict], path: str) -> str:
     layers = np.array([r["layer"] for r in rows], dtype=float)
     k = max(int(r["clusters"]) for r in rows)
     styles = (("", "o-", "C0", f"{k} spectral clusters"), ("random_", "s--", "C1", "random partition, same sizes"))
-    for key, style, colour, label in styles:
-        axes[0].plot(layers, [100 * r[f"{key}inside_share"] for r in rows], style, color=colour, label=label)
+    for key, style, colour, name in styles:
+        axes[0].plot(layers, [100 * r[f"{key}inside_share"] for r in rows], style, color=colour, label=name)
     axes[0].set(ylabel="co-firing mass inside clusters (%)", ylim=(0, 100))
     axes[0].legend(fontsize=8)
     shift = 0.12 if len(rows) > 1 else 0.04
-    for (key, _, colour, label), dx in zip(styles, (-shift, shift)):
+    for (key, _, colour, name), dx in zip(styles, (-shift, shift)):
         lo = np.array([r[f"{key}touched_low"] for r in rows])
         hi = np.array([r[f"{key}touched_high"] for r in rows])
-        axes[1].vlines(layers + dx, lo, hi, color=colour, lw=6, alpha=0.75, label=label)
+        axes[1].vlines(layers + dx, lo, hi, color=colour, lw=6, alpha=0.75, label=name)
         axes[1].plot(np.repeat(layers + dx, 2), np.concatenate([lo, hi]).reshape(2, -1).T.ravel(), "_",
                      color=colour, ms=12)
     axes[1].axhline(k, color="grey", ls=":", lw=1)
     axes[1].set(xlabel="layer", ylabel="clusters touched per token", ylim=(0, k + 0.5))
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Cluster quality, K = {k} (bars: lower to upper bound from pairwise counts)", fontsize=11)
+    fig.suptitle(titled(f"Cluster quality, K = {k}", label) + "\nbars: lower to upper bound from pairwise counts",
+                 fontsize=11)
     return _save(fig, path)
 
 
-def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support: int | None = None) -> str:
+def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support: int | None = None,
+                 label: str = "") -> str:
     """Distribution of the sizes of non-empty bundles per layer (the legend gives the share of neurons with
     one); a run without any bundle says so instead of drawing empty axes."""
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    title = f"Bundle sizes, q = {q}"
+    title = titled(f"Bundle sizes, q = {q}", label)
     if not any((s > 0).any() for s in sizes.values()):
         support = f" with support ≥ {min_support}" if min_support else ""
-        ax.text(0.5, 0.5, f"no bundles at q = {q}:\nno neuron i has a partner j with P(j | i) ≥ {q}{support}",
-                ha="center", va="center", fontsize=12, transform=ax.transAxes)
-        ax.set_axis_off()
-        ax.set_title(title)
-        return _save(fig, path)
+        return _nothing(title, f"no bundles at q = {q}:\nno neuron i has a partner j with P(j | i) ≥ {q}{support}",
+                        path)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     top = max(int(s.max()) for s in sizes.values() if len(s))
     bins = np.arange(1, top + 2) - 0.5 if top < 64 else np.unique(np.geomspace(1, top + 1, 40).astype(int)) - 0.5
     for colour, (layer, s) in zip(_colours(len(sizes)), sizes.items()):
@@ -264,25 +311,35 @@ def bundle_sizes(sizes: dict[int, np.ndarray], q: float, path: str, min_support:
 
 
 def routers(found, path: str) -> str:
-    """Per MoE block, the lift of each expert pair's co-selection (log colour scale) and each expert's load."""
+    """Per MoE block, the lift of each expert pair's co-selection (log colour scale, white at the lift of
+    random top-k routing, which is below 1) and each expert's load (the dotted line: an even load, k / E)."""
     cols = min(len(found), 4)
     rows = -(-len(found) // cols)
     fig, axes = plt.subplots(2 * rows, cols, figsize=(3.4 * cols + 1, 5.2 * rows), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1] * rows}, layout="constrained")
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")  # grey: the diagonal and unused experts
+    centre = float(np.log2(found[0].random_lift()))  # blocks of one model route alike (E, k)
+    norm = TwoSlopeNorm(vcenter=centre, vmin=min(-2.0, centre - 1), vmax=max(2.0, centre + 1))
     for k, router in enumerate(found):
         top, bottom = axes[2 * (k // cols), k % cols], axes[2 * (k // cols) + 1, k % cols]
         with np.errstate(divide="ignore"):
-            image = top.imshow(np.log2(router.lift()), cmap=cmap, vmin=-2, vmax=2)
+            image = top.imshow(np.log2(router.lift()), cmap=cmap, norm=norm)
         top.set(title=f"block {router.layer}: log2 lift", xlabel="expert", ylabel="expert")
         for axis in (top.xaxis, top.yaxis, bottom.xaxis):
             axis.set_major_locator(MaxNLocator(integer=True))
         bottom.bar(np.arange(len(router.load)), router.load / max(router.tokens, 1), color="grey")
+        if router.top_k:
+            bottom.axhline(router.top_k / len(router.load), color="black", ls=":", lw=1)
         bottom.set(xlabel="expert", ylabel="share of tokens")
     for k in range(len(found), rows * cols):
         axes[2 * (k // cols), k % cols].axis("off")
         axes[2 * (k // cols) + 1, k % cols].axis("off")
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="log2 lift (0: chosen independently)")
+    random = (f"white: {found[0].top_k} of {len(found[0].load)} experts chosen at random, lift "
+              f"{found[0].random_lift():.2f}" if found[0].top_k else "white: lift 1")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label=f"log2 lift ({random})")
+    if found[0].top_k:
+        fig.suptitle("expert pairs chosen together (red) or apart (blue) more than random routing; "
+                     "dotted: an even load", fontsize=10)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

@@ -77,6 +77,8 @@ def read_layer_groups(path: str, fmt: str, writer: str, build: Callable[[int, An
     per layer under `layers/` (the analysis files); a missing or foreign file is a UserError naming `writer`."""
     import h5py
 
+    if not os.path.isfile(path):  # h5py's own message for this is three lines of HDF5 internals
+        raise UserError(f"{path}: no such file; run {writer} first")
     try:
         with h5py.File(path, "r") as h5:
             attrs = dict(h5.attrs)

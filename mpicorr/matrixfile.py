@@ -203,8 +203,19 @@ def read_matrix(path: str, sha256: str | None = None) -> tuple[Header, np.ndarra
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
 
 
-def _read(fh, path: str, sha256: str | None) -> tuple[Header, np.ndarray]:
-    """read_matrix on an open file: header, plausibility and frame checks, then one decompression."""
+def check_structure(path: str) -> Header:
+    """The header of a matrix file whose frame has the size, blocks and end its width needs (read_matrix's
+    checks before decompressing, from the block headers alone: a file cut short, by hand or by a full disk,
+    is found without reading its counts)."""
+    try:
+        with open(path, "rb") as fh:
+            return _check_structure(fh, path)[0]
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _check_structure(fh, path: str) -> tuple[Header, bytes, int]:
+    """(header, its bytes, file size) of an open matrix file, after the plausibility and frame checks."""
     size = os.fstat(fh.fileno()).st_size
     head = fh.read(HEADER.size)
     header = parse_header(head, path)
@@ -213,6 +224,13 @@ def _read(fh, path: str, sha256: str | None) -> tuple[Header, np.ndarray]:
         raise UserError(f"{path}: truncated ({size} bytes; width {header.width} needs at least "
                         f"{HEADER.size + min_frame_size(expected)} even at zstd's highest compression)")
     _check_frame(fh.fileno(), size, expected, header.width, path)
+    return header, head, size
+
+
+def _read(fh, path: str, sha256: str | None) -> tuple[Header, np.ndarray]:
+    """read_matrix on an open file: header, plausibility and frame checks, then one decompression."""
+    header, head, size = _check_structure(fh, path)
+    expected = layout.packed_size(header.width) * header.dtype.itemsize
     try:
         packed = np.empty(layout.packed_size(header.width), dtype=header.dtype)
     except MemoryError:

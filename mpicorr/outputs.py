@@ -241,6 +241,13 @@ def remove_empty(made: list[str]) -> None:
             os.rmdir(folder)
 
 
+def started(out: str) -> bool:
+    """Whether OUT holds a run's own traces besides its outputs (mpicorr's run.json, checkpoints): matrix
+    files there without summary.h5 are a run that stopped while writing, not the original tool's folder."""
+    path = os.path.join(out, RUN_JSON)
+    return bool(checkpoints(out)) or (os.path.isfile(path) and _ours(path))
+
+
 def check_unlocked(folder: str, option: str = "--out") -> None:
     """Refuse at once a folder that a running run or sum holds (locked), or that a sum of matrix files is
     about to write as a file (sum_writing), before a run's long first steps (reading the whole corpus in pass

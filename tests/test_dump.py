@@ -379,6 +379,15 @@ def test_trainer_script(planted, tmp_path, capsys, one_thread):
     assert code == 2 and err == "predictor.py: error: --device 'gpu': choose auto, cpu, cuda or cuda:N\n"
 
 
+def test_trainer_script_refuses_a_save_path_before_training(tmp_path, capsys):
+    """--save naming a folder, or a file in a folder that does not exist, was torch.save's traceback after the
+    whole training (exit 1); now one line, exit 2, before the dump is read."""
+    for save, needle in ((tmp_path, f"--save {tmp_path}: is a folder; give a file name"),
+                         (tmp_path / "no" / "p.pt", f"there is no folder {tmp_path / 'no'}; make it first")):
+        code, out, err = script([str(tmp_path), "--layer", "0", "--save", str(save)], capsys)
+        assert (code, out) == (2, "") and err.count("\n") == 1 and needle in err, err
+
+
 @pytest.mark.parametrize("device,needle", [
     ("cuda", "--device cuda: CUDA is not available on this machine; use --device cpu"),
     ("cuda:0", "--device cuda:0: CUDA is not available on this machine; use --device cpu"),
