@@ -18,6 +18,7 @@ import traceback
 
 from . import __version__
 from .config import KERNELS, SITES, add_run_arguments, build_config
+from .console import protect_stdout
 from .errors import SharedError, Terminated, UserError
 
 FILE_COMMANDS = ("info", "verify", "sum")  # read files only: no MPI, no torch (each takes a second or more to start)
@@ -221,6 +222,7 @@ def abort_on_thread_error(comm, debug: bool):
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; errors become one line on stderr and end every rank."""
     argv = sys.argv[1:] if argv is None else argv
+    protect_stdout()  # `mpicorr info RUN | head`: a reader that stops early ends nothing
     # Hub models come from the local cache only (`hf download` first): no rank waits on the network.
     os.environ["HF_HUB_OFFLINE"] = "1"
     comm, previous = Alone(), threading.excepthook

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import layout, matrixfile, measures, outputs, summary
 from .config import THRESHOLD_DIR, threshold_folders
+from .console import protect_stdout
 from .progress import fmt_seconds
 from .errors import UserError
 
@@ -408,7 +409,9 @@ def output_file(path: str | None, option: str) -> None:
 
 
 def run_script(name: str, body) -> int:
-    """Run a script's body; a UserError or an unwritable output becomes one line on stderr and exit 2."""
+    """Run a script's body; a UserError or an unwritable output becomes one line on stderr and exit 2. Output
+    piped to a reader that stops early (`| head`) is dropped, not an error: the figures are still written."""
+    protect_stdout()
     try:
         return body() or 0
     except (UserError, OSError) as exc:

@@ -540,3 +540,26 @@ def test_figures_with_nothing_to_show_say_why_and_log_ticks_are_plain(tmp_path, 
     figures.rank_frequency(fire, str(tmp_path / "r.png"))
     labels = [t for t in figs[1][1] if t]
     assert "2000" in labels and not any("times" in t or "10^" in t for t in labels), labels
+
+
+def closed_pipe_run(cmd: list) -> subprocess.CompletedProcess:
+    """Run `cmd` with its standard output a pipe nobody reads any more (as `cmd | head -1` after head's line)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([str(c) for c in cmd], stdout=write, stderr=subprocess.PIPE, text=True,
+                              env=cli_env(), timeout=300)
+    finally:
+        os.close(write)
+
+
+def test_output_piped_to_a_reader_that_stopped_is_dropped_not_an_error(tmp_path):
+    """`analysis/firing.py RUN | head -1` failed with 'Broken pipe', exit 2, its figures unwritten, and
+    `mpicorr info RUN | head -3` sometimes ended in an internal-error line: the output nobody reads now goes
+    to /dev/null and the command finishes (exit 0, nothing on stderr, the figures written)."""
+    run = planted_run(str(tmp_path))
+    result = closed_pipe_run([sys.executable, os.path.join(ROOT, "analysis", "firing.py"), run])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert is_png(tmp_path / "firing_coverage.png")
+    result = closed_pipe_run([sys.executable, "-m", "mpicorr", "info", run])
+    assert result.returncode == 0 and result.stderr == "", result.stderr
