@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from . import layout, matrixfile, measures, outputs, summary
-from .config import THRESHOLD_DIR, threshold_folders
+from .config import threshold_folders
 from .console import protect_stdout
 from .progress import fmt_seconds
 from .errors import UserError
@@ -38,7 +38,7 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
     """{block: path} of the matrix files in a run folder (of expert E of each MoE block), in block order."""
     if not os.path.isdir(run_dir):
         raise UserError(f"{run_dir}: not a folder; give a run folder written by mpicorr or the original tool")
-    check_settled(run_dir)
+    outputs.check_settled(run_dir)
     names = os.listdir(run_dir)
     pattern = MATRIX_RE if expert is None else re.compile(rf"correlations_block_(\d+)_expert_{expert}\.zstd$")
     found = {int(m.group(1)): os.path.join(run_dir, f) for f in names if (m := pattern.match(f))}
@@ -60,24 +60,6 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
     for layer, path in found.items():  # a few bytes per 128 KiB: refused before any layer is analysed
         check_block(layer, path, structure=True)
     return dict(sorted(found.items()))
-
-
-def check_settled(run_dir: str) -> None:
-    """Refuse a folder that a run or sum is using now (it holds the lock: the files may be replaced while they
-    are read) and a run that stopped while writing (matrix files, no summary.h5, but run.json or checkpoints;
-    the folder above threshold-<T> folders holds run.json alone and is told apart by matrix_paths):
-    read as the original tool's folder, it would be analysed a layer short without a word. A threshold-<T>
-    folder's run keeps its lock, run.json and checkpoints in the folder above."""
-    owners = [run_dir]
-    if os.path.basename(os.path.normpath(run_dir)).startswith(THRESHOLD_DIR):
-        owners.append(os.path.dirname(os.path.abspath(run_dir)))
-    if any(outputs.busy(folder) for folder in owners):
-        raise UserError(f"{run_dir}: an mpicorr run or sum is using this folder now, and its files may be "
-                        f"replaced while they are read; analyse it once that has ended")
-    if (not summary.exists(run_dir) and matrixfile.exists_any(run_dir)
-            and any(outputs.started(folder) for folder in owners)):
-        raise UserError(f"{run_dir}: its run has not finished writing (no summary.h5, which is written last); "
-                        f"finish it with the run's command and --resume, then analyse it")
 
 
 def check_layer_list(run_dir: str, files: set[int], listed: set[int], expert: int | None = None) -> None:
@@ -278,7 +260,7 @@ class Router:
 def routers(run_dir: str, layers: str | None = None) -> list[Router]:
     """The routing of each MoE block (--layers selects) from summary.h5."""
     if os.path.isdir(run_dir):
-        check_settled(run_dir)
+        outputs.check_settled(run_dir)
     if not summary.exists(run_dir):
         raise UserError(f"{run_dir}: no summary.h5; router counts are only in runs written by mpicorr")
     _, found = summary.read_moe(os.path.join(run_dir, summary.SUMMARY))

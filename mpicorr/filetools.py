@@ -205,6 +205,7 @@ def verify_run(folder: str) -> str:
     parts = threshold_folders(folder)
     if parts and not summary.exists(folder):
         return "\n".join(verify_run(part) for part in parts)
+    outputs.check_settled(folder)  # not a run or sum writing now, nor a run that stopped while writing
     root, layers = read_run(folder)
     experts, _ = summary.read_moe(os.path.join(folder, summary.SUMMARY))
     units = [*((Unit(k), e) for k, e in layers.items()), *((Unit(*k), e) for k, e in experts.items())]
@@ -216,8 +217,8 @@ def verify_run(folder: str) -> str:
     for unit, entry in units:
         path = os.path.join(folder, matrixfile.matrix_name(unit.layer, unit.expert))
         verify(path, entry["attrs"].get("matrix_sha256"))
-    moe = f", {len(experts)} experts" if experts else ""
-    return f"{folder}: ok, {len(layers)} layers{moe}, {root['chunks']} chunks"
+    counted = [f"{len(layers)} layers"] * bool(layers or not experts) + [f"{len(experts)} experts"] * bool(experts)
+    return f"{folder}: ok, {', '.join(counted)}, {root['chunks']} chunks"
 
 
 def read_run(folder: str) -> tuple[dict, dict[int, dict]]:

@@ -30,7 +30,7 @@ from typing import Iterator
 import h5py
 
 from . import layout, matrixfile, summary
-from .config import threshold_folders
+from .config import THRESHOLD_DIR, threshold_folders
 from .errors import UserError
 from .files import free_bytes, human, temporary
 from .schedule import RUN_JSON
@@ -305,3 +305,21 @@ def check_no_sum_writing(path: str, option: str, instead: str | None = None, own
     if sum_writing(path, own):
         raise UserError(f"{option} {path}: another mpicorr sum is writing this file now; wait until it ends or "
                         f"choose {instead or 'another ' + option}")
+
+
+def check_settled(run_dir: str) -> None:
+    """For the readers (the analysis scripts, verify): refuse a folder that a run or sum is using now (it holds the lock: the files may be replaced while they
+    are read) and a run that stopped while writing (matrix files, no summary.h5, but run.json or checkpoints;
+    the folder above threshold-<T> folders holds run.json alone and is told apart by matrix_paths):
+    read as the original tool's folder, it would be analysed a layer short without a word. A threshold-<T>
+    folder's run keeps its lock, run.json and checkpoints in the folder above."""
+    owners = [run_dir]
+    if os.path.basename(os.path.normpath(run_dir)).startswith(THRESHOLD_DIR):
+        owners.append(os.path.dirname(os.path.abspath(run_dir)))
+    if any(busy(folder) for folder in owners):
+        raise UserError(f"{run_dir}: an mpicorr run or sum is using this folder now, and its files may be "
+                        f"replaced while they are read; read it once that has ended")
+    if (not summary.exists(run_dir) and matrixfile.exists_any(run_dir)
+            and any(started(folder) for folder in owners)):
+        raise UserError(f"{run_dir}: its run has not finished writing (no summary.h5, which is written last); "
+                        f"finish it with the run's command and --resume, then read it")

@@ -170,6 +170,20 @@ def test_verify_run_folder_refuses_matrix_files_summary_does_not_list(llama, sam
     assert result.returncode == 2 and "correlations_block_7.zstd not listed in summary.h5" in result.stderr
 
 
+def test_verify_refuses_a_folder_in_use_or_a_run_that_stopped_writing(llama, sample_path, tmp_path):
+    """verify read a folder a run holds (its files about to be replaced) as finished, and called a run that
+    stopped while writing (matrix files and run.json, no summary.h5) 'no summary.h5; give a run folder written
+    by mpicorr': the same one-line refusals as the analysis scripts now (outputs.check_settled)."""
+    from mpicorr import outputs
+    out = run_folder(llama, sample_path, tmp_path / "a", 0, 3)
+    with outputs.locked(out):
+        result = run_main(["verify", out])
+    assert result.returncode == 2 and "an mpicorr run or sum is using this folder now" in result.stderr
+    os.remove(os.path.join(out, summary.SUMMARY))
+    result = run_main(["verify", out])
+    assert result.returncode == 2 and "its run has not finished writing" in result.stderr, result.stderr
+
+
 def test_file_commands_and_input_errors_start_without_torch(llama, sample_path, tmp_path):
     """info (of a file and of a run folder), verify and sum, and a missing --data or --model, in a fresh
     interpreter: none imports torch, transformers, numba or mpi4py (seconds of start-up each)."""
