@@ -34,7 +34,8 @@ def order_for(lm: analysis.LayerMatrix, kind: str, cluster_perm: dict):
 
 def main() -> int:
     p = analysis.script_parser(__doc__, "images", layers="the first layer; --all: every layer")
-    p.add_argument("--all", action="store_true", help="draw every layer and a contact sheet heatmaps_<measure>.png")
+    p.add_argument("--all", action="store_true", help="draw every layer (or those of --layers) and a contact sheet "
+                                                      "heatmaps_<measure>.png of them")
     p.add_argument("--measure", default="lift", choices=MEASURES, help="what to draw")
     p.add_argument("--order", default="frequency", choices=tuple(ORDER_NAMES), help="how neurons are ordered")
     p.add_argument("--clusters", help="clusters.h5 for --order cluster (default: RUN_DIR/clusters.h5; with "
@@ -48,8 +49,8 @@ def main() -> int:
         if args.pixels < 1:
             raise UserError(f"--pixels {args.pixels}: must be at least 1")
         paths = analysis.matrix_paths(args.run_dir, args.expert)
-        # Without --all or --layers, the first layer only.
-        paths = analysis.select(paths, None if args.all else args.layers or str(next(iter(paths))))
+        # --layers picks the layers (also for --all's contact sheet); else --all every layer, else the first.
+        paths = analysis.select(paths, args.layers or (None if args.all else str(next(iter(paths)))))
         perms = {}
         if args.order == "cluster":
             default = os.path.join(args.run_dir, analysis.output_name(clusters.CLUSTERS, args.expert))

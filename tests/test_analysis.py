@@ -563,3 +563,13 @@ def test_output_piped_to_a_reader_that_stopped_is_dropped_not_an_error(tmp_path)
     assert is_png(tmp_path / "firing_coverage.png")
     result = closed_pipe_run([sys.executable, "-m", "mpicorr", "info", run])
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_heatmap_all_with_layers_draws_those_layers(tmp_path):
+    """heatmap.py --all --layers 1 drew every layer (the --layers was dropped without a word); now --layers picks
+    the layers and --all adds their contact sheet."""
+    os.makedirs(tmp_path / "run")
+    run = planted_run(str(tmp_path / "run"), layers=3)
+    result = script("heatmap.py", run, "--all", "--layers", "1", "--pixels", "10", "--out", tmp_path / "fig")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "fig")) == ["heatmap_lift_1.png", "heatmaps_lift.png"]
