@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import layout, matrixfile, measures, outputs, summary
+from . import filetools, layout, matrixfile, measures, outputs, summary
 from .config import threshold_folders
 from .console import protect_stdout
 from .progress import fmt_seconds
@@ -52,6 +52,9 @@ def matrix_paths(run_dir: str, expert: int | None = None) -> dict[int, str]:
     if not found and expert is not None and experts:
         raise UserError(f"--expert {expert}: {run_dir} has no correlations_block_<L>_expert_{expert}.zstd files; "
                         f"its MoE blocks have experts {_span(set(experts))}")
+    if not found and filetools.is_dump(run_dir):
+        raise UserError(f"{run_dir}: is a --dump folder (predictor training data), not a run folder; "
+                        f"analysis/predictor.py reads it, the other scripts read the run's --out")
     if not found:
         what = "correlations_block_<L>.zstd" if expert is None else f"correlations_block_<L>_expert_{expert}.zstd"
         raise UserError(f"{run_dir}: no {what} files")

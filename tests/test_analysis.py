@@ -573,3 +573,11 @@ def test_heatmap_all_with_layers_draws_those_layers(tmp_path):
     result = script("heatmap.py", run, "--all", "--layers", "1", "--pixels", "10", "--out", tmp_path / "fig")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "fig")) == ["heatmap_lift_1.png", "heatmaps_lift.png"]
+
+
+def test_a_dump_folder_is_pointed_to_predictor_py(tmp_path):
+    """A --dump folder given to an analysis script got 'no correlations_block_<L>.zstd files'; it now says what
+    the folder is and which script reads it."""
+    (tmp_path / "index.json").write_text("{}")
+    result = script("firing.py", tmp_path)
+    assert result.returncode == 2 and "is a --dump folder" in result.stderr and "predictor.py" in result.stderr
