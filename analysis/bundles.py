@@ -20,7 +20,8 @@ HEADER = "layer  mean_size  median  max  nonempty"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared with report.py."""
-    p.add_argument("--q", type=float, default=0.8, help="bundle of i: neurons j with P(j | i) >= q")
+    p.add_argument("--q", type=float, default=0.8, help="bundle of i: neurons j with P(j | i) >= q"
+                                                        " (default: %(default)s)")
 
 
 def check_arguments(args: argparse.Namespace) -> None:

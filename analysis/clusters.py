@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"clusters K per layer (default: {DEFAULT_CLUSTERS}, or the layer's width where it has fewer "
                         f"neurons, as --site heads of a small model; a K given here must fit every layer)")
     p.add_argument("--balanced", action="store_true", help="clusters of equal size (sizes differ by at most one)")
-    p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the random baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means and of the random baseline"
+                                                       " (default: %(default)s)")
 
 
 def check_arguments(args: argparse.Namespace) -> None:

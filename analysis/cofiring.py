@@ -42,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared with report.py."""
     p.add_argument("--rank-by", default="lift", choices=measures.RANKABLE,
                    help="measure the strongest pairs are chosen by (cond: the larger of P(j|i), P(i|j))")
-    p.add_argument("--top", type=int, default=100, help="pairs per layer in the CSV")
-    p.add_argument("--min-support", type=int, default=10, help="ignore pairs that co-fire on fewer tokens")
+    p.add_argument("--top", type=int, default=100, help="pairs per layer in the CSV (default: %(default)s)")
+    p.add_argument("--min-support", type=int, default=10, help="ignore pairs that co-fire on fewer tokens"
+                                                               " (default: %(default)s)")
 
 
 def check_arguments(args: argparse.Namespace) -> None:

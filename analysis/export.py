@@ -25,8 +25,10 @@ def main() -> int:
     p.add_argument("--permutation", metavar="FILE", help="write the cluster permutations as JSON here")
     p.add_argument("--clusters", help="clusters.h5 for --permutation (default: RUN_DIR/clusters.h5; with "
                                       "--expert E, RUN_DIR/clusters_expert_E.h5)")
-    p.add_argument("--min-support", type=int, default=1, help="METIS: keep edges that co-fire on >= this many tokens")
-    p.add_argument("--min-lift", type=float, default=0.0, help="METIS: keep edges with lift >= this (0: all)")
+    p.add_argument("--min-support", type=int, default=1, help="METIS: keep edges that co-fire on >= this many tokens"
+                                                              " (default: %(default)s)")
+    p.add_argument("--min-lift", type=float, default=0.0, help="METIS: keep edges with lift >= this (0: all)"
+                                                               " (default: %(default)s)")
     args = p.parse_args()
 
     def body() -> None:

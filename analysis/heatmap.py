@@ -36,11 +36,13 @@ def main() -> int:
     p = analysis.script_parser(__doc__, "images", layers="the first layer; --all: every layer")
     p.add_argument("--all", action="store_true", help="draw every layer (or those of --layers) and a contact sheet "
                                                       "heatmaps_<measure>.png of them")
-    p.add_argument("--measure", default="lift", choices=MEASURES, help="what to draw")
-    p.add_argument("--order", default="frequency", choices=tuple(ORDER_NAMES), help="how neurons are ordered")
+    p.add_argument("--measure", default="lift", choices=MEASURES, help="what to draw (default: %(default)s)")
+    p.add_argument("--order", default="frequency", choices=tuple(ORDER_NAMES), help="how neurons are ordered"
+                                                                                    " (default: %(default)s)")
     p.add_argument("--clusters", help="clusters.h5 for --order cluster (default: RUN_DIR/clusters.h5; with "
                                       "--expert E, RUN_DIR/clusters_expert_E.h5)")
-    p.add_argument("--pixels", type=int, default=1024, help="image side in matrix cells, at most 4096")
+    p.add_argument("--pixels", type=int, default=1024, help="image side in matrix cells, at most 4096"
+                                                            " (default: %(default)s)")
     args = p.parse_args()
     out = args.out or args.run_dir
 

@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
                    help="P(fires) from which a neuron is predicted to fire (default: 0.5)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the split, the initial weights and the order (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (cuda when there, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda when there, else cpu), cpu, cuda or cuda:N"
+                                                    " (default: %(default)s)")
     p.add_argument("--save", metavar="FILE", help="also write the trained weights (torch.save of the state dict: "
                                                  "down.weight [r, d], up.weight [N, r], up.bias [N])")
     return p

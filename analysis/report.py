@@ -171,7 +171,8 @@ def main() -> int:
     cofiring.add_arguments(p)
     clusters_script.add_arguments(p)
     bundles_script.add_arguments(p)
-    p.add_argument("--pixels", type=int, default=256, help="side of each heatmap in the contact sheets")
+    p.add_argument("--pixels", type=int, default=256, help="side of each heatmap in the contact sheets"
+                                                           " (default: %(default)s)")
     args = p.parse_args()
     out = args.out or args.run_dir
 
