@@ -272,32 +272,9 @@ def claimed(out: str) -> Iterator[bool]:
     another sum using `out` now is refused in one line, before anything is written. A lock needs the folder,
     so a missing `out` is made here (its missing parents too), and removed again (each if still empty) when
     the sum fails. Yields whether this sum made it."""
-    made = _missing(out)
-    try:
-        os.makedirs(out)
-    except FileExistsError:
-        made = []  # the user's folder, or another sum's that has just made it: the lock tells them apart
-    except OSError as exc:
-        raise UserError(f"sum {out}: cannot create the folder ({exc.strerror}); choose a writable place") from None
-    if not os.path.isdir(out):  # a link to nothing (a file is refused before)
-        raise UserError(f"sum {out}: exists and is not a folder (a link to nothing?); give a folder name")
-    with outputs.locked(out, "sum", "another output folder"):
-        try:
-            yield bool(made)
-        except BaseException:
-            for folder in made:  # deepest first; a folder someone put a file in meanwhile is kept
-                with suppress(OSError):
-                    os.rmdir(folder)
-            raise
-
-
-def _missing(path: str) -> list[str]:
-    """`path` and those of its parent folders that do not exist, deepest first."""
-    path, found = os.path.abspath(path), []
-    while not os.path.lexists(path):
-        found.append(path)
-        path = os.path.dirname(path)
-    return found
+    made = outputs.make_folder(out, "sum")  # none: the user's folder, or another sum's that has just made it
+    with outputs.locked(out, "sum", "another output folder"), outputs.removed_if_failed(made):
+        yield bool(made)
 
 
 @contextmanager

@@ -204,8 +204,8 @@ def prepare(cfg: Config, hosts: list[str], src: Data, held: ExitStack) -> Job:
     weights = hostfile_weights(cfg.hostfile, hosts)
     sample = dumping.plan_sample(cfg, src.layout.chunks, start, count) if cfg.dump else None
     made = check_out(cfg.out, cfg.force, cfg.resume, cfg.threshold)  # makes --out, so that it can be locked
-    held.enter_context(outputs.removed_if_failed(made))  # a run that fails before writing leaves no empty --out
     held.enter_context(outputs.locked(cfg.out))
+    held.enter_context(outputs.removed_if_failed(made))  # a run that fails before writing leaves no empty --out
     check_out(cfg.out, cfg.force, cfg.resume, cfg.threshold)  # again: a run or sum that ended in between is seen
     work = plan.batches(start, count, cfg.batch_size)
     ident = identity(cfg, sha, start, count, None if src.corpus.plain else cfg.text_field)
