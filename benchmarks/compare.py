@@ -21,10 +21,12 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# mpicorr before torch (as benchmarks/overhead.py): numba sizes its pool before torch's OpenMP pins this thread
 from mpicorr import bench, kernels, triangle  # noqa: E402
+
+import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {("uniform", 0.01): 2, ("uniform", 0.03): 5, ("uniform", 0.1): 20, ("uniform", 0.3): 80,

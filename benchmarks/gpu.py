@@ -30,11 +30,12 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# mpicorr before torch (as benchmarks/overhead.py): cpus.STARTED is read before torch's OpenMP pins this thread
 from mpicorr import __main__ as cli, counting, models, tiny, triangle  # noqa: E402
+
+import torch  # noqa: E402
 
 # Dense bfloat16 tensor-core peaks (no sparsity), from NVIDIA's data sheets; matched against the device name.
 PEAKS = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.0e12, "H100 NVL": 835.0e12, "H200": 989.4e12,

@@ -25,10 +25,12 @@ import shutil
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# mpicorr before torch: it records the CPUs the process started with (cpus.STARTED) before torch's OpenMP
+# runtime pins the main thread to one of them (OMP_PROC_BIND), so that the run can give them back.
 from mpicorr import __main__ as cli, data, models  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def sync(device: str) -> None:

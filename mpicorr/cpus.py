@@ -103,17 +103,22 @@ def cpu_list(text: str) -> list[int]:
 
 def apply(threads: int) -> None:
     """Use `threads` threads in torch and numba, except where the user set OMP_NUM_THREADS / NUMBA_NUM_THREADS.
-    numba first: its OpenMP layer runs in torch's OpenMP runtime (one libgomp.so.1 per process), so setting its
-    threads also sets torch's, which is then set to what torch should have."""
+    numba first: where its OpenMP layer runs in torch's OpenMP runtime (one libgomp.so.1 in the process), setting
+    its threads also sets torch's, which is then set to what torch should have. Then the main thread gets back
+    the CPUs an OpenMP runtime loaded meanwhile pinned it away from (restore)."""
     import torch
 
     torch_threads = torch.get_num_threads() if "OMP_NUM_THREADS" in os.environ else threads
-    if "NUMBA_NUM_THREADS" not in os.environ:
-        from . import kernels
-        if kernels.AVAILABLE:
-            import numba
+    from . import kernels
+    if kernels.AVAILABLE:
+        import numba
+        if "NUMBA_NUM_THREADS" not in os.environ:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        numba.get_num_threads()  # starts numba's threads now (else at the first kernel), for restore() below
     torch.set_num_threads(torch_threads)
+    # numba's pip build loads an OpenMP runtime of its own (libgomp.so.1.0.0 beside torch's libgomp.so.1) as it
+    # starts its threads, and with OMP_PROC_BIND that pins the main thread to one CPU again.
+    restore()
 
 
 def started_by_mpirun() -> bool:

@@ -217,7 +217,7 @@ def open_folder(sample: Sample, ctx: int, resume: bool, finished: list[plan.Batc
         raise UserError(f"--dump {sample.folder}: folder is not writable; choose another folder")
     if held is not None:
         held.enter_context(outputs.locked(sample.folder, "--dump"))
-        held.enter_context(outputs.removed_if_failed(made))  # (while locked) a run failing before it dumps leaves none
+        held.enter_context(outputs.removed_if_failed(made))  # a run that fails before dumping leaves none
     if resume and not finished and os.path.exists(os.path.join(sample.folder, INDEX)):
         raise UserError(f"--dump {sample.folder}: holds a finished dump, and no checkpoint of an interrupted "
                         f"run in --out covers it; choose another folder, or --force to replace it")

@@ -130,12 +130,12 @@ def claimed_file(out: str) -> Iterator[str]:
     (outputs.sum_writing). The folders of killed sums hold no lock: they block nothing, and those of this
     host go (remove_stale_staging). Missing parent folders of `out` are made, and removed again (each if
     still empty) when the sum fails. Yields the folder; removed on every exit."""
-    made = outputs.missing(os.path.dirname(os.path.abspath(out)))
+    made = outputs.make_folder(os.path.dirname(out) or ".", "sum")  # its missing parents, removed if it fails
     remove_stale_staging(out)
     tmp = staging_path(out, True)
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own name: a leftover of nothing else
     try:
-        make_staging(tmp, out)  # and the missing parents
+        make_staging(tmp, out)
         with outputs.locked(tmp, f"sum {out}: its staging folder", "another output name"):
             outputs.check_no_sum_writing(out, "sum", "another output name", own=tmp)
             yield tmp

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import cpus
+
+cpus.restore()  # numba sizes its thread pool from this thread's CPUs as it loads, not the one torch's OpenMP pinned
 try:
     import numba
     from numba import njit, prange

@@ -185,47 +185,71 @@ def locked(out: str, option: str = "--out", instead: str | None = None) -> Itera
     by kill -9): a second run into OUT (or into the same --dump folder, `option`), or a `sum` into it, at the
     same time would replace this one's checkpoints (shards) and mix its outputs with this one's. A refusal
     names `option` and OUT and says to choose `instead` (default: another `option`). Where the filesystem has
-    no such locks (some network mounts), nothing is locked."""
-    fd = os.open(out, os.O_RDONLY)
+    no such locks (some network mounts), nothing is locked. A folder that the run or sum holding it removed
+    (it had made it, and failed: removed_if_failed) before this lock was taken is refused too: the lock
+    would hold a folder that is gone, and OUT made anew would be unlocked."""
+    gone = UserError(f"{option} {out}: another mpicorr run or sum was using this folder, and removed it as it "
+                     f"failed; start again")
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except FileNotFoundError:
+        raise gone from None
     try:
         if not _take(fd):
             raise UserError(f"{option} {out}: another mpicorr run or sum is using this folder now; wait "
                             f"until it ends or choose {instead or 'another ' + option}")
+        if not _same_folder(fd, out):
+            raise gone
         yield
     finally:
         os.close(fd)
 
 
+def _same_folder(fd: int, path: str) -> bool:
+    """Whether `path` still names the folder open as `fd`."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def make_folder(path: str, option: str) -> list[str]:
     """Create the folder `path` (and its missing parents) for `option`; return the folders this call made,
     deepest first (none when it existed: the user's, or another command's that has just made it, which the
-    lock then tells apart), for removed_if_failed."""
-    made = missing(path)
+    lock then tells apart), for removed_if_failed. Each folder counts as made only if this call's mkdir made
+    it (a parent another process made meanwhile is not), and is named as given, so that removing it removes
+    what was made even where a parent is a link (`link/../new` is not `./new`)."""
+    made: list[str] = []
     try:
-        os.makedirs(path)
+        _make(path.rstrip(os.sep) or path, made)
     except FileExistsError:
-        return []
+        made = []  # `path` itself existed
     except OSError as exc:
         raise UserError(f"{option} {path}: cannot create the folder ({exc.strerror}); choose a writable "
                         f"place") from None
+    if not os.path.exists(path):  # a file is refused by the caller, as the file it is
+        raise UserError(f"{option} {path}: exists and is not a folder (a link to nothing?); give a folder name")
     return made
 
 
-def missing(path: str) -> list[str]:
-    """`path` and those of its parent folders that do not exist, deepest first."""
-    path, found = os.path.abspath(path), []
-    while not os.path.lexists(path):
-        found.append(path)
-        path = os.path.dirname(path)
-    return found
+def _make(path: str, made: list[str]) -> None:
+    """mkdir `path` after its missing parents (as os.makedirs does), inserting at the front of `made` each
+    folder made here."""
+    head = os.path.dirname(path)
+    if head and not os.path.lexists(head):
+        with suppress(FileExistsError):  # made by another process meanwhile: not ours to remove
+            _make(head, made)
+    os.mkdir(path)
+    made.insert(0, path)
 
 
 @contextmanager
 def removed_if_failed(made: list[str]) -> Iterator[None]:
     """Remove the folders a command made (make_folder), deepest first, if it fails: a run or sum that fails
     before writing anything leaves no empty folder behind. Only folders still empty go: one that holds a
-    checkpoint, an output or a file someone put there is kept. Enter it after taking the folder's lock (locked),
-    so that the folders go while this command still holds it: none that another command has locked since."""
+    checkpoint, an output or a file someone put there is kept. Enter it while the folder is locked (inside
+    locked()): a command the lock refused never removes the folder (another's, even if this one made it), and
+    the folder goes before the lock is released (no other run can have taken it)."""
     try:
         yield
     except BaseException:

@@ -117,3 +117,57 @@ def test_restore_unpins_the_main_thread_that_openmp_pinned(variable):
                          check=True).stdout.split()
     every = str(len(os.sched_getaffinity(0)))
     assert got == ["1", every, every]
+
+
+PLACED = """import os, sys
+from mpicorr import run
+from mpicorr.__main__ import main
+
+def seen(tag):
+    import numba, torch
+    print(tag, len(os.sched_getaffinity(0)), torch.get_num_threads(), numba.get_num_threads(), flush=True)
+
+def place(cfg, comm, real=run.place):
+    placed = real(cfg, comm)
+    seen(f"placed {placed.write_cpus}")
+    return placed
+
+def reduce_and_write(*args, real=run.reduce_and_write):
+    seen("writing")
+    return real(*args)
+
+run.place, run.reduce_and_write = place, reduce_and_write
+sys.exit(main(sys.argv[1:]))"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("variable", [{"OMP_PROC_BIND": "true"}, {"GOMP_CPU_AFFINITY": "0-63"},
+                                      {"OMP_PROC_BIND": "true", "NUMBA_NUM_THREADS": "2"}])
+def test_a_run_with_openmp_binding_counts_and_writes_on_every_cpu(llama, sample_path, tmp_path, variable):
+    """restore() ran in place(), but numba, imported after torch had pinned the main thread, sized its pool to
+    the one CPU (numba 1 thread), and starting numba's threads loads numba's own OpenMP runtime, which pinned
+    the main thread again: the run counted and wrote (writer threads, zstd's workers) on one CPU. The main
+    thread has every CPU, and numba and torch their share, from place() to the writing."""
+    result = subprocess.run([sys.executable, "-c", PLACED, "run", "--model", llama, "--data", sample_path, "--ctx",
+                             "16", "--chunks", "2", "--hostfile", "none", "--out", str(tmp_path / "o")],
+                            env={k: v for k, v in {**cli_env(), **variable}.items() if k != "OMP_NUM_THREADS"},
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    seen = {ln.split()[0]: ln.split()[1:] for ln in result.stdout.splitlines() if ln.startswith(("placed", "writing"))}
+    every, threads = str(len(os.sched_getaffinity(0))), str(cpus.share(*cpus.found(), 1))
+    numba_threads = variable.get("NUMBA_NUM_THREADS", threads)  # the user's choice is kept
+    assert seen["placed"] == [every, every, threads, numba_threads], result.stdout  # write CPUs, CPUs, torch, numba
+    assert seen["writing"] == [every, threads, numba_threads], result.stdout
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("script", ["overhead", "gpu", "compare"])
+def test_benchmarks_record_the_cpus_before_torch_pins_them(script):
+    """benchmarks/overhead.py and gpu.py run `mpicorr run` in their process, compare.py the kernels; each imported
+    torch before mpicorr, so with OMP_PROC_BIND set cpus.STARTED was the one CPU torch's OpenMP pinned the main
+    thread to, restore() gave nothing back, and the benchmark counted on one thread where a run used every CPU."""
+    code = (f"import sys; sys.path.insert(0, 'benchmarks'); import {script}; from mpicorr import cpus; "
+            f"print(len(cpus.STARTED))")
+    got = subprocess.run([sys.executable, "-c", code], env={**cli_env(), "OMP_PROC_BIND": "true"}, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert got == [str(len(os.sched_getaffinity(0)))]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import cli_env, run_cli, run_main, MPIRUN
+from mpicorr import outputs as output_files
 from mpicorr.errors import UserError
 from test_pipeline import outputs
 
@@ -173,6 +174,51 @@ def test_a_run_failing_after_making_its_folders_leaves_none(llama, sample_path, 
     assert not (tmp_path / "new").exists() and not dump.exists()
     one_error_line(run_main([*args, "--out", str(kept)]), "was not made by --stage-model")
     assert kept.is_dir() and (root / os.path.basename(llama) / "mine.txt").read_text() == "the user's own"
+
+
+def test_a_failed_run_removes_only_the_folders_it_made(llama, sample_path, tmp_path, monkeypatch):
+    """The folders a refused run removes are those its own mkdir made, as the kernel named them: a parent
+    folder someone else made while the run made --out (and left empty) is not the run's, and --out given
+    through a link (`link/../new`, which is not `./new`) is removed where it was made, not at its spelling's
+    place (where an empty folder of the user's went instead)."""
+    root = tmp_path / "node-local"
+    (root / os.path.basename(llama)).mkdir(parents=True)  # --stage-model finds the user's folder: refused
+    args = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "2",
+            "--stage-model", str(root)]
+    theirs, real = tmp_path / "theirs", os.mkdir
+
+    def made_by_another_meanwhile(path, *rest, **kw):
+        if str(path) == str(theirs):
+            real(path, *rest, **kw)  # the other process's; this run's own mkdir then finds it there
+        return real(path, *rest, **kw)
+
+    monkeypatch.setattr(os, "mkdir", made_by_another_meanwhile)
+    one_error_line(run_main([*args, "--out", str(theirs / "out")]), "was not made by --stage-model")
+    monkeypatch.undo()
+    assert os.listdir(theirs) == []
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere" / "deep", tmp_path / "link")
+    real_locked = output_files.locked
+
+    def the_user_makes_a_folder(folder, *rest, **kw):
+        (tmp_path / "new").mkdir()  # empty, at the place --out is spelled
+        return real_locked(folder, *rest, **kw)
+
+    monkeypatch.setattr(output_files, "locked", the_user_makes_a_folder)
+    one_error_line(run_main([*args, "--out", str(tmp_path / "link" / ".." / "new")]), "was not made by")
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "elsewhere" / "new").exists()
+
+
+def test_an_out_or_dump_that_links_to_nothing_is_named_so(llama, sample_path, tmp_path):
+    """--out (--dump) a link to nothing was refused as 'folder is not writable' (make_folder took the link
+    for a folder that existed): it is named as what it is, as sum names it."""
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    args = ["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--chunks", "2"]
+    one_error_line(run_main([*args, "--out", str(tmp_path / "dangling")]),
+                   f"--out {tmp_path / 'dangling'}: exists and is not a folder (a link to nothing?)")
+    one_error_line(run_main([*args, "--out", str(tmp_path / "o"), "--dump", str(tmp_path / "dangling"),
+                             "--dump-rate", "0.5"]), f"--dump {tmp_path / 'dangling'}: exists and is not a folder")
+    assert sorted(os.listdir(tmp_path)) == ["dangling"]
 
 
 def test_shared_error_under_mpirun_is_reported_once(llama, sample_path, tmp_path):

@@ -3,6 +3,7 @@ number of ranks, gives the bytes of an uninterrupted run; a crash while writing 
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -369,6 +370,89 @@ def test_outputs_finished_between_the_check_and_the_lock_are_seen(llama, tmp_pat
     assert cli.main(args(llama, data, out, "--chunks", "2")) == 2
     assert f"--out {out}: already holds outputs of a run" in capsys.readouterr().err
     assert filetools.verify_run(out).startswith(f"{out}: ok, 2 layers, 2 chunks")
+
+
+@pytest.mark.parametrize("option", ["--out", "--dump"])
+def test_a_run_the_lock_refuses_leaves_the_folder_of_the_run_that_holds_it(llama, tmp_path, monkeypatch, capsys,
+                                                                           option):
+    """Two runs started at once into the same new --out (or --dump): this one made the folder, the other
+    locked it first. The refused run removed it (it had made it) under the other run, which then counted
+    into a folder that was gone. A run removes only folders it made and holds."""
+    from mpicorr import __main__ as cli, outputs as output_files
+    folders, real, rival = {"--out": tmp_path / "new" / "o", "--dump": tmp_path / "d"}, output_files.locked, []
+
+    def the_other_run_locks_first(folder, which="--out", *rest, **kw):
+        if which == option:  # the other run, between this run's makedirs and its lock
+            rival.append(os.open(folder, os.O_RDONLY))
+            fcntl.flock(rival[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return real(folder, which, *rest, **kw)
+
+    monkeypatch.setattr(output_files, "locked", the_other_run_locks_first)
+    try:
+        assert cli.main(args(llama, tiny.sample_path(), str(folders["--out"]), "--chunks", "2",
+                             "--dump", str(folders["--dump"]), "--dump-rate", "0.5")) == 2
+        assert f"{option} {folders[option]}: another mpicorr run or sum is using" in capsys.readouterr().err
+        assert os.path.samestat(os.fstat(rival[0]), os.stat(folders[option])), "the other run's folder is gone"
+    finally:
+        for fd in rival:
+            os.close(fd)
+
+
+def test_a_failed_run_removes_its_folders_while_it_still_holds_them(llama, tmp_path, monkeypatch, capsys):
+    """A run that failed after locking the --out (and --dump) it made released the lock, then removed the
+    folder: another run started at that moment could lock the folder in between and lose it. The folders
+    go while still locked."""
+    from mpicorr import __main__ as cli
+    root = tmp_path / "node-local"
+    (root / os.path.basename(llama)).mkdir(parents=True)  # --stage-model finds the user's folder: refused
+    out, dump, seen, real = tmp_path / "o", tmp_path / "d", {}, os.rmdir
+
+    def still_locked(path, *rest, **kw):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen[str(path)] = "free"
+        except BlockingIOError:
+            seen[str(path)] = "locked"
+        finally:
+            os.close(fd)
+        return real(path, *rest, **kw)
+
+    monkeypatch.setattr(os, "rmdir", still_locked)
+    assert cli.main(args(llama, tiny.sample_path(), str(out), "--chunks", "2", "--stage-model", str(root),
+                         "--dump", str(dump), "--dump-rate", "0.5")) == 2
+    assert "was not made by --stage-model" in capsys.readouterr().err
+    assert seen == {str(out): "locked", str(dump): "locked"} and not out.exists() and not dump.exists()
+
+
+def the_other_run_removes(folder: str):
+    """os.open that, for `folder`, lets the run that held it remove it right after this run opened it (that
+    run failed, and released its lock after this run's open)."""
+    real = os.open
+
+    def opened(path, *rest, **kw):
+        fd = real(path, *rest, **kw)
+        if str(path) == folder:
+            os.rmdir(folder)
+        return fd
+    return opened
+
+
+def test_a_folder_removed_before_its_lock_was_taken_is_refused(tmp_path, monkeypatch):
+    """A run that opened --out as the run holding it failed and removed it got the lock on a folder that no
+    longer exists, and wrote into a new one of that name, unlocked. It is refused in one line."""
+    from mpicorr import outputs as output_files
+    from mpicorr.errors import UserError
+    out = tmp_path / "o"
+    out.mkdir()
+    monkeypatch.setattr(os, "open", the_other_run_removes(str(out)))
+    with pytest.raises(UserError, match=f"--out {out}: another mpicorr run or sum was using this folder"):
+        with output_files.locked(str(out)):
+            pass
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=f"--dump {out}: another mpicorr run or sum was using this folder"):
+        with output_files.locked(str(out), "--dump"):  # gone before the open: not an OSError either
+            pass
 
 
 def checkpoint_files(out: str) -> list[str]:
