@@ -19,7 +19,25 @@ from .errors import UserError
 def check(cfg: Config) -> None:
     """Refuse a missing or unreadable --data file and a --model that is neither a folder nor cached."""
     check_data(cfg.data, cfg.text_field)
+    check_outputs_outside_data(cfg)
     model_folder(cfg.model)
+
+
+def check_outputs_outside_data(cfg: Config) -> None:
+    """Refuse an --out or --dump inside a --data folder: every .json, .jsonl, .txt... file below such a folder is
+    a shard, so the run's run.json or the dump's index.json would join the corpus, and the next run over that
+    folder would fail on them or count them (a save_to_disk folder, which reads only its state.json's files,
+    is spared)."""
+    from .corpus import HF_STATE
+
+    if not os.path.isdir(cfg.data) or os.path.isfile(os.path.join(cfg.data, HF_STATE)):
+        return
+    data = os.path.realpath(cfg.data)
+    for option, path in (("--out", cfg.out), ("--dump", cfg.dump)):
+        if path and os.path.commonpath([data, os.path.realpath(path)]) == data:
+            raise UserError(f"{option} {path}: inside the --data folder {cfg.data}, every file of which is read "
+                            f"as a shard (the run's own .json files would join the corpus); choose a folder "
+                            f"outside it")
 
 
 def check_data(path: str, text_field: str = "text") -> None:

@@ -19,7 +19,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, cpus, data, models, outputs, plan, schedule, stage, summary, triangle, writing
+from . import __version__, checkpoint, cpus, data, inputs, models, outputs, plan, schedule, stage, summary, triangle
+from . import writing
 from . import dump as dumping
 from .config import Config, hostfile_label, output_folders, parse_part
 from .counting import (LayerCounts, MoeCounts, check_all, check_fixed_total, chunk_nll, count_dtype, fixed_maxima,
@@ -479,7 +480,9 @@ def place(cfg: Config, comm: Comm) -> Placement:
 
 
 def check_folders_free(cfg: Config) -> None:
-    """Rank 0, before pass 1 (minutes on a large corpus): refuse an --out or --dump another run or sum holds."""
+    """Rank 0, before pass 1 (minutes on a large corpus): refuse an --out or --dump another run or sum holds,
+    or one inside a --data folder."""
+    inputs.check_outputs_outside_data(cfg)
     outputs.check_unlocked(cfg.out)
     if cfg.dump:
         outputs.check_unlocked(cfg.dump, "--dump")

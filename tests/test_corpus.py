@@ -870,3 +870,23 @@ def test_json_array_limits_and_lone_surrogates(tmp_path, monkeypatch):
     lines = tmp_path / "lines.json"
     lines.write_text('{"text": "one"}\n{"text": "two"}\n')
     assert list(corpus.open_corpus(str(lines)).documents()) == ["one", "two"]
+
+
+def test_out_or_dump_inside_a_data_folder_is_refused(llama, tmp_path):
+    """--out or --dump inside a --data folder: one line, exit 2, nothing written. Before, the run wrote its
+    run.json into the corpus folder, and the next run over that folder stopped on it ('not a JSON object'), or,
+    with --resume, found another corpus."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(str(folder / "a.jsonl"), documents())
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    base = ["run", "--model", llama, "--data", str(folder), "--ctx", str(CTX), "--hostfile", "none"]
+    for extra, option in ((["--out", str(folder / "out")], "--out"),
+                          (["--out", str(tmp_path / "out"), "--dump", str(folder / "d"), "--dump-tokens", "4"],
+                           "--dump")):
+        result = run_main(base + extra)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"error: {option} " in result.stderr and "inside the --data folder" in result.stderr
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    result = run_main(base + ["--out", str(tmp_path / "out"), "--chunks", "1"])
+    assert result.returncode == 0, result.stderr
