@@ -17,7 +17,7 @@ import threading
 import traceback
 
 from . import __version__
-from .config import KERNELS, SITES, add_run_arguments, build_config
+from .config import KERNELS, SITES, add_run_arguments, build_config, check_site
 from .console import protect_stdout
 from .errors import SharedError, Terminated, UserError
 
@@ -123,6 +123,7 @@ def precheck(argv: list[str]) -> None:
     if args.cmd in ("run", "plan"):
         inputs.check(build_config(args, "python -m mpicorr " + shlex.join(argv)))
     elif args.cmd == "inspect":
+        check_site(args.site, args.site_module)
         inputs.model_folder(args.model)
 
 
@@ -143,8 +144,7 @@ def dispatch(argv: list[str], comm) -> None:
         if comm.rank == 0:  # under mpirun: said once, not once per rank
             print(text)
     elif args.cmd == "inspect":
-        from .models import describe
-        text = comm.checked(lambda: describe(args.model, args.site_module, args.site), root_only=True)
+        text = comm.checked(lambda: inspect_text(args), root_only=True)
         if comm.rank == 0:
             print(text)
     elif args.cmd == "bench":
@@ -156,6 +156,15 @@ def dispatch(argv: list[str], comm) -> None:
     else:
         from .run import run
         run(shared_config(args, command, comm), comm, live_progress())
+
+
+def inspect_text(args: argparse.Namespace) -> str:
+    """What inspect prints, after the checks a run makes of --site and --site-module (a bad expression is
+    one line, exit 2, as for run)."""
+    from .models import describe
+
+    check_site(args.site, args.site_module)
+    return describe(args.model, args.site_module, args.site)
 
 
 def shared_config(args: argparse.Namespace, command: str, comm):

@@ -234,16 +234,7 @@ def validate(cfg: Config) -> None:
         raise UserError("--force starts over and --resume continues: give only one of them")
     if not isinstance(cfg.threshold, tuple) or not cfg.threshold:
         raise UserError(f"--threshold {cfg.threshold!r}: give one or more positive numbers, e.g. 0.5 or 0.25,0.5,1")
-    if cfg.site not in SITES:
-        raise UserError(f"--site {cfg.site!r}: choose ffn, gate or heads")
-    if cfg.site_module is not None and cfg.site != "ffn":
-        raise UserError(f"--site-module replaces the ffn registry (the input of the modules it names); "
-                        f"leave out --site {cfg.site} or --site-module")
-    if cfg.site_module is not None:
-        try:
-            re.compile(cfg.site_module)
-        except re.error as exc:
-            raise UserError(f"--site-module {cfg.site_module!r}: not a regular expression ({exc})") from None
+    check_site(cfg.site, cfg.site_module)
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     check_device(cfg.device)
@@ -257,6 +248,21 @@ def validate(cfg: Config) -> None:
     if cfg.kernel in ("popcount", "sparse") and cfg.device.startswith("cuda"):
         raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only; use --kernel auto or gemm with --device cuda")
     _check_dump(cfg)
+
+
+def check_site(site: str, site_module: str | None) -> None:
+    """--site and --site-module, for run, plan and inspect alike: a known site, and a regular expression only
+    with the ffn site (whose registry it replaces)."""
+    if site not in SITES:
+        raise UserError(f"--site {site!r}: choose ffn, gate or heads")
+    if site_module is not None and site != "ffn":
+        raise UserError(f"--site-module replaces the ffn registry (the input of the modules it names); "
+                        f"leave out --site {site} or --site-module")
+    if site_module is not None:
+        try:
+            re.compile(site_module)
+        except re.error as exc:
+            raise UserError(f"--site-module {site_module!r}: not a regular expression ({exc})") from None
 
 
 def check_device(name: str, auto: bool = True) -> None:

@@ -198,7 +198,11 @@ def _moe_sites(layer: int, name: str, mlp: torch.nn.Module) -> list[Site]:
 def _matching(model: torch.nn.Module, site_module: str) -> Found:
     """The linear layers whose full names match --site-module."""
     found = [(n, m) for n, m in model.named_modules() if re.fullmatch(site_module, n)]
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linear = [n for n, m in model.named_modules() if _is_linear(m)]
+    partly = [n for n in linear if re.search(site_module, n)]
+    if not found and partly:  # `q_proj` for model.layers.0.self_attn.q_proj: names are matched whole
+        raise UserError(f"--site-module {site_module}: matches only part of {partly[0]}; the expression must match "
+                        f"the whole module name, e.g. '.*{site_module}'")
     if not found:
         raise UserError(f"--site-module {site_module}: matches no module; linear layers are named like "
                         f"{', '.join(linear[:4])}")
@@ -207,6 +211,11 @@ def _matching(model: torch.nn.Module, site_module: str) -> Found:
             raise UserError(f"--site-module {site_module}: '{name}' is not a linear layer; match the layer "
                             f"whose input is the FFN activation (the down projection)")
     return found
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    """A torch Linear or a GPT-2 Conv1D (a linear layer with its weight stored as [in, out])."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def _check_gated(family: str) -> None:
@@ -422,7 +431,7 @@ def describe(name: str, site_module: str | None = None, site: str = "ffn") -> st
     if site_module is None:
         lines.append("sites: ffn" + (", gate" if family in GATES else "") + ", heads (choose with --site)")
     shapes = dict.fromkeys(re.sub(r"\.\d+\.", ".<L>.", n) for n, m in model.named_modules()
-                           if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+                           if _is_linear(m))
     lines.append("linear layers (<L> = block number): " + ", ".join(shapes))
     return "\n".join(lines)
 

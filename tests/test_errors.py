@@ -272,6 +272,31 @@ def test_inspect_with_site_module(bad_files):
     assert "model.layers.<L>.mlp.down_proj" in result.stdout
 
 
+def test_inspect_checks_site_and_site_module_as_run_does(llama):
+    """inspect with a --site-module that is no regular expression, or with --site gate: one line, exit 2, as
+    run refuses them. Before, the first ended with status 1 ('error: error: missing ), ...', as an unexpected
+    error) and the second listed the modules of --site-module, --site dropped without a word."""
+    one_error_line(run_main(["inspect", "--model", llama, "--site-module", "(("]), "--site-module '(('",
+                   "not a regular expression")
+    one_error_line(run_main(["inspect", "--model", llama, "--site", "gate", "--site-module", ".*q_proj"]),
+                   "--site-module replaces the ffn registry", "--site gate")
+
+
+def test_site_module_is_matched_whole_and_a_partial_match_says_so(tiny_models, tmp_path):
+    """--site-module is matched against whole module names (re.fullmatch, as the README says): 'q_proj' alone
+    is refused with the name it matches part of and the expression that would match it; GPT-2's Conv1D layers
+    are listed among the linear layers. Before: 'matches no module' beside the very layer meant, and for
+    GPT-2 'linear layers are named like lm_head'."""
+    one_error_line(run_main(["inspect", "--model", tiny_models["llama"], "--site-module", "q_proj"]),
+                   "matches only part of model.layers.0.self_attn.q_proj", "'.*q_proj'")
+    one_error_line(run_main(["inspect", "--model", tiny_models["gpt2"], "--site-module", r"mlp\.c_proj"]),
+                   "matches only part of transformer.h.0.mlp.c_proj")
+    one_error_line(run_main(["inspect", "--model", tiny_models["gpt2"], "--site-module", "nothing"]),
+                   "linear layers are named like transformer.h.0.attn.c_attn")
+    result = run_main(["inspect", "--model", tiny_models["gpt2"], "--site-module", r".*mlp\.c_proj"])
+    assert result.returncode == 0 and "layer 1: input of transformer.h.1.mlp.c_proj" in result.stdout, result.stderr
+
+
 def test_two_ranks_on_one_gpu_are_refused_with_device_auto():
     from mpicorr.run import check_gpu_sharing
     hosts, devices = ["a", "a", "b", "b"], ["cuda:0", "cuda:0", "cuda:0", "cuda:1"]
