@@ -215,6 +215,10 @@ def validate(cfg: Config) -> None:
         raise UserError("--model is required: a local model folder or a hub id (or 'model' in mpicorr.toml)")
     if not cfg.data:
         raise UserError("--data is required: a UTF-8 text file or a corpus (or 'data' in mpicorr.toml)")
+    for option, value in (("--out", cfg.out), ("--stage-model", cfg.stage_model),
+                          ("--stage-data", cfg.stage_data), ("--dump", cfg.dump)):
+        if value == "":  # e.g. stage_data = "$LOCAL" unset in a generated TOML: not "off" without a word
+            raise UserError(f"{option} '': an empty path; give a folder, or leave the option out")
     _check_int("--ctx", cfg.ctx, 2)
     if cfg.chunking not in CHUNKINGS:
         raise UserError(f"--chunking {cfg.chunking!r}: choose concat or document")

@@ -445,6 +445,19 @@ def test_bad_config_and_model_is_one_line_exit_2_and_no_output_folder(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option", ["--stage-data", "--stage-model", "--dump"])
+def test_an_empty_path_option_is_refused(llama, sample_path, tmp_path, option):
+    """--stage-data '' (say stage_data = "$LOCAL" in a TOML file written by a script, $LOCAL unset): one line,
+    exit 2, nothing written. Before, an empty --stage-data or --stage-model meant no staging without a word,
+    and --dump '' said '--dump : the dump needs a folder of its own'."""
+    out = tmp_path / "out"
+    extra = ["--dump-tokens", "4"] if option == "--dump" else []
+    result = run_main(["run", "--model", llama, "--data", sample_path, "--ctx", str(CTX), "--out", str(out),
+                       option, "", *extra])
+    one_error_line(result, f"{option} '': an empty path")
+    assert not out.exists()
+
+
 def test_plan_refuses_absurd_rank_counts(llama, sample_path, tmp_path):
     """plan -n 30000000 planned 30 million rows (gigabytes); slots= beyond the limit likewise."""
     common = ["--model", llama, "--data", sample_path, "--ctx", str(CTX)]
