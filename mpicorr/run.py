@@ -174,7 +174,9 @@ def check_shards(cfg: Config, corpus: data.Corpus, comm: Comm) -> None:
 
 def select_chunks(cfg: Config, layout: data.Layout) -> tuple[int, int]:
     """(first chunk, chunk count) of this run: --chunk-start, --chunks, then --part."""
-    start, count = data.select(layout.chunks, cfg.chunk_start, cfg.chunks, cfg.data, cfg.ctx)
+    # With --max-tokens the chunks counted are those it leaves, not the corpus's: the message says which.
+    where = cfg.data if cfg.max_tokens is None else f"{cfg.data} within --max-tokens {cfg.max_tokens}"
+    start, count = data.select(layout.chunks, cfg.chunk_start, cfg.chunks, where, cfg.ctx)
     if cfg.part is not None:
         start, count = plan.part(start, count, cfg.batch_size, *parse_part(cfg.part))
     return start, count

@@ -335,6 +335,16 @@ def test_max_tokens_and_plan(llama, corpora, tokenizer, tmp_path):
     assert "shorter than --ctx skipped" in shown and not os.path.exists(str(tmp_path / "mpicorr-out"))
 
 
+def test_too_many_chunks_within_max_tokens_names_max_tokens(llama, corpora, tmp_path):
+    """--chunks beyond the chunks --max-tokens leaves: the message names --max-tokens. Before it said
+    'CORPUS has 3 chunks', of a corpus that has many more, leaving the user to guess why."""
+    args = ["run", "--model", llama, "--data", corpora["mixed"], "--ctx", str(CTX), "--out", str(tmp_path / "o")]
+    result = run_main(args + ["--max-tokens", str(3 * CTX), "--chunks", "4"])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"--chunks 4: {corpora['mixed']} within --max-tokens {3 * CTX} has 3 chunks" in result.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
 def bad_inputs(tmp_path) -> list[tuple[list[str], str]]:
     """(extra arguments, what the one line must name) for every kind of bad input."""
     def jsonl(name: str, lines: list[bytes]) -> str:
