@@ -134,8 +134,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "command":
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
+        if f.type == "bool":  # --no-X turns off an X = true of the TOML file (the command line overrides it)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
         elif f.name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[f.name], default=None, help=HELP[f.name])
         else:
@@ -159,8 +159,12 @@ def read_toml(path: str, required: bool) -> dict:
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if name == "config":
+            raise UserError(f"{path}: key '{key}': a config file cannot name another; give --config FILE on the "
+                            f"command line")
         if name not in names:
-            raise UserError(f"{path}: unknown key '{key}'; valid keys are the long options of 'mpicorr run'")
+            raise UserError(f"{path}: unknown key '{key}'; valid keys are the long options of 'mpicorr run' "
+                            f"(but --config)")
         _check_type(path, key, name, value)
         values[name] = value
     return values

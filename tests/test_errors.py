@@ -445,6 +445,26 @@ def test_bad_config_and_model_is_one_line_exit_2_and_no_output_folder(
     assert not out.exists()
 
 
+def test_a_true_boolean_of_the_toml_file_is_turned_off_on_the_command_line(tmp_path):
+    """resume = true in mpicorr.toml, and one run that should start over: --no-resume --force. Before, the
+    booleans had no --no- form, so a true in the file could not be overridden ('the command line overrides the
+    file') and --force was refused beside it. A 'config' key is named as such."""
+    from mpicorr.__main__ import parser
+    from mpicorr.config import build_config
+
+    toml = tmp_path / "m.toml"
+    toml.write_text('model = "m"\ndata = "d"\nresume = true\ndebug = true\n')
+    args = ["run", "--config", str(toml)]
+    assert build_config(parser().parse_args(args), "x").resume
+    with pytest.raises(UserError, match="give only one of them"):
+        build_config(parser().parse_args(args + ["--force"]), "x")
+    cfg = build_config(parser().parse_args(args + ["--no-resume", "--force", "--no-debug"]), "x")
+    assert (cfg.resume, cfg.force, cfg.debug) == (False, True, False)
+    toml.write_text('model = "m"\ndata = "d"\nconfig = "other.toml"\n')
+    with pytest.raises(UserError, match="a config file cannot name another; give --config FILE"):
+        build_config(parser().parse_args(args), "x")
+
+
 @pytest.mark.parametrize("option", ["--stage-data", "--stage-model", "--dump"])
 def test_an_empty_path_option_is_refused(llama, sample_path, tmp_path, option):
     """--stage-data '' (say stage_data = "$LOCAL" in a TOML file written by a script, $LOCAL unset): one line,
