@@ -474,11 +474,20 @@ def place(cfg: Config, comm: Comm) -> Placement:
     cpu_sets = comm.allgather(cpus.cpu_set())
     writers = writing.compressing_ranks(hosts, cpu_sets)
     mine = comm.checked(lambda: models.resolve_devices(cfg.device, comm.local_rank, cfg.gpus_per_rank))
+    comm.checked(lambda: check_kernel_device(cfg, mine[0]))
     models.make_current(mine[0])
     devices = comm.allgather(models.device_label(mine))
     gpus = comm.allgather([models.device_identity(d) for d in mine])
     comm.checked(lambda: check_gpu_sharing(cfg.device, hosts, devices, gpus), root_only=True)
     return Placement(hosts, mine, devices, writers, len(cpu_sets[comm.rank]))
+
+
+def check_kernel_device(cfg: Config, device: str) -> None:
+    """--kernel popcount or sparse where --device auto took a GPU (config refuses an explicit cuda): refused
+    before the model loads; it failed after loading, with a ValueError and exit 1."""
+    if cfg.kernel in ("popcount", "sparse") and device != "cpu":
+        raise UserError(f"--kernel {cfg.kernel}: runs on the CPU only, and --device {cfg.device} took {device} "
+                        f"here; give --device cpu, or --kernel auto or gemm")
 
 
 def check_folders_free(cfg: Config) -> None:

@@ -311,6 +311,22 @@ def test_two_ranks_on_one_gpu_are_refused_with_device_auto():
         check_gpu_sharing("auto", ["a", "a"], ["cuda:0,1", "cuda:1,2"], [["U0", "U1"], ["U1", "U2"]])
 
 
+def test_a_cpu_kernel_is_refused_where_device_auto_takes_a_gpu(llama, sample_path, monkeypatch):
+    """--kernel popcount (or sparse) with the default --device auto on a GPU node: one line naming --kernel,
+    before the model loads. Before, config refused only an explicit --device cuda, and the run failed after
+    loading the model: 'ValueError: the popcount kernel runs on the CPU only', exit 1."""
+    from mpicorr import models, run
+    from mpicorr.config import Config
+    from mpicorr.dist import Comm
+
+    monkeypatch.setattr(models, "resolve_devices", lambda *args: ["cuda:0"])  # as on a node with a GPU
+    for kernel in ("popcount", "sparse"):
+        cfg = Config(model=llama, data=sample_path, ctx=CTX, kernel=kernel)
+        with pytest.raises(UserError, match=f"--kernel {kernel}: runs on the CPU only, and --device auto took "
+                                            f"cuda:0 here"):
+            run.place(cfg, Comm())
+
+
 def test_gpus_per_rank_devices_and_device_map(monkeypatch):
     from mpicorr import models
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
