@@ -170,7 +170,11 @@ def test_resume_refuses_other_options_and_finished_runs(llama, tmp_path):
     assert crashed.returncode == -signal.SIGKILL
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--threshold", "0.25")),
                    "--resume", "different --threshold", "[0.5] there, [0.25] now")
-    one_error_line(run_main(args(llama, data, out, "--chunks", "7", "--resume")), "different --chunks")
+    one_error_line(run_main(args(llama, data, out, "--chunks", "7", "--resume")), "different chunk range",
+                   "([0, 6) there, [0, 7) now; --chunk-start, --chunks and --part set it)")
+    # --part sets the range too: the message names the range, not only --chunks the user never gave
+    one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--part", "1/2", "--resume")),
+                   "different chunk range", "([0, 6) there, [3, 6) now", "--part")
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--chunking", "document")),
                    "different --chunking")
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--force")), "only one")
