@@ -176,8 +176,9 @@ def resume(out: str, identity: dict, work: list[plan.Batch]) -> Resume:
             if before != identity[key] and key in RANGE:
                 raise range_differs(ck, identity)
             if before != identity[key]:
+                before, now = differing(before, identity[key])
                 raise UserError(f"--resume: {ck.path} was made with a different {option} "
-                                f"({_show(before)} there, {_show(identity[key])} now); "
+                                f"({_show(before)} there, {_show(now)} now); "
                                 f"rerun with the same options, or start over with --force")
     finished = [r for ck in live for r in ck.finished]
     merged = plan.merge_ranges(finished)
@@ -200,6 +201,15 @@ def range_differs(ck: Checkpoint, identity: dict) -> UserError:
     return UserError(f"--resume: {ck.path} was made with a different chunk range ({span(ck.identity)} there, "
                      f"{span(identity)} now; --chunk-start, --chunks and --part set it); rerun with the same "
                      f"options, or start over with --force")
+
+
+def differing(before, now) -> tuple:
+    """Two identity values as shown in a message: of dicts (--dump's), only the keys that differ, which the
+    60-character cut of _show would otherwise hide behind a long folder name."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return before, now
+    keys = [k for k in {**before, **now} if before.get(k) != now.get(k)]
+    return {k: before.get(k) for k in keys}, {k: now.get(k) for k in keys}
 
 
 def _show(value) -> str:
