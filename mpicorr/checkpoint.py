@@ -42,6 +42,7 @@ IDENTITY = {"model": "--model", "data_sha256": "--data", "ctx": "--ctx", "chunk_
             "chunks": "--chunks", "threshold": "--threshold", "batch_size": "--batch-size",
             "dtype": "--dtype", "site": "--site", "site_module": "--site-module", "dump": "--dump",
             "chunking": "--chunking", "text_field": "--text-field"}
+RANGE = ("chunk_start", "chunks")  # the chunk range, which --part sets too: named as one range
 # What checkpoints written before a key existed meant by its absence (before corpora: concat, a plain file).
 IDENTITY_DEFAULTS = {"chunking": "concat", "text_field": None}
 
@@ -172,9 +173,12 @@ def resume(out: str, identity: dict, work: list[plan.Batch]) -> Resume:
     for ck in live:
         for key, option in IDENTITY.items():
             before = ck.identity.get(key, IDENTITY_DEFAULTS.get(key))
+            if before != identity[key] and key in RANGE:
+                raise range_differs(ck, identity)
             if before != identity[key]:
+                before, now = differing(before, identity[key])
                 raise UserError(f"--resume: {ck.path} was made with a different {option} "
-                                f"({_show(before)} there, {_show(identity[key])} now); "
+                                f"({_show(before)} there, {_show(now)} now); "
                                 f"rerun with the same options, or start over with --force")
     finished = [r for ck in live for r in ck.finished]
     merged = plan.merge_ranges(finished)
@@ -187,6 +191,25 @@ def resume(out: str, identity: dict, work: list[plan.Batch]) -> Resume:
         raise UserError(f"--resume: checkpoints in {folder(out)} do not match this run's batches ({exc}); "
                         f"start over with --force") from None
     return Resume(live, todo, generation)
+
+
+def range_differs(ck: Checkpoint, identity: dict) -> UserError:
+    """The error for a resume over other chunks: named as a range, since --part sets it as well as --chunk-start
+    and --chunks (a user who changed --part would not know the --chunks it names)."""
+    def span(ident: dict) -> str:
+        return f"[{ident['chunk_start']}, {ident['chunk_start'] + ident['chunks']})"
+    return UserError(f"--resume: {ck.path} was made with a different chunk range ({span(ck.identity)} there, "
+                     f"{span(identity)} now; --chunk-start, --chunks and --part set it); rerun with the same "
+                     f"options, or start over with --force")
+
+
+def differing(before, now) -> tuple:
+    """Two identity values as shown in a message: of dicts (--dump's), only the keys that differ, which the
+    60-character cut of _show would otherwise hide behind a long folder name."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return before, now
+    keys = [k for k in {**before, **now} if before.get(k) != now.get(k)]
+    return {k: before.get(k) for k in keys}, {k: now.get(k) for k in keys}
 
 
 def _show(value) -> str:

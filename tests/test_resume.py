@@ -170,12 +170,31 @@ def test_resume_refuses_other_options_and_finished_runs(llama, tmp_path):
     assert crashed.returncode == -signal.SIGKILL
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--threshold", "0.25")),
                    "--resume", "different --threshold", "[0.5] there, [0.25] now")
-    one_error_line(run_main(args(llama, data, out, "--chunks", "7", "--resume")), "different --chunks")
+    one_error_line(run_main(args(llama, data, out, "--chunks", "7", "--resume")), "different chunk range",
+                   "([0, 6) there, [0, 7) now; --chunk-start, --chunks and --part set it)")
+    # --part sets the range too: the message names the range, not only --chunks the user never gave
+    one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--part", "1/2", "--resume")),
+                   "different chunk range", "([0, 6) there, [3, 6) now", "--part")
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--chunking", "document")),
                    "different --chunking")
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume", "--force")), "only one")
     ok(run_main(args(llama, data, out, "--chunks", "6", "--resume")))
     one_error_line(run_main(args(llama, data, out, "--chunks", "6", "--resume")), "nothing to resume")
+
+
+def test_a_resume_with_other_dump_options_shows_what_differs(tmp_path):
+    """--dump's identity is a dict: behind a long folder name the message's 60-character cut hid the one field
+    that differed (`{"dir": "/scratch/...` there and now); it shows only the fields that differ."""
+    from mpicorr.errors import UserError
+    dump = {"dir": "/scratch/" + "a-long-folder-name/" * 4 + "dump", "tokens": None, "rate": 0.5, "values": False}
+    ident = {**{key: 1 for key in checkpoint.IDENTITY}, "dump": dump}
+    os.makedirs(checkpoint.folder(str(tmp_path)))
+    ck = checkpoint.Checkpoint(os.path.join(checkpoint.folder(str(tmp_path)), "g1-r0.ckpt"), ident, [(0, 1)], 0, 0,
+                               [], "<i4", [])
+    checkpoint.write(ck.path, ck, [])
+    with pytest.raises(UserError) as err:
+        checkpoint.resume(str(tmp_path), {**ident, "dump": {**dump, "values": True}}, [(0, 1), (1, 2)])
+    assert 'different --dump ({"values": false} there, {"values": true} now)' in str(err.value)
 
 
 def test_resume_without_checkpoints_says_it_starts(llama, tmp_path):
