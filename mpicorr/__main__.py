@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpicorr: {_tag(comm)}{exc}", file=sys.stderr, flush=True)
         comm.abort(Terminated.exit_status)
     except KeyboardInterrupt:
-        print(f"mpicorr: {_tag(comm)}interrupted", file=sys.stderr, flush=True)
+        print(f"mpicorr: {_tag(comm)}interrupted; to go on, rerun the same command with --resume (it continues from "
+              f"the checkpoints there are, or starts afresh)", file=sys.stderr, flush=True)
         comm.abort(130)
     except Exception as exc:  # a bug or an environment problem: one line, traceback on --debug
         if "--debug" in argv:

@@ -501,3 +501,17 @@ def test_plan_refuses_absurd_rank_counts(llama, sample_path, tmp_path):
     (tmp_path / "hosts").write_text("localhost slots=100000000000\n")
     one_error_line(run_main(["plan", "-n", "2", *common, "--hostfile", str(tmp_path / "hosts")]),
                    "hosts:1", "slots '100000000000'")
+
+
+def test_ctrl_c_says_how_to_go_on(monkeypatch, capsys):
+    """Ctrl-C printed 'mpicorr: interrupted', naming nothing to do (cluster walkthrough); now one line that says
+    to rerun with --resume, and exit status 130."""
+    from mpicorr import __main__ as cli
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "dispatch", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["info", "nothing"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and err.count("\n") == 1 and "rerun the same command with --resume" in err
