@@ -21,6 +21,7 @@ import numpy as np
 from . import __version__, layout, matrixfile, outputs, plan, summary
 from .config import threshold_folders
 from .errors import UserError
+from .files import temporary
 from .units import Unit
 
 DUMP_INDEX = "index.json"  # predictor_data.INDEX, named here so that the file tools need not import torch
@@ -354,8 +355,6 @@ def claimed(out: str) -> Iterator[bool]:
         yield bool(made)
 
 
-
-
 @contextmanager
 def staged_folder(out: str, clear: Callable[[str], None] = outputs.clear_outputs,
                   last: str = summary.SUMMARY) -> Iterator[str]:
@@ -409,7 +408,7 @@ def remove_stale_staging(out: str) -> None:
     so a running sum's folder is never taken, with `out`'s lock held (sums of folders) or not (of files)."""
     parent, name = os.path.split(os.path.abspath(out))
     inside = [os.path.join(out, n) for n in _listing(out) if STAGING_NAME.fullmatch(n)]
-    beside = [os.path.join(parent, n) for n in _listing(parent) if re.fullmatch(rf"\.{re.escape(name)}\.tmp\d+", n)]
+    beside = [os.path.join(parent, n) for n in _listing(parent) if re.fullmatch(temporary(re.escape(name)), n)]
     for folder in inside + beside:
         if _stale(folder):
             shutil.rmtree(folder, ignore_errors=True)

@@ -258,8 +258,8 @@ def removed_if_failed(made: list[str]) -> Iterator[None]:
 
 
 def remove_empty(made: list[str]) -> None:
-    """Remove the folders a failed command made (missing's list, deepest first); one that holds anything is
-    kept."""
+    """Remove the folders a failed command made (make_folder's list, deepest first); one that holds anything
+    is kept."""
     for folder in made:
         with suppress(OSError):
             os.rmdir(folder)
@@ -332,11 +332,12 @@ def check_no_sum_writing(path: str, option: str, instead: str | None = None, own
 
 
 def check_settled(run_dir: str) -> None:
-    """For the readers (the analysis scripts, verify): refuse a folder that a run or sum is using now (it holds the lock: the files may be replaced while they
-    are read) and a run that stopped while writing (matrix files, no summary.h5, but run.json or checkpoints;
-    the folder above threshold-<T> folders holds run.json alone and is told apart by matrix_paths):
-    read as the original tool's folder, it would be analysed a layer short without a word. A threshold-<T>
-    folder's run keeps its lock, run.json and checkpoints in the folder above."""
+    """For the readers (the analysis scripts, verify): refuse a folder that a run or sum is using now (it holds
+    the lock: the files may be replaced while they are read) and a run that stopped while writing (matrix
+    files, no summary.h5, but run.json or checkpoints; the folder above threshold-<T> folders holds run.json
+    alone and is told apart by matrix_paths): read as the original tool's folder, it would be analysed a layer
+    short without a word. A threshold-<T> folder's run keeps its lock, run.json and checkpoints in the folder
+    above."""
     owners = [run_dir]
     if os.path.basename(os.path.normpath(run_dir)).startswith(THRESHOLD_DIR):
         owners.append(os.path.dirname(os.path.abspath(run_dir)))
